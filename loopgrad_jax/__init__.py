@@ -1,0 +1,35 @@
+"""loopgrad_jax: how gradients flow through loops, in JAX, proven against PyTorch.
+
+The article's three scenarios, each written once and run by any loop primitive
+in :data:`LOOPS` (a Python ``for`` under ``jax.jit``, ``lax.scan``,
+``lax.fori_loop``).
+"""
+
+from loopgrad_jax._as_written import METHODS as AS_WRITTEN_METHODS
+from loopgrad_jax._as_written import Cost, as_written_cost
+from loopgrad_jax._loops import LOOPS, run_loop
+from loopgrad_jax._result import TrainResult
+from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, rnn_loss, step_loss
+from loopgrad_jax._scalar import accumulate_loss, stack_loss
+from loopgrad_jax._train import MODES, train_rnn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AS_WRITTEN_METHODS",
+    "LOOPS",
+    "MODES",
+    "Cost",
+    "RNNParams",
+    "RNNSizes",
+    "TrainResult",
+    "accumulate_loss",
+    "as_written_cost",
+    "init_rnn",
+    "rnn_cell",
+    "rnn_loss",
+    "run_loop",
+    "stack_loss",
+    "step_loss",
+    "train_rnn",
+]

@@ -1,0 +1,83 @@
+"""Argument checks shared by every public function.
+
+Each check raises a one-sentence ``TypeError``/``ValueError`` that names the
+argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def static_length(name: str, value: object, *, minimum: int = 0) -> int:
+    """Returns ``value`` as a Python int, or raises naming ``name``.
+
+    Loop lengths must be static: they fix array shapes, and reverse-mode
+    differentiation of ``lax.fori_loop`` needs static bounds.
+    """
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{name} must be a static Python int, got a JAX array {_describe(value)}. Loop lengths "
+            "fix array shapes and reverse-mode differentiation needs static loop bounds; under "
+            f"jax.jit pass it as a static argument, e.g. jax.jit(f, static_argnames='{name}')."
+        )
+    if isinstance(value, bool | np.bool_) or isinstance(value, float | np.floating):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}.")
+    try:
+        length = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a Python int, got {type(value).__name__} {value!r}."
+        ) from None
+    if length < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {length}.")
+    return length
+
+
+def float_array(name: str, value: object) -> jax.Array:
+    """Returns ``value`` as a floating-point JAX array, or raises naming ``name``."""
+    if value is None:
+        raise TypeError(f"{name} must be a floating-point array, got None.")
+    arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float32 or float64), got {arr.dtype}; "
+            f"cast it first, e.g. {name}.astype(jnp.float32)."
+        )
+    return arr
+
+
+def shape(name: str, arr: jax.Array, expected: Sequence[int | None], meaning: str) -> None:
+    """Raises unless ``arr.shape`` matches ``expected`` (``None`` matches any size)."""
+    ok = arr.ndim == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, arr.shape, strict=True)
+    )
+    if not ok:
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(
+            f"{name} must have shape {want} = {meaning}, got shape {tuple(arr.shape)}."
+        )
+
+
+def same_dtype(names_and_arrays: Sequence[tuple[str, jax.Array]]) -> None:
+    """Raises unless all arrays share one dtype."""
+    dtypes = {a.dtype for _, a in names_and_arrays}
+    if len(dtypes) > 1:
+        given = ", ".join(f"{n}: {a.dtype}" for n, a in names_and_arrays)
+        raise TypeError(f"all arrays must share one floating-point dtype, got {given}.")
+
+
+def one_of(name: str, value: object, choices: Sequence[str]) -> str:
+    """Returns ``value`` if it is one of ``choices``, else raises listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return value
+
+
+def _describe(arr: jax.Array) -> str:
+    return f"of shape {tuple(arr.shape)} and dtype {arr.dtype}"
