@@ -81,12 +81,12 @@ def rnn_cell(params: RNNParams, hidden: jax.Array, x: jax.Array) -> jax.Array:
     ``tanh(i2h(concat([x, hidden], axis=1)))`` for ``x (B, I)``, ``hidden (B, H)``.
     """
     combined = jnp.concatenate([x, hidden], axis=1)
-    return jnp.tanh(combined @ params.i2h_weight.T + params.i2h_bias)
+    return jnp.tanh(combined @ params.i2h_weight.T + params.i2h_bias[None, :])
 
 
 def step_loss(params: RNNParams, hidden: jax.Array, target: jax.Array) -> jax.Array:
     """``mean((h2o(hidden) - target) ** 2)``, the article's per-step loss."""
-    output = hidden @ params.h2o_weight.T + params.h2o_bias
+    output = hidden @ params.h2o_weight.T + params.h2o_bias[None, :]
     return jnp.mean((output - target) ** 2)
 
 

@@ -1,0 +1,201 @@
+"""The benchmark's cases: each scenario, once, as a JAX function of its inputs.
+
+A case is a scenario run by one loop kind at one set of sizes. :data:`SCENARIOS`
+is the one place that maps a scenario's name to the function it times; every
+loop kind of :data:`loopgrad_jax.LOOPS` runs the same function, only ``loop=``
+changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+import loopgrad_jax as lg
+
+#: The learning rate of both training scenarios (PyTorch's ``optim.SGD(lr=LR)``).
+LR = 0.01
+
+
+class Sizes(NamedTuple):
+    """The sizes of one case."""
+
+    length: int  # T: loop iterations (time steps)
+    batch: int  # B
+    input: int  # I
+    hidden: int  # H
+    window: int  # steps per update in train_tbptt
+    output: int = 1  # O: the article's regression head
+
+
+class Limits(NamedTuple):
+    """Lengths above which a case is skipped."""
+
+    max_unroll: int  # python-loop cases
+    max_quadratic: int  # PyTorch's as-written loop
+
+
+class Data(NamedTuple):
+    """The inputs every case of one size reads, as NumPy arrays (float32).
+
+    The same arrays feed JAX and the PyTorch peers, so both compute on the same
+    numbers.
+    """
+
+    x: np.ndarray  # (B, I): the variable of the scalar scenarios
+    params: lg.RNNParams  # initial weights, PyTorch's layout
+    inputs: np.ndarray  # (T, B, I)
+    targets: np.ndarray  # (T, B, O)
+
+
+class Scenario(NamedTuple):
+    """How to build and feed one scenario."""
+
+    build: Callable[[str, Sizes], Callable[..., tuple]]  # (loop, sizes) -> f(*args)
+    args: Callable[[Data], tuple]  # which parts of Data ``f`` takes
+    rnn: bool  # whether FLOPs (and GFLOP/s) apply
+    doc: str
+
+
+def make_data(sizes: Sizes, seed: int) -> Data:
+    """Draws the inputs with NumPy (no JAX compilation before the timed ones).
+
+    Weights follow PyTorch's ``nn.Linear`` init (uniform on ``+-1/sqrt(fan_in)``, as
+    :func:`loopgrad_jax.init_rnn`); ``x``, inputs and targets are standard normal.
+    """
+    rng = np.random.default_rng(seed)
+    t, b, i, h, o = sizes.length, sizes.batch, sizes.input, sizes.hidden, sizes.output
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    def normal(shape: tuple[int, ...]) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    params = lg.RNNParams(
+        i2h_weight=uniform((h, i + h), i + h),
+        i2h_bias=uniform((h,), i + h),
+        h2o_weight=uniform((o, h), h),
+        h2o_bias=uniform((o,), h),
+    )
+    return Data(
+        x=normal((b, i)), params=params, inputs=normal((t, b, i)), targets=normal((t, b, o))
+    )
+
+
+def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes], Callable]:
+    """Builds ``x -> (loss, dloss/dx)`` for a scalar scenario."""
+
+    def build(loop: str, sizes: Sizes) -> Callable:
+        def f(x):
+            return jax.value_and_grad(lambda x: loss_fn(x, sizes.length, loop=loop))(x)
+
+        return f
+
+    return build
+
+
+def _rnn_loss(loop: str, sizes: Sizes) -> Callable:
+    """``(params, inputs, targets) -> (loss, *dloss/dparams)``: full BPTT."""
+    del sizes  # read off the shapes
+
+    def f(params, inputs, targets):
+        loss, grads = jax.value_and_grad(lg.rnn_loss)(params, inputs, targets, loop=loop)
+        return (loss, *grads)
+
+    return f
+
+
+def _train(mode: str) -> Callable[[str, Sizes], Callable]:
+    """Builds ``(params, inputs, targets) -> (losses, *final_params)`` for ``mode``."""
+
+    def build(loop: str, sizes: Sizes) -> Callable:
+        window = sizes.window if mode == "tbptt" else 1
+
+        def f(params, inputs, targets):
+            result = lg.train_rnn(
+                params, inputs, targets, lr=LR, mode=mode, window=window, loop=loop
+            )
+            return (result.losses, *result.params)
+
+        return f
+
+    return build
+
+
+def _x(data: Data) -> tuple:
+    return (data.x,)
+
+
+def _rnn(data: Data) -> tuple:
+    return (data.params, data.inputs, data.targets)
+
+
+#: Scenario name -> how to build and feed it. The names are the CLI's ``--scenarios``.
+SCENARIOS: dict[str, Scenario] = {
+    "accumulate": Scenario(
+        _scalar(lg.accumulate_loss),
+        _x,
+        rnn=False,
+        doc="value and gradient of lg.accumulate_loss(x, T), x of shape (B, I)",
+    ),
+    "stack": Scenario(
+        _scalar(lg.stack_loss),
+        _x,
+        rnn=False,
+        doc="value and gradient of lg.stack_loss(x, T), x of shape (B, I)",
+    ),
+    "rnn_loss": Scenario(
+        _rnn_loss,
+        _rnn,
+        rnn=True,
+        doc="value and full-sequence gradient (BPTT) of lg.rnn_loss",
+    ),
+    "train_as_written": Scenario(
+        _train("as_written"),
+        _rnn,
+        rnn=True,
+        doc="lg.train_rnn(mode='as_written'): T SGD updates, the article's loop",
+    ),
+    "train_tbptt": Scenario(
+        _train("tbptt"),
+        _rnn,
+        rnn=True,
+        doc="lg.train_rnn(mode='tbptt', window=W): one SGD update per window",
+    ),
+}
+
+
+def build_case(scenario: str, loop: str, sizes: Sizes) -> Callable[..., tuple]:
+    """A new function object for the case, so no JAX trace or compile cache is reused."""
+    return SCENARIOS[scenario].build(loop, sizes)
+
+
+def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
+    """The arguments the scenario's function takes."""
+    return SCENARIOS[scenario].args(data)
+
+
+def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -> str | None:
+    """Why this case is not run, or ``None`` when it is.
+
+    ``loop`` is ``None`` for a PyTorch peer, whose eager loop never unrolls into a
+    compiled program; the as-written peer's work is quadratic in ``T``.
+    """
+    if scenario == "train_tbptt" and sizes.window > sizes.length:
+        return f"window={sizes.window} is longer than the sequence (T={sizes.length})"
+    if loop == "python" and sizes.length > limits.max_unroll:
+        return (
+            f"python loop unrolls T={sizes.length} steps into the program, so compile time "
+            f"grows with T; T > --max-unroll={limits.max_unroll}"
+        )
+    if loop is None and scenario == "train_as_written" and sizes.length > limits.max_quadratic:
+        return (
+            f"PyTorch's as-written loop does O(T**2) work (each step's backward walks every "
+            f"earlier step); T={sizes.length} > --max-quadratic={limits.max_quadratic}"
+        )
+    return None

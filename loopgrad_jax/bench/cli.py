@@ -1,0 +1,330 @@
+"""``loopgrad-bench``: what each loop primitive costs, side by side with PyTorch.
+
+Run ``loopgrad-bench --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+
+import loopgrad_jax as lg
+from loopgrad_jax.bench import cases, report, run, torch_peers
+
+#: The backends ``--backend`` accepts (JAX's platform names).
+BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
+
+#: Settings when neither a flag nor ``--quick`` gives one.
+DEFAULTS = {
+    "lengths": (10, 100, 1000),
+    "input": 10,
+    "hidden": 5,
+    "batch": 1,
+    "window": 10,
+    "max_unroll": 100,
+    "max_quadratic": 300,
+    "repeats": 5,
+    "warmup": 1,
+    "compile_repeats": 1,
+}
+
+#: Whether each scenario and loop kind is compiled once, untimed, before its first
+#: timed compile (so ``compile_s`` leaves out one-time costs). ``--quick`` skips it.
+COMPILE_WARMUP = {"default": True, "quick": False}
+
+#: ``--quick``: tiny sizes, every scenario and loop kind, a few seconds.
+QUICK = {**DEFAULTS, "lengths": (3,), "input": 3, "hidden": 4, "batch": 2, "window": 2}
+
+EPILOG = f"""\
+scenarios (--scenarios):
+{chr(10).join(f"  {name:17} {s.doc}" for name, s in cases.SCENARIOS.items())}
+
+what is measured, for each JAX case (one scenario, loop kind and length):
+  lower_s       trace + lower: jax.jit(f).lower(*args)
+  compile_s     XLA compile: lowered.compile()
+  run_s_median  steady state: median (and min) seconds per call over --repeats calls
+  run_s_min     after --warmup calls, each ending in jax.block_until_ready
+  memory_bytes  compiled.memory_analysis(): temp + argument + output bytes (null if the
+                backend does not report them)
+  gflops        effective GFLOP/s of the RNN scenarios: FLOPs / run_s_median / 1e9
+PyTorch peers (when torch is installed) run the same computation on the same inputs and
+weights; their outputs are checked against JAX's (max_rel_diff).
+
+FLOP count (matrix products only, a multiply-add = 2 FLOPs; tanh, biases, loss and SGD
+are not counted):
+  cell = 2*B*H*(I+H)  (i2h),  head = 2*B*H*O  (h2o, O = 1),  per time step
+  rnn_loss, train_tbptt:  3 * T * (cell + head)   (a gradient costs 3x the forward)
+  train_as_written:       T*(cell + 3*head) + T*(T+1)*cell   (the article's loop: step t
+                          runs back through its head and all t cells so far)
+
+skipped cases (recorded with "skipped": "<reason>"):
+  python loops longer than --max-unroll (their compile time grows with T), PyTorch's
+  as-written loop longer than --max-quadratic (O(T**2) work), train_tbptt when
+  --window > T.
+
+output:
+  a table on stdout, a progress bar on stderr; --json PATH is rewritten after every
+  record, so Ctrl-C (exit status 130) or a crash keeps every finished record.
+
+examples:
+  loopgrad-bench
+  loopgrad-bench --quick --json quick.json
+  loopgrad-bench --scenarios rnn_loss --loops scan,fori --lengths 1000 \\
+      --input 64 --hidden 256 --batch 32 --json large.json --plot large.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser; options default to ``None`` so ``--quick`` can fill them."""
+    parser = argparse.ArgumentParser(
+        prog="loopgrad-bench",
+        description=(
+            "Compile time, run time and memory of every loop kind (python, scan, fori) for "
+            "each of the article's scenarios, side by side with PyTorch on the same inputs."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=_names("scenario", tuple(cases.SCENARIOS)),
+        default=tuple(cases.SCENARIOS),
+        help=f"comma-separated scenarios (default: all: {','.join(cases.SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--loops",
+        type=_names("loop kind", lg.LOOPS),
+        default=lg.LOOPS,
+        help=f"comma-separated loop kinds (default: all: {','.join(lg.LOOPS)})",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=_lengths,
+        help=f"comma-separated loop lengths T (default: {_join(DEFAULTS['lengths'])})",
+    )
+    for flag, minimum, meaning in (
+        ("input", 1, "RNN input size I"),
+        ("hidden", 1, "RNN hidden size H"),
+        ("batch", 1, "batch size B (the scalar scenarios' x is (B, I))"),
+        ("window", 1, "train_tbptt: steps per update"),
+        ("max-unroll", 0, "skip python-loop cases longer than this"),
+        ("max-quadratic", 0, "skip PyTorch's O(T**2) as-written loop longer than this"),
+        ("repeats", 5, "timed calls per case, at least 5"),
+        ("warmup", 1, "untimed calls before the timed ones"),
+        ("compile-repeats", 1, "lowerings+compilations per JAX case; the median is kept"),
+    ):
+        default = DEFAULTS[flag.replace("-", "_")]
+        parser.add_argument(
+            f"--{flag}", type=_at_least(minimum), help=f"{meaning} (default: {default})"
+        )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="JAX backend to run on (default: JAX's default backend)",
+    )
+    parser.add_argument(
+        "--no-torch", action="store_true", help="skip the PyTorch peers even if torch is installed"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny preset: lengths {_join(QUICK['lengths'])}, I={QUICK['input']}, "
+        f"H={QUICK['hidden']}, B={QUICK['batch']}, window={QUICK['window']}, no untimed "
+        "warm-up compile; flags still win",
+    )
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--json", metavar="PATH", help="write the results as JSON, updated after every record"
+    )
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write a PNG of compile and run time against length"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; returns the exit status (0, 2 for bad arguments, 130 if interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULTS
+    settings = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
+    backend = args.backend or jax.default_backend()
+    _check_backend(parser, backend)
+    for flag in ("json", "plot"):
+        _check_output_path(parser, flag, getattr(args, flag))
+    if settings["window"] > max(settings["lengths"]) and "train_tbptt" in args.scenarios:
+        parser.error(
+            f"argument --window: expected at most the longest of --lengths "
+            f"({max(settings['lengths'])}), got {settings['window']}"
+        )
+
+    torch_setup = None
+    if not args.no_torch:
+        if torch_peers.available():
+            torch_setup = torch_peers.setup(backend, _usable_cores())
+        else:
+            print(
+                "note: torch is not installed, so there are no PyTorch peers; "
+                "pip install 'loopgrad_jax[torch]' to add them.",
+                file=sys.stderr,
+            )
+    plan = run.Plan(
+        scenarios=args.scenarios,
+        loops=args.loops,
+        lengths=settings["lengths"],
+        batch=settings["batch"],
+        input=settings["input"],
+        hidden=settings["hidden"],
+        window=settings["window"],
+        limits=cases.Limits(settings["max_unroll"], settings["max_quadratic"]),
+        warmup=settings["warmup"],
+        repeats=settings["repeats"],
+        compile_repeats=settings["compile_repeats"],
+        compile_warmup=COMPILE_WARMUP["quick" if args.quick else "default"],
+        seed=args.seed,
+        torch=torch_setup,
+    )
+    device = jax.devices(backend)[0]
+    meta = report.collect_meta(plan, backend, device, argv)
+    records = _run(plan, device, meta, args.json, progress=not args.no_progress)
+    print(report.format_table(records))
+    if args.plot and records:
+        from loopgrad_jax.bench.plot import plot_records
+
+        sizes = f"I={plan.input}, H={plan.hidden}, B={plan.batch}, window={plan.window}"
+        plot_records(records, args.plot, f"{meta['device']}, jax {meta['jax']}, {sizes}")
+    if meta["status"] == "interrupted":
+        kept = f"; kept in {args.json}" if args.json else ""
+        print(f"interrupted after {len(records)} records{kept}.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run(plan: run.Plan, device: jax.Device, meta: dict, json_path: str | None, *, progress):
+    """Runs the plan, updating the JSON file and the progress bar after every record."""
+    from tqdm import tqdm
+
+    todo = run.tasks(plan)
+    records: list[dict] = []
+    bar = tqdm(total=len(todo), file=sys.stderr, disable=not progress, unit="case")
+
+    def save(status: str) -> None:
+        meta["status"] = status
+        if json_path:
+            report.write_json(json_path, meta, records)
+
+    save("running")
+    try:
+        with jax.default_device(device):
+            for record in _described(run.run(plan, device), todo, bar):
+                records.append(record)
+                save("running")
+                bar.update(1)
+    except KeyboardInterrupt:
+        save("interrupted")
+    except Exception as error:
+        save(f"failed: {type(error).__name__}: {error}")
+        raise
+    else:
+        save("complete")
+    finally:
+        bar.close()
+    return records
+
+
+def _described(records, todo: list[run.Task], bar):
+    """Passes ``records`` through, naming the next task on the progress bar."""
+    for index in range(len(todo)):
+        task = todo[index]
+        impl = task.name if task.framework == "jax" else f"torch {task.name}"
+        bar.set_description(f"{task.scenario} T={task.length} {impl}")
+        yield next(records)
+
+
+def _check_backend(parser: argparse.ArgumentParser, backend: str) -> None:
+    available = available_backends()
+    if backend not in available:
+        parser.error(
+            f"argument --backend: backend {backend!r} is not available; "
+            f"available backends: {', '.join(available) or 'none'}"
+        )
+
+
+def available_backends() -> list[str]:
+    """The backends of :data:`BACKENDS` that JAX can run on here."""
+    found = []
+    for name in BACKENDS:
+        try:
+            jax.devices(name)
+        except RuntimeError:
+            continue
+        found.append(name)
+    return found
+
+
+def _check_output_path(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    if path is None:
+        return
+    folder = Path(path).resolve().parent
+    if Path(path).is_dir() or not folder.is_dir():
+        parser.error(f"argument --{flag}: expected a file path in an existing folder, got {path!r}")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an int >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """``"10,100"`` -> ``(10, 100)``: sorted, without repeats."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints >= 1, e.g. 10,100,1000, got {text!r}"
+        )
+    return tuple(sorted(set(values)))
+
+
+def _names(what: str, choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = [part.strip() for part in text.split(",")]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {what}s from {','.join(choices)}, "
+                f"got {text!r} (unknown: {','.join(map(repr, unknown))})"
+            )
+        return tuple(dict.fromkeys(names))
+
+    return parse
+
+
+def _join(values: Sequence[int]) -> str:
+    return ",".join(map(str, values))

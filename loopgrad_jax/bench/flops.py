@@ -1,0 +1,52 @@
+"""The FLOP count behind the RNN cases' GFLOP/s.
+
+Only the matrix products are counted, a multiply-add as 2 FLOPs; ``tanh``, bias
+adds, the loss and the SGD update are left out. Per time step::
+
+  cell = 2 * B * H * (I + H)    # i2h: (B, I+H) @ (I+H, H)
+  head = 2 * B * H * O          # h2o: (B, H) @ (H, O)
+
+A backward pass through a product costs twice its forward (one product for the
+weight's gradient, one for the input's), so a gradient costs 3x the forward:
+
+- ``rnn_loss`` (value and full BPTT gradient) and ``train_tbptt`` (every step is
+  run forward once and backward once, inside its window)::
+
+    3 * T * (cell + head)
+
+- ``train_as_written`` counts the work of the article's loop as PyTorch runs it:
+  step ``t`` (1-based) runs forward once, back through its head, and back
+  through all ``t`` cells so far::
+
+    sum over t of (cell + head + 2 * head + 2 * t * cell)
+      = T * (cell + 3 * head) + T * (T + 1) * cell
+
+The same count divides every implementation's time (JAX's exact ``forward``
+method does other work than PyTorch's), so GFLOP/s are *effective* figures and
+their ratio is the ratio of run times.
+"""
+
+from __future__ import annotations
+
+#: Scenarios with a FLOP count; the scalar ones have none.
+RNN_SCENARIOS: tuple[str, ...] = ("rnn_loss", "train_as_written", "train_tbptt")
+
+
+def rnn_flops(
+    scenario: str, *, length: int, batch: int, input: int, hidden: int, output: int = 1
+) -> int:
+    """FLOPs of one call of an RNN case, by the count in this module's docstring.
+
+    Examples:
+      >>> rnn_flops("rnn_loss", length=5, batch=2, input=3, hidden=4)
+      1920
+    """
+    cell = 2 * batch * hidden * (input + hidden)
+    head = 2 * batch * hidden * output
+    if scenario in ("rnn_loss", "train_tbptt"):
+        return 3 * length * (cell + head)
+    if scenario == "train_as_written":
+        return length * (cell + 3 * head) + length * (length + 1) * cell
+    raise ValueError(
+        f"scenario must be one of {', '.join(map(repr, RNN_SCENARIOS))}, got {scenario!r}."
+    )

@@ -1,0 +1,396 @@
+"""PyTorch reference values for every scenario, written as fixtures.
+
+Run it as one command (it needs ``pip install "loopgrad_jax[torch]"``)::
+
+  python -m loopgrad_jax.torch_reference --out tests/fixtures
+
+Each scenario runs in plain PyTorch, the way the article writes it, on the
+article's own sizes and on others (vector ``x``, ``n`` of 0, 1 and more, batch
+and output above 1, windows of 1, 3 and ``T``, and a long sequence where
+float32 rounding accumulates), in float32 and float64. One file per scenario
+and dtype; :mod:`loopgrad_jax.fixtures` describes the format.
+
+The article's training loop, run literally, raises; ``article_literal_*.json``
+records the exception and the step where it was raised. The as-written
+reference runs the same loop under
+``torch.autograd.graph.allow_mutation_on_saved_tensors()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from loopgrad_jax.fixtures import fixture_path, write_fixture
+
+try:
+    import torch
+    from torch import nn
+except ImportError:  # pragma: no cover - exercised only without torch
+    torch = None
+
+SEED = 0
+DTYPES = ("float32", "float64")
+PARAM_NAMES = {
+    "i2h.weight": "i2h_weight",
+    "i2h.bias": "i2h_bias",
+    "h2o.weight": "h2o_weight",
+    "h2o.bias": "h2o_bias",
+}
+
+# name, x shape, n; "article" runs the article's literal code.
+SCALAR_CASES = (
+    ("article", (1,), 3),
+    ("scalar_n5", (), 5),
+    ("vector_n0", (4,), 0),
+    ("vector_n1", (4,), 1),
+    ("matrix_n100", (2, 3), 100),
+)
+
+# name: (input, hidden, output, batch, T, random hidden0)
+RNN_SIZES = {
+    "article": (10, 5, 1, 1, 10, False),
+    "batch": (3, 4, 2, 3, 7, True),
+    "long": (10, 5, 1, 1, 200, False),
+}
+# name, sizes, lr (and window for tbptt)
+AS_WRITTEN_CASES = (
+    ("article", "article", 0.01),
+    ("batch", "batch", 0.05),
+    ("long", "long", 0.01),
+)
+TBPTT_CASES = (
+    ("article_w1", "article", 0.01, 1),
+    ("article_w3", "article", 0.01, 3),
+    ("article_wT", "article", 0.01, 10),
+    ("batch_w3", "batch", 0.05, 3),
+    ("long_w10", "long", 0.01, 10),
+)
+
+
+def _require_torch() -> None:
+    if torch is None:
+        raise SystemExit(
+            "loopgrad_jax.torch_reference needs PyTorch: pip install 'loopgrad_jax[torch]'."
+        )
+
+
+def simple_rnn(input_size: int, hidden_size: int, output_size: int) -> Any:
+    """The article's ``SimpleRNN``, with ``h2o``'s width as a parameter."""
+
+    class SimpleRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden_size = hidden_size
+            self.i2h = nn.Linear(input_size + hidden_size, hidden_size)
+            self.h2o = nn.Linear(hidden_size, output_size)
+
+        def forward(self, input, hidden):
+            combined = torch.cat((input, hidden), 1)
+            hidden = torch.tanh(self.i2h(combined))
+            output = self.h2o(hidden)
+            return output, hidden
+
+    return SimpleRNN()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: str) -> Iterator[None]:
+    """Makes every tensor and module created inside have ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------- scenarios 1, 2
+
+
+def article_accumulate() -> tuple[Any, Any, float]:
+    """The article's first example, verbatim but for returning instead of printing."""
+    x = torch.tensor([2.0], requires_grad=True)
+    total_loss = 0
+    for i in range(3):
+        y = x * x + i
+        total_loss += y
+    total_loss.backward()
+    return x.detach(), x.grad, total_loss.item()
+
+
+def article_stack() -> tuple[Any, Any, float]:
+    """The article's second example, verbatim but for returning instead of printing."""
+    x = torch.tensor([2.0], requires_grad=True)
+    all_y = []
+    for i in range(3):
+        y = x * x + torch.tensor(float(i))
+        all_y.append(y)
+    total_loss = torch.stack(all_y).sum()
+    total_loss.backward()
+    return x.detach(), x.grad, total_loss.item()
+
+
+def accumulate(x: Any, n: int) -> Any:
+    """Scenario 1 for any ``x`` and ``n``: a running total, then ``sum()``."""
+    total = torch.zeros_like(x)
+    for i in range(n):
+        total = total + (x * x + i)
+    return total.sum()
+
+
+def stack(x: Any, n: int) -> Any:
+    """Scenario 2 for any ``x`` and ``n``; the empty sum is 0."""
+    ys = [x * x + i for i in range(n)]
+    return torch.stack(ys).sum() if ys else torch.zeros((), dtype=x.dtype)
+
+
+def _gradient_of(fn: Callable[[Any, int], Any], x: Any, n: int) -> tuple[Any, float]:
+    x = x.clone().requires_grad_(True)
+    loss = fn(x, n)
+    if loss.requires_grad:
+        loss.backward()
+    grad = x.grad if x.grad is not None else torch.zeros_like(x)  # n == 0: no use of x
+    return grad, loss.item()
+
+
+def scalar_cases(scenario: str, seed: int) -> list[dict[str, Any]]:
+    """Every case of ``accumulate`` or ``stack`` in the current default dtype."""
+    general = {"accumulate": accumulate, "stack": stack}[scenario]
+    article = {"accumulate": article_accumulate, "stack": article_stack}[scenario]
+    cases = []
+    for k, (name, shape, n) in enumerate(SCALAR_CASES):
+        if name == "article":
+            x, grad, loss = article()
+            code = "article"
+        else:
+            torch.manual_seed(seed + k)
+            x = torch.randn(shape)
+            grad, loss = _gradient_of(general, x, n)
+            code = "general"
+        cases.append(
+            {
+                "name": name,
+                "code": code,
+                "seed": seed + k,
+                "n": n,
+                "x": x,
+                "loss": loss,
+                "grad": grad,
+            }
+        )
+    return cases
+
+
+# ---------------------------------------------------------------- scenario 3
+
+
+def _rnn_problem(sizes: str, seed: int) -> dict[str, Any]:
+    i, h, o, b, t, random_hidden = RNN_SIZES[sizes]
+    torch.manual_seed(seed)
+    model = simple_rnn(i, h, o)
+    inputs = torch.randn(t, b, i)
+    targets = torch.randn(t, b, o)
+    hidden0 = torch.randn(b, h) if random_hidden else torch.zeros(b, h)
+    return {"model": model, "inputs": inputs, "targets": targets, "hidden0": hidden0}
+
+
+def _params(model: Any) -> dict[str, Any]:
+    return {PARAM_NAMES[k]: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _grads(model: Any) -> dict[str, Any]:
+    return {PARAM_NAMES[k]: v.grad.detach().clone() for k, v in model.named_parameters()}
+
+
+def _step_loss(output: Any, target: Any) -> Any:
+    return torch.mean((output - target) ** 2)
+
+
+def _stacked(per_update: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: torch.stack([g[k] for g in per_update]) for k in per_update[0]}
+
+
+def rnn_loss_cases(seed: int) -> list[dict[str, Any]]:
+    """One ``backward()`` of the summed loss over the whole sequence."""
+    cases = []
+    for k, sizes in enumerate(RNN_SIZES):
+        problem = _rnn_problem(sizes, seed + k)
+        model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
+        initial = _params(model)
+        hidden, total = problem["hidden0"], 0
+        for t in range(inputs.shape[0]):
+            output, hidden = model(inputs[t], hidden)
+            total = total + _step_loss(output, targets[t])
+        total.backward()
+        cases.append(
+            {
+                "name": sizes,
+                "seed": seed + k,
+                "params": initial,
+                "inputs": inputs,
+                "targets": targets,
+                "hidden0": problem["hidden0"],
+                "loss": total.item(),
+                "grads": _grads(model),
+                "hidden": hidden.detach(),
+            }
+        )
+    return cases
+
+
+def as_written_cases(seed: int) -> list[dict[str, Any]]:
+    """The article's loop, run under ``allow_mutation_on_saved_tensors``."""
+    cases = []
+    for k, (name, sizes, lr) in enumerate(AS_WRITTEN_CASES):
+        problem = _rnn_problem(sizes, seed + k)
+        model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
+        initial = _params(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        hidden, losses, grads = problem["hidden0"], [], []
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            for t in range(inputs.shape[0]):
+                optimizer.zero_grad()
+                output, hidden = model(inputs[t], hidden)
+                loss = _step_loss(output, targets[t])
+                loss.backward(retain_graph=True)
+                grads.append(_grads(model))
+                optimizer.step()
+                losses.append(loss.item())
+        cases.append(
+            {
+                "name": name,
+                "seed": seed + k,
+                "lr": lr,
+                "params": initial,
+                "inputs": inputs,
+                "targets": targets,
+                "hidden0": problem["hidden0"],
+                "losses": torch.tensor(losses),
+                "grads": _stacked(grads),
+                "final_params": _params(model),
+                "hidden": hidden.detach(),
+            }
+        )
+    return cases
+
+
+def tbptt_cases(seed: int) -> list[dict[str, Any]]:
+    """Truncated BPTT: one ``backward()`` and one step per window, hidden detached."""
+    cases = []
+    for k, (name, sizes, lr, window) in enumerate(TBPTT_CASES):
+        problem = _rnn_problem(sizes, seed + k)
+        model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
+        initial = _params(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        hidden, losses, grads = problem["hidden0"], [], []
+        steps = inputs.shape[0]
+        for start in range(0, steps, window):
+            optimizer.zero_grad()
+            hidden = hidden.detach()
+            window_losses = []
+            for t in range(start, min(start + window, steps)):
+                output, hidden = model(inputs[t], hidden)
+                window_losses.append(_step_loss(output, targets[t]))
+            torch.stack(window_losses).sum().backward()
+            grads.append(_grads(model))
+            optimizer.step()
+            losses.extend(loss.item() for loss in window_losses)
+        cases.append(
+            {
+                "name": name,
+                "seed": seed + k,
+                "lr": lr,
+                "window": window,
+                "params": initial,
+                "inputs": inputs,
+                "targets": targets,
+                "hidden0": problem["hidden0"],
+                "losses": torch.tensor(losses),
+                "grads": _stacked(grads),
+                "final_params": _params(model),
+                "hidden": hidden.detach(),
+            }
+        )
+    return cases
+
+
+def article_literal_cases(seed: int) -> list[dict[str, Any]]:
+    """The article's ``rnn_gradient_handling`` in plain PyTorch: where and how it raises."""
+    torch.manual_seed(seed)
+    input_size, hidden_size, sequence_length = 10, 5, 10
+    model = simple_rnn(input_size, hidden_size, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inputs = torch.randn(sequence_length, 1, input_size)
+    target = torch.randn(sequence_length, 1, 1)
+    hidden = torch.zeros(1, hidden_size)
+    loss_values = []
+    record = {"name": "article", "seed": seed, "raised": False}
+    for i in range(sequence_length):
+        optimizer.zero_grad()
+        output, hidden = model(inputs[i], hidden)
+        loss = torch.mean((output - target[i]) ** 2)
+        try:
+            loss.backward(retain_graph=True)
+        except RuntimeError as e:
+            record.update(raised=True, exception_type=type(e).__name__, message=str(e), step=i)
+            break
+        optimizer.step()
+        loss_values.append(loss.item())
+    record["losses_before"] = torch.tensor(loss_values)
+    return [record]
+
+
+SCENARIOS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
+    "accumulate": lambda seed: scalar_cases("accumulate", seed),
+    "stack": lambda seed: scalar_cases("stack", seed),
+    "rnn_loss": rnn_loss_cases,
+    "train_as_written": as_written_cases,
+    "train_tbptt": tbptt_cases,
+    "article_literal": article_literal_cases,
+}
+
+
+def generate(out: str | Path, *, seed: int = SEED, command: str | None = None) -> list[Path]:
+    """Writes every fixture into ``out``; returns the paths written."""
+    _require_torch()
+    torch.set_num_threads(1)  # one thread: the same reductions in the same order every run
+    command = command or f"python -m loopgrad_jax.torch_reference --out {out}"
+    written = []
+    for dtype in DTYPES:
+        with default_dtype(dtype):
+            for scenario, make in SCENARIOS.items():
+                header = {
+                    "scenario": scenario,
+                    "dtype": dtype,
+                    "seed": seed,
+                    "torch_version": torch.__version__,
+                    "command": command,
+                }
+                path = fixture_path(out, scenario, dtype)
+                written.append(write_fixture(path, header, make(seed)))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loopgrad_jax.torch_reference",
+        description="Run the article's scenarios in PyTorch and write reference fixtures.",
+    )
+    parser.add_argument("--out", required=True, help="folder to write the fixture files into")
+    parser.add_argument("--seed", type=int, default=SEED, help="base random seed (default 0)")
+    args = parser.parse_args(argv)
+    command = "python -m loopgrad_jax.torch_reference --out " + str(args.out)
+    if args.seed != SEED:
+        command += f" --seed {args.seed}"
+    for path in generate(args.out, seed=args.seed, command=command):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared test helpers: fixtures as JAX values, tolerances keyed by dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import loopgrad_jax as lg
+from loopgrad_jax.fixtures import Fixture, fixture_path, load_fixture
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DTYPES = ("float32", "float64")
+
+# Relative and absolute tolerance against PyTorch. float64: both libraries are exact up to
+# a few roundings; float32: at the article's sizes the two differ by a few ulps (~1e-7).
+TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+def fixture(scenario: str, dtype: str) -> Fixture:
+    return load_fixture(fixture_path(FIXTURES, scenario, dtype))
+
+
+def case_names(scenario: str) -> list[str]:
+    return [c["name"] for c in fixture(scenario, "float64").cases]
+
+
+def params_of(tree: dict[str, Any]) -> lg.RNNParams:
+    return lg.RNNParams(**{k: jnp.asarray(v) for k, v in tree.items()})
+
+
+def maybe_jit(fn, jit: bool, **static):
+    """``fn`` with ``static`` keyword arguments bound, jitted when ``jit``."""
+
+    def bound(*args):
+        return fn(*args, **static)
+
+    return jax.jit(bound) if jit else bound
+
+
+def assert_close(actual: Any, expected: Any, tol: float, what: str = "") -> None:
+    """Elementwise ``|a - e| <= tol * (1 + |e|)``, leaf by leaf, with dtype kept."""
+    if isinstance(expected, dict):
+        expected = type(actual)(**expected) if hasattr(actual, "_fields") else expected
+    leaves_a, tree_a = jax.tree.flatten(actual)
+    leaves_e, tree_e = jax.tree.flatten(expected)
+    assert tree_a == tree_e, f"{what}: structure {tree_a} != {tree_e}"
+    for a, e in zip(leaves_a, leaves_e, strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+        if e.dtype.kind == "f":
+            assert a.dtype == e.dtype, f"{what}: dtype {a.dtype} != {e.dtype}"
+        np.testing.assert_allclose(a, e, rtol=tol, atol=tol, err_msg=what)

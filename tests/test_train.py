@@ -1,0 +1,197 @@
+"""Scenario 3's training loops: ``train_rnn`` as the article writes it, and truncated BPTT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import DTYPES, TOL, assert_close, case_names, fixture, maybe_jit, params_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import loopgrad_jax as lg
+
+
+def _train(params, inputs, targets, hidden0, **kwargs):
+    return lg.train_rnn(params, inputs, targets, hidden0=hidden0, **kwargs)
+
+
+def _check_against(result, c, dtype):
+    tol = TOL[dtype]
+    assert_close(result.losses, c["losses"], tol, "losses")
+    assert_close(result.grads, c["grads"], tol, "grads")
+    assert_close(result.params, c["final_params"], tol, "final params")
+    assert_close(result.hidden, c["hidden"], tol, "hidden")
+
+
+def _as_written_params():
+    # The reverse method replays all T stored steps at every step: a Python loop under jit
+    # unrolls T*T cell VJPs (40,000 for the long case), so python x reverse runs on the
+    # short cases only. Every other combination runs on every case.
+    for case in case_names("train_as_written"):
+        for method in ("forward", "reverse"):
+            for loop in lg.LOOPS:
+                if case == "long" and method == "reverse" and loop == "python":
+                    continue
+                yield case, method, loop
+
+
+@pytest.mark.parametrize(("case", "method", "loop"), list(_as_written_params()))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_as_written_matches_pytorch(case, method, loop, jit, dtype):
+    c = fixture("train_as_written", dtype).case(case)
+    fn = maybe_jit(_train, jit, lr=c["lr"], mode="as_written", as_written_method=method, loop=loop)
+    result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
+    _check_against(result, c, dtype)
+
+
+@pytest.mark.parametrize("case", case_names("train_tbptt"))
+@pytest.mark.parametrize("loop", lg.LOOPS)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tbptt_matches_pytorch(case, loop, jit, dtype):
+    c = fixture("train_tbptt", dtype).case(case)
+    fn = maybe_jit(_train, jit, lr=c["lr"], mode="tbptt", window=c["window"], loop=loop)
+    result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
+    assert result.grads.i2h_bias.shape[0] == -(-c["inputs"].shape[0] // c["window"])
+    _check_against(result, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_article_literal_raises_at_step_two(dtype):
+    record = fixture("article_literal", dtype).case("article")
+    assert record["raised"] is True
+    assert record["exception_type"] == "RuntimeError"
+    assert "modified by an inplace operation" in record["message"]
+    assert record["step"] == 2
+    assert record["losses_before"].shape == (2,)
+
+
+def _random_problem(key, t, b, i, h, o):
+    kp, kx, ky, kh = jax.random.split(key, 4)
+    params = lg.init_rnn(kp, i, h, o, dtype=jnp.float64)
+    inputs = jax.random.normal(kx, (t, b, i), jnp.float64)
+    targets = jax.random.normal(ky, (t, b, o), jnp.float64)
+    return params, inputs, targets, jax.random.normal(kh, (b, h), jnp.float64)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 8), b=st.integers(1, 3),
+       i=st.integers(1, 3), h=st.integers(1, 4), o=st.integers(1, 2))
+def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
+    problem = _random_problem(jax.random.key(seed), t, b, i, h, o)
+    fwd = _train(*problem, lr=0.1, as_written_method="forward")
+    rev = _train(*problem, lr=0.1, as_written_method="reverse", loop="fori")
+    assert_close(fwd, rev, TOL["float64"])
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 9), window=st.integers(1, 9),
+       loop=st.sampled_from(lg.LOOPS))
+def test_tbptt_windows(seed, t, window, loop):
+    window = min(window, t)
+    params, inputs, targets, hidden0 = _random_problem(jax.random.key(seed), t, 2, 2, 3, 1)
+    result = _train(params, inputs, targets, hidden0, mode="tbptt", window=window, loop=loop)
+    # The first window's gradient is the full-BPTT gradient of the first `window` steps.
+    first = jax.grad(lg.rnn_loss)(params, inputs[:window], targets[:window], hidden0=hidden0)
+    assert_close(jax.tree.map(lambda g: g[0], result.grads), first, TOL["float64"])
+    # Each later window starts from the weights after the updates before it.
+    p = params
+    for k in range(result.grads.i2h_bias.shape[0]):
+        p = jax.tree.map(lambda w, g, k=k: w - 0.01 * g[k], p, result.grads)
+    assert_close(result.params, p, TOL["float64"])
+
+
+def test_window_T_is_one_backward_over_the_sequence():
+    params, inputs, targets, hidden0 = _random_problem(jax.random.key(1), 9, 2, 3, 4, 2)
+    result = _train(params, inputs, targets, hidden0, mode="tbptt", window=9)
+    loss, grad = jax.value_and_grad(lg.rnn_loss)(params, inputs, targets, hidden0=hidden0)
+    assert_close(jax.tree.map(lambda g: g[0], result.grads), grad, TOL["float64"])
+    np.testing.assert_allclose(result.losses.sum(), loss, rtol=TOL["float64"])
+
+
+def test_first_as_written_step_is_plain_gradient():
+    # At t=0 there is no history: the gradient is that of the first step's loss alone.
+    params, inputs, targets, hidden0 = _random_problem(jax.random.key(2), 5, 2, 3, 4, 1)
+    for method in ("forward", "reverse"):
+        result = _train(params, inputs, targets, hidden0, as_written_method=method)
+        first = jax.grad(lg.rnn_loss)(params, inputs[:1], targets[:1], hidden0=hidden0)
+        assert_close(jax.tree.map(lambda g: g[0], result.grads), first, TOL["float64"])
+
+
+def test_auto_method_follows_cost_estimate():
+    small = lg.RNNSizes(length=1000, batch=1, input=10, hidden=5, output=1)
+    short = small._replace(length=10)
+    big = lg.RNNSizes(length=100, batch=32, input=64, hidden=256, output=1)
+    assert lg.as_written_cost(small, "forward").flops < lg.as_written_cost(small, "reverse").flops
+    assert lg.as_written_cost(short, "forward").flops > lg.as_written_cost(short, "reverse").flops
+    # P = 256*320 + 256 + 256 + 1 = 82,433 parameters; B*H*P float32 sensitivity = 2.7 GB.
+    assert lg.as_written_cost(big, "forward").memory_bytes == 32 * 256 * 82433 * 4
+    from loopgrad_jax._as_written import choose_method
+
+    assert choose_method(small, jnp.float32) == "forward"
+    assert choose_method(short, jnp.float32) == "reverse"
+    assert choose_method(big, jnp.float32) == "reverse"
+
+
+def test_jitted_train_rnn_compiles_once():
+    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 6, 2, 3, 4, 1)
+    traces = []
+
+    @jax.jit
+    def train(params, inputs, targets, hidden0):
+        traces.append(None)  # runs once per trace
+        return lg.train_rnn(params, inputs, targets, hidden0=hidden0, mode="as_written")
+
+    first = train(params, inputs, targets, hidden0)
+    moved = jax.tree.map(lambda a: a + 1.0, (params, inputs, targets, hidden0))
+    second = train(*moved)
+    assert len(traces) == 1
+    assert train._cache_size() == 1
+    assert not np.allclose(first.losses, second.losses)
+
+
+def test_custom_optimizer_state_is_carried():
+    # optax.sgd with momentum keeps a trace; with momentum 0 it must equal plain SGD.
+    problem = _random_problem(jax.random.key(4), 6, 2, 3, 4, 1)
+    plain = _train(*problem, lr=0.05, mode="tbptt", window=2)
+    zero = _train(*problem, mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.0))
+    heavy = _train(*problem, mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.9))
+    assert_close(zero, plain, TOL["float64"])
+    # With momentum the second update is lr * (g2 + 0.9 g1), not lr * g2.
+    g = heavy.grads.i2h_weight
+    after_two = problem[0].i2h_weight - 0.05 * g[0] - 0.05 * (g[1] + 0.9 * g[0])
+    later = heavy.params.i2h_weight
+    assert not np.allclose(later, plain.params.i2h_weight)
+    two = _train(*(p[:4] if i in (1, 2) else p for i, p in enumerate(problem)),
+                 mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.9))
+    np.testing.assert_allclose(two.params.i2h_weight, after_two, rtol=TOL["float64"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "bptt"}, ValueError, r"mode must be one of 'as_written', 'tbptt', got 'bptt'"),
+        ({"as_written_method": "rtrl"}, ValueError, r"as_written_method must be one of 'auto'"),
+        ({"mode": "tbptt", "window": 0}, ValueError, r"window must be an int >= 1, got 0"),
+        ({"mode": "tbptt", "window": 5}, ValueError, r"window must be between 1 and T=4"),
+        ({"mode": "tbptt", "window": 1.5}, TypeError, r"window must be a Python int"),
+        ({"window": 2}, ValueError, r"window applies only to mode='tbptt'"),
+        ({"mode": "tbptt", "as_written_method": "forward"}, ValueError, r"applies only to"),
+        ({"lr": -0.1}, ValueError, r"lr must be a positive number, got -0.1"),
+        ({"optimizer": "adam"}, TypeError, r"optimizer must be an optax.GradientTransformation"),
+        ({"loop": "while"}, ValueError, r"loop must be one of"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 4, 1, 2, 3, 1)
+    with pytest.raises(error, match=match):
+        _train(params, inputs, targets, hidden0, **kwargs)
+
+
+def test_traced_window_explains_static_arguments():
+    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 4, 1, 2, 3, 1)
+    fn = jax.jit(lambda w: _train(params, inputs, targets, hidden0, mode="tbptt", window=w))
+    with pytest.raises(TypeError, match=r"window must be a static Python int"):
+        fn(2)
