@@ -152,7 +152,7 @@ def rnn_loss(
     Examples:
       >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
       >>> p = lg.init_rnn(jax.random.key(0), input_size=3, hidden_size=4)
-      >>> x, y = jnp.ones((6, 2, 3)), jnp.zeros((6, 2, 1))
+      >>> x, y = jnp.ones((6, 2, 3), jnp.float32), jnp.zeros((6, 2, 1), jnp.float32)
       >>> grads = jax.grad(lg.rnn_loss)(p, x, y, loop="fori")
       >>> grads.i2h_weight.shape
       (4, 7)

@@ -101,8 +101,8 @@ def train_rnn(
     Examples:
       >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
       >>> p = lg.init_rnn(jax.random.key(0), input_size=10, hidden_size=5)
-      >>> x = jax.random.normal(jax.random.key(1), (10, 1, 10))
-      >>> y = jax.random.normal(jax.random.key(2), (10, 1, 1))
+      >>> x = jax.random.normal(jax.random.key(1), (10, 1, 10), jnp.float32)
+      >>> y = jax.random.normal(jax.random.key(2), (10, 1, 1), jnp.float32)
       >>> res = lg.train_rnn(p, x, y, lr=0.01, mode="as_written")
       >>> res.losses.shape, res.grads.i2h_weight.shape
       ((10,), (10, 5, 15))

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import loopgrad_jax as lg
 from loopgrad_jax.fixtures import Fixture, fixture_path, load_fixture
@@ -18,6 +19,27 @@ DTYPES = ("float32", "float64")
 # Relative and absolute tolerance against PyTorch. float64: both libraries are exact up to
 # a few roundings; float32: at the article's sizes the two differ by a few ulps (~1e-7).
 TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+def parity_grid(scenario: str, methods: tuple[str, ...] = ("",)) -> list[Any]:
+    """``(case, method, loop, jit)`` for every fixture case, loop kind and jit on/off.
+
+    One exclusion: a Python loop under ``jax.jit`` is unrolled, and for the 200-step
+    ``long*`` cases compiling it takes 15-120 s per test (the growth loopgrad-bench
+    measures). There the python kind runs eagerly only; the short cases cover it under jit.
+    """
+    grid = []
+    for case in case_names(scenario):
+        for method in methods:
+            for loop in lg.LOOPS:
+                for jit in (False, True):
+                    if jit and loop == "python" and case.startswith("long"):
+                        continue
+                    ids = [case, method, loop, "jit" if jit else "eager"]
+                    grid.append(
+                        pytest.param(case, method, loop, jit, id="-".join(filter(None, ids)))
+                    )
+    return grid
 
 
 def fixture(scenario: str, dtype: str) -> Fixture:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPES, TOL, assert_close, case_names, fixture, maybe_jit, params_of
+from helpers import DTYPES, TOL, assert_close, fixture, maybe_jit, params_of, parity_grid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -14,18 +14,18 @@ from jax.test_util import check_grads
 import loopgrad_jax as lg
 
 
-def _rnn_loss_and_hidden(params, inputs, targets, hidden0, *, loop):
-    loss, grads = jax.value_and_grad(lg.rnn_loss)(params, inputs, targets, hidden0=hidden0, loop=loop)
+def _loss_and_grads(params, inputs, targets, hidden0, *, loop):
+    loss, grads = jax.value_and_grad(lg.rnn_loss)(
+        params, inputs, targets, hidden0=hidden0, loop=loop
+    )
     return loss, grads
 
 
-@pytest.mark.parametrize("case", case_names("rnn_loss"))
-@pytest.mark.parametrize("loop", lg.LOOPS)
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(("case", "method", "loop", "jit"), parity_grid("rnn_loss"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_pytorch(case, loop, jit, dtype):
+def test_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("rnn_loss", dtype).case(case)
-    fn = maybe_jit(_rnn_loss_and_hidden, jit, loop=loop)
+    fn = maybe_jit(_loss_and_grads, jit, loop=loop)
     loss, grads = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
     assert_close(loss, np.asarray(c["loss"], dtype), TOL[dtype], "loss")
     assert_close(grads, c["grads"], TOL[dtype], "grads")
@@ -51,7 +51,7 @@ def test_check_grads(loop):
     check_grads(fn, (params, hidden0), order=1, modes=["fwd", "rev"])
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     t=st.integers(1, 12),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import DTYPES, TOL, assert_close, case_names, fixture, maybe_jit, params_of
+from helpers import DTYPES, TOL, assert_close, fixture, maybe_jit, params_of, parity_grid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,20 +24,16 @@ def _check_against(result, c, dtype):
     assert_close(result.hidden, c["hidden"], tol, "hidden")
 
 
-def _as_written_params():
-    # The reverse method replays all T stored steps at every step: a Python loop under jit
-    # unrolls T*T cell VJPs (40,000 for the long case), so python x reverse runs on the
-    # short cases only. Every other combination runs on every case.
-    for case in case_names("train_as_written"):
-        for method in ("forward", "reverse"):
-            for loop in lg.LOOPS:
-                if case == "long" and method == "reverse" and loop == "python":
-                    continue
-                yield case, method, loop
+# The reverse method replays all T stored steps at every step: a Python loop unrolls T*T
+# cell VJPs (40,000 for the long case), so python x reverse runs on the short cases only.
+AS_WRITTEN_GRID = [
+    p
+    for p in parity_grid("train_as_written", ("forward", "reverse"))
+    if p.values[:3] != ("long", "reverse", "python")
+]
 
 
-@pytest.mark.parametrize(("case", "method", "loop"), list(_as_written_params()))
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(("case", "method", "loop", "jit"), AS_WRITTEN_GRID)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_as_written_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("train_as_written", dtype).case(case)
@@ -46,11 +42,9 @@ def test_as_written_matches_pytorch(case, method, loop, jit, dtype):
     _check_against(result, c, dtype)
 
 
-@pytest.mark.parametrize("case", case_names("train_tbptt"))
-@pytest.mark.parametrize("loop", lg.LOOPS)
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(("case", "method", "loop", "jit"), parity_grid("train_tbptt"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tbptt_matches_pytorch(case, loop, jit, dtype):
+def test_tbptt_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("train_tbptt", dtype).case(case)
     fn = maybe_jit(_train, jit, lr=c["lr"], mode="tbptt", window=c["window"], loop=loop)
     result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
@@ -76,9 +70,15 @@ def _random_problem(key, t, b, i, h, o):
     return params, inputs, targets, jax.random.normal(kh, (b, h), jnp.float64)
 
 
-@settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), t=st.integers(1, 8), b=st.integers(1, 3),
-       i=st.integers(1, 3), h=st.integers(1, 4), o=st.integers(1, 2))
+@settings(max_examples=4, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    t=st.integers(1, 8),
+    b=st.integers(1, 3),
+    i=st.integers(1, 3),
+    h=st.integers(1, 4),
+    o=st.integers(1, 2),
+)
 def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
     problem = _random_problem(jax.random.key(seed), t, b, i, h, o)
     fwd = _train(*problem, lr=0.1, as_written_method="forward")
@@ -86,9 +86,13 @@ def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
     assert_close(fwd, rev, TOL["float64"])
 
 
-@settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), t=st.integers(1, 9), window=st.integers(1, 9),
-       loop=st.sampled_from(lg.LOOPS))
+@settings(max_examples=4, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    t=st.integers(1, 9),
+    window=st.integers(1, 9),
+    loop=st.sampled_from(lg.LOOPS),
+)
 def test_tbptt_windows(seed, t, window, loop):
     window = min(window, t)
     params, inputs, targets, hidden0 = _random_problem(jax.random.key(seed), t, 2, 2, 3, 1)
@@ -164,8 +168,12 @@ def test_custom_optimizer_state_is_carried():
     after_two = problem[0].i2h_weight - 0.05 * g[0] - 0.05 * (g[1] + 0.9 * g[0])
     later = heavy.params.i2h_weight
     assert not np.allclose(later, plain.params.i2h_weight)
-    two = _train(*(p[:4] if i in (1, 2) else p for i, p in enumerate(problem)),
-                 mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.9))
+    two = _train(
+        *(p[:4] if i in (1, 2) else p for i, p in enumerate(problem)),
+        mode="tbptt",
+        window=2,
+        optimizer=optax.sgd(0.05, momentum=0.9),
+    )
     np.testing.assert_allclose(two.params.i2h_weight, after_two, rtol=TOL["float64"])
 
 

@@ -1,0 +1,27 @@
+"""The documentation runs: docstring examples and the README's Python blocks."""
+
+import doctest
+import re
+from pathlib import Path
+
+import pytest
+
+from loopgrad_jax import _loops, _rnn, _scalar, _train
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("module", [_loops, _rnn, _scalar, _train], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    if module is not _loops:
+        assert result.attempted > 0
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no ```python example"
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own docs
