@@ -7,7 +7,8 @@ in :data:`LOOPS` (a Python ``for`` under ``jax.jit``, ``lax.scan``,
 
 from loopgrad_jax._as_written import METHODS as AS_WRITTEN_METHODS
 from loopgrad_jax._as_written import Cost, as_written_cost
-from loopgrad_jax._loops import LOOPS, run_loop
+from loopgrad_jax._loops import LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
+from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
 from loopgrad_jax._result import TrainResult
 from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, rnn_loss, step_loss
 from loopgrad_jax._scalar import accumulate_loss, stack_loss
@@ -18,10 +19,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AS_WRITTEN_METHODS",
     "LOOPS",
+    "POLICIES",
+    "REVERSE_LOOPS",
+    "Loop",
     "MODES",
     "Cost",
     "RNNParams",
     "RNNSizes",
+    "TORCH_OPTIMIZERS",
     "TrainResult",
     "accumulate_loss",
     "as_written_cost",
@@ -31,5 +36,6 @@ __all__ = [
     "run_loop",
     "stack_loss",
     "step_loss",
+    "torch_optimizer",
     "train_rnn",
 ]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from loopgrad_jax._loops import run_loop
+from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._result import TrainResult, apply_optimizer
 from loopgrad_jax._rnn import RNNParams, RNNSizes, rnn_cell, step_loss
 
@@ -122,7 +122,7 @@ class _Forward:
 class _Reverse:
     """Re-differentiates the stored history: the state is every ``(p_s, h_{s-1})``."""
 
-    def __init__(self, inputs: jax.Array, loop: str):
+    def __init__(self, inputs: jax.Array, loop: str | Loop):
         self.inputs = inputs
         self.loop = loop
 

@@ -1,15 +1,15 @@
-"""One loop driver, three loop primitives.
+"""One loop driver, every loop primitive.
 
 Every scenario is written once, as a ``body(carry, x) -> (carry, y)`` function,
-and run by :func:`run_loop` with the loop primitive the user picks. The names of
-the loop kinds live here only (:data:`LOOPS`); the API, the tests and the
-benchmark CLI all read them from here.
+and run by :func:`run_loop` with the loop the user picks. The names of the loop
+kinds and their options live here only (:data:`LOOPS`, :class:`Loop`); the API,
+the tests and the benchmark CLI all read them from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,112 @@ PyTree = Any
 #: - ``"scan"``: ``jax.lax.scan``.
 #: - ``"fori"``: ``jax.lax.fori_loop`` with static bounds, writing each step's output into
 #:   preallocated arrays. Static bounds make it lower to a scan, so reverse mode works.
-LOOPS: tuple[str, ...] = ("python", "scan", "fori")
+#: - ``"remat"``: ``jax.lax.scan`` over ``jax.checkpoint(body)``: reverse mode stores the
+#:   carries only and recomputes the rest of each step on the way back.
+#: - ``"while"``: ``jax.lax.while_loop`` counting to ``length``. Forward mode only: a while
+#:   loop has no static trip count, so reverse mode cannot size its stored residuals.
+LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
+
+#: The loop kinds reverse-mode differentiation can run through.
+REVERSE_LOOPS: tuple[str, ...] = tuple(k for k in LOOPS if k != "while")
+
+#: Names from ``jax.checkpoint_policies`` that ``Loop(kind="remat", policy=...)`` accepts.
+POLICIES: tuple[str, ...] = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+
+_UNROLLABLE = ("scan", "fori", "remat")
 
 
-def check_loop(loop: object) -> str:
-    """Returns ``loop`` if it names a loop kind, else raises listing the valid ones."""
-    return _checks.one_of("loop", loop, LOOPS)
+class Loop(NamedTuple):
+    """A loop kind and its options; ``loop=`` takes one, or its text form.
+
+    The text form is the kind followed by ``:option=value`` pairs, as
+    ``str(Loop(...))`` writes it: ``"scan"``, ``"scan:unroll=8"``,
+    ``"remat:policy=dots_saveable"``.
+
+    Attributes:
+      kind: one of :data:`LOOPS`.
+      unroll: loop iterations per trip through the compiled loop (``lax.scan``'s
+        and ``lax.fori_loop``'s ``unroll``), for ``scan``, ``fori`` and ``remat``.
+      policy: for ``remat``, the ``jax.checkpoint_policies`` entry (one of
+        :data:`POLICIES`) deciding which intermediates reverse mode may store.
+        ``nothing_saveable`` keeps only the carry of each step.
+    """
+
+    kind: str = "scan"
+    unroll: int = 1
+    policy: str = "nothing_saveable"
+
+    @classmethod
+    def parse(cls, loop: str | Loop) -> Loop:
+        """A validated :class:`Loop` from a kind name, its text form or a ``Loop``.
+
+        Examples:
+          >>> import loopgrad_jax as lg
+          >>> lg.Loop.parse("scan:unroll=8")
+          Loop(kind='scan', unroll=8, policy='nothing_saveable')
+          >>> str(lg.Loop("remat", policy="dots_saveable"))
+          'remat:policy=dots_saveable'
+        """
+        return check_loop(loop)
+
+    def __str__(self) -> str:
+        text = self.kind
+        if self.unroll != 1:
+            text += f":unroll={self.unroll}"
+        if self.kind == "remat" and self.policy != "nothing_saveable":
+            text += f":policy={self.policy}"
+        return text
+
+
+def check_loop(loop: object) -> Loop:
+    """Returns ``loop`` as a validated :class:`Loop`; raises naming what is wrong."""
+    if isinstance(loop, str):
+        kind, *options = loop.split(":")
+        fields: dict[str, Any] = {"kind": kind}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key not in ("unroll", "policy"):
+                raise ValueError(
+                    f"loop options are ':unroll=<int>' and ':policy=<name>', got {option!r} "
+                    f"in loop={loop!r}."
+                )
+            fields[key] = int(value) if key == "unroll" and value.lstrip("-").isdigit() else value
+        loop = Loop(**fields)
+    if not isinstance(loop, Loop):
+        raise TypeError(
+            f"loop must be a loop kind ({', '.join(map(repr, LOOPS))}), its text form such as "
+            f"'scan:unroll=8', or a loopgrad_jax.Loop, got {type(loop).__name__} {loop!r}."
+        )
+    _checks.one_of("loop", loop.kind, LOOPS)
+    unroll = _checks.static_length("loop unroll", loop.unroll, minimum=1)
+    if unroll != 1 and loop.kind not in _UNROLLABLE:
+        raise ValueError(
+            f"loop unroll applies to {', '.join(map(repr, _UNROLLABLE))}, got unroll={unroll} "
+            f"with kind {loop.kind!r}."
+        )
+    _checks.one_of("loop policy", loop.policy, POLICIES)
+    if loop.policy != "nothing_saveable" and loop.kind != "remat":
+        raise ValueError(f"loop policy applies to 'remat' only, got kind {loop.kind!r}.")
+    return loop._replace(unroll=unroll)
+
+
+def require_reverse(loop: object, needed_by: str) -> Loop:
+    """Returns ``check_loop(loop)``; raises if ``needed_by`` would reverse-differentiate it."""
+    spec = check_loop(loop)
+    if spec.kind not in REVERSE_LOOPS:
+        raise ValueError(
+            f"loop={str(spec)!r} cannot be used with {needed_by}, which needs reverse-mode "
+            "differentiation through the loop: lax.while_loop has no static trip count, and "
+            "XLA needs static memory bounds to store every iteration's residuals. Use one of "
+            f"{', '.join(map(repr, REVERSE_LOOPS))} instead; forward mode (jax.jvp, or "
+            "train_rnn(mode='as_written')) works with 'while'."
+        )
+    return spec
 
 
 def run_loop(
@@ -40,7 +140,7 @@ def run_loop(
     xs: PyTree,
     *,
     length: int,
-    loop: str,
+    loop: str | Loop,
     reverse: bool = False,
 ) -> tuple[Carry, PyTree]:
     """Runs ``body`` over the leading axis of ``xs`` with the chosen loop primitive.
@@ -60,33 +160,52 @@ def run_loop(
       init: the initial carry.
       xs: a pytree whose leaves have leading axis ``length`` (or ``None``).
       length: the number of steps, a static Python int.
-      loop: one of :data:`LOOPS`.
+      loop: one of :data:`LOOPS`, a :class:`Loop`, or its text form.
       reverse: run from the last step to the first.
 
     Returns:
       ``(final_carry, ys)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, loopgrad_jax as lg
+      >>> def body(total, x):
+      ...   total = total + x
+      ...   return total, total
+      >>> xs = jnp.arange(4, dtype=jnp.float32)
+      >>> lg.run_loop(body, jnp.float32(0), xs, length=4, loop="fori")
+      (Array(6., dtype=float32), Array([0., 1., 3., 6.], dtype=float32))
     """
-    loop = check_loop(loop)
+    spec = check_loop(loop)
     length = _checks.static_length("length", length)
-    if loop == "scan":
-        return lax.scan(body, init, xs, length=length, reverse=reverse)
+    if spec.kind in ("scan", "remat"):
+        if spec.kind == "remat":
+            policy = getattr(jax.checkpoint_policies, spec.policy)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
     if length == 0:  # nothing to index: the body never runs
         return init, _empty_outputs(body, init, xs, 0)
-    if loop == "python":
+    if spec.kind == "python":
         carry, ys = init, [None] * length
         for i in range(length - 1, -1, -1) if reverse else range(length):
             carry, ys[i] = body(carry, _index(xs, i))
         return carry, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
 
-    # fori: preallocate the stacked outputs and write step i's output at index i.
-    def fori_body(step, state):
+    # fori and while: preallocate the stacked outputs and write step i's output at index i.
+    def buffered_body(step, state):
         carry, ys = state
         i = length - 1 - step if reverse else step
         carry, y = body(carry, _index(xs, i))
-        ys = jax.tree.map(lambda buf, leaf: buf.at[i].set(leaf), ys, y)
-        return carry, ys
+        return carry, jax.tree.map(lambda buf, leaf: buf.at[i].set(leaf), ys, y)
 
-    return lax.fori_loop(0, length, fori_body, (init, _empty_outputs(body, init, xs, length)))
+    state = (init, _empty_outputs(body, init, xs, length))
+    if spec.kind == "fori":
+        return lax.fori_loop(0, length, buffered_body, state, unroll=spec.unroll)
+    _, carry, ys = lax.while_loop(
+        lambda s: s[0] < length,
+        lambda s: (s[0] + 1, *buffered_body(s[0], s[1:])),
+        (jnp.asarray(0, jnp.int32), *state),
+    )
+    return carry, ys
 
 
 def _index(xs: PyTree, i: int | jax.Array) -> PyTree:

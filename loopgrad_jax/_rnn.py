@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax import _checks
-from loopgrad_jax._loops import run_loop
+from loopgrad_jax._loops import Loop, run_loop
 
 
 class RNNParams(NamedTuple):
@@ -90,16 +90,30 @@ def step_loss(params: RNNParams, hidden: jax.Array, target: jax.Array) -> jax.Ar
     return jnp.mean((output - target) ** 2)
 
 
-def rnn_step(
-    params: RNNParams, hidden: jax.Array, x: jax.Array, target: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """One time step: ``(new_hidden, step_loss)``."""
-    hidden = rnn_cell(params, hidden, x)
-    return hidden, step_loss(params, hidden, target)
+def input_projection(params: RNNParams, inputs: jax.Array) -> jax.Array:
+    """``inputs @ W_x^T + b`` for every time step at once: ``(T, B, I) -> (T, B, H)``.
+
+    ``W_x = i2h_weight[:, :I]`` is the part of ``i2h`` that reads the input; it
+    does not depend on the hidden state, so it can leave the loop.
+    """
+    w_x = params.i2h_weight[:, : inputs.shape[-1]]
+    return jnp.einsum("tbi,hi->tbh", inputs, w_x) + params.i2h_bias[None, None, :]
+
+
+def hoisted_cell(params: RNNParams, hidden: jax.Array, projected: jax.Array) -> jax.Array:
+    """:func:`rnn_cell` given the step's :func:`input_projection`: ``tanh(u + h W_h^T)``."""
+    w_h = params.i2h_weight[:, params.i2h_weight.shape[1] - hidden.shape[1] :]
+    return jnp.tanh(projected + hidden @ w_h.T)
 
 
 def rnn_forward(
-    params: RNNParams, inputs: jax.Array, targets: jax.Array, hidden0: jax.Array, *, loop: str
+    params: RNNParams,
+    inputs: jax.Array,
+    targets: jax.Array,
+    hidden0: jax.Array,
+    *,
+    loop: str | Loop,
+    hoist_input: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Runs the RNN over the sequence: ``(final_hidden, losses (T,))``.
 
@@ -110,12 +124,21 @@ def rnn_forward(
         hidden = rnn_cell(params, hidden, inputs[t])
         losses.append(step_loss(params, hidden, targets[t]))
       return hidden, stack(losses)
+
+    With ``hoist_input`` the input half of ``i2h`` runs as one matrix product
+    before the loop (:func:`input_projection`) and only the recurrent product
+    stays inside; the result is the same up to the order of floating-point sums.
     """
+    cell, xs = rnn_cell, inputs
+    if hoist_input:
+        cell, xs = hoisted_cell, input_projection(params, inputs)
 
     def body(hidden, xy):
-        return rnn_step(params, hidden, *xy)
+        x, y = xy
+        hidden = cell(params, hidden, x)
+        return hidden, step_loss(params, hidden, y)
 
-    return run_loop(body, hidden0, (inputs, targets), length=inputs.shape[0], loop=loop)
+    return run_loop(body, hidden0, (xs, targets), length=inputs.shape[0], loop=loop)
 
 
 def rnn_loss(
@@ -124,7 +147,8 @@ def rnn_loss(
     targets: jax.typing.ArrayLike,
     *,
     hidden0: jax.typing.ArrayLike | None = None,
-    loop: str = "scan",
+    loop: str | Loop = "scan",
+    hoist_input: bool = False,
 ) -> jax.Array:
     """The summed per-step loss over a whole sequence.
 
@@ -144,7 +168,9 @@ def rnn_loss(
       inputs: ``(T, B, I)``.
       targets: ``(T, B, O)``.
       hidden0: ``(B, H)``; zeros when ``None``.
-      loop: one of :data:`loopgrad_jax.LOOPS`.
+      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
+      hoist_input: compute the input projection of all steps as one matrix
+        product before the loop; only the recurrent product stays inside.
 
     Returns:
       A scalar.
@@ -158,7 +184,7 @@ def rnn_loss(
       (4, 7)
     """
     params, inputs, targets, hidden0, _ = check_rnn_args(params, inputs, targets, hidden0)
-    _, losses = rnn_forward(params, inputs, targets, hidden0, loop=loop)
+    _, losses = rnn_forward(params, inputs, targets, hidden0, loop=loop, hoist_input=hoist_input)
     return losses.sum()
 
 

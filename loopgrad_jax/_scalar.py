@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax import _checks
-from loopgrad_jax._loops import run_loop
+from loopgrad_jax._loops import Loop, run_loop
 
 
-def accumulate_loss(x: jax.typing.ArrayLike, n: int, *, loop: str = "scan") -> jax.Array:
+def accumulate_loss(x: jax.typing.ArrayLike, n: int, *, loop: str | Loop = "scan") -> jax.Array:
     """Scenario 1: a running total, summed to a scalar.
 
     Plain-Python semantics (the article's first loop)::
@@ -28,7 +28,7 @@ def accumulate_loss(x: jax.typing.ArrayLike, n: int, *, loop: str = "scan") -> j
     Args:
       x: a floating-point array of any shape.
       n: the number of iterations, a static Python int ``>= 0``.
-      loop: one of :data:`loopgrad_jax.LOOPS`.
+      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
 
     Returns:
       A scalar of ``x``'s dtype. Its gradient is ``2 * n * x``.
@@ -48,7 +48,7 @@ def accumulate_loss(x: jax.typing.ArrayLike, n: int, *, loop: str = "scan") -> j
     return total.sum()
 
 
-def stack_loss(x: jax.typing.ArrayLike, n: int, *, loop: str = "scan") -> jax.Array:
+def stack_loss(x: jax.typing.ArrayLike, n: int, *, loop: str | Loop = "scan") -> jax.Array:
     """Scenario 2: collect every iterate, stack, sum.
 
     Plain-Python semantics (the article's second loop)::
@@ -59,7 +59,7 @@ def stack_loss(x: jax.typing.ArrayLike, n: int, *, loop: str = "scan") -> jax.Ar
     Args:
       x: a floating-point array of any shape.
       n: the number of iterations, a static Python int ``>= 0``.
-      loop: one of :data:`loopgrad_jax.LOOPS`.
+      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
 
     Returns:
       A scalar of ``x``'s dtype. Its gradient is ``2 * n * x``.

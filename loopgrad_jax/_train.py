@@ -27,7 +27,7 @@ import optax
 from jax import lax
 
 from loopgrad_jax import _as_written, _checks
-from loopgrad_jax._loops import run_loop
+from loopgrad_jax._loops import Loop, require_reverse, run_loop
 from loopgrad_jax._result import TrainResult, apply_optimizer
 from loopgrad_jax._rnn import RNNParams, check_rnn_args, rnn_forward
 
@@ -44,9 +44,10 @@ def train_rnn(
     mode: str = "as_written",
     window: int = 1,
     hidden0: jax.typing.ArrayLike | None = None,
-    loop: str = "scan",
+    loop: str | Loop = "scan",
     as_written_method: str = "auto",
     optimizer: optax.GradientTransformation | None = None,
+    hoist_input: bool = False,
 ) -> TrainResult:
     """Trains the RNN over one sequence, updating the weights inside the loop.
 
@@ -89,11 +90,18 @@ def train_rnn(
       mode: one of :data:`MODES`.
       window: steps per update in ``mode="tbptt"``, ``1 <= window <= T``.
       hidden0: ``(B, H)``; zeros when ``None``.
-      loop: one of :data:`loopgrad_jax.LOOPS`; every loop (over time steps,
-        windows and the reverse method's history) uses it.
+      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its
+        text form; every loop (over time steps, windows and the reverse method's
+        history) uses it. ``mode="tbptt"`` differentiates through its window
+        loop, so it needs a kind in :data:`loopgrad_jax.REVERSE_LOOPS`;
+        ``mode="as_written"`` differentiates single cells only and takes every kind.
       as_written_method: ``"auto"``, ``"forward"`` or ``"reverse"``.
       optimizer: any ``optax.GradientTransformation``; its state is carried
-        through the loop. Default ``optax.sgd(lr)``, PyTorch's ``optim.SGD(lr=lr)``.
+        through the loop. Default ``optax.sgd(lr)``, PyTorch's ``optim.SGD(lr=lr)``;
+        :func:`loopgrad_jax.torch_optimizer` maps PyTorch's optimizers.
+      hoist_input: in ``mode="tbptt"``, compute each window's input projection
+        as one matrix product before its loop. (``as_written`` changes the
+        weights every step, so there is nothing to hoist.)
 
     Returns:
       A :class:`TrainResult`.
@@ -124,6 +132,13 @@ def train_rnn(
         raise ValueError(
             f"as_written_method applies only to mode='as_written', got {method!r} with {mode=}."
         )
+    if hoist_input and mode == "as_written":
+        raise ValueError(
+            "hoist_input applies only to mode='tbptt': mode='as_written' updates the weights "
+            "every step, so the input projection cannot be computed before the loop."
+        )
+    if mode == "tbptt":
+        loop = require_reverse(loop, "train_rnn(mode='tbptt')")
     if optimizer is None:
         _check_lr(lr)
         optimizer = optax.sgd(lr)
@@ -133,13 +148,15 @@ def train_rnn(
         )
 
     if mode == "tbptt":
-        return _train_tbptt(params, inputs, targets, hidden0, window, loop, optimizer)
+        return _train_tbptt(params, inputs, targets, hidden0, window, loop, optimizer, hoist_input)
     if method == "auto":
         method = _as_written.choose_method(sizes, inputs.dtype)
     return _as_written.train(params, inputs, targets, hidden0, method, loop, optimizer)
 
 
-def _train_tbptt(params, inputs, targets, hidden0, window, loop, optimizer) -> TrainResult:
+def _train_tbptt(
+    params, inputs, targets, hidden0, window, loop, optimizer, hoist_input
+) -> TrainResult:
     steps = inputs.shape[0]
 
     def window_update(carry, xy):
@@ -147,7 +164,7 @@ def _train_tbptt(params, inputs, targets, hidden0, window, loop, optimizer) -> T
         x, y = xy
 
         def window_loss(p):
-            hidden_end, losses = rnn_forward(p, x, y, hidden, loop=loop)
+            hidden_end, losses = rnn_forward(p, x, y, hidden, loop=loop, hoist_input=hoist_input)
             return losses.sum(), (hidden_end, losses)
 
         (_, (hidden, losses)), grads = jax.value_and_grad(window_loss, has_aux=True)(params)

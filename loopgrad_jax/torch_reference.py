@@ -57,19 +57,46 @@ RNN_SIZES = {
     "batch": (3, 4, 2, 3, 7, True),
     "long": (10, 5, 1, 1, 200, False),
 }
-# name, sizes, lr (and window for tbptt)
+# torch.optim optimizers beyond plain SGD: name -> (class name, keyword arguments).
+OPTIMIZERS = {
+    "momentum": ("sgd", {"lr": 0.01, "momentum": 0.9}),
+    "nesterov": ("sgd", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+    "adam": ("adam", {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6}),
+    "adamw": ("adamw", {"lr": 0.01, "weight_decay": 0.1}),
+}
+
+
+def _sgd(lr: float) -> dict[str, Any]:
+    return {"name": "sgd", "lr": lr}
+
+
+def _named(key: str) -> dict[str, Any]:
+    name, kwargs = OPTIMIZERS[key]
+    return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+
+
+# name, sizes, optimizer (and window for tbptt)
 AS_WRITTEN_CASES = (
-    ("article", "article", 0.01),
-    ("batch", "batch", 0.05),
-    ("long", "long", 0.01),
+    ("article", "article", _sgd(0.01)),
+    ("batch", "batch", _sgd(0.05)),
+    ("long", "long", _sgd(0.01)),
+    *((f"article_{k}", "article", _named(k)) for k in OPTIMIZERS),
 )
 TBPTT_CASES = (
-    ("article_w1", "article", 0.01, 1),
-    ("article_w3", "article", 0.01, 3),
-    ("article_wT", "article", 0.01, 10),
-    ("batch_w3", "batch", 0.05, 3),
-    ("long_w10", "long", 0.01, 10),
+    ("article_w1", "article", _sgd(0.01), 1),
+    ("article_w3", "article", _sgd(0.01), 3),
+    ("article_wT", "article", _sgd(0.01), 10),
+    ("batch_w3", "batch", _sgd(0.05), 3),
+    ("long_w10", "long", _sgd(0.01), 10),
+    *((f"article_w3_{k}", "article", _named(k), 3) for k in OPTIMIZERS),
 )
+
+
+def torch_optim(spec: dict[str, Any], params: Any) -> Any:
+    """``torch.optim.<spec["name"]>(params, **rest of spec)``."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "name"}
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    return cls[spec["name"]](params, **kwargs)
 
 
 def _require_torch() -> None:
@@ -246,11 +273,11 @@ def rnn_loss_cases(seed: int) -> list[dict[str, Any]]:
 def as_written_cases(seed: int) -> list[dict[str, Any]]:
     """The article's loop, run under ``allow_mutation_on_saved_tensors``."""
     cases = []
-    for k, (name, sizes, lr) in enumerate(AS_WRITTEN_CASES):
+    for k, (name, sizes, spec) in enumerate(AS_WRITTEN_CASES):
         problem = _rnn_problem(sizes, seed + k)
         model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
         initial = _params(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        optimizer = torch_optim(spec, model.parameters())
         hidden, losses, grads = problem["hidden0"], [], []
         with torch.autograd.graph.allow_mutation_on_saved_tensors():
             for t in range(inputs.shape[0]):
@@ -265,7 +292,7 @@ def as_written_cases(seed: int) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "seed": seed + k,
-                "lr": lr,
+                "optimizer": spec,
                 "params": initial,
                 "inputs": inputs,
                 "targets": targets,
@@ -282,11 +309,11 @@ def as_written_cases(seed: int) -> list[dict[str, Any]]:
 def tbptt_cases(seed: int) -> list[dict[str, Any]]:
     """Truncated BPTT: one ``backward()`` and one step per window, hidden detached."""
     cases = []
-    for k, (name, sizes, lr, window) in enumerate(TBPTT_CASES):
+    for k, (name, sizes, spec, window) in enumerate(TBPTT_CASES):
         problem = _rnn_problem(sizes, seed + k)
         model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
         initial = _params(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        optimizer = torch_optim(spec, model.parameters())
         hidden, losses, grads = problem["hidden0"], [], []
         steps = inputs.shape[0]
         for start in range(0, steps, window):
@@ -304,7 +331,7 @@ def tbptt_cases(seed: int) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "seed": seed + k,
-                "lr": lr,
+                "optimizer": spec,
                 "window": window,
                 "params": initial,
                 "inputs": inputs,

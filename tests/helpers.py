@@ -21,33 +21,69 @@ DTYPES = ("float32", "float64")
 TOL = {"float32": 1e-5, "float64": 1e-10}
 
 
-def parity_grid(scenario: str, methods: tuple[str, ...] = ("",)) -> list[Any]:
-    """``(case, method, loop, jit)`` for every fixture case, loop kind and jit on/off.
+def case_names(scenario: str) -> list[str]:
+    return [c["name"] for c in fixture(scenario, "float64").cases]
 
-    One exclusion: a Python loop under ``jax.jit`` is unrolled, and for the 200-step
-    ``long*`` cases compiling it takes 15-120 s per test (the growth loopgrad-bench
-    measures). There the python kind runs eagerly only; the short cases cover it under jit.
+
+#: The kinds of the core parity grid, which runs every fixture case.
+BASE_LOOPS = ("python", "scan", "fori")
+#: Every loop kind, plus options: unrolled scan and fori, and remat with another policy.
+LOOP_VARIANTS = (*lg.LOOPS, "scan:unroll=3", "fori:unroll=2", "remat:policy=dots_saveable")
+#: What issue-level features add beyond the base kinds; they run on the article's cases.
+NEW_LOOPS = tuple(v for v in LOOP_VARIANTS if v not in BASE_LOOPS)
+
+
+def article_cases(scenario: str) -> list[str]:
+    return [name for name in case_names(scenario) if name.startswith("article")]
+
+
+def parity_grid(
+    scenario: str,
+    methods: tuple[str, ...] = ("",),
+    loops: tuple[str, ...] = BASE_LOOPS,
+    cases=case_names,
+) -> list[Any]:
+    """``(case, method, loop, jit)`` for the chosen cases, loop kinds and jit on/off.
+
+    One exclusion keeps the suite fast: a Python loop under ``jax.jit`` is unrolled, and
+    for the 200-step ``long*`` cases compiling it takes 15-120 s per test (the growth
+    loopgrad-bench measures), so there the python kind runs eagerly only.
     """
     grid = []
-    for case in case_names(scenario):
+    for case in cases(scenario):
         for method in methods:
-            for loop in lg.LOOPS:
+            for loop in loops:
                 for jit in (False, True):
                     if jit and loop == "python" and case.startswith("long"):
                         continue
-                    ids = [case, method, loop, "jit" if jit else "eager"]
-                    grid.append(
-                        pytest.param(case, method, loop, jit, id="-".join(filter(None, ids)))
-                    )
+                    ids = "-".join(filter(None, [case, method, loop, "jit" if jit else "eager"]))
+                    grid.append(pytest.param(case, method, loop, jit, id=ids))
     return grid
+
+
+def full_grid(scenario: str, methods: tuple[str, ...] = ("",), loops=LOOP_VARIANTS) -> list[Any]:
+    """The base kinds on every case, the other kinds and options on the article's cases."""
+    return parity_grid(scenario, methods, tuple(v for v in loops if v in BASE_LOOPS)) + (
+        parity_grid(scenario, methods, tuple(v for v in loops if v in NEW_LOOPS), article_cases)
+    )
+
+
+def value_and_grad(fn, loop: str):
+    """``jax.value_and_grad(fn)``; forward mode (``jax.jacfwd``) for loops without reverse mode.
+
+    A ``while`` loop cannot be reverse-differentiated; forward mode gives the same gradient.
+    """
+    if lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS:
+        return jax.value_and_grad(fn)
+
+    def forward(*args):
+        return fn(*args), jax.jacfwd(fn)(*args)
+
+    return forward
 
 
 def fixture(scenario: str, dtype: str) -> Fixture:
     return load_fixture(fixture_path(FIXTURES, scenario, dtype))
-
-
-def case_names(scenario: str) -> list[str]:
-    return [c["name"] for c in fixture(scenario, "float64").cases]
 
 
 def params_of(tree: dict[str, Any]) -> lg.RNNParams:

@@ -138,5 +138,8 @@ def _assert_same(new, old, what):
         for k in old:
             _assert_same(new[k], old[k], f"{what}.{k}")
         return
+    if not isinstance(old, np.ndarray):
+        assert new == old, what
+        return
     assert new.dtype == old.dtype and new.shape == old.shape, what
     np.testing.assert_array_equal(new, old, err_msg=what)

@@ -5,15 +5,51 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import DTYPES, TOL, assert_close, fixture, maybe_jit, params_of, parity_grid
+from helpers import (
+    DTYPES,
+    LOOP_VARIANTS,
+    TOL,
+    assert_close,
+    fixture,
+    full_grid,
+    maybe_jit,
+    params_of,
+    parity_grid,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loopgrad_jax as lg
 
+REVERSE_VARIANTS = tuple(v for v in LOOP_VARIANTS if lg.Loop.parse(v).kind in lg.REVERSE_LOOPS)
+
 
 def _train(params, inputs, targets, hidden0, **kwargs):
     return lg.train_rnn(params, inputs, targets, hidden0=hidden0, **kwargs)
+
+
+def _optimizer(spec):
+    """Plain SGD through ``lr=`` (the default path); the rest through ``torch_optimizer``."""
+    if spec["name"] == "sgd" and set(spec) == {"name", "lr"}:
+        return {"lr": spec["lr"]}
+    return {"optimizer": lg.torch_optimizer(**spec)}
+
+
+def _promotion(spec):
+    # optax's Adam bias correction raises a Python float to an int32 step count, which
+    # this suite's strict promotion (conftest.py) refuses; our own code passes strict mode.
+    return jax.numpy_dtype_promotion("standard" if spec["name"] != "sgd" else "strict")
+
+
+def _sgd_cases(scenario):
+    return tuple(
+        c["name"] for c in fixture(scenario, "float64").cases if "lr" in _optimizer(c["optimizer"])
+    )
+
+
+def _optimizer_cases(scenario):
+    sgd = _sgd_cases(scenario)
+    return tuple(c["name"] for c in fixture(scenario, "float64").cases if c["name"] not in sgd)
 
 
 def _check_against(result, c, dtype):
@@ -24,30 +60,59 @@ def _check_against(result, c, dtype):
     assert_close(result.hidden, c["hidden"], tol, "hidden")
 
 
-# The reverse method replays all T stored steps at every step: a Python loop unrolls T*T
-# cell VJPs (40,000 for the long case), so python x reverse runs on the short cases only.
+# Plain SGD runs on every loop kind and option. The reverse method replays all T stored
+# steps at every step: a Python loop unrolls T*T cell VJPs (40,000 for the long case), so
+# python x reverse runs on the short cases only. The optimizers (momentum, Nesterov, Adam,
+# AdamW) are independent of the loop: they run with scan, both methods.
 AS_WRITTEN_GRID = [
     p
-    for p in parity_grid("train_as_written", ("forward", "reverse"))
-    if p.values[:3] != ("long", "reverse", "python")
-]
+    for p in full_grid("train_as_written", ("forward", "reverse"))
+    if p.values[0] in _sgd_cases("train_as_written")
+    and p.values[:3] != ("long", "reverse", "python")
+] + parity_grid("train_as_written", ("forward", "reverse"), ("scan",), cases=_optimizer_cases)
 
 
 @pytest.mark.parametrize(("case", "method", "loop", "jit"), AS_WRITTEN_GRID)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_as_written_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("train_as_written", dtype).case(case)
-    fn = maybe_jit(_train, jit, lr=c["lr"], mode="as_written", as_written_method=method, loop=loop)
-    result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
+    fn = maybe_jit(
+        _train,
+        jit,
+        mode="as_written",
+        as_written_method=method,
+        loop=loop,
+        **_optimizer(c["optimizer"]),
+    )
+    with _promotion(c["optimizer"]):
+        result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
     _check_against(result, c, dtype)
 
 
-@pytest.mark.parametrize(("case", "method", "loop", "jit"), parity_grid("train_tbptt"))
+# tbptt differentiates through its window loop: every kind but "while" (tested apart).
+TBPTT_GRID = [
+    p
+    for p in full_grid("train_tbptt", ("plain",), REVERSE_VARIANTS)
+    + full_grid("train_tbptt", ("hoisted",), ("scan", "remat"))
+    if p.values[0] in _sgd_cases("train_tbptt")
+] + parity_grid("train_tbptt", ("plain",), ("scan",), cases=_optimizer_cases)
+
+
+@pytest.mark.parametrize(("case", "method", "loop", "jit"), TBPTT_GRID)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tbptt_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("train_tbptt", dtype).case(case)
-    fn = maybe_jit(_train, jit, lr=c["lr"], mode="tbptt", window=c["window"], loop=loop)
-    result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
+    fn = maybe_jit(
+        _train,
+        jit,
+        mode="tbptt",
+        window=c["window"],
+        loop=loop,
+        hoist_input=method == "hoisted",
+        **_optimizer(c["optimizer"]),
+    )
+    with _promotion(c["optimizer"]):
+        result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
     assert result.grads.i2h_bias.shape[0] == -(-c["inputs"].shape[0] // c["window"])
     _check_against(result, c, dtype)
 
@@ -91,7 +156,7 @@ def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
     seed=st.integers(0, 2**16),
     t=st.integers(1, 9),
     window=st.integers(1, 9),
-    loop=st.sampled_from(lg.LOOPS),
+    loop=st.sampled_from(REVERSE_VARIANTS),
 )
 def test_tbptt_windows(seed, t, window, loop):
     window = min(window, t)
@@ -189,7 +254,14 @@ def test_custom_optimizer_state_is_carried():
         ({"mode": "tbptt", "as_written_method": "forward"}, ValueError, r"applies only to"),
         ({"lr": -0.1}, ValueError, r"lr must be a positive number, got -0.1"),
         ({"optimizer": "adam"}, TypeError, r"optimizer must be an optax.GradientTransformation"),
-        ({"loop": "while"}, ValueError, r"loop must be one of"),
+        ({"loop": "for"}, ValueError, r"loop must be one of"),
+        (
+            {"mode": "tbptt", "loop": "while"},
+            ValueError,
+            r"loop='while' cannot be used with "
+            r"train_rnn\(mode='tbptt'\).*static memory bounds.*'python', 'scan', 'fori', 'remat'",
+        ),
+        ({"hoist_input": True}, ValueError, r"hoist_input applies only to mode='tbptt'"),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -203,3 +275,26 @@ def test_traced_window_explains_static_arguments():
     fn = jax.jit(lambda w: _train(params, inputs, targets, hidden0, mode="tbptt", window=w))
     with pytest.raises(TypeError, match=r"window must be a static Python int"):
         fn(2)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (("rmsprop", 0.1), {}, ValueError, r"name must be one of 'sgd', 'adam', 'adamw'"),
+        (("sgd", 0.1), {"betas": (0.9, 0.99)}, TypeError, r"takes momentum, nesterov, weight"),
+        (("sgd", 0.1), {"nesterov": True}, ValueError, r"nesterov=True needs momentum > 0"),
+    ],
+)
+def test_torch_optimizer_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lg.torch_optimizer(*args, **kwargs)
+
+
+def test_torch_optimizer_sgd_weight_decay_is_l2_on_the_gradient():
+    # torch.optim.SGD(weight_decay=wd): p <- p - lr * (g + wd * p).
+    params = {"w": jnp.array([1.0, -2.0], jnp.float64)}
+    grads = {"w": jnp.array([0.5, 0.25], jnp.float64)}
+    opt = lg.torch_optimizer("sgd", 0.1, weight_decay=0.01)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    expected = -0.1 * (grads["w"] + 0.01 * params["w"])
+    np.testing.assert_allclose(updates["w"], expected, rtol=TOL["float64"])
