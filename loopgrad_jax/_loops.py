@@ -8,6 +8,7 @@ the tests and the benchmark CLI all read them from here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -60,11 +61,16 @@ class Loop(NamedTuple):
       policy: for ``remat``, the ``jax.checkpoint_policies`` entry (one of
         :data:`POLICIES`) deciding which intermediates reverse mode may store.
         ``nothing_saveable`` keeps only the carry of each step.
+      chunk: for ``remat``, steps per checkpoint. With ``chunk=k > 1`` the scan
+        runs over chunks of ``k`` steps and checkpoints each chunk, so reverse
+        mode stores one carry per chunk plus one chunk's residuals while it
+        recomputes it (``sqrt(T)`` steps per chunk minimises the sum).
     """
 
     kind: str = "scan"
     unroll: int = 1
     policy: str = "nothing_saveable"
+    chunk: int = 1
 
     @classmethod
     def parse(cls, loop: str | Loop) -> Loop:
@@ -85,6 +91,8 @@ class Loop(NamedTuple):
             text += f":unroll={self.unroll}"
         if self.kind == "remat" and self.policy != "nothing_saveable":
             text += f":policy={self.policy}"
+        if self.chunk != 1:
+            text += f":chunk={self.chunk}"
         return text
 
 
@@ -95,12 +103,13 @@ def check_loop(loop: object) -> Loop:
         fields: dict[str, Any] = {"kind": kind}
         for option in options:
             key, sep, value = option.partition("=")
-            if not sep or key not in ("unroll", "policy"):
+            if not sep or key not in Loop._fields[1:]:
                 raise ValueError(
-                    f"loop options are ':unroll=<int>' and ':policy=<name>', got {option!r} "
-                    f"in loop={loop!r}."
+                    f"loop options are ':unroll=<int>', ':policy=<name>' and ':chunk=<int>', "
+                    f"got {option!r} in loop={loop!r}."
                 )
-            fields[key] = int(value) if key == "unroll" and value.lstrip("-").isdigit() else value
+            is_int = key != "policy" and value.lstrip("-").isdigit()
+            fields[key] = int(value) if is_int else value
         loop = Loop(**fields)
     if not isinstance(loop, Loop):
         raise TypeError(
@@ -115,9 +124,11 @@ def check_loop(loop: object) -> Loop:
             f"with kind {loop.kind!r}."
         )
     _checks.one_of("loop policy", loop.policy, POLICIES)
-    if loop.policy != "nothing_saveable" and loop.kind != "remat":
-        raise ValueError(f"loop policy applies to 'remat' only, got kind {loop.kind!r}.")
-    return loop._replace(unroll=unroll)
+    chunk = _checks.static_length("loop chunk", loop.chunk, minimum=1)
+    for name, changed in (("policy", loop.policy != "nothing_saveable"), ("chunk", chunk != 1)):
+        if changed and loop.kind != "remat":
+            raise ValueError(f"loop {name} applies to 'remat' only, got kind {loop.kind!r}.")
+    return loop._replace(unroll=unroll, chunk=chunk)
 
 
 def require_reverse(loop: object, needed_by: str) -> Loop:
@@ -177,11 +188,10 @@ def run_loop(
     """
     spec = check_loop(loop)
     length = _checks.static_length("length", length)
-    if spec.kind in ("scan", "remat"):
-        if spec.kind == "remat":
-            policy = getattr(jax.checkpoint_policies, spec.policy)
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
+    if spec.kind == "remat":
+        return _remat_scan(body, init, xs, length, reverse, spec)
     if length == 0:  # nothing to index: the body never runs
         return init, _empty_outputs(body, init, xs, 0)
     if spec.kind == "python":
@@ -206,6 +216,40 @@ def run_loop(
         (jnp.asarray(0, jnp.int32), *state),
     )
     return carry, ys
+
+
+def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):
+    """``lax.scan`` checkpointing every step, or every chunk of ``spec.chunk`` steps."""
+    checkpoint = functools.partial(
+        jax.checkpoint, policy=getattr(jax.checkpoint_policies, spec.policy), prevent_cse=False
+    )
+
+    def scan(step, carry, xs, n):
+        return lax.scan(step, carry, xs, length=n, reverse=reverse, unroll=spec.unroll)
+
+    k = spec.chunk
+    if k == 1 or length <= k:
+        return scan(checkpoint(body), init, xs, length)
+    full, rest = divmod(length, k)
+    head = jax.tree.map(lambda a: a[: full * k].reshape(full, k, *a.shape[1:]), xs)
+    tail = jax.tree.map(lambda a: a[full * k :], xs)
+
+    @checkpoint
+    def chunk_body(carry, chunk_xs):
+        return scan(body, carry, chunk_xs, k)
+
+    def run_head(carry):
+        carry, ys = scan(chunk_body, carry, head, full)
+        return carry, jax.tree.map(lambda a: a.reshape(full * k, *a.shape[2:]), ys)
+
+    def run_tail(carry):
+        return scan(checkpoint(body), carry, tail, rest)
+
+    first, second = (run_tail, run_head) if reverse else (run_head, run_tail)
+    carry, ys_first = first(init)
+    carry, ys_second = second(carry)
+    head_ys, tail_ys = (ys_second, ys_first) if reverse else (ys_first, ys_second)
+    return carry, jax.tree.map(lambda h, t: jnp.concatenate([h, t]), head_ys, tail_ys)
 
 
 def _index(xs: PyTree, i: int | jax.Array) -> PyTree:

@@ -28,7 +28,13 @@ def case_names(scenario: str) -> list[str]:
 #: The kinds of the core parity grid, which runs every fixture case.
 BASE_LOOPS = ("python", "scan", "fori")
 #: Every loop kind, plus options: unrolled scan and fori, and remat with another policy.
-LOOP_VARIANTS = (*lg.LOOPS, "scan:unroll=3", "fori:unroll=2", "remat:policy=dots_saveable")
+LOOP_VARIANTS = (
+    *lg.LOOPS,
+    "scan:unroll=3",
+    "fori:unroll=2",
+    "remat:policy=dots_saveable",
+    "remat:chunk=4",
+)
 #: What issue-level features add beyond the base kinds; they run on the article's cases.
 NEW_LOOPS = tuple(v for v in LOOP_VARIANTS if v not in BASE_LOOPS)
 
