@@ -3,7 +3,18 @@
 A case is a scenario run by one loop kind at one set of sizes. :data:`SCENARIOS`
 is the one place that maps a scenario's name to the function it times; every
 loop kind of :data:`loopgrad_jax.LOOPS` runs the same function, only ``loop=``
-changes.
+changes. What each times, as plain Python (``T`` static)::
+
+  accumulate(x):     return value_and_grad(lambda x: lg.accumulate_loss(x, T, loop=loop))(x)
+  stack(x):          return value_and_grad(lambda x: lg.stack_loss(x, T, loop=loop))(x)
+  rnn_loss(p, xs, ys):
+    loss, grads = value_and_grad(lg.rnn_loss)(p, xs, ys, loop=loop)   # full BPTT
+    return (loss, *grads)
+  train_<mode>(p, xs, ys):
+    r = lg.train_rnn(p, xs, ys, lr=LR, mode=mode, window=W, loop=loop)  # T or T/W updates
+    return (r.losses, *r.params)
+
+The outputs are what the PyTorch peers return too, so the two can be compared.
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ class Scenario(NamedTuple):
     build: Callable[[str, Sizes], Callable[..., tuple]]  # (loop, sizes) -> f(*args)
     args: Callable[[Data], tuple]  # which parts of Data ``f`` takes
     rnn: bool  # whether FLOPs (and GFLOP/s) apply
+    reverse: bool  # whether it differentiates through the loop in reverse mode
     doc: str
 
 
@@ -141,30 +153,35 @@ SCENARIOS: dict[str, Scenario] = {
         _scalar(lg.accumulate_loss),
         _x,
         rnn=False,
+        reverse=True,
         doc="value and gradient of lg.accumulate_loss(x, T), x of shape (B, I)",
     ),
     "stack": Scenario(
         _scalar(lg.stack_loss),
         _x,
         rnn=False,
+        reverse=True,
         doc="value and gradient of lg.stack_loss(x, T), x of shape (B, I)",
     ),
     "rnn_loss": Scenario(
         _rnn_loss,
         _rnn,
         rnn=True,
+        reverse=True,
         doc="value and full-sequence gradient (BPTT) of lg.rnn_loss",
     ),
     "train_as_written": Scenario(
         _train("as_written"),
         _rnn,
         rnn=True,
+        reverse=False,  # its exact "forward" method needs none
         doc="lg.train_rnn(mode='as_written'): T SGD updates, the article's loop",
     ),
     "train_tbptt": Scenario(
         _train("tbptt"),
         _rnn,
         rnn=True,
+        reverse=True,
         doc="lg.train_rnn(mode='tbptt', window=W): one SGD update per window",
     ),
 }
@@ -180,6 +197,11 @@ def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
     return SCENARIOS[scenario].args(data)
 
 
+def reverse_loops() -> tuple[str, ...]:
+    """The loop kinds reverse mode runs through: ``lg.REVERSE_LOOPS`` where the core says."""
+    return getattr(lg, "REVERSE_LOOPS", lg.LOOPS)
+
+
 def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -> str | None:
     """Why this case is not run, or ``None`` when it is.
 
@@ -188,14 +210,16 @@ def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -
     """
     if scenario == "train_tbptt" and sizes.window > sizes.length:
         return f"window={sizes.window} is longer than the sequence (T={sizes.length})"
+    if loop is not None and loop not in reverse_loops() and SCENARIOS[scenario].reverse:
+        return f"the {loop!r} loop has no reverse mode, which {scenario} needs"
     if loop == "python" and sizes.length > limits.max_unroll:
         return (
-            f"python loop unrolls T={sizes.length} steps into the program, so compile time "
-            f"grows with T; T > --max-unroll={limits.max_unroll}"
+            "a python loop unrolls into the program, so its compile time grows with T; "
+            f"T={sizes.length} > --max-unroll={limits.max_unroll}"
         )
     if loop is None and scenario == "train_as_written" and sizes.length > limits.max_quadratic:
         return (
-            f"PyTorch's as-written loop does O(T**2) work (each step's backward walks every "
+            "PyTorch's as-written loop does O(T**2) work (each step's backward walks every "
             f"earlier step); T={sizes.length} > --max-quadratic={limits.max_quadratic}"
         )
     return None

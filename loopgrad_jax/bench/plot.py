@@ -47,10 +47,17 @@ def plot_records(records: Sequence[Mapping], path: str | os.PathLike, title: str
         ax.set_xlabel("length T")
         ax.set_ylabel("seconds")
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="x-small")
-    for ax in list(axes.flat)[len(scenarios) :]:
-        ax.set_visible(False)
+    legend = {}  # one legend for all panels: label -> handle
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    spare = list(axes.flat)[len(scenarios) :]
+    for ax in spare:
+        ax.axis("off")
+    if spare:
+        spare[0].legend(legend.values(), legend.keys(), loc="center", fontsize="small")
+    elif legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
     fig.suptitle(title, fontsize="small")
     fig.savefig(path, dpi=110)
     plt.close(fig)

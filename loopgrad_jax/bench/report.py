@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,16 +25,22 @@ import jax
 import jaxlib
 import numpy as np
 
+import loopgrad_jax as lg
 from loopgrad_jax.bench.run import Plan
 
 #: Format of the JSON file; bumped when a key changes meaning.
 FORMAT_VERSION = 1
+
+#: A record whose timed calls shared the machine with this many busy cores is flagged.
+BUSY_CORES = 0.25
 
 
 def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[str]) -> dict:
     """The machine, versions and settings of a run."""
     return {
         "format_version": FORMAT_VERSION,
+        "loopgrad_jax": lg.__version__,
+        "git": git_revision(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "torch": plan.torch.version if plan.torch else None,
@@ -43,6 +50,8 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "device": describe_device(device),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_model(),
+        "load_average": load_average(),  # 1-min load at the start: > 0.5 means a busy machine
+        "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
@@ -76,6 +85,41 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def git_revision() -> dict | None:
+    """``{"commit", "modified"}`` of the checkout the package runs from, if it is one.
+
+    Read-only: ``GIT_OPTIONAL_LOCKS=0`` keeps ``git status`` from rewriting the index.
+    """
+    folder = Path(lg.__file__).resolve().parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(folder), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+            env=env,
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        modified = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "modified": modified}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def write_json(path: str | os.PathLike, meta: Mapping, records: Sequence[Mapping]) -> None:
@@ -135,10 +179,13 @@ def format_table(records: Sequence[Mapping]) -> str:
         vs = ", ".join(f"{p} {x:.3g}x" for p, x in ratios.get(index, {}).items())
         if r["skipped"]:
             note = f"skipped: {r['skipped']}"
-        elif r["max_rel_diff"] is not None:
-            note = f"rel diff vs jax {r['max_rel_diff']:.1e}"
         else:
-            note = ""
+            notes = []
+            if r["max_rel_diff"] is not None:
+                notes.append(f"rel diff vs jax {r['max_rel_diff']:.1e}")
+            if (r.get("other_cores") or 0) >= BUSY_CORES:
+                notes.append(f"BUSY: other processes used {r['other_cores']:.2g} cores")
+            note = "; ".join(notes)
         rows.append(
             (
                 r["scenario"],

@@ -41,6 +41,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "flops",  # loopgrad_jax.bench.flops.rnn_flops (RNN scenarios)
     "gflops",  # flops / run_s_median / 1e9
     "max_rel_diff",  # PyTorch vs JAX outputs: max |torch - jax| / max |jax|, per output
+    "other_cores",  # cores other processes kept busy during the timed calls (Linux)
     "skipped",  # why the case was not run, or None
 )
 
@@ -105,7 +106,11 @@ def run(plan: Plan, device: jax.Device) -> Iterator[dict[str, Any]]:
         if task.length not in data:
             data = {task.length: cases.make_data(sizes, plan.seed)}  # one length at a time
         if task.framework == "jax":
-            figures, output = _time_jax(task, sizes, data[task.length], plan, device, warmed)
+            try:
+                figures, output = _time_jax(task, sizes, data[task.length], plan, device, warmed)
+            except (TypeError, ValueError) as error:  # raised while tracing: no such case
+                yield {**record, "skipped": f"cannot trace: {_first_line(error)}"}
+                continue
             reference.setdefault((task.scenario, task.length), output)
         else:
             figures, output = _time_torch(task, sizes, data[task.length], plan)
@@ -168,6 +173,7 @@ def _time_jax(task, sizes, data, plan, device, warmed) -> tuple[dict[str, Any], 
         "run_s_median": measured.run.median_s,
         "run_s_min": measured.run.min_s,
         "memory_bytes": measured.memory_bytes,
+        "other_cores": measured.run.other_cores,
     }
     return figures, tuple(np.asarray(leaf) for leaf in jax.tree.leaves(measured.run.output))
 
@@ -178,8 +184,17 @@ def _time_torch(task, sizes, data, plan) -> tuple[dict[str, Any], tuple]:
     measured = timing.time_calls(
         call, warmup=plan.warmup, repeats=plan.repeats, sync=torch_peers.sync(device)
     )
-    figures = {"run_s_median": measured.median_s, "run_s_min": measured.min_s}
+    figures = {
+        "run_s_median": measured.median_s,
+        "run_s_min": measured.min_s,
+        "other_cores": measured.other_cores,
+    }
     return figures, torch_peers.to_numpy(measured.output)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def max_rel_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:

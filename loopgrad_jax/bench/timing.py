@@ -14,6 +14,7 @@ dispatch would be timed.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ class RunTimes(NamedTuple):
     median_s: float
     min_s: float
     output: Any
+    other_cores: float | None = None  # cores other processes kept busy meanwhile (Linux)
 
 
 class JaxTiming(NamedTuple):
@@ -53,11 +55,38 @@ def time_calls(
     for _ in range(warmup):
         output = sync(call())
     times = []
+    busy_before, own_before = machine_busy_s(), own_cpu_s()
     for _ in range(repeats):
         start = time.perf_counter()
         output = sync(call())
         times.append(time.perf_counter() - start)
-    return RunTimes(statistics.median(times), min(times), output)
+    busy_after, own_after = machine_busy_s(), own_cpu_s()
+    others = None
+    if busy_before is not None and busy_after is not None:
+        other_s = (busy_after - busy_before) - (own_after - own_before)
+        others = round(max(other_s, 0.0) / sum(times), 2)
+    return RunTimes(statistics.median(times), min(times), output, others)
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes have used since boot (``/proc/stat``), or ``None``.
+
+    With :func:`own_cpu_s` it tells how busy *other* processes kept the machine
+    while a case was timed: a benchmark on a shared machine should say so.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    user, nice, system = (int(v) for v in fields[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    t = os.times()
+    return t.user + t.system
 
 
 def time_jax(
