@@ -67,10 +67,12 @@ def parity_grid(
     return grid
 
 
-def full_grid(scenario: str, methods: tuple[str, ...] = ("",), loops=LOOP_VARIANTS) -> list[Any]:
-    """The base kinds on every case, the other kinds and options on the article's cases."""
+def full_grid(
+    scenario: str, methods: tuple[str, ...] = ("",), loops=LOOP_VARIANTS, new_cases=article_cases
+) -> list[Any]:
+    """The base kinds on every case, the other kinds and options on ``new_cases``."""
     return parity_grid(scenario, methods, tuple(v for v in loops if v in BASE_LOOPS)) + (
-        parity_grid(scenario, methods, tuple(v for v in loops if v in NEW_LOOPS), article_cases)
+        parity_grid(scenario, methods, tuple(v for v in loops if v in NEW_LOOPS), new_cases)
     )
 
 
