@@ -270,6 +270,23 @@ def rnn_loss_cases(seed: int) -> list[dict[str, Any]]:
     return cases
 
 
+def _training_record(name, seed, spec, problem, initial, losses, grads, hidden) -> dict[str, Any]:
+    """What a training fixture case holds: the problem, and every update's results."""
+    return {
+        "name": name,
+        "seed": seed,
+        "optimizer": spec,
+        "params": initial,
+        "inputs": problem["inputs"],
+        "targets": problem["targets"],
+        "hidden0": problem["hidden0"],
+        "losses": torch.tensor(losses),
+        "grads": _stacked(grads),
+        "final_params": _params(problem["model"]),
+        "hidden": hidden.detach(),
+    }
+
+
 def as_written_cases(seed: int) -> list[dict[str, Any]]:
     """The article's loop, run under ``allow_mutation_on_saved_tensors``."""
     cases = []
@@ -289,19 +306,7 @@ def as_written_cases(seed: int) -> list[dict[str, Any]]:
                 optimizer.step()
                 losses.append(loss.item())
         cases.append(
-            {
-                "name": name,
-                "seed": seed + k,
-                "optimizer": spec,
-                "params": initial,
-                "inputs": inputs,
-                "targets": targets,
-                "hidden0": problem["hidden0"],
-                "losses": torch.tensor(losses),
-                "grads": _stacked(grads),
-                "final_params": _params(model),
-                "hidden": hidden.detach(),
-            }
+            _training_record(name, seed + k, spec, problem, initial, losses, grads, hidden)
         )
     return cases
 
@@ -327,22 +332,8 @@ def tbptt_cases(seed: int) -> list[dict[str, Any]]:
             grads.append(_grads(model))
             optimizer.step()
             losses.extend(loss.item() for loss in window_losses)
-        cases.append(
-            {
-                "name": name,
-                "seed": seed + k,
-                "optimizer": spec,
-                "window": window,
-                "params": initial,
-                "inputs": inputs,
-                "targets": targets,
-                "hidden0": problem["hidden0"],
-                "losses": torch.tensor(losses),
-                "grads": _stacked(grads),
-                "final_params": _params(model),
-                "hidden": hidden.detach(),
-            }
-        )
+        record = _training_record(name, seed + k, spec, problem, initial, losses, grads, hidden)
+        cases.append({**record, "window": window})
     return cases
 
 

@@ -94,6 +94,16 @@ def fixture(scenario: str, dtype: str) -> Fixture:
     return load_fixture(fixture_path(FIXTURES, scenario, dtype))
 
 
+def random_rnn_problem(key, t, b, i, h, o, dtype=jnp.float64):
+    """``(params, inputs, targets, hidden0)`` of the given sizes, all random."""
+    kp, kx, ky, kh = jax.random.split(key, 4)
+    params = lg.init_rnn(kp, i, h, o, dtype=dtype)
+    inputs = jax.random.normal(kx, (t, b, i), dtype)
+    targets = jax.random.normal(ky, (t, b, o), dtype)
+    hidden0 = jax.random.normal(kh, (b, h), dtype)
+    return params, inputs, targets, hidden0
+
+
 def params_of(tree: dict[str, Any]) -> lg.RNNParams:
     return lg.RNNParams(**{k: jnp.asarray(v) for k, v in tree.items()})
 

@@ -15,6 +15,7 @@ from helpers import (
     full_grid,
     maybe_jit,
     params_of,
+    random_rnn_problem,
     value_and_grad,
 )
 from hypothesis import given, settings
@@ -47,19 +48,10 @@ def test_matches_pytorch(case, method, loop, jit, dtype):
     assert_close(grads, c["grads"], TOL[dtype], "grads")
 
 
-def _random_problem(key, t, b, i, h, o, dtype=jnp.float64):
-    kp, kx, ky, kh = jax.random.split(key, 4)
-    params = lg.init_rnn(kp, i, h, o, dtype=dtype)
-    inputs = jax.random.normal(kx, (t, b, i), dtype)
-    targets = jax.random.normal(ky, (t, b, o), dtype)
-    hidden0 = jax.random.normal(kh, (b, h), dtype)
-    return params, inputs, targets, hidden0
-
-
 @pytest.mark.parametrize("hoist", [False, True], ids=["plain", "hoisted"])
 @pytest.mark.parametrize("loop", LOOP_VARIANTS)
 def test_check_grads(loop, hoist):
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 5, 2, 3, 4, 2)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(0), 5, 2, 3, 4, 2)
 
     @jax.jit
     def fn(params, hidden0):
@@ -81,7 +73,7 @@ def test_check_grads(loop, hoist):
     hoist=st.booleans(),
 )
 def test_loop_kinds_agree(seed, t, b, i, h, o, loop, hoist):
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(seed), t, b, i, h, o)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(seed), t, b, i, h, o)
 
     def loss_of(params, loop, hoist):
         return lg.rnn_loss(params, inputs, targets, hidden0=hidden0, loop=loop, hoist_input=hoist)
@@ -93,7 +85,7 @@ def test_loop_kinds_agree(seed, t, b, i, h, o, loop, hoist):
 
 def test_python_oracle():
     # The docstring's plain-Python semantics, written with NumPy, against every loop kind.
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(3), 6, 2, 3, 4, 2)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(3), 6, 2, 3, 4, 2)
     w, b, wo, bo = (np.asarray(p) for p in params)
     hidden, total = np.asarray(hidden0), 0.0
     for x, y in zip(np.asarray(inputs), np.asarray(targets), strict=True):
@@ -123,7 +115,7 @@ def test_init_rnn_matches_pytorch_distribution(dtype):
 
 
 def _good():
-    return _random_problem(jax.random.key(0), 4, 2, 3, 5, 1)
+    return random_rnn_problem(jax.random.key(0), 4, 2, 3, 5, 1)
 
 
 @pytest.mark.parametrize(

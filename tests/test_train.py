@@ -15,6 +15,7 @@ from helpers import (
     maybe_jit,
     params_of,
     parity_grid,
+    random_rnn_problem,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -132,14 +133,6 @@ def test_article_literal_raises_at_step_two(dtype):
     assert record["losses_before"].shape == (2,)
 
 
-def _random_problem(key, t, b, i, h, o):
-    kp, kx, ky, kh = jax.random.split(key, 4)
-    params = lg.init_rnn(kp, i, h, o, dtype=jnp.float64)
-    inputs = jax.random.normal(kx, (t, b, i), jnp.float64)
-    targets = jax.random.normal(ky, (t, b, o), jnp.float64)
-    return params, inputs, targets, jax.random.normal(kh, (b, h), jnp.float64)
-
-
 @settings(max_examples=4, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -150,7 +143,7 @@ def _random_problem(key, t, b, i, h, o):
     o=st.integers(1, 2),
 )
 def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
-    problem = _random_problem(jax.random.key(seed), t, b, i, h, o)
+    problem = random_rnn_problem(jax.random.key(seed), t, b, i, h, o)
     fwd = _train(*problem, lr=0.1, as_written_method="forward")
     rev = _train(*problem, lr=0.1, as_written_method="reverse", loop="fori")
     assert_close(fwd, rev, TOL["float64"])
@@ -165,7 +158,7 @@ def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
 )
 def test_tbptt_windows(seed, t, window, loop):
     window = min(window, t)
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(seed), t, 2, 2, 3, 1)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(seed), t, 2, 2, 3, 1)
     result = _train(params, inputs, targets, hidden0, mode="tbptt", window=window, loop=loop)
     # The first window's gradient is the full-BPTT gradient of the first `window` steps.
     first = jax.grad(lg.rnn_loss)(params, inputs[:window], targets[:window], hidden0=hidden0)
@@ -178,7 +171,7 @@ def test_tbptt_windows(seed, t, window, loop):
 
 
 def test_window_T_is_one_backward_over_the_sequence():
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(1), 9, 2, 3, 4, 2)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(1), 9, 2, 3, 4, 2)
     result = _train(params, inputs, targets, hidden0, mode="tbptt", window=9)
     loss, grad = jax.value_and_grad(lg.rnn_loss)(params, inputs, targets, hidden0=hidden0)
     assert_close(jax.tree.map(lambda g: g[0], result.grads), grad, TOL["float64"])
@@ -187,7 +180,7 @@ def test_window_T_is_one_backward_over_the_sequence():
 
 def test_first_as_written_step_is_plain_gradient():
     # At t=0 there is no history: the gradient is that of the first step's loss alone.
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(2), 5, 2, 3, 4, 1)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(2), 5, 2, 3, 4, 1)
     for method in ("forward", "reverse"):
         result = _train(params, inputs, targets, hidden0, as_written_method=method)
         first = jax.grad(lg.rnn_loss)(params, inputs[:1], targets[:1], hidden0=hidden0)
@@ -210,7 +203,7 @@ def test_auto_method_follows_cost_estimate():
 
 
 def test_jitted_train_rnn_compiles_once():
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 6, 2, 3, 4, 1)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(0), 6, 2, 3, 4, 1)
     traces = []
 
     @jax.jit
@@ -228,7 +221,7 @@ def test_jitted_train_rnn_compiles_once():
 
 def test_custom_optimizer_state_is_carried():
     # optax.sgd with momentum keeps a trace; with momentum 0 it must equal plain SGD.
-    problem = _random_problem(jax.random.key(4), 6, 2, 3, 4, 1)
+    problem = random_rnn_problem(jax.random.key(4), 6, 2, 3, 4, 1)
     plain = _train(*problem, lr=0.05, mode="tbptt", window=2)
     zero = _train(*problem, mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.0))
     heavy = _train(*problem, mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.9))
@@ -270,13 +263,13 @@ def test_custom_optimizer_state_is_carried():
     ],
 )
 def test_bad_input(kwargs, error, match):
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 4, 1, 2, 3, 1)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(0), 4, 1, 2, 3, 1)
     with pytest.raises(error, match=match):
         _train(params, inputs, targets, hidden0, **kwargs)
 
 
 def test_traced_window_explains_static_arguments():
-    params, inputs, targets, hidden0 = _random_problem(jax.random.key(0), 4, 1, 2, 3, 1)
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(0), 4, 1, 2, 3, 1)
     fn = jax.jit(lambda w: _train(params, inputs, targets, hidden0, mode="tbptt", window=w))
     with pytest.raises(TypeError, match=r"window must be a static Python int"):
         fn(2)
