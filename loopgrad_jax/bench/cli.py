@@ -33,11 +33,9 @@ DEFAULTS = {
     "compile_repeats": 1,
 }
 
-#: Whether each scenario and loop kind is compiled once, untimed, before its first
-#: timed compile (so ``compile_s`` leaves out one-time costs). ``--quick`` skips it.
-COMPILE_WARMUP = {"default": True, "quick": False}
-
-#: ``--quick``: tiny sizes, every scenario and loop kind, a few seconds.
+#: ``--quick``: tiny sizes, every scenario and loop kind, a few seconds. It also skips the
+#: untimed first compile of each scenario and loop kind that keeps one-time costs out of
+#: ``compile_s`` otherwise.
 QUICK = {**DEFAULTS, "lengths": (3,), "input": 3, "hidden": 4, "batch": 2, "window": 2}
 
 EPILOG = f"""\
@@ -84,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopgrad-bench",
         description=(
-            "Compile time, run time and memory of every loop kind (python, scan, fori) for "
-            "each of the article's scenarios, side by side with PyTorch on the same inputs."
+            f"Compile time, run time and memory of every loop kind ({', '.join(lg.LOOPS)}) "
+            "for each of the article's scenarios, side by side with PyTorch on the same inputs."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -187,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=settings["warmup"],
         repeats=settings["repeats"],
         compile_repeats=settings["compile_repeats"],
-        compile_warmup=COMPILE_WARMUP["quick" if args.quick else "default"],
+        compile_warmup=not args.quick,
         seed=args.seed,
         torch=torch_setup,
     )
@@ -241,8 +239,7 @@ def _run(plan: run.Plan, device: jax.Device, meta: dict, json_path: str | None, 
 
 def _described(records, todo: list[run.Task], bar):
     """Passes ``records`` through, naming the next task on the progress bar."""
-    for index in range(len(todo)):
-        task = todo[index]
+    for task in todo:
         impl = task.name if task.framework == "jax" else f"torch {task.name}"
         bar.set_description(f"{task.scenario} T={task.length} {impl}")
         yield next(records)

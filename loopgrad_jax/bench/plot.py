@@ -51,13 +51,22 @@ def plot_records(records: Sequence[Mapping], path: str | os.PathLike, title: str
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
+    order = [f"jax {loop}: {what}" for loop in loops for what in ("run", "compile")]
+    order += [f"torch {peer}: run" for peer in peers]
+    legend = {label: legend[label] for label in order if label in legend}
     spare = list(axes.flat)[len(scenarios) :]
     for ax in spare:
         ax.axis("off")
     if spare:
         spare[0].legend(legend.values(), legend.keys(), loc="center", fontsize="small")
     elif legend:
-        fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
+        fig.legend(
+            legend.values(),
+            legend.keys(),
+            loc="outside lower center",
+            ncols=2 * ncols,
+            fontsize="small",
+        )
     fig.suptitle(title, fontsize="small")
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -50,7 +50,7 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "device": describe_device(device),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_model(),
-        "load_average": load_average(),  # 1-min load at the start: > 0.5 means a busy machine
+        "load_average": load_average(),  # 1-minute load average at the start
         "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -130,10 +130,18 @@ def write_json(path: str | os.PathLike, meta: Mapping, records: Sequence[Mapping
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, float]]:

@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 
 import jax
 
+#: The shortest timed window whose :attr:`RunTimes.other_cores` is reported.
+MIN_LOAD_WINDOW_S = 0.25
+
 
 class RunTimes(NamedTuple):
     """Steady-state seconds per call, and the last call's output."""
@@ -55,16 +58,17 @@ def time_calls(
     for _ in range(warmup):
         output = sync(call())
     times = []
-    busy_before, own_before = machine_busy_s(), own_cpu_s()
+    busy_before, own_before, wall_before = machine_busy_s(), own_cpu_s(), time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         output = sync(call())
         times.append(time.perf_counter() - start)
-    busy_after, own_after = machine_busy_s(), own_cpu_s()
+    busy_after, own_after, wall = machine_busy_s(), own_cpu_s(), time.perf_counter() - wall_before
     others = None
-    if busy_before is not None and busy_after is not None:
+    # /proc/stat counts in clock ticks (10 ms): too coarse for a shorter window.
+    if busy_before is not None and busy_after is not None and wall >= MIN_LOAD_WINDOW_S:
         other_s = (busy_after - busy_before) - (own_after - own_before)
-        others = round(max(other_s, 0.0) / sum(times), 2)
+        others = round(max(other_s, 0.0) / wall, 2)
     return RunTimes(statistics.median(times), min(times), output, others)
 
 
