@@ -111,15 +111,21 @@ def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes], Callabl
     return build
 
 
-def _rnn_loss(loop: str, sizes: Sizes) -> Callable:
-    """``(params, inputs, targets) -> (loss, *dloss/dparams)``: full BPTT."""
-    del sizes  # read off the shapes
+def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes], Callable]:
+    """Builds ``(params, inputs, targets) -> (loss, *dloss/dparams)``: full BPTT."""
 
-    def f(params, inputs, targets):
-        loss, grads = jax.value_and_grad(lg.rnn_loss)(params, inputs, targets, loop=loop)
-        return (loss, *grads)
+    def build(loop: str, sizes: Sizes) -> Callable:
+        del sizes  # read off the shapes
 
-    return f
+        def f(params, inputs, targets):
+            loss, grads = jax.value_and_grad(lg.rnn_loss)(
+                params, inputs, targets, loop=loop, hoist_input=hoist_input
+            )
+            return (loss, *grads)
+
+        return f
+
+    return build
 
 
 def _train(mode: str) -> Callable[[str, Sizes], Callable]:
@@ -164,11 +170,18 @@ SCENARIOS: dict[str, Scenario] = {
         doc="value and gradient of lg.stack_loss(x, T), x of shape (B, I)",
     ),
     "rnn_loss": Scenario(
-        _rnn_loss,
+        _rnn_loss(hoist_input=False),
         _rnn,
         rnn=True,
         reverse=True,
         doc="value and full-sequence gradient (BPTT) of lg.rnn_loss",
+    ),
+    "rnn_loss_hoisted": Scenario(
+        _rnn_loss(hoist_input=True),
+        _rnn,
+        rnn=True,
+        reverse=True,
+        doc="rnn_loss with hoist_input=True: input projection as one product before the loop",
     ),
     "train_as_written": Scenario(
         _train("as_written"),
@@ -210,9 +223,10 @@ def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -
     """
     if scenario == "train_tbptt" and sizes.window > sizes.length:
         return f"window={sizes.window} is longer than the sequence (T={sizes.length})"
-    if loop is not None and loop not in reverse_loops() and SCENARIOS[scenario].reverse:
+    kind = lg.Loop.parse(loop).kind if loop is not None else None
+    if kind is not None and kind not in reverse_loops() and SCENARIOS[scenario].reverse:
         return f"the {loop!r} loop has no reverse mode, which {scenario} needs"
-    if loop == "python" and sizes.length > limits.max_unroll:
+    if kind == "python" and sizes.length > limits.max_unroll:
         return (
             "a python loop unrolls into the program, so its compile time grows with T; "
             f"T={sizes.length} > --max-unroll={limits.max_unroll}"

@@ -47,6 +47,7 @@ what is measured, for each JAX case (one scenario, loop kind and length):
   compile_s     XLA compile: lowered.compile()
   run_s_median  steady state: median (and min) seconds per call over --repeats calls
   run_s_min     after --warmup calls, each ending in jax.block_until_ready
+  temp_bytes    the temp part alone: what the loop stores for reverse mode
   memory_bytes  compiled.memory_analysis(): temp + argument + output bytes (null if the
                 backend does not report them)
   gflops        effective GFLOP/s of the RNN scenarios: FLOPs / run_s_median / 1e9
@@ -96,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--loops",
-        type=_names("loop kind", lg.LOOPS),
+        type=_loops,
         default=lg.LOOPS,
-        help=f"comma-separated loop kinds (default: all: {','.join(lg.LOOPS)})",
+        help=(
+            f"comma-separated loop kinds from {','.join(lg.LOOPS)}, each optionally with "
+            "options as in loopgrad_jax.Loop's text form, e.g. scan:unroll=8, "
+            f"remat:chunk=32, remat:policy=dots_saveable (default: all: {','.join(lg.LOOPS)})"
+        ),
     )
     parser.add_argument(
         "--lengths",
@@ -321,6 +326,20 @@ def _names(what: str, choices: tuple[str, ...]) -> Callable[[str], tuple[str, ..
         return tuple(dict.fromkeys(names))
 
     return parse
+
+
+def _loops(text: str) -> tuple[str, ...]:
+    """``"scan,scan:unroll=8"`` -> the loops in their canonical text form."""
+    loops = []
+    for part in text.split(","):
+        try:
+            loops.append(str(lg.Loop.parse(part.strip())))
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated loop kinds from {','.join(lg.LOOPS)} with optional "
+                f"options (e.g. scan:unroll=8), got {text!r}: {error}"
+            ) from None
+    return tuple(dict.fromkeys(loops))
 
 
 def _join(values: Sequence[int]) -> str:

@@ -2,7 +2,9 @@
 
 Log-log axes. Each JAX loop kind has one colour: a solid line for the
 steady-state run time (median), a dashed one for the compile time. PyTorch
-peers have run times only (dotted). Skipped cases leave gaps.
+peers have run times only (dotted). Skipped cases leave gaps. Below each time
+panel, a memory panel: the compiled executable's bytes against length for each
+JAX loop kind (for example scan against remat).
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ def plot_records(records: Sequence[Mapping], path: str | os.PathLike, title: str
         raise ValueError("records must hold at least one record to plot, got none.")
     ncols = min(len(scenarios), 3)
     nrows = math.ceil(len(scenarios) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False, layout="constrained"
+    fig, grid = plt.subplots(
+        2 * nrows,
+        ncols,
+        figsize=(5.2 * ncols, 7.0 * nrows),
+        squeeze=False,
+        layout="constrained",
+        height_ratios=[1.4, 1.0] * nrows,
     )
+    axes, memory_axes = grid[0::2], grid[1::2]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     loops = list(dict.fromkeys(r["loop"] for r in records if r["framework"] == "jax"))
     peers = list(dict.fromkeys(r["peer"] for r in records if r["framework"] == "torch"))
@@ -47,6 +55,20 @@ def plot_records(records: Sequence[Mapping], path: str | os.PathLike, title: str
         ax.set_xlabel("length T")
         ax.set_ylabel("seconds")
         ax.grid(True, which="both", alpha=0.3)
+    for ax, scenario in zip(memory_axes.flat, scenarios, strict=False):
+        for k, loop in enumerate(loops):
+            rows = [
+                r
+                for r in records
+                if r["scenario"] == scenario and r["framework"] == "jax" and r["loop"] == loop
+            ]
+            _line(ax, rows, "memory_bytes", f"jax {loop}: run", colors[k % len(colors)], "-", "o")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{scenario}: compiled memory", fontsize="small")
+        ax.set_xlabel("length T")
+        ax.set_ylabel("bytes (temp + args + outputs)")
+        ax.grid(True, which="both", alpha=0.3)
     legend = {}  # one legend for all panels: label -> handle
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -54,6 +76,8 @@ def plot_records(records: Sequence[Mapping], path: str | os.PathLike, title: str
     order = [f"jax {loop}: {what}" for loop in loops for what in ("run", "compile")]
     order += [f"torch {peer}: run" for peer in peers]
     legend = {label: legend[label] for label in order if label in legend}
+    for ax in list(memory_axes.flat)[len(scenarios) :]:
+        ax.axis("off")
     spare = list(axes.flat)[len(scenarios) :]
     for ax in spare:
         ax.axis("off")

@@ -38,6 +38,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "run_s_median",
     "run_s_min",
     "memory_bytes",  # temp + argument + output bytes of the executable (JAX)
+    "temp_bytes",  # the temp part alone (JAX)
     "flops",  # loopgrad_jax.bench.flops.rnn_flops (RNN scenarios)
     "gflops",  # flops / run_s_median / 1e9
     "max_rel_diff",  # PyTorch vs JAX outputs: max |torch - jax| / max |jax|, per output
@@ -173,6 +174,7 @@ def _time_jax(task, sizes, data, plan, device, warmed) -> tuple[dict[str, Any], 
         "run_s_median": measured.run.median_s,
         "run_s_min": measured.run.min_s,
         "memory_bytes": measured.memory_bytes,
+        "temp_bytes": measured.temp_bytes,
         "other_cores": measured.run.other_cores,
     }
     return figures, tuple(np.asarray(leaf) for leaf in jax.tree.leaves(measured.run.output))

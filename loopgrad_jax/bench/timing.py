@@ -42,6 +42,7 @@ class JaxTiming(NamedTuple):
     compile_s: float  # XLA compile, median over compile_repeats
     run: RunTimes
     memory_bytes: int | None  # temp + argument + output bytes, if the backend reports them
+    temp_bytes: int | None  # the temp part alone: what the loop keeps for reverse mode
 
 
 def time_calls(
@@ -131,20 +132,21 @@ def time_jax(
         compile_s=statistics.median(compile_times),
         run=run,
         memory_bytes=memory_bytes(compiled),
+        temp_bytes=memory_bytes(compiled, parts=("temp",)),
     )
 
 
-def memory_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """Temp + argument + output bytes of the executable, or ``None`` if not reported."""
+def memory_bytes(
+    compiled: jax.stages.Compiled, parts: tuple[str, ...] = ("temp", "argument", "output")
+) -> int | None:
+    """The executable's bytes of ``parts`` (summed), or ``None`` if not reported."""
     try:
         stats = compiled.memory_analysis()
     except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError):
         return None
     if stats is None:
         return None
-    sizes = [
-        getattr(stats, f"{part}_size_in_bytes", None) for part in ("temp", "argument", "output")
-    ]
+    sizes = [getattr(stats, f"{part}_size_in_bytes", None) for part in parts]
     if any(s is None or s < 0 for s in sizes):
         return None
     return int(sum(sizes))

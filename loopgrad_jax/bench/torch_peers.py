@@ -231,6 +231,7 @@ _PEERS: dict[str, dict[str, Callable[[Data, Sizes], Call]]] = {
     "accumulate": {"eager": _scalar_eager(stacked=False)},
     "stack": {"eager": _scalar_eager(stacked=True)},
     "rnn_loss": {"eager": _rnn_eager, "nn.RNN": _rnn_fused},
+    "rnn_loss_hoisted": {},  # the same computation as rnn_loss: its peers are there
     "train_as_written": {"eager": _train_as_written},
     "train_tbptt": {"eager": _train_tbptt},
 }
