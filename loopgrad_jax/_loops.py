@@ -79,7 +79,7 @@ class Loop(NamedTuple):
         Examples:
           >>> import loopgrad_jax as lg
           >>> lg.Loop.parse("scan:unroll=8")
-          Loop(kind='scan', unroll=8, policy='nothing_saveable')
+          Loop(kind='scan', unroll=8, policy='nothing_saveable', chunk=1)
           >>> str(lg.Loop("remat", policy="dots_saveable"))
           'remat:policy=dots_saveable'
         """

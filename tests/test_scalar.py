@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    BASE_LOOPS,
     DTYPES,
     LOOP_VARIANTS,
     TOL,
@@ -72,7 +73,7 @@ def test_check_grads(scenario, loop):
     x = jnp.array([[0.3, -1.2], [2.0, 0.5]], jnp.float64)
     fn = jax.jit(lambda x: SCENARIOS[scenario](x, 4, loop=loop))
     modes = ["fwd", "rev"] if lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS else ["fwd"]
-    check_grads(fn, (x,), order=2, modes=modes)
+    check_grads(fn, (x,), order=2 if loop in BASE_LOOPS else 1, modes=modes)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

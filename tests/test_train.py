@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
+    BASE_LOOPS,
     DTYPES,
     LOOP_VARIANTS,
     TOL,
@@ -67,14 +68,16 @@ def _check_against(result, c, dtype):
 
 # Plain SGD runs on every loop kind and option. The reverse method replays all T stored
 # steps at every step: a Python loop unrolls T*T cell VJPs (40,000 for the long case), so
-# python x reverse runs on the short cases only. The optimizers (momentum, Nesterov, Adam,
-# AdamW) are independent of the loop: they run with scan, both methods.
+# python x reverse runs on the short cases only; the reverse method's inner loop runs with
+# the base kinds, remat and while. The optimizers (momentum, Nesterov, Adam, AdamW) are
+# independent of the loop and of the method: they run with scan and the forward method.
 AS_WRITTEN_GRID = [
     p
-    for p in full_grid("train_as_written", ("forward", "reverse"))
+    for p in full_grid("train_as_written", ("forward",))
+    + full_grid("train_as_written", ("reverse",), (*BASE_LOOPS, "remat", "while"))
     if p.values[0] in _sgd_cases("train_as_written")
     and p.values[:3] != ("long", "reverse", "python")
-] + parity_grid("train_as_written", ("forward", "reverse"), ("scan",), cases=_optimizer_cases)
+] + parity_grid("train_as_written", ("forward",), ("scan",), cases=_optimizer_cases)
 
 
 @pytest.mark.parametrize(("case", "method", "loop", "jit"), AS_WRITTEN_GRID)
