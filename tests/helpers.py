@@ -76,12 +76,22 @@ def full_grid(
     )
 
 
+def has_reverse_mode(loop: str) -> bool:
+    """Whether reverse-mode differentiation runs through ``loop`` (a kind or its text form)."""
+    return lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS
+
+
+def grad_modes(loop: str) -> list[str]:
+    """The ``check_grads`` modes ``loop`` supports."""
+    return ["fwd", "rev"] if has_reverse_mode(loop) else ["fwd"]
+
+
 def value_and_grad(fn, loop: str):
     """``jax.value_and_grad(fn)``; forward mode (``jax.jacfwd``) for loops without reverse mode.
 
     A ``while`` loop cannot be reverse-differentiated; forward mode gives the same gradient.
     """
-    if lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS:
+    if has_reverse_mode(loop):
         return jax.value_and_grad(fn)
 
     def forward(*args):

@@ -13,6 +13,7 @@ from helpers import (
     assert_close,
     fixture,
     full_grid,
+    grad_modes,
     maybe_jit,
     params_of,
     random_rnn_problem,
@@ -59,8 +60,7 @@ def test_check_grads(loop, hoist):
     def fn(params, hidden0):
         return lg.rnn_loss(params, inputs, targets, hidden0=hidden0, loop=loop, hoist_input=hoist)
 
-    modes = ["fwd", "rev"] if lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS else ["fwd"]
-    check_grads(fn, (params, hidden0), order=1, modes=modes)
+    check_grads(fn, (params, hidden0), order=1, modes=grad_modes(loop))
 
 
 @settings(max_examples=6, deadline=None)

@@ -12,6 +12,7 @@ from helpers import (
     assert_close,
     fixture,
     full_grid,
+    grad_modes,
     maybe_jit,
     value_and_grad,
 )
@@ -72,8 +73,7 @@ def test_closed_form(x, n, scenario, loop):
 def test_check_grads(scenario, loop):
     x = jnp.array([[0.3, -1.2], [2.0, 0.5]], jnp.float64)
     fn = jax.jit(lambda x: SCENARIOS[scenario](x, 4, loop=loop))
-    modes = ["fwd", "rev"] if lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS else ["fwd"]
-    check_grads(fn, (x,), order=2 if loop in BASE_LOOPS else 1, modes=modes)
+    check_grads(fn, (x,), order=2 if loop in BASE_LOOPS else 1, modes=grad_modes(loop))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -13,6 +13,7 @@ from helpers import (
     assert_close,
     fixture,
     full_grid,
+    has_reverse_mode,
     maybe_jit,
     params_of,
     parity_grid,
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 import loopgrad_jax as lg
 
-REVERSE_VARIANTS = tuple(v for v in LOOP_VARIANTS if lg.Loop.parse(v).kind in lg.REVERSE_LOOPS)
+REVERSE_VARIANTS = tuple(filter(has_reverse_mode, LOOP_VARIANTS))
 
 
 def _train(params, inputs, targets, hidden0, **kwargs):
@@ -58,6 +59,13 @@ def _windows_of_3(scenario):
     return ["article_w3"]
 
 
+def _run_case(c, jit, **kwargs):
+    """``train_rnn`` on fixture case ``c`` with its optimizer, jitted when ``jit``."""
+    fn = maybe_jit(_train, jit, **kwargs, **_optimizer(c["optimizer"]))
+    with _promotion(c["optimizer"]):
+        return fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
+
+
 def _check_against(result, c, dtype):
     tol = TOL[dtype]
     assert_close(result.losses, c["losses"], tol, "losses")
@@ -84,16 +92,7 @@ AS_WRITTEN_GRID = [
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_as_written_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("train_as_written", dtype).case(case)
-    fn = maybe_jit(
-        _train,
-        jit,
-        mode="as_written",
-        as_written_method=method,
-        loop=loop,
-        **_optimizer(c["optimizer"]),
-    )
-    with _promotion(c["optimizer"]):
-        result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
+    result = _run_case(c, jit, mode="as_written", as_written_method=method, loop=loop)
     _check_against(result, c, dtype)
 
 
@@ -111,17 +110,9 @@ TBPTT_GRID = [
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tbptt_matches_pytorch(case, method, loop, jit, dtype):
     c = fixture("train_tbptt", dtype).case(case)
-    fn = maybe_jit(
-        _train,
-        jit,
-        mode="tbptt",
-        window=c["window"],
-        loop=loop,
-        hoist_input=method == "hoisted",
-        **_optimizer(c["optimizer"]),
+    result = _run_case(
+        c, jit, mode="tbptt", window=c["window"], loop=loop, hoist_input=method == "hoisted"
     )
-    with _promotion(c["optimizer"]):
-        result = fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
     assert result.grads.i2h_bias.shape[0] == -(-c["inputs"].shape[0] // c["window"])
     _check_against(result, c, dtype)
 

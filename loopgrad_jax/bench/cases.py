@@ -211,8 +211,8 @@ def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
 
 
 def reverse_loops() -> tuple[str, ...]:
-    """The loop kinds reverse mode runs through: ``lg.REVERSE_LOOPS`` where the core says."""
-    return getattr(lg, "REVERSE_LOOPS", lg.LOOPS)
+    """The loop kinds reverse mode runs through (``lg.REVERSE_LOOPS``)."""
+    return lg.REVERSE_LOOPS
 
 
 def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -> str | None:
