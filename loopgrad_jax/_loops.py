@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from loopgrad_jax import _checks
+from loopgrad_jax._forward_only import forward_only
 
 Carry = TypeVar("Carry")
 PyTree = Any
@@ -30,7 +31,8 @@ PyTree = Any
 #: - ``"remat"``: ``jax.lax.scan`` over ``jax.checkpoint(body)``: reverse mode stores the
 #:   carries only and recomputes the rest of each step on the way back.
 #: - ``"while"``: ``jax.lax.while_loop`` counting to ``length``. Forward mode only: a while
-#:   loop has no static trip count, so reverse mode cannot size its stored residuals.
+#:   loop has no static trip count, so reverse mode cannot size its stored residuals;
+#:   ``jax.grad`` or ``jax.vjp`` through it raises a ``ValueError`` that says so.
 LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
 
 #: The loop kinds reverse-mode differentiation can run through.
@@ -135,14 +137,19 @@ def require_reverse(loop: object, needed_by: str) -> Loop:
     """Returns ``check_loop(loop)``; raises if ``needed_by`` would reverse-differentiate it."""
     spec = check_loop(loop)
     if spec.kind not in REVERSE_LOOPS:
-        raise ValueError(
-            f"loop={str(spec)!r} cannot be used with {needed_by}, which needs reverse-mode "
-            "differentiation through the loop: lax.while_loop has no static trip count, and "
-            "XLA needs static memory bounds to store every iteration's residuals. Use one of "
-            f"{', '.join(map(repr, REVERSE_LOOPS))} instead; forward mode (jax.jvp, or "
-            "train_rnn(mode='as_written')) works with 'while'."
-        )
+        raise ValueError(_no_reverse_message(spec, needed_by))
     return spec
+
+
+def _no_reverse_message(spec: Loop, needed_by: str) -> str:
+    return (
+        f"loop={str(spec)!r} cannot be used with {needed_by}, which needs reverse-mode "
+        "differentiation through the loop: lax.while_loop has no static trip count, and XLA "
+        "needs static memory bounds to store every iteration's residuals. Use one of "
+        f"{', '.join(map(repr, REVERSE_LOOPS))} "
+        "instead; forward mode (jax.jvp, jax.jacfwd, or train_rnn(mode='as_written')) works "
+        "with 'while'."
+    )
 
 
 def run_loop(
@@ -215,7 +222,12 @@ def run_loop(
         lambda s: (s[0] + 1, *buffered_body(s[0], s[1:])),
         (jnp.asarray(0, jnp.int32), *state),
     )
-    return carry, ys
+    # jax.grad through lax.while_loop would fail with JAX's generic message; the marker's
+    # transpose runs first and says why, in terms of this library's loop kinds.
+    return forward_only(
+        (carry, ys),
+        _no_reverse_message(spec, "jax.grad or jax.vjp"),
+    )
 
 
 def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):

@@ -130,3 +130,24 @@ def test_while_forward_mode_works():
 def test_bad_loop(loop, error, match):
     with pytest.raises(error, match=match):
         lg.run_loop(body, (jnp.zeros(3), jnp.ones(3)), None, length=2, loop=loop)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_users_grad_through_while_raises_ours(jit):
+    # Not only our own reverse uses (require_reverse): a user's jax.grad reads the same reason.
+    xs = {"a": jnp.linspace(-1, 1, 15).reshape(5, 3), "b": jnp.ones((5, 3))}
+
+    def total(scale):
+        carry, ys = lg.run_loop(
+            body, (jnp.zeros(3), scale * jnp.ones(3)), xs, length=5, loop="while"
+        )
+        return carry[0].sum() + ys["p2"].sum()
+
+    grad = jax.jit(jax.grad(total)) if jit else jax.grad(total)
+    with pytest.raises(ValueError) as error:
+        grad(1.5)
+    assert str(error.value) == lg._loops._no_reverse_message(
+        lg.Loop("while"), "jax.grad or jax.vjp"
+    )
+    for kind in lg.REVERSE_LOOPS:
+        assert repr(kind) in str(error.value)

@@ -1,0 +1,67 @@
+"""An identity whose reverse-mode derivative is an error we write.
+
+Reverse mode in JAX is forward mode followed by a transpose of the linear
+tangent computation. ``lax.while_loop`` has a forward-mode rule but no
+transpose, so ``jax.grad`` through it fails with JAX's generic message, naming
+JAX's primitives rather than this library's loop kinds. :func:`forward_only`
+marks a loop's outputs: it is the identity for evaluation, ``jax.jit``,
+``jax.vmap`` and forward mode, and its transpose raises ``ValueError(message)``.
+Transposition runs from the outputs back, so the marker on a loop's outputs is
+reached before the loop itself, and the user reads our message.
+
+The primitive is built with JAX's documented extension points
+(``jax.extend.core.Primitive`` and the ``ad``, ``batching`` and ``mlir`` rule
+registries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+PyTree = Any
+
+
+def _identity(x, *, message: str):
+    del message
+    return x
+
+
+def _abstract_eval(aval, *, message: str):
+    del message
+    return aval
+
+
+def _transpose(cotangent, x, *, message: str):
+    del cotangent, x
+    raise ValueError(message)
+
+
+forward_only_p = jex_core.Primitive("loopgrad_forward_only")
+forward_only_p.def_impl(_identity)
+forward_only_p.def_abstract_eval(_abstract_eval)
+ad.deflinear2(forward_only_p, _transpose)
+batching.defvectorized(forward_only_p)
+mlir.register_lowering(forward_only_p, mlir.lower_fun(_identity, multiple_results=False))
+
+
+def forward_only(tree: PyTree, message: str) -> PyTree:
+    """Returns ``tree`` unchanged; reverse-mode differentiation through it raises.
+
+    Plain-Python semantics: ``return tree``. Forward mode (``jax.jvp``,
+    ``jax.jacfwd``) passes tangents through unchanged; transposing it, which
+    ``jax.grad``, ``jax.vjp`` and ``jax.linear_transpose`` do, raises
+    ``ValueError(message)``. Leaves that are not floating point carry no
+    tangent and are returned as they are.
+    """
+
+    def mark(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return forward_only_p.bind(leaf, message=message)
+        return leaf
+
+    return jax.tree.map(mark, tree)
