@@ -72,6 +72,7 @@ def test_quick_writes_json_matching_the_schema(quick):
     assert meta["jax"] == jax.__version__
     assert meta["backend"] == jax.default_backend()
     assert meta["cpu_count"] == os.cpu_count()
+    assert 1 <= meta["usable_cores"] <= meta["cpu_count"]
     assert meta["status"] == "complete"
     assert meta["command"].startswith("loopgrad-bench --quick")
     assert meta["torch"] == (_torch_version() if torch_peers.available() else None)
@@ -460,3 +461,13 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def test_device_names_the_cores_this_process_may_use(monkeypatch):
+    # Under `taskset -c 0` on a 2-core machine the record must not claim 2 cores.
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setattr(report, "usable_cores", lambda: 1)
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
+    assert report.describe_device(cpu).endswith("(1 core of 2)")
+    monkeypatch.setattr(report, "usable_cores", lambda: 2)
+    assert report.describe_device(cpu).endswith("(2 cores)")

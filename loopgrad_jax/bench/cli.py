@@ -6,7 +6,6 @@ Run ``loopgrad-bench --help`` for every option.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -171,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch_setup = None
     if not args.no_torch:
         if torch_peers.available():
-            torch_setup = torch_peers.setup(backend, _usable_cores())
+            torch_setup = torch_peers.setup(backend, report.usable_cores())
         else:
             print(
                 "note: torch is not installed, so there are no PyTorch peers; "
@@ -277,13 +276,6 @@ def _check_output_path(parser: argparse.ArgumentParser, flag: str, path: str | N
     folder = Path(path).resolve().parent
     if Path(path).is_dir() or not folder.is_dir():
         parser.error(f"argument --{flag}: expected a file path in an existing folder, got {path!r}")
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

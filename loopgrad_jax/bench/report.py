@@ -49,6 +49,7 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "backend": backend,
         "device": describe_device(device),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),  # fewer than cpu_count under taskset or a cgroup
         "cpu": cpu_model(),
         "load_average": load_average(),  # 1-minute load average at the start
         "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
@@ -70,10 +71,25 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
 
 
 def describe_device(device: jax.Device) -> str:
-    """E.g. ``"cpu: AMD EPYC (2 cores)"`` or ``"gpu: NVIDIA H100 80GB HBM3"``."""
+    """E.g. ``"cpu: AMD EPYC (2 cores)"`` or ``"gpu: NVIDIA H100 80GB HBM3"``.
+
+    The core count is what this process may run on: ``taskset -c 0`` gives ``(1 core of 2)``.
+    """
     if device.platform == "cpu":
-        return f"cpu: {cpu_model()} ({os.cpu_count()} cores)"
+        usable, total = usable_cores(), os.cpu_count()
+        cores = (
+            f"{total} cores" if usable == total else f"{usable} core{'s' * (usable > 1)} of {total}"
+        )
+        return f"cpu: {cpu_model()} ({cores})"
     return f"{device.platform}: {device.device_kind}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:
