@@ -20,8 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jex_core
-from jax.interpreters import ad, batching, mlir
 
 PyTree = Any
 
@@ -41,12 +39,28 @@ def _transpose(cotangent, x, *, message: str):
     raise ValueError(message)
 
 
-forward_only_p = jex_core.Primitive("loopgrad_forward_only")
-forward_only_p.def_impl(_identity)
-forward_only_p.def_abstract_eval(_abstract_eval)
-ad.deflinear2(forward_only_p, _transpose)
-batching.defvectorized(forward_only_p)
-mlir.register_lowering(forward_only_p, mlir.lower_fun(_identity, multiple_results=False))
+def _make_primitive():
+    """The marker primitive, or ``None`` where this JAX lacks the extension points.
+
+    Without them the library still imports and runs; reverse mode through a ``while``
+    loop then fails with JAX's own message. The test suite checks that this JAX has them.
+    """
+    try:
+        from jax.extend import core as jex_core
+        from jax.interpreters import ad, batching, mlir
+
+        primitive = jex_core.Primitive("loopgrad_forward_only")
+        primitive.def_impl(_identity)
+        primitive.def_abstract_eval(_abstract_eval)
+        ad.deflinear2(primitive, _transpose)
+        batching.defvectorized(primitive)
+        mlir.register_lowering(primitive, mlir.lower_fun(_identity, multiple_results=False))
+    except (ImportError, AttributeError):  # pragma: no cover - only on a JAX without them
+        return None
+    return primitive
+
+
+forward_only_p = _make_primitive()
 
 
 def forward_only(tree: PyTree, message: str) -> PyTree:
@@ -60,7 +74,7 @@ def forward_only(tree: PyTree, message: str) -> PyTree:
     """
 
     def mark(leaf):
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if forward_only_p is not None and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             return forward_only_p.bind(leaf, message=message)
         return leaf
 
