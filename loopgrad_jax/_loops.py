@@ -146,9 +146,8 @@ def _no_reverse_message(spec: Loop, needed_by: str) -> str:
         f"loop={str(spec)!r} cannot be used with {needed_by}, which needs reverse-mode "
         "differentiation through the loop: lax.while_loop has no static trip count, and XLA "
         "needs static memory bounds to store every iteration's residuals. Use one of "
-        f"{', '.join(map(repr, REVERSE_LOOPS))} "
-        "instead; forward mode (jax.jvp, jax.jacfwd, or train_rnn(mode='as_written')) works "
-        "with 'while'."
+        f"{', '.join(map(repr, REVERSE_LOOPS))} instead; forward mode (jax.jvp, jax.jacfwd, "
+        "or train_rnn(mode='as_written')) works with 'while'."
     )
 
 
@@ -224,10 +223,7 @@ def run_loop(
     )
     # jax.grad through lax.while_loop would fail with JAX's generic message; the marker's
     # transpose runs first and says why, in terms of this library's loop kinds.
-    return forward_only(
-        (carry, ys),
-        _no_reverse_message(spec, "jax.grad or jax.vjp"),
-    )
+    return forward_only((carry, ys), _no_reverse_message(spec, "jax.grad or jax.vjp"))
 
 
 def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):
