@@ -175,7 +175,8 @@ def run_loop(
       body: ``(carry, x) -> (carry, y)``, a pure function; the carry keeps its
         structure, shapes and dtypes from step to step.
       init: the initial carry.
-      xs: a pytree whose leaves have leading axis ``length`` (or ``None``).
+      xs: a pytree whose leaves all have leading axis ``length`` (or ``None``); any
+        other leading size raises a ``ValueError`` naming the leaf.
       length: the number of steps, a static Python int.
       loop: one of :data:`LOOPS`, a :class:`Loop`, or its text form.
       reverse: run from the last step to the first.
@@ -194,6 +195,7 @@ def run_loop(
     """
     spec = check_loop(loop)
     length = _checks.static_length("length", length)
+    _check_leading_axis(xs, length)
     if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
     if spec.kind == "remat":
@@ -239,15 +241,17 @@ def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):
     if k == 1 or length <= k:
         return scan(checkpoint(body), init, xs, length)
     full, rest = divmod(length, k)
-    head = jax.tree.map(lambda a: a[: full * k].reshape(full, k, *a.shape[1:]), xs)
     tail = jax.tree.map(lambda a: a[full * k :], xs)
 
     @checkpoint
-    def chunk_body(carry, chunk_xs):
+    def chunk_body(carry, start):
+        # Slicing inside the chunk, rather than reshaping xs into (full, k, ...) before
+        # the loop, keeps the loop from holding a copy of every input.
+        chunk_xs = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, k), xs)
         return scan(body, carry, chunk_xs, k)
 
     def run_head(carry):
-        carry, ys = scan(chunk_body, carry, head, full)
+        carry, ys = scan(chunk_body, carry, jnp.arange(full) * k, full)
         return carry, jax.tree.map(lambda a: a.reshape(full * k, *a.shape[2:]), ys)
 
     def run_tail(carry):
@@ -258,6 +262,23 @@ def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):
     carry, ys_second = second(carry)
     head_ys, tail_ys = (ys_second, ys_first) if reverse else (ys_first, ys_second)
     return carry, jax.tree.map(lambda h, t: jnp.concatenate([h, t]), head_ys, tail_ys)
+
+
+def _check_leading_axis(xs: PyTree, length: int) -> None:
+    """Raises unless every leaf of ``xs`` has leading axis ``length``.
+
+    Without this check the loop kinds would disagree on a mismatch: ``scan`` raises,
+    while indexing ``xs[i]`` past the end clamps (``fori``, ``while``) and a Python
+    loop reads only the first ``length`` rows.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
+        leaf_shape = jnp.shape(leaf)
+        if not leaf_shape or leaf_shape[0] != length:
+            where = f"xs{jax.tree_util.keystr(path)}" if path else "xs"
+            raise ValueError(
+                f"{where} must have leading axis length={length} (one row per step), "
+                f"got shape {tuple(leaf_shape)}."
+            )
 
 
 def _index(xs: PyTree, i: int | jax.Array) -> PyTree:

@@ -87,8 +87,10 @@ def test_chunked_remat_stores_less():
     y = jnp.zeros((200, 8, 1), jnp.float32)
 
     def temp_bytes(loop):
-        grad = jax.jit(jax.grad(lambda p: lg.rnn_loss(p, x, y, loop=loop)))
-        analysis = grad.lower(params).compile().memory_analysis()
+        # The inputs are arguments, as in a training step: closed over, they are
+        # constants that XLA may fold, which hides any copy the loop makes of them.
+        grad = jax.jit(jax.grad(lambda p, x, y: lg.rnn_loss(p, x, y, loop=loop)))
+        analysis = grad.lower(params, x, y).compile().memory_analysis()
         if analysis is None:
             pytest.skip("this backend reports no memory analysis")
         return analysis.temp_size_in_bytes
@@ -151,3 +153,19 @@ def test_users_grad_through_while_raises_ours(jit):
     )
     for kind in lg.REVERSE_LOOPS:
         assert repr(kind) in str(error.value)
+
+
+@pytest.mark.parametrize("loop", LOOP_VARIANTS)
+@pytest.mark.parametrize(("rows", "length"), [(3, 5), (5, 3), (0, 2)])
+def test_leading_axis_must_equal_length(loop, rows, length):
+    # Before the check, python/fori/while reused the last row (3 rows, length 5) or read
+    # only the first rows (5 rows, length 3), and remat:chunk raised a reshape error.
+    xs = {"a": jnp.ones((length, 3)), "b": jnp.ones((rows, 3))}
+    want = rf"xs\['b'\] must have leading axis length={length} .*got shape \({rows}, 3\)"
+    with pytest.raises(ValueError, match=want):
+        lg.run_loop(body, (jnp.zeros(3), jnp.ones(3)), xs, length=length, loop=loop)
+
+
+def test_scalar_leaf_is_refused():
+    with pytest.raises(ValueError, match=r"xs must have leading axis length=2 .*got shape \(\)"):
+        lg.run_loop(lambda c, x: (c + x, x), 0.0, jnp.float32(1.0), length=2, loop="scan")
