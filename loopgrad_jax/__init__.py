@@ -9,7 +9,7 @@ from loopgrad_jax._as_written import METHODS as AS_WRITTEN_METHODS
 from loopgrad_jax._as_written import Cost, as_written_cost
 from loopgrad_jax._loops import LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
-from loopgrad_jax._result import TrainResult
+from loopgrad_jax._result import KEEP_GRADS, TrainResult
 from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, rnn_loss, step_loss
 from loopgrad_jax._scalar import accumulate_loss, stack_loss
 from loopgrad_jax._train import MODES, train_rnn
@@ -24,6 +24,7 @@ __all__ = [
     "Loop",
     "MODES",
     "Cost",
+    "KEEP_GRADS",
     "RNNParams",
     "RNNSizes",
     "TORCH_OPTIMIZERS",

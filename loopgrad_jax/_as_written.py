@@ -24,7 +24,13 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from loopgrad_jax._loops import Loop, run_loop
-from loopgrad_jax._result import TrainResult, apply_optimizer
+from loopgrad_jax._result import (
+    TrainResult,
+    apply_optimizer,
+    keep_init,
+    keep_result,
+    keep_step,
+)
 from loopgrad_jax._rnn import RNNParams, RNNSizes, rnn_cell, step_loss
 
 #: Values of ``train_rnn(as_written_method=...)``.
@@ -75,13 +81,20 @@ def choose_method(sizes: RNNSizes, dtype: jnp.dtype) -> str:
     return "forward"
 
 
-def train(params, inputs, targets, hidden0, method, loop, optimizer) -> TrainResult:
-    """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``)."""
+def train(
+    params, inputs, targets, hidden0, *, method, loop, optimizer, opt_state, keep_grads
+) -> TrainResult:
+    """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``).
+
+    The retained history starts here: a call that continues an earlier run
+    (given its ``params``, ``opt_state`` and ``hidden``) treats ``hidden0`` as a
+    constant, as PyTorch does for a tensor from a graph that no longer exists.
+    """
     steps = inputs.shape[0]
     gradient = _Forward() if method == "forward" else _Reverse(inputs, loop)
 
     def body(carry, xyt):
-        params, opt_state, hidden, state = carry
+        params, opt_state, hidden, state, kept = carry
         x, y, t = xyt
         new_hidden = rnn_cell(params, hidden, x)
         # dL_t/dp_t (this step's own use of the head and cell) and a_t = dL_t/dh_t.
@@ -89,13 +102,18 @@ def train(params, inputs, targets, hidden0, method, loop, optimizer) -> TrainRes
             params, new_hidden, y
         )
         grads, state = gradient.step(state, params, hidden, x, t, adjoint, grad_now)
-        params, opt_state = apply_optimizer(optimizer, grads, opt_state, params)
-        return (params, opt_state, new_hidden, state), (loss, grads)
+        params, opt_state = apply_optimizer(optimizer, grads, opt_state, params, value=loss)
+        kept, out = keep_step(keep_grads, kept, grads)
+        return (params, opt_state, new_hidden, state, kept), (loss, out)
 
-    carry = (params, optimizer.init(params), hidden0, gradient.init(params, hidden0, steps))
+    state = gradient.init(params, hidden0, steps)
+    carry = (params, opt_state, hidden0, state, keep_init(keep_grads, params))
     xs = (inputs, targets, jnp.arange(steps))
-    (params, _, hidden, _), (losses, grads) = run_loop(body, carry, xs, length=steps, loop=loop)
-    return TrainResult(params=params, losses=losses, grads=grads, hidden=hidden)
+    (params, opt_state, hidden, _, kept), (losses, grads) = run_loop(
+        body, carry, xs, length=steps, loop=loop
+    )
+    grads = keep_result(keep_grads, kept, grads)
+    return TrainResult(params, losses, grads, hidden, opt_state)
 
 
 class _Forward:

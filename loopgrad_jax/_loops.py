@@ -98,6 +98,28 @@ class Loop(NamedTuple):
         return text
 
 
+def compiled(*static_argnames: str) -> Callable[[Callable], Callable]:
+    """Decorates an entry point's body to run as one ``jax.jit``-compiled function.
+
+    Repeated calls with the same shapes and static options reuse the compiled
+    function, eager calls included. A ``loop`` of kind ``"python"`` is the
+    exception: compiling it would unroll it (compile time grows with the
+    length), so it runs as the Python loop it is, op by op when called eagerly
+    and unrolled only inside the caller's own ``jax.jit``.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        jitted = jax.jit(fn, static_argnames=static_argnames)
+
+        @functools.wraps(fn)
+        def call(*args: Any, loop: Loop, **kwargs: Any) -> Any:
+            return (fn if loop.kind == "python" else jitted)(*args, loop=loop, **kwargs)
+
+        return call
+
+    return decorate
+
+
 def check_loop(loop: object) -> Loop:
     """Returns ``loop`` as a validated :class:`Loop`; raises naming what is wrong."""
     if isinstance(loop, str):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax import _checks
-from loopgrad_jax._loops import Loop, run_loop
+from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 
 
 class RNNParams(NamedTuple):
@@ -161,7 +161,9 @@ def rnn_loss(
       return total
 
     ``jax.grad`` of it is full backpropagation through time: what PyTorch's
-    single ``loss.backward()`` after the loop computes.
+    single ``loss.backward()`` after the loop computes. It runs as one
+    ``jax.jit``-compiled function per shapes and options, so repeated calls,
+    eager ones included, compile once (``loop="python"`` runs as a Python loop).
 
     Args:
       params: :class:`RNNParams`.
@@ -184,6 +186,16 @@ def rnn_loss(
       (4, 7)
     """
     params, inputs, targets, hidden0, _ = check_rnn_args(params, inputs, targets, hidden0)
+    if not isinstance(hoist_input, bool):
+        raise TypeError(f"hoist_input must be a bool, got {type(hoist_input).__name__}.")
+    return _rnn_loss(
+        params, inputs, targets, hidden0, loop=check_loop(loop), hoist_input=hoist_input
+    )
+
+
+@compiled("loop", "hoist_input")
+def _rnn_loss(params, inputs, targets, hidden0, *, loop: Loop, hoist_input: bool) -> jax.Array:
+    """:func:`rnn_loss` after its checks: one compiled function per shapes and options."""
     _, losses = rnn_forward(params, inputs, targets, hidden0, loop=loop, hoist_input=hoist_input)
     return losses.sum()
 

@@ -82,6 +82,9 @@ AS_WRITTEN_CASES = (
     ("long", "long", _sgd(0.01)),
     *((f"article_{k}", "article", _named(k)) for k in OPTIMIZERS),
 )
+# The as-written loop continued by a second run from step `resume_at`: a new graph starts
+# there (hidden detached, weights and optimizer state kept), as a second call would.
+RESUMED_CASES = (("article_momentum_resumed", "article", _named("momentum"), 6),)
 TBPTT_CASES = (
     ("article_w1", "article", _sgd(0.01), 1),
     ("article_w3", "article", _sgd(0.01), 3),
@@ -290,7 +293,8 @@ def _training_record(name, seed, spec, problem, initial, losses, grads, hidden) 
 def as_written_cases(seed: int) -> list[dict[str, Any]]:
     """The article's loop, run under ``allow_mutation_on_saved_tensors``."""
     cases = []
-    for k, (name, sizes, spec) in enumerate(AS_WRITTEN_CASES):
+    resumed = [(*case, None) for case in AS_WRITTEN_CASES] + list(RESUMED_CASES)
+    for k, (name, sizes, spec, resume_at) in enumerate(resumed):
         problem = _rnn_problem(sizes, seed + k)
         model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
         initial = _params(model)
@@ -298,6 +302,8 @@ def as_written_cases(seed: int) -> list[dict[str, Any]]:
         hidden, losses, grads = problem["hidden0"], [], []
         with torch.autograd.graph.allow_mutation_on_saved_tensors():
             for t in range(inputs.shape[0]):
+                if t == resume_at:  # a second run: its graph starts here
+                    hidden = hidden.detach()
                 optimizer.zero_grad()
                 output, hidden = model(inputs[t], hidden)
                 loss = _step_loss(output, targets[t])
@@ -305,9 +311,8 @@ def as_written_cases(seed: int) -> list[dict[str, Any]]:
                 grads.append(_grads(model))
                 optimizer.step()
                 losses.append(loss.item())
-        cases.append(
-            _training_record(name, seed + k, spec, problem, initial, losses, grads, hidden)
-        )
+        record = _training_record(name, seed + k, spec, problem, initial, losses, grads, hidden)
+        cases.append(record if resume_at is None else {**record, "resume_at": resume_at})
     return cases
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +142,23 @@ def assert_close(actual: Any, expected: Any, tol: float, what: str = "") -> None
         if e.dtype.kind == "f":
             assert a.dtype == e.dtype, f"{what}: dtype {a.dtype} != {e.dtype}"
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol, err_msg=what)
+
+
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[str]]:
+    """Counts, inside the block, the jaxprs lowered for XLA: every compilation starts
+    with one, whether or not a persistent cache then supplies the executable."""
+    lowered: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == _LOWERING_EVENT:
+            lowered.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield lowered
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

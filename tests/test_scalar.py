@@ -10,6 +10,7 @@ from helpers import (
     LOOP_VARIANTS,
     TOL,
     assert_close,
+    count_compilations,
     fixture,
     full_grid,
     grad_modes,
@@ -122,3 +123,16 @@ def test_bad_input(scenario, kwargs, error, match):
 def test_traced_length_explains_static_arguments(scenario):
     with pytest.raises(TypeError, match=r"n must be a static Python int.*static_argnames='n'"):
         jax.jit(SCENARIOS[scenario])(jnp.array([2.0]), 3)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_repeated_eager_calls_compile_once(scenario):
+    fn = SCENARIOS[scenario]
+    x = jnp.linspace(-1.0, 1.0, 7)  # with n=13, a shape no other test compiles
+    other = x + 1.0
+    with count_compilations() as lowered:
+        jax.grad(fn)(x, 13)
+    assert lowered
+    with count_compilations() as lowered:
+        jax.grad(fn)(other, 13)
+    assert lowered == []

@@ -11,6 +11,7 @@ from helpers import (
     LOOP_VARIANTS,
     TOL,
     assert_close,
+    count_compilations,
     fixture,
     full_grid,
     has_reverse_mode,
@@ -21,6 +22,7 @@ from helpers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 import loopgrad_jax as lg
 
@@ -52,7 +54,11 @@ def _sgd_cases(scenario):
 
 def _optimizer_cases(scenario):
     sgd = _sgd_cases(scenario)
-    return tuple(c["name"] for c in fixture(scenario, "float64").cases if c["name"] not in sgd)
+    return tuple(
+        c["name"]
+        for c in fixture(scenario, "float64").cases
+        if c["name"] not in sgd and "resume_at" not in c
+    )
 
 
 def _windows_of_3(scenario):
@@ -244,7 +250,22 @@ def test_custom_optimizer_state_is_carried():
         ({"mode": "tbptt", "window": 1.5}, TypeError, r"window must be a Python int"),
         ({"window": 2}, ValueError, r"window applies only to mode='tbptt'"),
         ({"mode": "tbptt", "as_written_method": "forward"}, ValueError, r"applies only to"),
-        ({"lr": -0.1}, ValueError, r"lr must be a positive number, got -0.1"),
+        ({"lr": -0.1}, ValueError, r"lr must be a finite number >= 0 .*, got -0.1"),
+        ({"lr": float("nan")}, ValueError, r"lr must be a finite number >= 0 .*, got nan"),
+        ({"lr": "0.1"}, TypeError, r"lr must be a number or a scalar array, got str '0.1'"),
+        ({"lr": np.ones(2)}, TypeError, r"lr must be a real scalar, got an array of shape \(2,\)"),
+        (
+            {"lr": 0.1, "optimizer": optax.sgd(0.1)},
+            ValueError,
+            r"lr sets the learning rate of the default optimizer.*set the learning rate on",
+        ),
+        ({"keep_grads": "first"}, ValueError, r"keep_grads must be one of 'all', 'last', 'none'"),
+        ({"hoist_input": 1}, TypeError, r"hoist_input must be a bool, got int"),
+        (
+            {"optimizer": optax.sgd(0.1, momentum=0.9), "opt_state": optax.sgd(0.1).init({})},
+            ValueError,
+            r"opt_state must have the structure optimizer.init\(params\) gives",
+        ),
         ({"optimizer": "adam"}, TypeError, r"optimizer must be an optax.GradientTransformation"),
         ({"loop": "for"}, ValueError, r"loop must be one of"),
         (
@@ -290,3 +311,220 @@ def test_torch_optimizer_sgd_weight_decay_is_l2_on_the_gradient():
     updates, _ = opt.update(grads, opt.init(params), params)
     expected = -0.1 * (grads["w"] + 0.01 * params["w"])
     np.testing.assert_allclose(updates["w"], expected, rtol=TOL["float64"])
+
+
+# ------------------------------------------------------------ continuing a run
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_as_written_second_call_starts_a_new_history_as_pytorch_does(method, dtype):
+    # PyTorch ran the loop for `resume_at` steps, then went on from hidden.detach() with
+    # the same model and optimizer: a new graph, which is what a second call computes.
+    c = fixture("train_as_written", dtype).case("article_momentum_resumed")
+    cut, opt = c["resume_at"], lg.torch_optimizer(**c["optimizer"])
+    params, x, y = params_of(c["params"]), c["inputs"], c["targets"]
+    kwargs = {"optimizer": opt, "as_written_method": method}
+    first = lg.train_rnn(params, x[:cut], y[:cut], hidden0=c["hidden0"], **kwargs)
+    second = lg.train_rnn(
+        first.params, x[cut:], y[cut:], hidden0=first.hidden, opt_state=first.opt_state, **kwargs
+    )
+    both = lg.TrainResult(
+        params=second.params,
+        losses=jnp.concatenate([first.losses, second.losses]),
+        grads=jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first.grads, second.grads),
+        hidden=second.hidden,
+        opt_state=second.opt_state,
+    )
+    _check_against(both, c, dtype)
+    # One call keeps the history across the cut: its gradient there differs.
+    one = lg.train_rnn(params, x, y, hidden0=c["hidden0"], **kwargs)
+    assert not np.allclose(one.grads.i2h_weight[cut], second.grads.i2h_weight[0], rtol=1e-3)
+
+
+RESUMABLE_OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "momentum": lambda: lg.torch_optimizer("sgd", 0.05, momentum=0.9),
+    "nesterov": lambda: lg.torch_optimizer("sgd", 0.05, momentum=0.9, nesterov=True),
+    "adam": lambda: lg.torch_optimizer("adam", 0.05),
+    "adamw": lambda: lg.torch_optimizer("adamw", 0.05),
+    "lbfgs": lambda: optax.lbfgs(),
+    "plateau": lambda: optax.chain(
+        optax.sgd(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", RESUMABLE_OPTIMIZERS)
+@pytest.mark.parametrize("cut", [3, 6])
+def test_tbptt_two_calls_split_at_a_window_equal_one(name, cut):
+    params, x, y, h0 = random_rnn_problem(jax.random.key(7), 9, 2, 3, 4, 1)
+    kwargs = {"mode": "tbptt", "window": 3, "optimizer": RESUMABLE_OPTIMIZERS[name]()}
+    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (see _promotion)
+        one = lg.train_rnn(params, x, y, hidden0=h0, **kwargs)
+        first = lg.train_rnn(params, x[:cut], y[:cut], hidden0=h0, **kwargs)
+        second = lg.train_rnn(
+            first.params,
+            x[cut:],
+            y[cut:],
+            hidden0=first.hidden,
+            opt_state=first.opt_state,
+            **kwargs,
+        )
+    assert_close(jnp.concatenate([first.losses, second.losses]), one.losses, TOL["float64"])
+    grads = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first.grads, second.grads)
+    assert_close(grads, one.grads, TOL["float64"], "grads")
+    assert_close(second.params, one.params, TOL["float64"], "params")
+    assert_close(second.hidden, one.hidden, TOL["float64"], "hidden")
+    assert_close(second.opt_state, one.opt_state, TOL["float64"], "opt_state")
+
+
+def _window_oracle(optimizer, params, x, y, h0, window):
+    """Truncated BPTT in a plain Python loop, passing optax everything it may need."""
+    state, hidden = optimizer.init(params), h0
+    for start in range(0, x.shape[0], window):
+        xw, yw = x[start : start + window], y[start : start + window]
+
+        def loss(p, xw=xw, yw=yw, hidden=hidden):
+            return lg.rnn_loss(p, xw, yw, hidden0=hidden, loop="python")
+
+        value, grad = jax.value_and_grad(loss)(params)
+        update = optax.with_extra_args_support(optimizer).update
+        updates, state = update(grad, state, params, value=value, grad=grad, value_fn=loss)
+        # The window's last hidden state, at the weights before this update.
+        hidden = lg.train_rnn(params, xw, yw, hidden0=hidden, mode="tbptt", window=1, lr=0).hidden
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("name", ["lbfgs", "plateau"])
+def test_optimizers_that_need_the_loss_get_it(name):
+    # optax.lbfgs needs value, grad and value_fn; reduce_on_plateau needs value.
+    problem = random_rnn_problem(jax.random.key(8), 8, 2, 3, 4, 1)
+    optimizer = RESUMABLE_OPTIMIZERS[name]()
+    with jax.numpy_dtype_promotion("standard"):
+        result = _train(*problem, mode="tbptt", window=3, optimizer=optimizer)
+        expected = _window_oracle(optimizer, *problem, window=3)
+    assert_close(result.params, expected, TOL["float64"])
+
+
+def test_as_written_passes_each_step_loss_as_value():
+    # reduce_on_plateau halves the step after `patience` steps without a lower loss.
+    problem = random_rnn_problem(jax.random.key(9), 8, 2, 3, 4, 1)
+    optimizer = RESUMABLE_OPTIMIZERS["plateau"]()
+    with jax.numpy_dtype_promotion("standard"):
+        result = _train(*problem, optimizer=optimizer)
+        params, state = problem[0], optimizer.init(problem[0])
+        for t in range(8):
+            grad = jax.tree.map(lambda g, t=t: g[t], result.grads)
+            updates, state = optimizer.update(grad, state, params, value=result.losses[t])
+            params = optax.apply_updates(params, updates)
+    assert_close(result.params, params, TOL["float64"])
+    assert state[1].scale < 1.0  # the plateau rule did act
+
+
+# ------------------------------------------------------------ outer gradients
+
+OUTER_RUNS = {
+    "tbptt_w2": {"mode": "tbptt", "window": 2},  # two windows of 2 and a last one of 1
+    "tbptt_wT": {"mode": "tbptt", "window": 5},  # d hidden / d hidden0 is not zero
+    "as_written_forward": {"as_written_method": "forward"},
+    "as_written_reverse": {"as_written_method": "reverse"},
+}
+
+
+@pytest.mark.parametrize("run", OUTER_RUNS)
+def test_outer_gradients_match_finite_differences(run):
+    # The derivative of the whole run with respect to lr, the inputs, hidden0 and the
+    # initial weights (what meta-learning differentiates), against float64 finite
+    # differences. A stop_gradient on the carried hidden state made this fail.
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(10), 5, 2, 2, 3, 1)
+
+    def train(lr, inputs, hidden0, params):
+        r = lg.train_rnn(params, inputs, targets, lr=lr, hidden0=hidden0, **OUTER_RUNS[run])
+        return r.params, r.losses, r.hidden
+
+    args = (jnp.float64(0.3), inputs, hidden0, params)
+    check_grads(train, args, order=1, modes=["fwd", "rev"])
+
+
+def test_traced_negative_lr_poisons_the_run():
+    problem = random_rnn_problem(jax.random.key(11), 4, 1, 2, 3, 1)
+    run = jax.jit(lambda lr: _train(*problem, lr=lr, mode="tbptt", window=2).params)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(run(0.1)))
+    assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(run(-0.1)))
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.25), np.float64(0.25), jnp.float32(0.25), 1])
+def test_lr_takes_numpy_and_jax_scalars(lr):
+    problem = random_rnn_problem(jax.random.key(12), 4, 1, 2, 3, 1)
+    expected = _train(*problem, lr=float(lr))
+    assert_close(_train(*problem, lr=lr), expected, TOL["float64"])
+
+
+def test_opt_state_of_other_shapes_is_refused():
+    params, x, y, h0 = random_rnn_problem(jax.random.key(13), 4, 1, 2, 3, 1)
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    other = random_rnn_problem(jax.random.key(13), 4, 1, 2, 5, 1)[0]
+    with pytest.raises(ValueError, match=r"opt_state\[0\]\.trace\.i2h_weight must have shape"):
+        lg.train_rnn(params, x, y, optimizer=optimizer, opt_state=optimizer.init(other))
+
+
+# ------------------------------------------------------------ what is returned
+
+
+@pytest.mark.parametrize("mode", lg.MODES)
+def test_keep_grads(mode):
+    params, x, y, h0 = random_rnn_problem(jax.random.key(14), 7, 2, 3, 4, 1, dtype=jnp.float32)
+    kwargs = {"mode": mode, "window": 3} if mode == "tbptt" else {}
+    kept = {k: lg.train_rnn(params, x, y, keep_grads=k, **kwargs) for k in lg.KEEP_GRADS}
+    assert_close(kept["last"].grads, jax.tree.map(lambda g: g[-1], kept["all"].grads), 0.0)
+    assert kept["none"].grads is None
+    for k in ("last", "none"):
+        assert_close(kept[k].params, kept["all"].params, 0.0, k)
+
+    def output_bytes(keep):
+        fn = jax.jit(lambda *a: lg.train_rnn(*a, keep_grads=keep, **kwargs))
+        return fn.lower(params, x, y).compile().memory_analysis().output_size_in_bytes
+
+    updates = kept["all"].grads.i2h_bias.shape[0]
+    weights = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    # The outputs hold every update's gradient, one, or none (XLA may pad each buffer).
+    none, last, every = (output_bytes(k) for k in ("none", "last", "all"))
+    assert every - none >= updates * weights
+    assert weights <= last - none < 2 * weights
+
+
+# ------------------------------------------------------------ compilation
+
+
+TRAIN_CALLS = {
+    "as_written": lambda p, x, y, h, lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr),
+    "reverse": lambda p, x, y, h, lr: lg.train_rnn(
+        p, x, y, hidden0=h, lr=lr, as_written_method="reverse"
+    ),
+    "tbptt": lambda p, x, y, h, lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="tbptt"),
+    "grad_lr": lambda p, x, y, h, lr: jax.grad(
+        lambda lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="tbptt").losses.sum()
+    )(lr),
+}
+
+
+@pytest.mark.parametrize("call", TRAIN_CALLS)
+def test_repeated_eager_calls_compile_once(call):
+    t = 4 + list(TRAIN_CALLS).index(call)  # shapes no other test compiles
+    first = random_rnn_problem(jax.random.key(15), t, 2, 3, 4, 1)
+    second = random_rnn_problem(jax.random.key(16), t, 2, 3, 4, 1)
+    with count_compilations() as lowered:
+        TRAIN_CALLS[call](*first, 0.1)
+    assert lowered  # the counter sees compilations
+    with count_compilations() as lowered:
+        TRAIN_CALLS[call](*second, 0.2)  # new values and a new lr: nothing to compile
+    assert lowered == []
+
+
+def test_line_search_is_refused_in_as_written_mode():
+    problem = random_rnn_problem(jax.random.key(0), 4, 1, 2, 3, 1)
+    want = r"optimizer's update needs 'value_fn', which mode='as_written' cannot give.*tbptt"
+    with jax.numpy_dtype_promotion("standard"), pytest.raises(ValueError, match=want):
+        _train(*problem, optimizer=optax.lbfgs())
