@@ -27,7 +27,7 @@ needs_torch = pytest.mark.skipif(not torch_peers.available(), reason="torch is n
 
 META_KEYS = {
     *("jax", "jaxlib", "torch", "backend", "device", "cpu_count", "date", "command"),
-    *("cpu_model", "cpu_features", "xla_flags", "jax_threads", "torch_threads"),
+    *("cpu_model", "cpu_features", "xla_flags", "jax_threads", "torch_threads", "thread_env"),
 }
 SCHEMA_KEYS = {
     "scenario",
@@ -56,9 +56,14 @@ FIGURES = (
 
 
 def _bench(tmp_path: Path, *flags: str) -> tuple[int, dict]:
-    """Runs the CLI in-process with a JSON file; returns the exit status and the JSON."""
+    """Runs the CLI in-process with a JSON file; returns the exit status and the JSON.
+
+    Few samples and no minimum window, unless ``flags`` say otherwise (the last flag wins):
+    these tests check what is recorded, not how fast.
+    """
     path = tmp_path / "out.json"
-    status = cli.main([*flags, "--no-progress", "--json", str(path)])
+    fast = ["--repeats", "5", "--min-time", "0"]
+    status = cli.main([*fast, *flags, "--no-progress", "--json", str(path)])
     return status, json.loads(path.read_text())
 
 
@@ -90,6 +95,7 @@ def test_quick_writes_json_matching_the_schema(quick):
 
     assert meta["cpu_model"].startswith(meta["cpu"])
     assert isinstance(meta["jax_threads"], int) and meta["jax_threads"] >= 1
+    assert meta["thread_env"] == {k: os.environ[k] for k in report.THREAD_ENV if k in os.environ}
     if Path("/proc/cpuinfo").exists():
         assert isinstance(meta["cpu_features"], list)
         assert (report.vector_width(meta["cpu_features"]) or "?") in meta["device"]
@@ -675,7 +681,7 @@ def test_sweep_runs_each_size_and_reports_sequences_per_second(tmp_path, capsys)
     status, doc = _bench(
         tmp_path,
         *("--quick", "--scenarios", "rnn_loss", "--loops", "scan", "--no-torch"),
-        *("--sweep", "batch=1,3", "--min-time", "0"),
+        *("--sweep", "batch=1,3"),
     )
     assert status == 0
     assert doc["meta"]["sweep"] == ["batch", [1, 3]]

@@ -35,6 +35,17 @@ from loopgrad_jax.bench.run import Plan
 #: spread, saved_bytes, methods and the as-written peers, the CPU's features.
 FORMAT_VERSION = 2
 
+#: Environment variables that change how either library's threads run or wait; the ones
+#: set are recorded (``meta.thread_env``).
+THREAD_ENV: tuple[str, ...] = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
 #: The instruction-set flags that decide how fast a CPU multiplies matrices, in the
 #: names Linux's ``/proc/cpuinfo`` uses (x86; ``asimd``, ``sve`` on Arm), and every
 #: ``avx512*`` and ``amx*`` flag present.
@@ -74,6 +85,7 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "cpu_model": cpu_model(detailed=True),
         "cpu_features": cpu_features(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         **dict(zip(("jax_threads", "jax_threads_from"), jax_threads(), strict=True)),
         "load_average": load_average(),  # 1-minute load average at the start
         "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
