@@ -8,6 +8,7 @@ from __future__ import annotations
 import doctest
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,14 @@ import loopgrad_jax as lg
 from loopgrad_jax.bench import cases, cli, report, run, timing, torch_peers
 from loopgrad_jax.bench import flops as flops_module
 from loopgrad_jax.bench.cases import SCENARIOS, Sizes, make_data, reverse_loops
-from loopgrad_jax.bench.flops import rnn_flops
+from loopgrad_jax.bench.flops import case_flops, rnn_flops
 
 needs_torch = pytest.mark.skipif(not torch_peers.available(), reason="torch is not installed")
 
-META_KEYS = {"jax", "jaxlib", "torch", "backend", "device", "cpu_count", "date", "command"}
+META_KEYS = {
+    *("jax", "jaxlib", "torch", "backend", "device", "cpu_count", "date", "command"),
+    *("cpu_model", "cpu_features", "xla_flags", "jax_threads", "torch_threads", "thread_env"),
+}
 SCHEMA_KEYS = {
     "scenario",
     "loop",
@@ -37,17 +41,29 @@ SCHEMA_KEYS = {
     "compile_s",
     "run_s_median",
     "run_s_min",
+    "run_s_q1",
+    "run_s_q3",
+    "run_s_ci",
     "memory_bytes",
+    "saved_bytes",
     "gflops",
     "skipped",
 }
-FIGURES = ("lower_s", "compile_s", "run_s_median", "run_s_min", "memory_bytes", "gflops")
+FIGURES = (
+    *("lower_s", "compile_s", "run_s_median", "run_s_min", "run_s_ci", "memory_bytes"),
+    *("saved_bytes", "gflops", "other_cores"),
+)
 
 
 def _bench(tmp_path: Path, *flags: str) -> tuple[int, dict]:
-    """Runs the CLI in-process with a JSON file; returns the exit status and the JSON."""
+    """Runs the CLI in-process with a JSON file; returns the exit status and the JSON.
+
+    Few samples and no minimum window, unless ``flags`` say otherwise (the last flag wins):
+    these tests check what is recorded, not how fast.
+    """
     path = tmp_path / "out.json"
-    status = cli.main([*flags, "--no-progress", "--json", str(path)])
+    fast = ["--repeats", "5", "--min-time", "0"]
+    status = cli.main([*fast, *flags, "--no-progress", "--json", str(path)])
     return status, json.loads(path.read_text())
 
 
@@ -77,9 +93,17 @@ def test_quick_writes_json_matching_the_schema(quick):
     assert meta["command"].startswith("loopgrad-bench --quick")
     assert meta["torch"] == (_torch_version() if torch_peers.available() else None)
 
+    assert meta["cpu_model"].startswith(meta["cpu"])
+    assert isinstance(meta["jax_threads"], int) and meta["jax_threads"] >= 1
+    assert meta["thread_env"] == {k: os.environ[k] for k in report.THREAD_ENV if k in os.environ}
+    if Path("/proc/cpuinfo").exists():
+        assert isinstance(meta["cpu_features"], list)
+        assert (report.vector_width(meta["cpu_features"]) or "?") in meta["device"]
+
     records = doc["records"]
     peers = sum(len(p) for p in torch_peers.PEERS.values()) if meta["torch"] else 0
-    assert len(records) == len(SCENARIOS) * len(lg.LOOPS) + peers
+    methods = sum(len(s.methods) for s in SCENARIOS.values())
+    assert len(records) == methods * len(lg.LOOPS) + peers
     for r in records:
         assert SCHEMA_KEYS <= set(r)
         assert set(r) == set(run.RECORD_KEYS)
@@ -87,8 +111,13 @@ def test_quick_writes_json_matching_the_schema(quick):
         assert (r["batch"], r["input"], r["hidden"]) == (2, 3, 4)
         assert r["skipped"] is None or not _runs(r)
         assert (r["run_s_median"] is None) == (r["skipped"] is not None)
-    assert [(r["scenario"], r["loop"]) for r in records if r["framework"] == "jax"] == [
-        (s, loop) for s in SCENARIOS for loop in lg.LOOPS
+    assert [
+        (r["scenario"], r["method"], r["loop"]) for r in records if r["framework"] == "jax"
+    ] == [
+        (name, method, loop)
+        for name, scenario in SCENARIOS.items()
+        for method in scenario.methods
+        for loop in lg.LOOPS
     ]
 
 
@@ -97,15 +126,47 @@ def test_quick_jax_figures_are_consistent(quick):
     for r in (r for r in doc["records"] if r["framework"] == "jax" and _runs(r)):
         assert r["peer"] is None
         assert r["lower_s"] > 0 and r["compile_s"] > 0
-        assert 0 < r["run_s_min"] <= r["run_s_median"]
+        _assert_spread(r)
         # CPU reports memory: at least the arguments, e.g. x (2, 3) float32 = 24 bytes.
         assert isinstance(r["memory_bytes"], int) and r["memory_bytes"] >= 24
+        # Each scenario keeps something for backward: x itself at the least (24 bytes).
+        assert isinstance(r["saved_bytes"], int) and r["saved_bytes"] >= 24
         if SCENARIOS[r["scenario"]].rnn:
             sizes = dict(length=3, batch=2, input=3, hidden=4)
-            assert r["flops"] == rnn_flops(r["scenario"], **sizes)
+            assert r["flops"] == case_flops(r["scenario"], method=r["method"], **sizes)
             assert r["gflops"] == pytest.approx(r["flops"] / r["run_s_median"] / 1e9)
+            assert r["seqs_per_s"] == pytest.approx(2 / r["run_s_median"])
         else:
-            assert r["flops"] is None and r["gflops"] is None
+            assert r["flops"] is None and r["gflops"] is None and r["seqs_per_s"] is None
+
+
+def _assert_spread(r: dict) -> None:
+    """A record's spread: ordered quantiles, an interval around the median, its samples."""
+    assert 0 < r["run_s_min"] <= r["run_s_q1"] <= r["run_s_median"] <= r["run_s_q3"]
+    low, high = r["run_s_ci"]
+    assert low <= r["run_s_median"] <= high
+    assert r["run_samples"] == len(r["run_s_samples"]) >= cli.QUICK["repeats"]
+    assert r["run_number"] >= 1
+    assert min(r["run_s_samples"]) == pytest.approx(r["run_s_min"], rel=1e-3)
+    if timing.machine_busy_s() is not None:  # Linux: every record says how busy others were
+        assert r["other_cores"] is not None and r["other_cores"] >= 0
+
+
+def test_quick_jax_rows_carry_their_ratios_to_the_peers(quick):
+    _, doc, _ = quick
+    if not doc["meta"]["torch"]:
+        pytest.skip("torch is not installed")
+    for r in (r for r in doc["records"] if r["framework"] == "jax" and _runs(r)):
+        peers = {
+            t["peer"]
+            for t in doc["records"]
+            if t["framework"] == "torch"
+            and t["scenario"] == r["scenario"]
+            and t["method"] == r["method"]
+        }
+        assert set(r["vs_torch"] or {}) == peers
+        for value, low, high in (r["vs_torch"] or {}).values():
+            assert 0 < low <= value <= high
 
 
 @needs_torch
@@ -117,9 +178,12 @@ def test_quick_torch_peers_compute_what_jax_computes(quick):
     }
     for r in torch_rows:
         assert r["loop"] is None and r["compile_s"] is None and r["memory_bytes"] is None
-        assert 0 < r["run_s_min"] <= r["run_s_median"]
+        _assert_spread(r)
+        assert r["saved_bytes"] > 0
         # float32, a handful of steps: a few ulps apart, never a different computation.
         assert r["max_rel_diff"] < 1e-5, r
+    methods = {r["peer"]: r["method"] for r in torch_rows if r["scenario"] == "train_as_written"}
+    assert methods == {"eager": "reverse", "rtrl": "forward"}
 
 
 def test_quick_plot_is_a_png(quick):
@@ -133,9 +197,15 @@ def test_table_prints_every_record_with_speedups(quick, capsys):
     table = report.format_table(doc["records"])
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["scenario", "T", "impl"]
-    assert len(lines) == 2 + len(doc["records"]) + 1
+    assert len(lines) == 2 + len(doc["records"]) + 2
+    assert "scan forward" in table and "scan reverse" in table
     if doc["meta"]["torch"]:
-        assert "nn.RNN" in table and "eager" in table
+        assert "nn.RNN" in table and "eager" in table and "torch rtrl" in table
+        assert re.search(r"rtrl [\d.]+x \[[\d.]+-[\d.]+\]", table)
+    advice = "\n".join(report.recommend(doc["records"]))
+    for name in SCENARIOS:
+        assert f"\n{name}" in "\n" + advice
+    assert "train_as_written forward" in advice and "python vs scan (T=3)" in advice
 
 
 # --- FLOP count --------------------------------------------------------------------------
@@ -161,6 +231,25 @@ def test_rnn_flops_matches_a_hand_count():
 def test_flops_docstring_example_runs():
     result = doctest.testmod(flops_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+    result = doctest.testmod(timing, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_each_as_written_algorithm_is_counted_by_what_it_does():
+    sizes = dict(length=5, batch=2, input=3, hidden=4)
+    rnn_sizes = lg.RNNSizes(5, 2, 3, 4, 1)
+    for method in ("forward", "reverse"):
+        want = round(lg.as_written_cost(rnn_sizes, method, 4).flops)
+        assert case_flops("train_as_written", method=method, **sizes) == want
+    # The rtrl peer runs JAX's forward algorithm; eager walks PyTorch's retained graph.
+    assert case_flops("train_as_written", peer="rtrl", **sizes) == case_flops(
+        "train_as_written", method="forward", **sizes
+    )
+    assert case_flops("train_as_written", peer="eager", **sizes) == 4160
+    assert case_flops("rnn_loss", peer="nn.RNN", **sizes) == 1920
+    assert case_flops("stack", **sizes) is None
+    with pytest.raises(ValueError, match="needs a method .* or a peer"):
+        case_flops("train_as_written", **sizes)
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -178,6 +267,9 @@ def test_flops_docstring_example_runs():
         ("--repeats", "3"),
         ("--max-unroll", "many"),
         ("--backend", "cuda"),
+        ("--min-time", "soon"),
+        ("--sweep", "depth"),
+        ("--sweep", "hidden=8,0"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(flag, value, capsys):
@@ -224,24 +316,34 @@ def test_available_backends_holds_the_default_one():
 
 
 def _fail_on_second_case(monkeypatch, error: BaseException) -> None:
-    real, calls = timing.time_jax, []
+    real, calls = timing.time_interleaved, []
 
-    def time_jax(*args, **kwargs):
+    def time_interleaved(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(timing, "time_jax", time_jax)
+    monkeypatch.setattr(timing, "time_interleaved", time_interleaved)
 
 
 def test_interrupted_run_leaves_valid_json_with_the_finished_records(monkeypatch, tmp_path):
     _fail_on_second_case(monkeypatch, KeyboardInterrupt())
-    status, doc = _bench(tmp_path, "--quick", "--scenarios", "accumulate", "--no-torch")
+    status, doc = _bench(
+        tmp_path,
+        "--quick",
+        "--scenarios",
+        "accumulate",
+        "--lengths",
+        "2,3",
+        "--loops",
+        "scan",
+        "--no-torch",
+    )
     assert status == 130
     assert doc["meta"]["status"] == "interrupted"
     [record] = doc["records"]
-    assert (record["scenario"], record["loop"], record["length"]) == ("accumulate", "python", 3)
+    assert (record["scenario"], record["loop"], record["length"]) == ("accumulate", "scan", 2)
     assert record["run_s_median"] > 0
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
@@ -250,10 +352,16 @@ def test_crashed_run_keeps_the_finished_records(monkeypatch, tmp_path):
     _fail_on_second_case(monkeypatch, RuntimeError("out of memory"))
     path = tmp_path / "out.json"
     with pytest.raises(RuntimeError, match="out of memory"):
-        cli.main(["--quick", "--scenarios", "stack", "--no-torch", "--json", str(path)])
+        cli.main(
+            ["--quick", "--scenarios", "stack", "--lengths", "2,3", "--loops", "python,scan"]
+            + ["--no-torch", "--json", str(path)]
+        )
     doc = json.loads(path.read_text())
     assert doc["meta"]["status"] == "failed: RuntimeError: out of memory"
-    assert [(r["scenario"], r["loop"]) for r in doc["records"]] == [("stack", "python")]
+    assert [(r["scenario"], r["loop"], r["length"]) for r in doc["records"]] == [
+        ("stack", "python", 2),
+        ("stack", "scan", 2),
+    ]
 
 
 def test_write_json_replaces_the_file_whole(tmp_path):
@@ -290,7 +398,7 @@ def test_long_python_loops_are_recorded_as_skipped(tmp_path):
 
 
 def test_a_case_that_cannot_trace_is_recorded_as_skipped(monkeypatch, tmp_path):
-    def build(scenario, loop, sizes):
+    def build(scenario, loop, sizes, method=None):
         def f(x):
             raise ValueError(f"{loop} cannot do this\nsecond line")
 
@@ -318,17 +426,38 @@ def test_loops_without_reverse_mode_skip_the_gradient_scenarios(monkeypatch, tmp
 
 
 @needs_torch
-def test_quadratic_torch_loop_is_recorded_as_skipped(tmp_path):
+def test_quadratic_as_written_algorithms_are_recorded_as_skipped(tmp_path):
     status, doc = _bench(
         tmp_path,
         *("--quick", "--scenarios", "train_as_written", "--loops", "scan"),
         *("--max-quadratic", "2"),
     )
     assert status == 0
-    jax_row, torch_row = doc["records"]
-    assert jax_row["skipped"] is None and jax_row["gflops"] > 0
-    assert torch_row["peer"] == "eager"
-    assert "O(T**2)" in torch_row["skipped"] and "T=3 > --max-quadratic=2" in torch_row["skipped"]
+    forward, rtrl, reverse, eager = doc["records"]
+    assert [(r["loop"] or r["peer"], r["method"]) for r in doc["records"]] == [
+        ("scan", "forward"),
+        ("rtrl", "forward"),
+        ("scan", "reverse"),
+        ("eager", "reverse"),
+    ]
+    assert forward["skipped"] is None and forward["gflops"] > 0
+    assert rtrl["skipped"] is None and rtrl["max_rel_diff"] < 1e-5
+    assert forward["vs_torch"].keys() == {"rtrl"}
+    for row, who in ((reverse, "the reverse method"), (eager, "PyTorch's retained graph")):
+        assert row["skipped"].startswith(f"{who} does O(T**2) work")
+        assert "T=3 > --max-quadratic=2" in row["skipped"]
+
+
+def test_the_reverse_methods_python_loop_is_skipped_by_its_unrolled_size():
+    sizes, limits = Sizes(13, 1, 3, 4, 1), cases.Limits(max_unroll=100, max_quadratic=300)
+    # 13 * 14 / 2 = 91 cell gradients unroll; 14 steps would unroll 105.
+    assert cases.skip_reason("train_as_written", "python", sizes, limits, "reverse") is None
+    assert cases.skip_reason("train_as_written", "python", sizes, limits, "forward") is None
+    longer = sizes._replace(length=14)
+    assert "105 > --max-unroll=100" in cases.skip_reason(
+        "train_as_written", "python", longer, limits, "reverse"
+    )
+    assert cases.skip_reason("train_as_written", "scan", longer, limits, "reverse") is None
 
 
 def test_without_torch_there_are_no_peers(monkeypatch, tmp_path, capsys):
@@ -345,7 +474,12 @@ def test_defaults_come_from_one_place():
     assert args.loops == lg.LOOPS
     assert args.scenarios == tuple(SCENARIOS)
     assert cli.DEFAULTS["max_unroll"] == 100
+    assert cli.DEFAULTS["repeats"] >= 20
+    assert cli.QUICK["min_time"] >= timing.MIN_LOAD_WINDOW_S  # so other_cores is reported
     assert cli.build_parser().parse_args(["--lengths", "100,10,100"]).lengths == (10, 100)
+    parse = cli.build_parser().parse_args
+    assert parse(["--sweep", "batch"]).sweep == ("batch", cli.SWEEP_DEFAULTS["batch"])
+    assert parse(["--sweep", "hidden=64,8,64"]).sweep == ("hidden", (8, 64))
 
 
 def test_help_states_the_flop_count(capsys):
@@ -373,18 +507,63 @@ def test_python_dash_m_runs_the_cli():
 # --- pieces ------------------------------------------------------------------------------
 
 
-def test_time_calls_takes_median_and_min_after_warmup(monkeypatch):
-    # A fake clock: the timed calls take 3, 1, 4, 1, 5 seconds, inside a 14-second window.
-    ticks = iter([0, 0, 3, 3, 4, 4, 8, 8, 9, 9, 14, 14])
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
-    calls = []
-    times = timing.time_calls(lambda: calls.append(1) or len(calls), warmup=2, repeats=5)
-    assert len(calls) == 7
-    assert (times.median_s, times.min_s, times.output) == (3, 1, 7)
-    assert times.other_cores is None or times.other_cores >= 0  # None off Linux
+def test_time_interleaved_alternates_implementations_until_both_minimums(monkeypatch):
+    # A fake clock that only the calls move: "slow" takes 3 ms, "fast" 1 ms.
+    clock, order = [0.0], []
+
+    def call(name: str, seconds: float):
+        def run():
+            clock[0] += seconds
+            order.append(name)
+            return len(order)
+
+        return run
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    firsts = []
+    measured = timing.time_interleaved(
+        {"slow": call("slow", 3e-3), "fast": call("fast", 1e-3)},
+        warmup=2,
+        min_samples=4,
+        min_time=0.04,
+        sync={"slow": lambda out: out, "fast": lambda out: out},
+        first={"slow": lambda: firsts.append(1)},
+    )
+    assert firsts == [1]  # instead of the first warm-up call, once
+    # Autorange: one slow call reaches SAMPLE_MIN_S (2 ms), fast ones need 2 per sample.
+    assert measured.number == {"slow": 1, "fast": 2}
+    # A round takes 3 + 2 * 1 = 5 ms: 4 rounds take 20 ms < 40 ms, so 8 rounds.
+    assert measured.samples["slow"] == pytest.approx([3e-3] * 8)
+    assert measured.samples["fast"] == pytest.approx([1e-3] * 8)
+    assert measured.window_s == pytest.approx(0.04)
+    timed = order[-24:]  # 8 rounds of 1 slow and 2 fast calls; every other round reversed
+    assert timed[:6] == ["slow", "fast", "fast", "fast", "fast", "slow"]
+    # The last round (the 8th, reversed) ends with slow: the outputs are the last calls'.
+    assert measured.outputs["slow"] == len(order) and measured.outputs["fast"] == len(order) - 1
 
 
-def test_time_jax_compiles_afresh_each_repeat():
+def test_spread_and_ratio_intervals():
+    samples = [1.0, 2.0, 3.0, 4.0, 100.0]
+    stats = timing.spread(samples, number=3)
+    assert (stats.median_s, stats.min_s, stats.q1_s, stats.q3_s) == (3.0, 1.0, 2.0, 4.0)
+    assert stats.ci_s[0] <= 3.0 <= stats.ci_s[1] and stats.ci_s[1] <= 100.0
+    assert (stats.samples, stats.number) == (5, 3)
+    assert timing.spread(samples) == timing.spread(samples)  # seeded: reproducible
+    # Rounds that slow both sides alike: resampled in pairs, the ratio's interval is exact.
+    jax_side = [1.0, 1.5, 1.0, 3.0, 1.2, 2.0]
+    torch_side = [2 * t for t in jax_side]
+    assert timing.ratio(torch_side, jax_side) == (2.0, 2.0, 2.0)
+    # Unpaired (timed in separate blocks, or of different counts), the same spread gives an
+    # honest, wider interval.
+    value, low, high = timing.ratio(torch_side, jax_side, paired=False)
+    assert value == 2.0 and low < 2.0 < high
+    assert timing.ratio(torch_side, jax_side[:5])[1] < 2.0
+    with pytest.raises(ValueError, match="both sides need samples, got 0 and 6"):
+        timing.ratio([], jax_side)
+    assert timing.round_samples([0.000123456, 12.3456]) == [0.0001235, 12.35]
+
+
+def test_compile_jax_compiles_afresh_each_repeat():
     built = []
 
     def build():
@@ -392,9 +571,9 @@ def test_time_jax_compiles_afresh_each_repeat():
         return lambda x: (x * 2.0).sum()
 
     x = np.ones((3,), np.float32)
-    measured = timing.time_jax(build, (x,), warmup=1, repeats=5, compile_repeats=2)
+    measured = timing.compile_jax(build, (x,), compile_repeats=2)
     assert len(built) == 2
-    assert float(measured.run.output) == 6.0
+    assert float(measured.compiled(x)) == 6.0
     assert measured.memory_bytes == 12 + 4  # x (3 float32) in, one float32 out, no temps
 
 
@@ -420,6 +599,7 @@ def test_max_rel_diff_is_relative_to_the_reference():
 
 
 def test_speedup_is_torch_time_over_jax_time():
+    # A format-1 file: no intervals, so the ratio of medians, case by case.
     rows = [
         {"scenario": "rnn_loss", "length": 10, "framework": "jax", "run_s_median": 0.002},
         {"scenario": "rnn_loss", "length": 10, "framework": "torch", "peer": "eager"},
@@ -428,7 +608,87 @@ def test_speedup_is_torch_time_over_jax_time():
     ]
     for row, seconds in zip(rows[1:], (0.1, 0.03, 7.0), strict=True):
         row["run_s_median"] = seconds
-    assert report.speedups(rows) == {0: {"eager": pytest.approx(50.0), "nn.RNN": 15.0}}
+    ratios = report.speedups(rows)
+    assert list(ratios) == [0] and set(ratios[0]) == {"eager", "nn.RNN"}
+    assert ratios[0]["eager"][0] == pytest.approx(50.0)
+    assert ratios[0]["nn.RNN"][0] == pytest.approx(15.0)
+    assert report.format_ratio(ratios[0]["eager"]) == "50x"
+    # A measured ratio keeps its interval.
+    rows[0]["vs_torch"] = {"eager": [50.0, 41.0, 62.5]}
+    assert report.speedups(rows) == {0: {"eager": [50.0, 41.0, 62.5]}}
+    assert report.format_ratio([50.0, 41.0, 62.5]) == "50x [41-62.5]"
+
+
+def _row(loop, length, seconds, ci, compile_s, saved, **extra) -> dict:
+    """A measured JAX rnn_loss record at I=10, H=5, B=1."""
+    record = dict.fromkeys(run.RECORD_KEYS)
+    record.update(scenario="rnn_loss", framework="jax", loop=loop, length=length, batch=1)
+    record.update(input=10, hidden=5, run_s_median=seconds, run_s_ci=list(ci), lower_s=0.0)
+    record.update(compile_s=compile_s, saved_bytes=saved, **extra)
+    return record
+
+
+def test_recommendation_names_fastest_smallest_and_the_break_even():
+    rows = [
+        _row("python", 100, 1.0e-3, (0.9e-3, 1.1e-3), 3.0, 4000),
+        _row("scan", 100, 1.5e-3, (1.4e-3, 1.6e-3), 0.5, 3000),
+        _row("remat", 100, 2.0e-3, (1.9e-3, 2.1e-3), 0.6, 1000),
+    ]
+    advice = report.recommend(rows)
+    assert advice[0] == "rnn_loss (T=100, B=1, I=10, H=5):"
+    assert advice[1] == "  fastest: python 1 ms; next scan 1.5x its time"
+    assert advice[2].startswith("  smallest: remat keeps 1000 B for backward (python: 3.91 KiB, 2x")
+    # python pays 2.5 s more to compile and saves 0.5 ms a call: even after 5,000 calls.
+    assert advice[3].endswith(": scan costs less in total up to 5,000 calls, python beyond")
+    # Intervals that overlap make no winner per call: the quicker compile wins.
+    rows[1]["run_s_ci"] = [0.95e-3, 1.6e-3]
+    advice = report.recommend(rows)
+    assert "python within its interval (no clear winner)" not in advice[1]
+    assert "scan within its interval (no clear winner)" in advice[1]
+    assert advice[3].endswith("so scan, quicker to compile, costs less in total")
+    # Slower per call and slower to compile: never.
+    rows[0].update(run_s_median=2.5e-3, run_s_ci=[2.4e-3, 2.6e-3])
+    assert report.recommend(rows)[3].endswith(": scan costs less from the first call")
+
+
+def test_throughput_across_a_swept_size():
+    rows = [
+        _row("scan", 100, 1e-3, (0.9e-3, 1.1e-3), 0.5, 1, batch=1, seqs_per_s=1000.0),
+        _row("scan", 100, 2e-3, (1.9e-3, 2.1e-3), 0.5, 1, batch=8, seqs_per_s=4000.0),
+    ]
+    table = report.throughput_table(rows).splitlines()
+    assert table[0] == "throughput (sequences per second) across batch:"
+    assert table[1].split() == ["scenario", "T", "impl", "B=1", "B=8"]
+    assert table[3].split() == ["rnn_loss", "100", "scan", "1e+03", "4e+03"]
+    assert report.throughput_table(rows[:1]) is None  # nothing swept
+
+
+@needs_torch
+def test_blocks_time_each_implementation_alone(tmp_path):
+    status, doc = _bench(
+        tmp_path,
+        *("--quick", "--scenarios", "stack", "--loops", "scan", "--timing", "blocks"),
+    )
+    assert status == 0 and doc["meta"]["timing"] == "blocks"
+    jax_row, torch_row = doc["records"]
+    assert torch_row["max_rel_diff"] < 1e-5
+    value, low, high = jax_row["vs_torch"]["eager"]
+    assert value == pytest.approx(torch_row["run_s_median"] / jax_row["run_s_median"])
+    assert low <= value <= high
+
+
+def test_sweep_runs_each_size_and_reports_sequences_per_second(tmp_path, capsys):
+    status, doc = _bench(
+        tmp_path,
+        *("--quick", "--scenarios", "rnn_loss", "--loops", "scan", "--no-torch"),
+        *("--sweep", "batch=1,3"),
+    )
+    assert status == 0
+    assert doc["meta"]["sweep"] == ["batch", [1, 3]]
+    assert [r["batch"] for r in doc["records"]] == [1, 3]
+    for r in doc["records"]:
+        assert r["seqs_per_s"] == pytest.approx(r["batch"] / r["run_s_median"])
+    assert "throughput (sequences per second) across batch:" in capsys.readouterr().out
 
 
 def test_table_flags_records_timed_on_a_busy_machine():
@@ -468,6 +728,147 @@ def test_device_names_the_cores_this_process_may_use(monkeypatch):
     cpu = jax.devices("cpu")[0]
     monkeypatch.setattr(report, "usable_cores", lambda: 1)
     monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
-    assert report.describe_device(cpu).endswith("(1 core of 2)")
+    assert "(1 core of 2" in report.describe_device(cpu)
     monkeypatch.setattr(report, "usable_cores", lambda: 2)
-    assert report.describe_device(cpu).endswith("(2 cores)")
+    assert "(2 cores" in report.describe_device(cpu)
+
+
+# --- what the numbers were measured on ---------------------------------------------------
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9R14
+stepping\t: 1
+flags\t\t: fpu sse4_1 sse4_2 avx avx2 fma avx512f avx512bw avx512_bf16 amx_tile
+
+processor\t: 1
+model name\t: ignored: the first block is enough
+"""
+
+
+def test_cpu_features_and_model_come_from_cpuinfo():
+    features = report.cpu_features(CPUINFO)
+    assert features == ["sse4_2", "avx", "avx2", "fma", "avx512f"] + [
+        "amx_tile",
+        "avx512_bf16",
+        "avx512bw",
+    ]
+    assert report.vector_width(features) == "AVX-512 + AMX"
+    assert report.vector_width(["sse4_2", "avx", "avx2", "fma"]) == "AVX2"
+    assert report.vector_width(["asimd"]) == "NEON"
+    assert report.vector_width([]) is None
+    assert report.cpu_features("processor\t: 0\n") is None
+    assert report.cpu_model(cpuinfo=CPUINFO) == "AMD EPYC 9R14"
+    assert report.cpu_model(detailed=True, cpuinfo=CPUINFO) == (
+        "AMD EPYC 9R14 (family 25, model 17, stepping 1)"
+    )
+
+
+def test_device_line_shows_the_vector_width(monkeypatch):
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setattr(report, "cpu_features", lambda: ["avx", "avx2", "avx512f"])
+    assert report.describe_device(cpu).endswith(", AVX-512)")
+    monkeypatch.setattr(report, "cpu_features", lambda: None)
+    assert report.describe_device(cpu).endswith("cores)")
+
+
+def test_jax_threads_says_how_it_was_found():
+    threads, source = report.jax_threads()
+    assert 1 <= threads
+    if Path("/proc/self/task").exists():
+        # Linux: XLA's intra-op pool, one thread per core this process may use.
+        assert source == "threads named XLAEigen in this process"
+        assert threads == report.usable_cores()
+
+
+# --- memory kept for backward, both sides ------------------------------------------------
+
+
+def test_residual_bytes_counts_what_the_pullback_keeps():
+    x = np.ones((5,), np.float32)
+    # sin's derivative needs cos(x): 5 float32s. A sum's needs nothing.
+    assert cases.residual_bytes(lambda x: jax.numpy.sin(x).sum(), x) == 20
+    assert cases.residual_bytes(lambda x: x.sum(), x) == 0
+
+
+def test_chunked_remat_keeps_less_than_scan():
+    sizes = Sizes(length=40, batch=2, input=3, hidden=8, window=1)
+    data = make_data(sizes, 0)
+    saved = {
+        loop: cases.saved_bytes("rnn_loss", loop, sizes, data) for loop in ("scan", "remat:chunk=8")
+    }
+    assert saved["remat:chunk=8"] < saved["scan"] / 2
+    tbptt = cases.saved_bytes("train_tbptt", "scan", sizes._replace(window=4), data)
+    assert tbptt < saved["scan"] / 5  # one 4-step window, not 40 steps
+
+
+@needs_torch
+def test_torch_saved_bytes_match_a_hand_count():
+    # rnn_loss eager, T=3, B=2, I=3, H=4, O=1, per step: cat([x, h]) (2 x 7), tanh's output
+    # (2 x 4; the head saves the same tensor) and the head's error (2 x 1) = 24 floats; and
+    # the weights W (4 x 7) and V (1 x 4), once each however often saved: 32 floats.
+    # (3 * 24 + 32) * 4 bytes = 416.
+    sizes = Sizes(length=3, batch=2, input=3, hidden=4, window=2)
+    data = make_data(sizes, 0)
+    call, counter = torch_peers.saved_bytes("rnn_loss", "eager", data, sizes, "cpu")
+    call()
+    assert counter.peak == 416
+    # TBPTT frees each window's graph before the next: T=4, window 2 keeps 2 steps at most,
+    # (2 * 24 + 32) * 4 = 320 bytes, not 4 steps' 512.
+    sizes = sizes._replace(length=4)
+    call, counter = torch_peers.saved_bytes(
+        "train_tbptt", "eager", make_data(sizes, 0), sizes, "cpu"
+    )
+    call()
+    assert counter.peak == 320
+    # The rtrl peer keeps no graph between steps, only S = dh/dp: B * H * P floats.
+    p = 4 * 7 + 4 + 4 + 1
+    sizes = sizes._replace(length=3)
+    call, counter = torch_peers.saved_bytes("train_as_written", "rtrl", data, sizes, "cpu")
+    call()
+    assert counter.peak == 2 * 4 * p * 4
+
+
+@needs_torch
+def test_the_retained_graph_grows_with_every_step():
+    kept = {}
+    for length in (2, 4):
+        sizes = Sizes(length=length, batch=2, input=3, hidden=4, window=1)
+        call, counter = torch_peers.saved_bytes(
+            "train_as_written", "eager", make_data(sizes, 0), sizes, "cpu"
+        )
+        call()
+        kept[length] = counter.peak
+    # Each step keeps its cat and tanh output (2 x 7 + 2 x 4 floats = 88 bytes) at least.
+    assert kept[2] > 0 and kept[4] - kept[2] >= 2 * 88
+
+
+# --- the progress bar, the reproduction script -------------------------------------------
+
+
+def test_no_progress_never_imports_tqdm():
+    code = (
+        "import sys; from loopgrad_jax.bench import cli; "
+        "status = cli.main(['--quick', '--scenarios', 'accumulate', '--loops', 'scan', "
+        "'--no-torch', '--no-progress', '--min-time', '0', '--repeats', '5']); "
+        "assert status == 0; assert 'tqdm' not in sys.modules, 'tqdm was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+RESULTS = Path(__file__).parent.parent / "bench" / "results"
+
+
+def test_reproduce_script_writes_every_committed_result():
+    # Each `bench NAME ...` line writes NAME.json and NAME.txt, and NAME.png but for the
+    # second and third runs of a headline command (NAME_run2, NAME_run3).
+    script = (RESULTS.parent / "reproduce.sh").read_text()
+    names = re.findall(r"^bench (\w+)", script, flags=re.M)
+    assert len(names) == len(set(names)) >= 8
+    written = {f"{n}.{ext}" for n in names for ext in ("json", "txt")}
+    written |= {f"{n}.png" for n in names if not re.search(r"_run[23]$", n)}
+    committed = {p.name for p in RESULTS.iterdir()}
+    assert committed <= written, sorted(committed - written)

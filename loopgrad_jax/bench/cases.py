@@ -10,15 +10,22 @@ changes. What each times, as plain Python (``T`` static)::
   rnn_loss(p, xs, ys):
     loss, grads = value_and_grad(lg.rnn_loss)(p, xs, ys, loop=loop)   # full BPTT
     return (loss, *grads)
-  train_<mode>(p, xs, ys):
-    r = lg.train_rnn(p, xs, ys, lr=LR, mode=mode, window=W, loop=loop)  # T or T/W updates
+  train_as_written(p, xs, ys):   # once per method: "forward" and "reverse"
+    r = lg.train_rnn(p, xs, ys, lr=LR, mode="as_written", as_written_method=method, loop=loop)
+    return (r.losses, *r.params)
+  train_tbptt(p, xs, ys):
+    r = lg.train_rnn(p, xs, ys, lr=LR, mode="tbptt", window=W, loop=loop)  # T/W updates
     return (r.losses, *r.params)
 
 The outputs are what the PyTorch peers return too, so the two can be compared.
+
+:func:`saved_bytes` is what each case keeps for its backward pass, the JAX side
+of the PyTorch peers' ``saved_bytes``: the residuals ``jax.vjp`` keeps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,11 +72,13 @@ class Data(NamedTuple):
 class Scenario(NamedTuple):
     """How to build and feed one scenario."""
 
-    build: Callable[[str, Sizes], Callable[..., tuple]]  # (loop, sizes) -> f(*args)
+    build: Callable[[str, Sizes, str | None], Callable[..., tuple]]  # (loop, sizes, method)
     args: Callable[[Data], tuple]  # which parts of Data ``f`` takes
     rnn: bool  # whether FLOPs (and GFLOP/s) apply
     reverse: bool  # whether it differentiates through the loop in reverse mode
     doc: str
+    saved: Callable[[str, Sizes, Data, str | None], int | None]  # see saved_bytes
+    methods: tuple[str | None, ...] = (None,)  # the as-written loop's exact methods
 
 
 def make_data(sizes: Sizes, seed: int) -> Data:
@@ -99,10 +108,12 @@ def make_data(sizes: Sizes, seed: int) -> Data:
     )
 
 
-def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes], Callable]:
+def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes, None], Callable]:
     """Builds ``x -> (loss, dloss/dx)`` for a scalar scenario."""
 
-    def build(loop: str, sizes: Sizes) -> Callable:
+    def build(loop: str, sizes: Sizes, method: None = None) -> Callable:
+        del method
+
         def f(x):
             return jax.value_and_grad(lambda x: loss_fn(x, sizes.length, loop=loop))(x)
 
@@ -111,11 +122,11 @@ def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes], Callabl
     return build
 
 
-def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes], Callable]:
+def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes, None], Callable]:
     """Builds ``(params, inputs, targets) -> (loss, *dloss/dparams)``: full BPTT."""
 
-    def build(loop: str, sizes: Sizes) -> Callable:
-        del sizes  # read off the shapes
+    def build(loop: str, sizes: Sizes, method: None = None) -> Callable:
+        del sizes, method  # the sizes are read off the shapes
 
         def f(params, inputs, targets):
             loss, grads = jax.value_and_grad(lg.rnn_loss)(
@@ -128,21 +139,74 @@ def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes], Callable]:
     return build
 
 
-def _train(mode: str) -> Callable[[str, Sizes], Callable]:
+def _train(mode: str) -> Callable[[str, Sizes, str | None], Callable]:
     """Builds ``(params, inputs, targets) -> (losses, *final_params)`` for ``mode``."""
 
-    def build(loop: str, sizes: Sizes) -> Callable:
+    def build(loop: str, sizes: Sizes, method: str | None = None) -> Callable:
         window = sizes.window if mode == "tbptt" else 1
+        options = {"as_written_method": method} if mode == "as_written" else {}
 
         def f(params, inputs, targets):
             result = lg.train_rnn(
-                params, inputs, targets, lr=LR, mode=mode, window=window, loop=loop
+                params, inputs, targets, lr=LR, mode=mode, window=window, loop=loop, **options
             )
             return (result.losses, *result.params)
 
         return f
 
     return build
+
+
+def residual_bytes(f: Callable[..., jax.Array], *primals: Any) -> int:
+    """Bytes of the residuals ``jax.vjp(f, *primals)`` keeps for its pullback.
+
+    The pullback is a ``jax.tree_util.Partial`` whose leaves are the residuals: every
+    array reverse mode will read, including inputs it keeps whole (``remat`` keeps the
+    inputs to recompute from). Counted by shape under ``jax.eval_shape``: nothing runs,
+    and arrays are not deduplicated.
+    """
+    pullback = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *primals)
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(pullback))
+
+
+def _scalar_saved(loss_fn: Callable[..., jax.Array]) -> Callable:
+    def saved(loop: str, sizes: Sizes, data: Data, method: None = None) -> int:
+        return residual_bytes(lambda x: loss_fn(x, sizes.length, loop=loop), data.x)
+
+    return saved
+
+
+def _rnn_loss_saved(hoist_input: bool) -> Callable:
+    def saved(loop: str, sizes: Sizes, data: Data, method: None = None) -> int:
+        def loss(params):
+            return lg.rnn_loss(
+                params, data.inputs, data.targets, loop=loop, hoist_input=hoist_input
+            )
+
+        return residual_bytes(loss, data.params)
+
+    return saved
+
+
+def _tbptt_saved(loop: str, sizes: Sizes, data: Data, method: None = None) -> int:
+    """One window's residuals: TBPTT frees each window's before the next."""
+    w = sizes.window
+
+    def loss(params):
+        return lg.rnn_loss(params, data.inputs[:w], data.targets[:w], loop=loop)
+
+    return residual_bytes(loss, data.params)
+
+
+def _as_written_saved(loop: str, sizes: Sizes, data: Data, method: str | None) -> int:
+    """The method's own account (``lg.as_written_cost``) of what it keeps between steps.
+
+    No reverse pass runs through the loop: ``forward`` carries ``dh/dp`` (``B*H*P``
+    numbers), ``reverse`` the weights and hidden state of every step so far.
+    """
+    del loop, data
+    rnn_sizes = lg.RNNSizes(sizes.length, sizes.batch, sizes.input, sizes.hidden, sizes.output)
+    return int(lg.as_written_cost(rnn_sizes, method, 4).memory_bytes)
 
 
 def _x(data: Data) -> tuple:
@@ -161,6 +225,7 @@ SCENARIOS: dict[str, Scenario] = {
         rnn=False,
         reverse=True,
         doc="value and gradient of lg.accumulate_loss(x, T), x of shape (B, I)",
+        saved=_scalar_saved(lg.accumulate_loss),
     ),
     "stack": Scenario(
         _scalar(lg.stack_loss),
@@ -168,6 +233,7 @@ SCENARIOS: dict[str, Scenario] = {
         rnn=False,
         reverse=True,
         doc="value and gradient of lg.stack_loss(x, T), x of shape (B, I)",
+        saved=_scalar_saved(lg.stack_loss),
     ),
     "rnn_loss": Scenario(
         _rnn_loss(hoist_input=False),
@@ -175,6 +241,7 @@ SCENARIOS: dict[str, Scenario] = {
         rnn=True,
         reverse=True,
         doc="value and full-sequence gradient (BPTT) of lg.rnn_loss",
+        saved=_rnn_loss_saved(hoist_input=False),
     ),
     "rnn_loss_hoisted": Scenario(
         _rnn_loss(hoist_input=True),
@@ -182,13 +249,17 @@ SCENARIOS: dict[str, Scenario] = {
         rnn=True,
         reverse=True,
         doc="rnn_loss with hoist_input=True: input projection as one product before the loop",
+        saved=_rnn_loss_saved(hoist_input=True),
     ),
     "train_as_written": Scenario(
         _train("as_written"),
         _rnn,
         rnn=True,
-        reverse=False,  # its exact "forward" method needs none
-        doc="lg.train_rnn(mode='as_written'): T SGD updates, the article's loop",
+        reverse=False,  # neither exact method reverse-differentiates through the loop
+        doc="lg.train_rnn(mode='as_written'): T SGD updates, the article's loop; "
+        "each exact method (forward, reverse)",
+        saved=_as_written_saved,
+        methods=lg.AS_WRITTEN_METHODS[1:],  # forward, reverse: "auto" picks one of them
     ),
     "train_tbptt": Scenario(
         _train("tbptt"),
@@ -196,13 +267,31 @@ SCENARIOS: dict[str, Scenario] = {
         rnn=True,
         reverse=True,
         doc="lg.train_rnn(mode='tbptt', window=W): one SGD update per window",
+        saved=_tbptt_saved,
     ),
 }
 
 
-def build_case(scenario: str, loop: str, sizes: Sizes) -> Callable[..., tuple]:
+def build_case(
+    scenario: str, loop: str, sizes: Sizes, method: str | None = None
+) -> Callable[..., tuple]:
     """A new function object for the case, so no JAX trace or compile cache is reused."""
-    return SCENARIOS[scenario].build(loop, sizes)
+    return SCENARIOS[scenario].build(loop, sizes, method)
+
+
+def saved_bytes(
+    scenario: str, loop: str, sizes: Sizes, data: Data, method: str | None = None
+) -> int | None:
+    """What the case keeps for its backward pass, in bytes; ``None`` if it cannot say.
+
+    The gradient scenarios: the residuals of ``jax.vjp`` of the differentiated function
+    (:func:`residual_bytes`), ``train_tbptt`` one window's. ``train_as_written``: what
+    the method keeps between steps, by ``lg.as_written_cost``.
+    """
+    try:
+        return SCENARIOS[scenario].saved(loop, sizes, data, method)
+    except (TypeError, ValueError):  # a loop kind that cannot run the case
+        return None
 
 
 def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
@@ -215,11 +304,14 @@ def reverse_loops() -> tuple[str, ...]:
     return lg.REVERSE_LOOPS
 
 
-def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -> str | None:
+def skip_reason(
+    scenario: str, loop: str | None, sizes: Sizes, limits: Limits, method: str | None = None
+) -> str | None:
     """Why this case is not run, or ``None`` when it is.
 
     ``loop`` is ``None`` for a PyTorch peer, whose eager loop never unrolls into a
-    compiled program; the as-written peer's work is quadratic in ``T``.
+    compiled program. ``method`` is the as-written loop's algorithm (a PyTorch peer's
+    too: its retained graph is ``"reverse"``), whose work is quadratic in ``T``.
     """
     if scenario == "train_tbptt" and sizes.window > sizes.length:
         return f"window={sizes.window} is longer than the sequence (T={sizes.length})"
@@ -231,9 +323,16 @@ def skip_reason(scenario: str, loop: str | None, sizes: Sizes, limits: Limits) -
             "a python loop unrolls into the program, so its compile time grows with T; "
             f"T={sizes.length} > --max-unroll={limits.max_unroll}"
         )
-    if loop is None and scenario == "train_as_written" and sizes.length > limits.max_quadratic:
+    cells = sizes.length * (sizes.length + 1) // 2
+    if kind == "python" and method == "reverse" and cells > limits.max_unroll:
         return (
-            "PyTorch's as-written loop does O(T**2) work (each step's backward walks every "
-            f"earlier step); T={sizes.length} > --max-quadratic={limits.max_quadratic}"
+            "the reverse method's python loops unroll T*(T+1)/2 cell gradients into the "
+            f"program; {cells} > --max-unroll={limits.max_unroll}"
+        )
+    if method == "reverse" and sizes.length > limits.max_quadratic:
+        who = "PyTorch's retained graph" if loop is None else "the reverse method"
+        return (
+            f"{who} does O(T**2) work (each step's backward walks every earlier step); "
+            f"T={sizes.length} > --max-quadratic={limits.max_quadratic}"
         )
     return None

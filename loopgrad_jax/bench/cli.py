@@ -6,6 +6,7 @@ Run ``loopgrad-bench --help`` for every option.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import jax
 
 import loopgrad_jax as lg
-from loopgrad_jax.bench import cases, report, run, torch_peers
+from loopgrad_jax.bench import cases, report, run, timing, torch_peers
 
 #: The backends ``--backend`` accepts (JAX's platform names).
 BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -27,53 +28,80 @@ DEFAULTS = {
     "window": 10,
     "max_unroll": 100,
     "max_quadratic": 300,
-    "repeats": 5,
+    "repeats": 20,
     "warmup": 1,
     "compile_repeats": 1,
+    "min_time": 0.5,
 }
 
 #: ``--quick``: tiny sizes, every scenario and loop kind, a few seconds. It also skips the
 #: untimed first compile of each scenario and loop kind that keeps one-time costs out of
-#: ``compile_s`` otherwise.
-QUICK = {**DEFAULTS, "lengths": (3,), "input": 3, "hidden": 4, "batch": 2, "window": 2}
+#: ``compile_s`` otherwise. Its timing window is the shortest that still reports
+#: ``other_cores``.
+QUICK = {
+    **DEFAULTS,
+    "lengths": (3,),
+    "input": 3,
+    "hidden": 4,
+    "batch": 2,
+    "window": 2,
+    "min_time": timing.MIN_LOAD_WINDOW_S,
+}
+
+#: ``--sweep batch`` / ``--sweep hidden`` without ``=values``.
+SWEEP_DEFAULTS = {"batch": (1, 4, 16, 64), "hidden": (8, 32, 128, 512)}
 
 EPILOG = f"""\
 scenarios (--scenarios):
 {chr(10).join(f"  {name:17} {s.doc}" for name, s in cases.SCENARIOS.items())}
 
-what is measured, for each JAX case (one scenario, loop kind and length):
-  lower_s       trace + lower: jax.jit(f).lower(*args)
-  compile_s     XLA compile: lowered.compile()
-  run_s_median  steady state: median (and min) seconds per call over --repeats calls
-  run_s_min     after --warmup calls, each ending in jax.block_until_ready
-  temp_bytes    the temp part alone: what the loop stores for reverse mode
-  memory_bytes  compiled.memory_analysis(): temp + argument + output bytes (null if the
-                backend does not report them)
-  gflops        effective GFLOP/s of the RNN scenarios: FLOPs / run_s_median / 1e9
+what is measured, for each case (one scenario, length and sizes), every JAX loop kind
+and every PyTorch peer:
+  lower_s       JAX: trace + lower, jax.jit(f).lower(*args)
+  compile_s     JAX: XLA compile, lowered.compile()
+  run_s_median  steady state, seconds per call: every implementation of the case is
+  run_s_min     called in turn, round after round (interleaved), until --repeats rounds
+  run_s_q1/q3   and --min-time seconds have passed; a fast one is called several times
+  run_s_ci      per round (each sample >= 2 ms, as timeit's autorange), each call ending
+                in jax.block_until_ready; run_s_ci is a 95% bootstrap interval of the
+                median, and every ratio to PyTorch has its interval too
+  saved_bytes   what is kept for the backward pass: JAX, the residuals of jax.vjp of the
+                differentiated function; PyTorch, the tensors autograd saves (peak)
+  temp_bytes    JAX: the executable's temp bytes
+  memory_bytes  JAX: compiled.memory_analysis(): temp + argument + output bytes (null if
+                the backend does not report them)
+  gflops        RNN scenarios: FLOPs / run_s_median / 1e9
+  seqs_per_s    RNN scenarios: sequences per second, B / run_s_median
+  other_cores   cores other processes kept busy while the case was timed (Linux)
 PyTorch peers (when torch is installed) run the same computation on the same inputs and
-weights; their outputs are checked against JAX's (max_rel_diff).
+weights; their outputs are checked against JAX's (max_rel_diff). train_as_written runs
+each exact method: JAX "forward" beside the PyTorch "rtrl" peer (the same real-time
+recurrent learning), JAX "reverse" beside the "eager" peer (the retained graph).
 
 FLOP count (matrix products only, a multiply-add = 2 FLOPs; tanh, biases, loss and SGD
 are not counted):
   cell = 2*B*H*(I+H)  (i2h),  head = 2*B*H*O  (h2o, O = 1),  per time step
   rnn_loss, train_tbptt:  3 * T * (cell + head)   (a gradient costs 3x the forward)
-  train_as_written:       T*(cell + 3*head) + T*(T+1)*cell   (the article's loop: step t
-                          runs back through its head and all t cells so far)
+  train_as_written:       torch eager: T*(cell + 3*head) + T*(T+1)*cell (step t runs
+                          back through its head and all t cells so far); JAX forward,
+                          reverse and torch rtrl: loopgrad_jax.as_written_cost(...).flops
 
 skipped cases (recorded with "skipped": "<reason>"):
-  python loops longer than --max-unroll (their compile time grows with T), PyTorch's
-  as-written loop longer than --max-quadratic (O(T**2) work), train_tbptt when
-  --window > T.
+  python loops longer than --max-unroll (their compile time grows with T; the reverse
+  method's when T*(T+1)/2 exceeds it), the O(T**2) as-written algorithms (JAX reverse,
+  torch eager) longer than --max-quadratic, train_tbptt when --window > T.
 
 output:
-  a table on stdout, a progress bar on stderr; --json PATH is rewritten after every
-  record, so Ctrl-C (exit status 130) or a crash keeps every finished record.
+  a table on stdout, a recommendation per scenario after it (and sequences per second
+  across sizes with --sweep), a progress bar on stderr; --json PATH is rewritten after
+  every case, so Ctrl-C (exit status 130) or a crash keeps every finished record.
 
 examples:
   loopgrad-bench
   loopgrad-bench --quick --json quick.json
   loopgrad-bench --scenarios rnn_loss --loops scan,fori --lengths 1000 \\
       --input 64 --hidden 256 --batch 32 --json large.json --plot large.png
+  loopgrad-bench --scenarios rnn_loss --loops scan --lengths 100 --sweep batch=1,8,32
 """
 
 
@@ -115,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("batch", 1, "batch size B (the scalar scenarios' x is (B, I))"),
         ("window", 1, "train_tbptt: steps per update"),
         ("max-unroll", 0, "skip python-loop cases longer than this"),
-        ("max-quadratic", 0, "skip PyTorch's O(T**2) as-written loop longer than this"),
-        ("repeats", 5, "timed calls per case, at least 5"),
+        ("max-quadratic", 0, "skip the O(T**2) as-written algorithms longer than this"),
+        ("repeats", 5, "at least this many timed samples per implementation (>= 5)"),
         ("warmup", 1, "untimed calls before the timed ones"),
         ("compile-repeats", 1, "lowerings+compilations per JAX case; the median is kept"),
     ):
@@ -124,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{flag}", type=_at_least(minimum), help=f"{meaning} (default: {default})"
         )
+    parser.add_argument(
+        "--min-time",
+        type=_seconds_at_least(0.0),
+        help="keep timing each case until this many seconds have passed "
+        f"(default: {DEFAULTS['min_time']}; under --quick {QUICK['min_time']})",
+    )
+    parser.add_argument(
+        "--timing",
+        choices=("interleaved", "blocks"),
+        default="interleaved",
+        help="interleaved (default): every implementation of a case called in turn, round "
+        "after round, so all share the same moments of the machine; blocks: each timed "
+        "alone, one after the other (to see what interleaving changes)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=_sweep,
+        help="vary one size and report sequences per second across it: batch or hidden, "
+        "optionally with the sizes, e.g. batch=1,8,32 (defaults: "
+        + "; ".join(f"{k} {_join(v)}" for k, v in SWEEP_DEFAULTS.items())
+        + "); it replaces --batch or --hidden",
+    )
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -192,16 +242,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_warmup=not args.quick,
         seed=args.seed,
         torch=torch_setup,
+        min_time=settings["min_time"],
+        sweep=args.sweep,
+        interleave=args.timing == "interleaved",
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
     records = _run(plan, device, meta, args.json, progress=not args.no_progress)
     print(report.format_table(records))
+    advice = report.recommend(records)
+    if advice:
+        print("\nrecommendation, from the rows above:")
+        print("\n".join(advice))
+    throughput = report.throughput_table(records)
+    if throughput:
+        print("\n" + throughput)
     if args.plot and records:
         from loopgrad_jax.bench.plot import plot_records
 
-        sizes = f"I={plan.input}, H={plan.hidden}, B={plan.batch}, window={plan.window}"
-        plot_records(records, args.plot, f"{meta['device']}, jax {meta['jax']}, {sizes}")
+        swept = {"input": plan.input, "hidden": plan.hidden, "batch": plan.batch}
+        if plan.sweep:
+            swept[plan.sweep[0]] = _join(plan.sweep[1])
+        sizes = ", ".join(f"{k[0].upper()}={v}" for k, v in swept.items())
+        plot_records(
+            records,
+            args.plot,
+            f"{meta['device']}, jax {meta['jax']}, {sizes}, window={plan.window}",
+            x=plan.sweep[0] if plan.sweep else "length",
+        )
     if meta["status"] == "interrupted":
         kept = f"; kept in {args.json}" if args.json else ""
         print(f"interrupted after {len(records)} records{kept}.", file=sys.stderr)
@@ -211,11 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(plan: run.Plan, device: jax.Device, meta: dict, json_path: str | None, *, progress):
     """Runs the plan, updating the JSON file and the progress bar after every record."""
-    from tqdm import tqdm
-
     todo = run.tasks(plan)
     records: list[dict] = []
-    bar = tqdm(total=len(todo), file=sys.stderr, disable=not progress, unit="case")
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), file=sys.stderr, unit="case")
+    else:
+        bar = _NoBar()
 
     def save(status: str) -> None:
         meta["status"] = status
@@ -242,11 +313,24 @@ def _run(plan: run.Plan, device: jax.Device, meta: dict, json_path: str | None, 
 
 
 def _described(records, todo: list[run.Task], bar):
-    """Passes ``records`` through, naming the next task on the progress bar."""
+    """Passes ``records`` through, naming the next case on the progress bar."""
     for task in todo:
-        impl = task.name if task.framework == "jax" else f"torch {task.name}"
-        bar.set_description(f"{task.scenario} T={task.length} {impl}")
+        method = f" {task.method}" if task.method else ""
+        bar.set_description(f"{task.scenario}{method} T={task.length}")
         yield next(records)
+
+
+class _NoBar:
+    """What ``--no-progress`` uses instead of tqdm, which it then never imports."""
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _check_backend(parser: argparse.ArgumentParser, backend: str) -> None:
@@ -291,6 +375,36 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _seconds_at_least(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value >= minimum or math.isinf(value):
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seconds >= {minimum:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _sweep(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"batch"`` -> ``("batch", SWEEP_DEFAULTS["batch"])``; ``"hidden=8,64"`` -> its sizes."""
+    name, _, values = text.partition("=")
+    try:
+        sizes = _lengths(values) if values else SWEEP_DEFAULTS.get(name, ())
+    except argparse.ArgumentTypeError:
+        sizes = ()
+    if name not in SWEEP_DEFAULTS or not sizes:
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(SWEEP_DEFAULTS)}, optionally with comma-separated sizes "
+            f">= 1 (e.g. batch=1,8,32), got {text!r}"
+        )
+    return name, sizes
 
 
 def _lengths(text: str) -> tuple[int, ...]:

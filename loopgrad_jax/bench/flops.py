@@ -14,19 +14,22 @@ weight's gradient, one for the input's), so a gradient costs 3x the forward:
 
     3 * T * (cell + head)
 
-- ``train_as_written`` counts the work of the article's loop as PyTorch runs it:
+- ``train_as_written`` as PyTorch's retained graph runs it (the ``eager`` peer):
   step ``t`` (1-based) runs forward once, back through its head, and back
   through all ``t`` cells so far::
 
     sum over t of (cell + head + 2 * head + 2 * t * cell)
       = T * (cell + 3 * head) + T * (T + 1) * cell
 
-The same count divides every implementation's time (JAX's exact ``forward``
-method does other work than PyTorch's), so GFLOP/s are *effective* figures and
-their ratio is the ratio of run times.
+The as-written loop's other implementations do other work, so :func:`case_flops`
+counts each by what it does: JAX's ``forward`` and ``reverse`` methods, and the
+``rtrl`` peer (the ``forward`` algorithm in PyTorch), by
+:func:`loopgrad_jax.as_written_cost`, the core library's own count of its methods.
 """
 
 from __future__ import annotations
+
+import loopgrad_jax as lg
 
 #: Scenarios with a FLOP count; the scalar ones have none.
 RNN_SCENARIOS: tuple[str, ...] = (
@@ -55,3 +58,40 @@ def rnn_flops(
     raise ValueError(
         f"scenario must be one of {', '.join(map(repr, RNN_SCENARIOS))}, got {scenario!r}."
     )
+
+
+#: The as-written loop's PyTorch peers -> the JAX method that runs the same algorithm.
+PEER_METHODS: dict[str, str] = {"eager": "reverse", "rtrl": "forward"}
+
+
+def case_flops(
+    scenario: str,
+    *,
+    length: int,
+    batch: int,
+    input: int,
+    hidden: int,
+    output: int = 1,
+    method: str | None = None,
+    peer: str | None = None,
+) -> int | None:
+    """FLOPs of one call of a case, counted by what its implementation does.
+
+    ``None`` for the scalar scenarios. For ``train_as_written``, a JAX ``method``
+    (``"forward"``, ``"reverse"``) or the ``rtrl`` peer is counted by
+    :func:`loopgrad_jax.as_written_cost`; the ``eager`` peer (PyTorch's retained
+    graph) by :func:`rnn_flops`.
+    """
+    if scenario not in RNN_SCENARIOS:
+        return None
+    sizes = dict(length=length, batch=batch, input=input, hidden=hidden, output=output)
+    if scenario != "train_as_written" or peer == "eager":
+        return rnn_flops(scenario, **sizes)
+    algorithm = PEER_METHODS[peer] if peer is not None else method
+    if algorithm is None:
+        raise ValueError(
+            "train_as_written needs a method ('forward' or 'reverse') or a peer "
+            f"({', '.join(map(repr, PEER_METHODS))}), got neither."
+        )
+    cost = lg.as_written_cost(lg.RNNSizes(length, batch, input, hidden, output), algorithm, 4)
+    return int(round(cost.flops))

@@ -1,10 +1,11 @@
-"""What a run reports: ``meta``, the JSON file, the terminal table.
+"""What a run reports: ``meta``, the JSON file, the terminal table, a recommendation.
 
-The JSON file is rewritten after every record, atomically (a temporary file in
-the same folder, then ``os.replace``), so an interrupted or crashed run leaves a
-valid file holding every finished record::
+The JSON file is rewritten after every group of records, atomically (a temporary
+file in the same folder, then ``os.replace``), so an interrupted or crashed run
+leaves a valid file holding every finished record::
 
-  {"meta": {"jax", "jaxlib", "torch", "backend", "device", "cpu_count", "date",
+  {"meta": {"jax", "jaxlib", "torch", "backend", "device", "cpu_model",
+            "cpu_features", "xla_flags", "jax_threads", "torch_threads", "date",
             "command", ..., "status": "running" | "complete" | "interrupted"},
    "records": [{<run.RECORD_KEYS>}, ...]}
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -26,10 +28,39 @@ import jaxlib
 import numpy as np
 
 import loopgrad_jax as lg
+from loopgrad_jax.bench import timing
 from loopgrad_jax.bench.run import Plan
 
-#: Format of the JSON file; bumped when a key changes meaning.
-FORMAT_VERSION = 1
+#: Format of the JSON file; bumped when a key changes meaning. 2: samples and their
+#: spread, saved_bytes, methods and the as-written peers, the CPU's features.
+FORMAT_VERSION = 2
+
+#: Environment variables that change how either library's threads run or wait; the ones
+#: set are recorded (``meta.thread_env``).
+THREAD_ENV: tuple[str, ...] = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+#: The instruction-set flags that decide how fast a CPU multiplies matrices, in the
+#: names Linux's ``/proc/cpuinfo`` uses (x86; ``asimd``, ``sve`` on Arm), and every
+#: ``avx512*`` and ``amx*`` flag present.
+CPU_FEATURES: tuple[str, ...] = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "asimd",
+    "sve",
+    "sve2",
+)
 
 #: A record whose timed calls shared the machine with this many busy cores is flagged.
 BUSY_CORES = 0.25
@@ -50,7 +81,12 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "device": describe_device(device),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),  # fewer than cpu_count under taskset or a cgroup
-        "cpu": cpu_model(),
+        "cpu": cpu_model(),  # kept for format 1 readers; cpu_model says more
+        "cpu_model": cpu_model(detailed=True),
+        "cpu_features": cpu_features(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        **dict(zip(("jax_threads", "jax_threads_from"), jax_threads(), strict=True)),
         "load_average": load_average(),  # 1-minute load average at the start
         "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
         "python": platform.python_version(),
@@ -61,27 +97,118 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "dtype": "float32",
         "seed": plan.seed,
         "warmup": plan.warmup,
-        "repeats": plan.repeats,
+        "repeats": plan.repeats,  # at least this many samples per implementation
+        "min_time_s": plan.min_time,  # each group timed for at least this long
+        "timing": "interleaved" if plan.interleave else "blocks",
+        "sample_min_s": timing.SAMPLE_MIN_S,
         "compile_repeats": plan.compile_repeats,
         "compile_warmup": plan.compile_warmup,
         "max_unroll": plan.limits.max_unroll,
         "max_quadratic": plan.limits.max_quadratic,
+        "sweep": list(plan.sweep[:1]) + [list(plan.sweep[1])] if plan.sweep else None,
         "status": "running",
     }
 
 
 def describe_device(device: jax.Device) -> str:
-    """E.g. ``"cpu: AMD EPYC (2 cores)"`` or ``"gpu: NVIDIA H100 80GB HBM3"``.
+    """E.g. ``"cpu: AMD EPYC (2 cores, AVX2)"`` or ``"gpu: NVIDIA H100 80GB HBM3"``.
 
-    The core count is what this process may run on: ``taskset -c 0`` gives ``(1 core of 2)``.
+    The core count is what this process may run on: ``taskset -c 0`` gives
+    ``(1 core of 2, ...)``; then the widest vector instructions the CPU has.
     """
     if device.platform == "cpu":
         usable, total = usable_cores(), os.cpu_count()
         cores = (
             f"{total} cores" if usable == total else f"{usable} core{'s' * (usable > 1)} of {total}"
         )
-        return f"cpu: {cpu_model()} ({cores})"
+        width = vector_width(cpu_features())
+        return f"cpu: {cpu_model()} ({cores}{', ' + width if width else ''})"
     return f"{device.platform}: {device.device_kind}"
+
+
+def cpu_features(cpuinfo: str | None = None) -> list[str] | None:
+    """The flags of :data:`CPU_FEATURES` (and every ``avx512*``, ``amx*``) the CPU has.
+
+    Read from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm), or on macOS
+    from ``sysctl``; ``None`` where neither says.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return _sysctl_features()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            wanted = [f for f in CPU_FEATURES if f in flags]
+            extra = sorted(f for f in flags if f.startswith(("avx512", "amx")) and f not in wanted)
+            return wanted + extra
+    return None
+
+
+def _sysctl_features() -> list[str] | None:
+    """macOS: x86 feature lists from ``sysctl`` (``AVX1.0`` -> ``avx``); Apple CPUs: ``asimd``."""
+    if platform.system() != "Darwin":
+        return None
+    if platform.machine() == "arm64":
+        return ["asimd"]  # every Apple CPU has Advanced SIMD
+    try:
+        done = subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = {f.lower().replace(".", "_").replace("avx1_0", "avx") for f in done.stdout.split()}
+    return cpu_features("flags: " + " ".join(sorted(names))) if names else None
+
+
+def vector_width(features: Sequence[str] | None) -> str | None:
+    """The widest vector instructions in ``features``: ``"AVX-512"``, ``"AVX2"``, ..."""
+    if not features:
+        return None
+    for flag, name in (
+        ("avx512f", "AVX-512"),
+        ("avx2", "AVX2"),
+        ("avx", "AVX"),
+        ("sse4_2", "SSE4.2"),
+        ("sve2", "SVE2"),
+        ("sve", "SVE"),
+        ("asimd", "NEON"),
+    ):
+        if flag in features:
+            return name + (
+                " + AMX" if name == "AVX-512" and any("amx" in f for f in features) else ""
+            )
+    return None
+
+
+def jax_threads() -> tuple[int, str]:
+    """The threads XLA's CPU client runs a computation's parts on, and how that was found.
+
+    Counted, where the OS names threads (Linux), as the threads of this process whose
+    name holds ``XLAEigen``: the client's intra-op pool, started with the client. It is
+    sized by the cores the process may use (``os.sched_getaffinity``); elsewhere that
+    count is what is reported. ``XLA_FLAGS`` (in ``meta.xla_flags``) can change it.
+    """
+    jax.devices("cpu")  # starts the CPU client, and its pool, if nothing has yet
+    try:
+        names = []
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                names.append((task / "comm").read_text())
+            except OSError:
+                continue
+    except OSError:
+        names = []
+    counted = sum("XLAEigen" in name for name in names)
+    if counted:
+        return counted, "threads named XLAEigen in this process"
+    return usable_cores(), "usable cores (XLA sizes its pool by them; thread names unavailable)"
 
 
 def usable_cores() -> int:
@@ -92,15 +219,30 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_model() -> str:
-    """The CPU's model name, from ``/proc/cpuinfo`` where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_model(detailed: bool = False, cpuinfo: str | None = None) -> str:
+    """The CPU's model name, from ``/proc/cpuinfo`` where there is one.
+
+    ``detailed`` adds its family, model and stepping numbers, which tell CPU
+    generations apart where a virtual machine reports a bare name ("AMD EPYC").
+    """
+    fields: dict[str, str] = {}
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():
+            break  # the first processor's block is enough
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = [
+        f"{label} {fields[key]}"
+        for key, label in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+        if key in fields
+    ]
+    return f"{name} ({', '.join(numbers)})" if detailed and numbers else name
 
 
 def git_revision() -> dict | None:
@@ -160,47 +302,86 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, float]]:
-    """For each JAX record (by index): ``{peer: torch time / JAX time}`` at the same case."""
-    torch_times = {
-        (r["scenario"], r["length"], r["peer"]): r["run_s_median"]
-        for r in records
-        if r["framework"] == "torch" and r["run_s_median"]
-    }
+def impl_name(record: Mapping) -> str:
+    """``"scan"``, ``"scan forward"`` (an as-written method), ``"torch nn.RNN"``."""
+    if record["framework"] == "jax":
+        return " ".join(filter(None, (record["loop"], record.get("method"))))
+    return f"torch {record['peer']}"
+
+
+def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, list[float]]]:
+    """For each JAX record (by index): ``{peer: [torch time / JAX time, low, high]}``.
+
+    The ratios the run measured with their 95% intervals (``vs_torch``); for records
+    without (format 1 files), the ratio of medians with no interval (``nan``), against
+    the peers of the same case and the same as-written algorithm.
+    """
     out = {}
     for index, r in enumerate(records):
         if r["framework"] != "jax" or not r["run_s_median"]:
             continue
+        if r.get("vs_torch"):
+            out[index] = {peer: list(v) for peer, v in r["vs_torch"].items()}
+            continue
         out[index] = {
-            peer: seconds / r["run_s_median"]
-            for (scenario, length, peer), seconds in torch_times.items()
-            if (scenario, length) == (r["scenario"], r["length"])
+            t["peer"]: [t["run_s_median"] / r["run_s_median"], math.nan, math.nan]
+            for t in records
+            if t["framework"] == "torch"
+            and t["run_s_median"]
+            and _same_case(t, r)
+            and t.get("method") == r.get("method")
         }
     return out
 
 
-_COLUMNS = (
-    "scenario",
-    "T",
-    "impl",
-    "lower",
-    "compile",
-    "run (median)",
-    "run (min)",
-    "memory",
-    "GFLOP/s",
-    "speedup vs torch",
-    "note",
-)
+def _same_case(a: Mapping, b: Mapping) -> bool:
+    keys = ("scenario", "length", "batch", "input", "hidden")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def format_ratio(values: Sequence[float]) -> str:
+    """``2.23x [1.98-2.41]``; without an interval, ``2.23x``."""
+    value, low, high = values
+    if math.isnan(low):
+        return f"{value:.3g}x"
+    return f"{value:.3g}x [{low:.3g}-{high:.3g}]"
+
+
+def _varying(records: Sequence[Mapping]) -> list[str]:
+    """The sizes that differ between records of one scenario and length (a sweep)."""
+    out = []
+    for key in ("batch", "input", "hidden"):
+        seen: dict[tuple, set] = {}
+        for r in records:
+            seen.setdefault((r["scenario"], r["length"]), set()).add(r.get(key))
+        if any(len(v) > 1 for v in seen.values()):
+            out.append(key)
+    return out
 
 
 def format_table(records: Sequence[Mapping]) -> str:
     """The records as an aligned text table, with each JAX row's speedup over PyTorch."""
     ratios = speedups(records)
-    rows = [_COLUMNS]
+    varying = _varying(records)
+    columns = (
+        "scenario",
+        "T",
+        *(_SIZE_LABELS[k] for k in varying),
+        "impl",
+        "lower",
+        "compile",
+        "run (median)",
+        "95% CI",
+        "min",
+        "saved",
+        "temp",
+        "GFLOP/s",
+        "speedup vs torch [95% CI]",
+        "note",
+    )
+    rows = [columns]
     for index, r in enumerate(records):
-        impl = r["loop"] if r["framework"] == "jax" else f"torch {r['peer']}"
-        vs = ", ".join(f"{p} {x:.3g}x" for p, x in ratios.get(index, {}).items())
+        vs = ", ".join(f"{p} {format_ratio(x)}" for p, x in ratios.get(index, {}).items())
         if r["skipped"]:
             note = f"skipped: {r['skipped']}"
         else:
@@ -210,26 +391,186 @@ def format_table(records: Sequence[Mapping]) -> str:
             if (r.get("other_cores") or 0) >= BUSY_CORES:
                 notes.append(f"BUSY: other processes used {r['other_cores']:.2g} cores")
             note = "; ".join(notes)
+        ci = r.get("run_s_ci")
         rows.append(
             (
                 r["scenario"],
                 str(r["length"]),
-                impl,
+                *(str(r[k]) for k in varying),
+                impl_name(r),
                 _seconds(r["lower_s"]),
                 _seconds(r["compile_s"]),
                 _seconds(r["run_s_median"]),
+                f"{_seconds(ci[0])}-{_seconds(ci[1])}" if ci else "",
                 _seconds(r["run_s_min"]),
-                _bytes(r["memory_bytes"]),
+                _bytes(r.get("saved_bytes")),
+                _bytes(r.get("temp_bytes")),
                 "" if r["gflops"] is None else f"{r['gflops']:.3g}",
                 vs,
                 note,
             )
         )
-    widths = [max(len(row[c]) for row in rows) for c in range(len(_COLUMNS))]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("speedup vs torch = PyTorch time / JAX time (> 1: JAX is faster).")
+    lines.append(
+        "speedup vs torch = PyTorch time / JAX time (> 1: JAX is faster), against the peer "
+        "running the same algorithm; [a-b]: 95% bootstrap interval."
+    )
+    lines.append(
+        "saved = bytes kept for the backward pass (JAX: jax.vjp residuals; PyTorch: saved "
+        "tensors); temp = the executable's temp bytes."
+    )
     return "\n".join(line.rstrip() for line in lines)
+
+
+_SIZE_LABELS = {"batch": "B", "input": "I", "hidden": "H"}
+
+
+def recommend(records: Sequence[Mapping]) -> list[str]:
+    """A short recommendation per scenario, from the measured rows.
+
+    For each scenario (and as-written method) at the longest length measured: the
+    fastest loop kind (and whether its interval overlaps the next one's), the one
+    that keeps the least for backward, how the fastest compares with the PyTorch
+    peers, and where compile time plus N calls changes the answer between a python
+    loop and scan (the break-even N).
+    """
+    lines = []
+    jax_rows = [r for r in records if r["framework"] == "jax" and r["run_s_median"]]
+    keys = dict.fromkeys(
+        (r["scenario"], r.get("method"), r["batch"], r["input"], r["hidden"]) for r in jax_rows
+    )
+    ratios = speedups(records)
+    index = {id(r): k for k, r in enumerate(records)}
+    for scenario, method, batch, inp, hidden in keys:
+        rows = [
+            r
+            for r in jax_rows
+            if (r["scenario"], r.get("method"), r["batch"], r["input"], r["hidden"])
+            == (scenario, method, batch, inp, hidden)
+        ]
+        length = max(r["length"] for r in rows)
+        at = sorted((r for r in rows if r["length"] == length), key=lambda r: r["run_s_median"])
+        sizes = f"T={length}, B={batch}, I={inp}, H={hidden}"
+        if scenario in ("accumulate", "stack"):
+            sizes = f"T={length}, x of shape ({batch}, {inp})"
+        lines.append(f"{scenario}{' ' + method if method else ''} ({sizes}):")
+        best = at[0]
+        text = f"  fastest: {best['loop']} {_seconds(best['run_s_median'])}"
+        if len(at) > 1:
+            second = at[1]
+            overlap = _overlap(best.get("run_s_ci"), second.get("run_s_ci"))
+            text += (
+                f"; {second['loop']} within its interval (no clear winner)"
+                if overlap
+                else f"; next {second['loop']} {second['run_s_median'] / best['run_s_median']:.3g}x"
+                " its time"
+            )
+        vs = ratios.get(index[id(best)], {})
+        if vs:
+            text += "; vs torch " + ", ".join(f"{p} {format_ratio(x)}" for p, x in vs.items())
+        lines.append(text)
+        saved = [r for r in at if r.get("saved_bytes") is not None]
+        if saved:
+            small = min(saved, key=lambda r: r["saved_bytes"])
+            kept = "between steps" if scenario == "train_as_written" else "for backward"
+            text = f"  smallest: {small['loop']} keeps {_bytes(small['saved_bytes'])} {kept}"
+            if small is not best:
+                text += (
+                    f" ({best['loop']}: {_bytes(best['saved_bytes'])}, "
+                    f"{small['run_s_median'] / best['run_s_median']:.3g}x its time)"
+                )
+            torch_saved = [
+                t
+                for t in records
+                if t["framework"] == "torch"
+                and t.get("saved_bytes") is not None
+                and t["length"] == length
+                and _same_case(t, best)
+                and t.get("method") == method
+            ]
+            if torch_saved:
+                text += "; torch " + ", ".join(
+                    f"{t['peer']} {_bytes(t['saved_bytes'])}" for t in torch_saved
+                )
+            lines.append(text)
+        lines += _break_even(rows)
+    return lines
+
+
+def _overlap(a, b) -> bool:
+    return bool(a and b and a[0] <= b[1] and b[0] <= a[1])
+
+
+def _break_even(rows: Sequence[Mapping]) -> list[str]:
+    """Python loop against scan at the longest length both ran: total time of N calls."""
+    both = [
+        length
+        for length in {r["length"] for r in rows}
+        if {"python", "scan"} <= {r["loop"] for r in rows if r["length"] == length}
+    ]
+    if not both:
+        return []
+    length = max(both)
+    py, scan = (
+        next(r for r in rows if r["length"] == length and r["loop"] == loop)
+        for loop in ("python", "scan")
+    )
+    setup_py = py["lower_s"] + py["compile_s"]
+    setup_scan = scan["lower_s"] + scan["compile_s"]
+    d_setup = setup_py - setup_scan  # > 0: python takes longer to trace and compile
+    d_run = scan["run_s_median"] - py["run_s_median"]  # > 0: python runs faster
+    head = (
+        f"  python vs scan (T={length}): python {_seconds(py['run_s_median'])} per call, "
+        f"{_seconds(setup_py)} to trace and compile; scan {_seconds(scan['run_s_median'])}, "
+        f"{_seconds(setup_scan)}"
+    )
+    # python's total minus scan's, over N calls: d_setup - N * d_run.
+    if _overlap(py.get("run_s_ci"), scan.get("run_s_ci")):
+        cheaper = "scan" if d_setup > 0 else "python"
+        tail = (
+            f": per-call times within each other's intervals, so {cheaper}, quicker to "
+            "compile, costs less in total"
+        )
+    elif d_setup > 0 and d_run > 0:
+        n = math.ceil(d_setup / d_run)
+        tail = f": scan costs less in total up to {n:,} calls, python beyond"
+    elif d_setup > 0:
+        tail = ": scan costs less from the first call"
+    elif d_run >= 0:
+        tail = ": python costs less at any number of calls"
+    else:
+        n = math.floor(d_setup / d_run)
+        tail = f": python costs less in total up to {n:,} calls, scan beyond"
+    return [head + tail]
+
+
+def throughput_table(records: Sequence[Mapping]) -> str | None:
+    """Sequences per second of each implementation across a swept size, or ``None``."""
+    varying = [k for k in _varying(records) if k in ("batch", "hidden")]
+    rows = [r for r in records if r.get("seqs_per_s")]
+    if not varying or not rows:
+        return None
+    key = varying[0]
+    values = sorted({r[key] for r in rows})
+    label = _SIZE_LABELS[key]
+    table = [("scenario", "T", "impl", *(f"{label}={v}" for v in values))]
+    for scenario, length, impl in dict.fromkeys(
+        (r["scenario"], r["length"], impl_name(r)) for r in rows
+    ):
+        cells = {
+            r[key]: f"{r['seqs_per_s']:.3g}"
+            for r in rows
+            if (r["scenario"], r["length"], impl_name(r)) == (scenario, length, impl)
+        }
+        table.append((scenario, str(length), impl, *(cells.get(v, "") for v in values)))
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"throughput (sequences per second) across {key}:\n" + "\n".join(
+        line.rstrip() for line in lines
+    )
 
 
 def _seconds(value: float | None) -> str:

@@ -1,11 +1,17 @@
-"""Runs the cases of a benchmark plan, one record at a time.
+"""Runs the cases of a benchmark plan, one group of implementations at a time.
 
-The order, as plain Python::
+A *group* is every implementation of one case: the JAX loop kinds and the
+PyTorch peers of one scenario at one set of sizes (and, for the as-written
+loop, one algorithm: JAX's ``forward`` method with the ``rtrl`` peer, its
+``reverse`` method with the ``eager`` peer). The order, as plain Python::
 
   for scenario in scenarios:
     for length in lengths:
-      for loop in loops:        yield the JAX record (or a skipped one)
-      for peer in PEERS[...]:   yield the PyTorch record (when torch is used)
+      for size in the --sweep sizes (or the one --batch / --hidden):
+        for method in the scenario's methods (None but for train_as_written):
+          compile every loop kind (or skip it); build every peer
+          time them all interleaved (timing.time_interleaved)
+          yield one record per loop kind, then per peer
 
 Every record has the keys of :data:`RECORD_KEYS`, ``None`` where a figure does
 not apply.
@@ -13,6 +19,7 @@ not apply.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -20,14 +27,15 @@ import jax
 import numpy as np
 
 from loopgrad_jax.bench import cases, timing, torch_peers
-from loopgrad_jax.bench.flops import rnn_flops
+from loopgrad_jax.bench.flops import case_flops
 
 #: The keys of every record, in order.
 RECORD_KEYS: tuple[str, ...] = (
     "scenario",
     "loop",  # a loop kind of lg.LOOPS for JAX, None for PyTorch
     "framework",  # "jax" or "torch"
-    "peer",  # "eager" or "nn.RNN" for PyTorch, None for JAX
+    "peer",  # "eager", "nn.RNN" or "rtrl" for PyTorch, None for JAX
+    "method",  # train_as_written: the algorithm, "forward" or "reverse"; else None
     "length",
     "batch",
     "input",
@@ -35,16 +43,28 @@ RECORD_KEYS: tuple[str, ...] = (
     "window",  # train_tbptt only
     "lower_s",  # trace + lower (JAX)
     "compile_s",  # XLA compile (JAX)
-    "run_s_median",
+    "run_s_median",  # seconds per call, over the samples
     "run_s_min",
+    "run_s_q1",  # first and third quartiles
+    "run_s_q3",
+    "run_s_ci",  # [low, high]: 95% bootstrap interval of the median
+    "run_samples",  # how many samples (rounds)
+    "run_number",  # calls averaged into each sample
+    "run_s_samples",  # the samples, in round order (4 significant digits)
     "memory_bytes",  # temp + argument + output bytes of the executable (JAX)
     "temp_bytes",  # the temp part alone (JAX)
-    "flops",  # loopgrad_jax.bench.flops.rnn_flops (RNN scenarios)
+    "saved_bytes",  # what is kept for backward: JAX residuals, PyTorch saved tensors
+    "flops",  # loopgrad_jax.bench.flops.case_flops (RNN scenarios)
     "gflops",  # flops / run_s_median / 1e9
+    "seqs_per_s",  # RNN scenarios: sequences per second, batch / run_s_median
+    "vs_torch",  # JAX: {peer: [torch time / JAX time, low, high]} for the group's peers
     "max_rel_diff",  # PyTorch vs JAX outputs: max |torch - jax| / max |jax|, per output
-    "other_cores",  # cores other processes kept busy during the timed calls (Linux)
+    "other_cores",  # cores other processes kept busy during the group's timed rounds
     "skipped",  # why the case was not run, or None
 )
+
+#: The dimensions ``--sweep`` can vary.
+SWEEPS: tuple[str, ...] = ("batch", "hidden")
 
 
 class Plan(NamedTuple):
@@ -59,20 +79,28 @@ class Plan(NamedTuple):
     window: int
     limits: cases.Limits
     warmup: int
-    repeats: int
+    repeats: int  # at least this many samples per implementation
     compile_repeats: int
     compile_warmup: bool  # compile each scenario and loop kind once, untimed, first
     seed: int
     torch: torch_peers.TorchSetup | None  # None: no PyTorch peers
+    min_time: float = 0.5  # seconds each group's timed rounds last at least
+    sweep: tuple[str, tuple[int, ...]] | None = None  # ("batch", (1, 8, 32)): vary one size
+    interleave: bool = True  # False: time each implementation alone, one after the other
 
 
 class Task(NamedTuple):
-    """One row of the plan: a JAX loop kind or a PyTorch peer."""
+    """One row of the plan: a JAX loop kind or a PyTorch peer, at one set of sizes."""
 
     scenario: str
-    length: int
+    sizes: cases.Sizes
     framework: str
     name: str  # the loop kind or the peer
+    method: str | None = None  # the as-written algorithm
+
+    @property
+    def length(self) -> int:
+        return self.sizes.length
 
 
 def tasks(plan: Plan) -> list[Task]:
@@ -81,117 +109,189 @@ def tasks(plan: Plan) -> list[Task]:
     for scenario in plan.scenarios:
         peers = torch_peers.PEERS[scenario] if plan.torch is not None else ()
         for length in plan.lengths:
-            rows += [Task(scenario, length, "jax", loop) for loop in plan.loops]
-            rows += [Task(scenario, length, "torch", peer) for peer in peers]
+            for sizes in _sizes(plan, length):
+                for method in cases.SCENARIOS[scenario].methods:
+                    rows += [Task(scenario, sizes, "jax", loop, method) for loop in plan.loops]
+                    rows += [
+                        Task(scenario, sizes, "torch", peer, method)
+                        for peer in peers
+                        if torch_peers.peer_method(scenario, peer) == method
+                    ]
     return rows
 
 
-def sizes_of(plan: Plan, length: int) -> cases.Sizes:
-    """The sizes of the plan's cases of ``length``."""
-    return cases.Sizes(length, plan.batch, plan.input, plan.hidden, plan.window)
+def _sizes(plan: Plan, length: int) -> list[cases.Sizes]:
+    base = cases.Sizes(length, plan.batch, plan.input, plan.hidden, plan.window)
+    if plan.sweep is None:
+        return [base]
+    dimension, values = plan.sweep
+    return [base._replace(**{dimension: value}) for value in values]
+
+
+def _group(task: Task) -> tuple:
+    return (task.scenario, task.sizes, task.method)
 
 
 def run(plan: Plan, device: jax.Device) -> Iterator[dict[str, Any]]:
-    """Runs the plan on ``device``, yielding each record as soon as it is measured."""
-    data: dict[int, cases.Data] = {}
-    reference: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}  # JAX outputs
-    warmed: set[tuple[str, str]] = set()
-    for task in tasks(plan):
-        sizes = sizes_of(plan, task.length)
+    """Runs the plan on ``device``, yielding each record once its group is measured."""
+    data: dict[cases.Sizes, cases.Data] = {}
+    reference: dict[tuple, tuple[np.ndarray, ...]] = {}  # (scenario, sizes) -> JAX outputs
+    warmed: set[tuple[str, str, str | None]] = set()
+    for (_, sizes, _), group in itertools.groupby(tasks(plan), key=_group):
+        group = list(group)
+        if sizes not in data:
+            data = {sizes: cases.make_data(sizes, plan.seed)}  # one size at a time
+        yield from _run_group(group, data[sizes], plan, device, warmed, reference)
+
+
+def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, Any]]:
+    records = {task: new_record(task) for task in group}
+    calls, sync, first, extra = {}, {}, {}, {}
+    for task in group:
         loop = task.name if task.framework == "jax" else None
-        reason = cases.skip_reason(task.scenario, loop, sizes, plan.limits)
-        record = new_record(task, sizes)
+        reason = cases.skip_reason(task.scenario, loop, task.sizes, plan.limits, task.method)
         if reason is not None:
-            yield {**record, "skipped": reason}
+            records[task]["skipped"] = reason
             continue
-        if task.length not in data:
-            data = {task.length: cases.make_data(sizes, plan.seed)}  # one length at a time
         if task.framework == "jax":
             try:
-                figures, output = _time_jax(task, sizes, data[task.length], plan, device, warmed)
+                compiled, args = _compile_jax(task, data, plan, device, warmed)
             except (TypeError, ValueError) as error:  # raised while tracing: no such case
-                yield {**record, "skipped": f"cannot trace: {_first_line(error)}"}
+                records[task]["skipped"] = f"cannot trace: {_first_line(error)}"
                 continue
-            reference.setdefault((task.scenario, task.length), output)
+            calls[task] = _bind(compiled.compiled, args)
+            records[task].update(
+                lower_s=compiled.lower_s,
+                compile_s=compiled.compile_s,
+                memory_bytes=compiled.memory_bytes,
+                temp_bytes=compiled.temp_bytes,
+                saved_bytes=cases.saved_bytes(
+                    task.scenario, task.name, task.sizes, data, task.method
+                ),
+            )
         else:
-            figures, output = _time_torch(task, sizes, data[task.length], plan)
-            jax_output = reference.get((task.scenario, task.length))
-            if jax_output is not None:
-                figures["max_rel_diff"] = max_rel_diff(output, jax_output)
-        record.update(figures)
-        if record["flops"] is not None and record["run_s_median"]:
-            record["gflops"] = record["flops"] / record["run_s_median"] / 1e9
-        yield record
+            setup = plan.torch
+            args = (task.scenario, task.name, data, task.sizes, setup.device)
+            calls[task] = torch_peers.build_peer(*args)
+            first[task], extra[task] = torch_peers.saved_bytes(*args)
+            sync[task] = torch_peers.sync(setup.device)
+    if calls:
+        blocks = [calls] if plan.interleave else [{task: call} for task, call in calls.items()]
+        for block in blocks:
+            measured = timing.time_interleaved(
+                block,
+                warmup=plan.warmup,
+                min_samples=plan.repeats,
+                min_time=plan.min_time,
+                sync={task: sync[task] for task in block if task in sync},
+                first={task: first[task] for task in block if task in first},
+            )
+            _fill(records, measured, extra, reference)
+        _compare(records, reference, paired=plan.interleave)
+    return [records[task] for task in group]
 
 
-def new_record(task: Task, sizes: cases.Sizes) -> dict[str, Any]:
+def _bind(compiled, args):
+    return lambda: compiled(*args)
+
+
+def _compile_jax(task: Task, data, plan: Plan, device, warmed):
+    args = jax.device_put(cases.case_args(task.scenario, data), device)
+
+    def build():
+        return cases.build_case(task.scenario, task.name, task.sizes, task.method)
+
+    if plan.compile_warmup and (task.scenario, task.name, task.method) not in warmed:
+        # The first compile of a scenario and loop kind in a process also pays one-time
+        # costs (JAX's and XLA's caches of the ops it uses); keep them out of compile_s.
+        jax.jit(build()).lower(*args).compile()
+        warmed.add((task.scenario, task.name, task.method))
+    return timing.compile_jax(build, args, compile_repeats=plan.compile_repeats), args
+
+
+def _fill(records, measured: timing.Interleaved, counters, reference) -> None:
+    """Writes the timings and the last outputs of ``measured`` into their records."""
+    for task, samples in measured.samples.items():
+        record = records[task]
+        stats = timing.spread(samples, measured.number[task])
+        record.update(
+            run_s_median=stats.median_s,
+            run_s_min=stats.min_s,
+            run_s_q1=stats.q1_s,
+            run_s_q3=stats.q3_s,
+            run_s_ci=list(stats.ci_s),
+            run_samples=stats.samples,
+            run_number=stats.number,
+            run_s_samples=timing.round_samples(samples),
+            other_cores=measured.other_cores,
+        )
+        if task in counters:
+            record["saved_bytes"] = counters[task].peak
+        if record["flops"] is not None:
+            record["gflops"] = record["flops"] / stats.median_s / 1e9
+        if cases.SCENARIOS[task.scenario].rnn:
+            record["seqs_per_s"] = task.sizes.batch / stats.median_s
+        output = measured.outputs[task]
+        if task.framework == "jax":
+            output = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(output))
+            reference.setdefault((task.scenario, task.sizes), output)
+        else:
+            output = torch_peers.to_numpy(output)
+        record["_samples"], record["_output"] = samples, output
+
+
+def _compare(records, reference, *, paired: bool) -> None:
+    """Checks each peer's outputs against JAX's; each JAX row's ratio to each peer."""
+    timed = [task for task, r in records.items() if "_samples" in r]
+    jax_tasks = [task for task in timed if task.framework == "jax"]
+    peers = [task for task in timed if task.framework == "torch"]
+    for peer in peers:
+        want = (
+            records[jax_tasks[0]]["_output"]
+            if jax_tasks
+            else reference.get((peer.scenario, peer.sizes))
+        )
+        if want is not None:
+            records[peer]["max_rel_diff"] = max_rel_diff(records[peer]["_output"], want)
+    for task in jax_tasks:
+        records[task]["vs_torch"] = {
+            peer.name: list(
+                timing.ratio(records[peer]["_samples"], records[task]["_samples"], paired=paired)
+            )
+            for peer in peers
+        } or None
+    for task in timed:
+        del records[task]["_samples"], records[task]["_output"]
+
+
+def new_record(task: Task) -> dict[str, Any]:
     """A record of ``task`` with every figure ``None``."""
+    sizes = task.sizes
     record = dict.fromkeys(RECORD_KEYS)
+    jax_side = task.framework == "jax"
     record.update(
         scenario=task.scenario,
-        loop=task.name if task.framework == "jax" else None,
+        loop=task.name if jax_side else None,
         framework=task.framework,
-        peer=task.name if task.framework == "torch" else None,
+        peer=None if jax_side else task.name,
+        method=task.method,
         length=sizes.length,
         batch=sizes.batch,
         input=sizes.input,
         hidden=sizes.hidden,
         window=sizes.window if task.scenario == "train_tbptt" else None,
-    )
-    if cases.SCENARIOS[task.scenario].rnn:
-        record["flops"] = rnn_flops(
+        flops=case_flops(
             task.scenario,
             length=sizes.length,
             batch=sizes.batch,
             input=sizes.input,
             hidden=sizes.hidden,
             output=sizes.output,
-        )
+            method=task.method,
+            peer=None if jax_side else task.name,
+        ),
+    )
     return record
-
-
-def _time_jax(task, sizes, data, plan, device, warmed) -> tuple[dict[str, Any], tuple]:
-    args = jax.device_put(cases.case_args(task.scenario, data), device)
-
-    def build():
-        return cases.build_case(task.scenario, task.name, sizes)
-
-    if plan.compile_warmup and (task.scenario, task.name) not in warmed:
-        # The first compile of a scenario and loop kind in a process also pays one-time
-        # costs (JAX's and XLA's caches of the ops it uses); keep them out of compile_s.
-        jax.jit(build()).lower(*args).compile()
-        warmed.add((task.scenario, task.name))
-    measured = timing.time_jax(
-        build,
-        args,
-        warmup=plan.warmup,
-        repeats=plan.repeats,
-        compile_repeats=plan.compile_repeats,
-    )
-    figures = {
-        "lower_s": measured.lower_s,
-        "compile_s": measured.compile_s,
-        "run_s_median": measured.run.median_s,
-        "run_s_min": measured.run.min_s,
-        "memory_bytes": measured.memory_bytes,
-        "temp_bytes": measured.temp_bytes,
-        "other_cores": measured.run.other_cores,
-    }
-    return figures, tuple(np.asarray(leaf) for leaf in jax.tree.leaves(measured.run.output))
-
-
-def _time_torch(task, sizes, data, plan) -> tuple[dict[str, Any], tuple]:
-    device = plan.torch.device
-    call = torch_peers.build_peer(task.scenario, task.name, data, sizes, device)
-    measured = timing.time_calls(
-        call, warmup=plan.warmup, repeats=plan.repeats, sync=torch_peers.sync(device)
-    )
-    figures = {
-        "run_s_median": measured.median_s,
-        "run_s_min": measured.min_s,
-        "other_cores": measured.other_cores,
-    }
-    return figures, torch_peers.to_numpy(measured.output)
 
 
 def _first_line(error: BaseException) -> str:

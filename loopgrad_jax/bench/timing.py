@@ -1,76 +1,235 @@
-"""Timing a JAX case (trace+lower, compile, steady state) and any Python callable.
+"""Timing: compiling a JAX case, then running implementations interleaved.
 
-What :func:`time_jax` measures, as plain Python::
+What :func:`compile_jax` measures, as plain Python::
 
   t0; lowered = jax.jit(f).lower(*args)    # trace + lower       -> lower_s
   t1; compiled = lowered.compile()         # XLA compile         -> compile_s
-  for _ in range(warmup): jax.block_until_ready(compiled(*args))
-  for _ in range(repeats):                 # steady state        -> run_s_median, run_s_min
-    t = perf_counter(); jax.block_until_ready(compiled(*args)); times.append(perf_counter() - t)
 
-Every timed call ends in ``jax.block_until_ready``: without it only the
-dispatch would be timed.
+What :func:`time_interleaved` measures for a group of implementations of one
+case (JAX loop kinds and PyTorch peers alike), as plain Python::
+
+  for name, call in calls.items():          # untimed
+    for _ in range(warmup): sync(call())
+    number[name] = 1 if the last warm-up call took SAMPLE_MIN_S or more, else
+                   timeit's autorange: the first of 1, 2, 5, 10, 20, 50, ... calls
+                   that take SAMPLE_MIN_S or more together
+  rounds, start = 0, perf_counter()
+  while rounds < min_samples or perf_counter() - start < min_time:
+    for name in names (in reverse order every other round):
+      t = perf_counter()
+      for _ in range(number[name]): sync(call())
+      samples[name].append((perf_counter() - t) / number[name])
+    rounds += 1
+
+Every call ends in ``sync`` (``jax.block_until_ready`` for JAX): without it only
+the dispatch would be timed. Each sample is seconds per call; :func:`spread`
+summarises the samples (median, min, quartiles, a bootstrap interval of the
+median) and :func:`ratio` the ratio of two medians with its interval.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
-#: The shortest timed window whose :attr:`RunTimes.other_cores` is reported.
+#: The shortest timed window whose ``other_cores`` is reported: ``/proc/stat`` counts in
+#: 10 ms clock ticks, too coarse for a shorter one.
 MIN_LOAD_WINDOW_S = 0.25
 
+#: One sample is at least this long (several calls of a fast case, averaged), so that the
+#: timer's resolution and one call's overhead do not dominate it.
+SAMPLE_MIN_S = 2e-3
 
-class RunTimes(NamedTuple):
-    """Steady-state seconds per call, and the last call's output."""
+#: Bootstrap resamples behind every interval; the generator is seeded, so a file's
+#: intervals can be recomputed exactly from its samples.
+RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+class Spread(NamedTuple):
+    """Seconds per call of one implementation, over its samples."""
 
     median_s: float
     min_s: float
-    output: Any
-    other_cores: float | None = None  # cores other processes kept busy meanwhile (Linux)
+    q1_s: float  # first quartile
+    q3_s: float  # third quartile
+    ci_s: tuple[float, float]  # 95% bootstrap interval of the median
+    samples: int  # how many samples
+    number: int  # calls averaged into each sample
 
 
-class JaxTiming(NamedTuple):
-    """What :func:`time_jax` measures."""
+class Interleaved(NamedTuple):
+    """What :func:`time_interleaved` measured."""
+
+    samples: dict[str, list[float]]  # name -> seconds per call, one per round, in round order
+    number: dict[str, int]  # name -> calls per sample
+    outputs: dict[str, Any]  # name -> the last call's output
+    window_s: float  # wall seconds of the timed rounds
+    other_cores: float | None  # cores other processes kept busy meanwhile (Linux)
+
+
+class JaxCompiled(NamedTuple):
+    """What :func:`compile_jax` measures, and the executable it built."""
 
     lower_s: float  # trace + lower, median over compile_repeats
     compile_s: float  # XLA compile, median over compile_repeats
-    run: RunTimes
+    compiled: jax.stages.Compiled
     memory_bytes: int | None  # temp + argument + output bytes, if the backend reports them
     temp_bytes: int | None  # the temp part alone: what the loop keeps for reverse mode
 
 
-def time_calls(
-    call: Callable[[], Any],
+def time_interleaved(
+    calls: Mapping[str, Callable[[], Any]],
     *,
     warmup: int,
-    repeats: int,
-    sync: Callable[[Any], Any] = jax.block_until_ready,
-) -> RunTimes:
-    """Median and minimum seconds of ``sync(call())`` over ``repeats`` calls after ``warmup``."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats}.")
-    output = None
-    for _ in range(warmup):
-        output = sync(call())
-    times = []
-    busy_before, own_before, wall_before = machine_busy_s(), own_cpu_s(), time.perf_counter()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        output = sync(call())
-        times.append(time.perf_counter() - start)
-    busy_after, own_after, wall = machine_busy_s(), own_cpu_s(), time.perf_counter() - wall_before
+    min_samples: int,
+    min_time: float,
+    sync: Mapping[str, Callable[[Any], Any]] | None = None,
+    first: Mapping[str, Callable[[], Any]] | None = None,
+) -> Interleaved:
+    """Times ``calls`` round-robin until ``min_samples`` rounds and ``min_time`` seconds.
+
+    Args:
+      calls: name -> a zero-argument callable running one implementation once.
+      warmup: untimed calls of each before calibrating.
+      min_samples: at least this many samples (rounds) for each.
+      min_time: keep taking rounds until this many seconds have passed.
+      sync: name -> what ends a call (default ``jax.block_until_ready``).
+      first: name -> a callable run instead of the first warm-up call (for example one
+        that also counts memory), even when ``warmup`` is 0; its output is discarded.
+
+    Returns:
+      An :class:`Interleaved`. Every implementation's samples come from the same
+      rounds, so a ratio of two can pair them round by round.
+    """
+    if min_samples < 1:
+        raise ValueError(f"min_samples must be an int >= 1, got {min_samples}.")
+    if not calls:
+        raise ValueError("calls must hold at least one callable to time, got none.")
+    sync = {name: (sync or {}).get(name, jax.block_until_ready) for name in calls}
+    first = first or {}
+    outputs: dict[str, Any] = {}
+    number: dict[str, int] = {}
+    for name, call in calls.items():
+        last_s = 0.0
+        for k in range(max(warmup, int(name in first))):
+            began = time.perf_counter()
+            outputs[name] = sync[name]((first[name] if k == 0 and name in first else call)())
+            last_s = time.perf_counter() - began
+        if last_s >= SAMPLE_MIN_S:  # one call makes a sample: no need to calibrate
+            number[name] = 1
+        else:
+            number[name], outputs[name] = _autorange(call, sync[name])
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    busy_before, own_before = machine_busy_s(), own_cpu_s()
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_samples or time.perf_counter() - start < min_time:
+        for name in names if rounds % 2 == 0 else reversed(names):
+            call, done, n = calls[name], sync[name], number[name]
+            began = time.perf_counter()
+            for _ in range(n):
+                outputs[name] = done(call())
+            samples[name].append((time.perf_counter() - began) / n)
+        rounds += 1
+    window = time.perf_counter() - start
+    busy_after, own_after = machine_busy_s(), own_cpu_s()
     others = None
-    # /proc/stat counts in clock ticks (10 ms): too coarse for a shorter window.
-    if busy_before is not None and busy_after is not None and wall >= MIN_LOAD_WINDOW_S:
+    if busy_before is not None and busy_after is not None and window >= MIN_LOAD_WINDOW_S:
         other_s = (busy_after - busy_before) - (own_after - own_before)
-        others = round(max(other_s, 0.0) / wall, 2)
-    return RunTimes(statistics.median(times), min(times), output, others)
+        others = round(max(other_s, 0.0) / window, 2)
+    return Interleaved(samples, number, outputs, window, others)
+
+
+def _autorange(call: Callable[[], Any], sync: Callable[[Any], Any]) -> tuple[int, Any]:
+    """Calls per sample, the first of 1, 2, 5, 10, 20, ... taking ``SAMPLE_MIN_S`` together.
+
+    Returns it with the last call's output. The calls are untimed warm-up for the rounds.
+    """
+    output = None
+    for n in (base * 10**exponent for exponent in range(9) for base in (1, 2, 5)):
+        began = time.perf_counter()
+        for _ in range(n):
+            output = sync(call())
+        if time.perf_counter() - began >= SAMPLE_MIN_S:
+            break
+    return n, output
+
+
+def spread(samples: Sequence[float], number: int = 1) -> Spread:
+    """Median, minimum, quartiles and the bootstrap interval of the median of ``samples``."""
+    if not samples:
+        raise ValueError("samples must hold at least one time, got none.")
+    a = np.asarray(samples, np.float64)
+    q1, q3 = np.percentile(a, [25, 75])
+    return Spread(
+        median_s=float(np.median(a)),
+        min_s=float(a.min()),
+        q1_s=float(q1),
+        q3_s=float(q3),
+        ci_s=median_interval(a),
+        samples=len(a),
+        number=number,
+    )
+
+
+def median_interval(samples: Sequence[float]) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the median (seeded: reproducible)."""
+    a = np.asarray(samples, np.float64)
+    picks = np.random.default_rng(0).integers(0, len(a), (RESAMPLES, len(a)))
+    return _interval(np.median(a[picks], axis=1))
+
+
+def ratio(
+    numerator: Sequence[float], denominator: Sequence[float], *, paired: bool = True
+) -> tuple[float, float, float]:
+    """``(median(numerator) / median(denominator), low, high)`` with a 95% bootstrap interval.
+
+    ``paired`` samples of equal count come from the same rounds of
+    :func:`time_interleaved` and are resampled in pairs, so the interval keeps what the
+    two shared (a slow round slows both); otherwise each side is resampled alone.
+
+    Examples:
+      >>> ratio([4.0, 4.0, 4.0], [2.0, 2.0, 2.0])
+      (2.0, 2.0, 2.0)
+    """
+    a, b = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+    if not len(a) or not len(b):
+        raise ValueError(f"both sides need samples, got {len(a)} and {len(b)}.")
+    rng = np.random.default_rng(0)
+    picks_a = rng.integers(0, len(a), (RESAMPLES, len(a)))
+    if paired and len(a) == len(b):
+        picks_b = picks_a
+    else:
+        picks_b = rng.integers(0, len(b), (RESAMPLES, len(b)))
+    ratios = np.median(a[picks_a], axis=1) / np.median(b[picks_b], axis=1)
+    low, high = _interval(ratios)
+    return float(np.median(a) / np.median(b)), low, high
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def round_samples(samples: Sequence[float], digits: int = 4) -> list[float]:
+    """``samples`` to ``digits`` significant digits, for the JSON file."""
+    out = []
+    for s in samples:
+        if s <= 0 or not math.isfinite(s):
+            out.append(float(s))
+            continue
+        out.append(round(s, digits - 1 - math.floor(math.log10(s))))
+    return out
 
 
 def machine_busy_s() -> float | None:
@@ -94,27 +253,23 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
-def time_jax(
+def compile_jax(
     build: Callable[[], Callable[..., Any]],
     args: Sequence[Any],
     *,
-    warmup: int,
-    repeats: int,
     compile_repeats: int = 1,
-) -> JaxTiming:
-    """Times tracing+lowering, compiling and running ``build()`` on ``args``.
+) -> JaxCompiled:
+    """Times tracing+lowering and compiling ``build()`` on ``args``.
 
     Args:
       build: returns a new function object on every call, so that each of the
         ``compile_repeats`` lowerings traces and compiles afresh instead of hitting
         JAX's caches (they are keyed on the function).
       args: the arguments, already on the device to run on.
-      warmup: untimed calls before the timed ones.
-      repeats: timed calls.
       compile_repeats: lowerings and compilations; the median of each is kept.
 
     Returns:
-      A :class:`JaxTiming`.
+      A :class:`JaxCompiled`, holding the last executable.
     """
     lower_times, compile_times = [], []
     compiled = None
@@ -126,11 +281,10 @@ def time_jax(
         compiled_at = time.perf_counter()
         lower_times.append(lowered_at - start)
         compile_times.append(compiled_at - lowered_at)
-    run = time_calls(lambda: compiled(*args), warmup=warmup, repeats=repeats)
-    return JaxTiming(
+    return JaxCompiled(
         lower_s=statistics.median(lower_times),
         compile_s=statistics.median(compile_times),
-        run=run,
+        compiled=compiled,
         memory_bytes=memory_bytes(compiled),
         temp_bytes=memory_bytes(compiled, parts=("temp",)),
     )

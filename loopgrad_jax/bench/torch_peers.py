@@ -20,20 +20,41 @@ The peers, as plain PyTorch (``cell(x, h) = tanh(F.linear(cat([x, h], 1), W, b))
 - ``train_as_written``/``eager``: the article's loop (``zero_grad``, one step,
   ``backward(retain_graph=True)``, ``SGD.step()``) under
   ``torch.autograd.graph.allow_mutation_on_saved_tensors()``, without which it
-  raises at step 2.
+  raises at step 2. Each step's backward walks the retained graph of every step
+  so far: the algorithm of JAX's ``reverse`` method.
+- ``train_as_written``/``rtrl``: the algorithm of JAX's ``forward`` method
+  (real-time recurrent learning) with ``torch.func``, on the flat weights ``p``::
+
+    S = zeros(B, H, P)                       # dh/dp, every use so far
+    for t:
+      J_p, J_h = vmap(jacrev(cell_1, argnums=(0, 1)), in_dims=(None, 0, 0))(p, h, x[t])
+      S = J_h @ S + J_p                      # batched: (B,H,H) @ (B,H,P) + (B,H,P)
+      h = cell(p, h, x[t])
+      loss, (g_now, a) = value and grad of step_loss(p, h, y[t]) w.r.t. (p, h)
+      p = p - LR * (g_now + einsum("bh,bhp->p", a, S))
+
+  where ``cell_1`` is the cell on one example, ``J_p`` is ``(B, H, P)`` and ``J_h``
+  ``(B, H, H)``.
 - ``train_tbptt``/``eager``: per window, ``h = h.detach()``, the window's summed
   loss, ``backward()``, ``SGD.step()``.
+
+:func:`saved_bytes` runs a peer once more, counting the bytes autograd keeps for
+backward (:class:`SavedBytes`): the PyTorch side of the JAX cases'
+``saved_bytes``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from loopgrad_jax.bench.cases import LR, Data, Sizes
+from loopgrad_jax.bench.flops import PEER_METHODS
 
 Call = Callable[[], tuple[Any, ...]]
 
@@ -77,8 +98,18 @@ def to_numpy(output: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(t.detach().cpu().numpy()) for t in output)
 
 
-def build_peer(scenario: str, peer: str, data: Data, sizes: Sizes, device: str) -> Call:
-    """The zero-argument callable that runs ``peer`` of ``scenario`` once."""
+def build_peer(
+    scenario: str,
+    peer: str,
+    data: Data,
+    sizes: Sizes,
+    device: str,
+    counter: SavedBytes | None = None,
+) -> Call:
+    """The zero-argument callable that runs ``peer`` of ``scenario`` once.
+
+    With a ``counter``, every call also counts what autograd keeps for backward.
+    """
     import torch
 
     def tensor(a: np.ndarray) -> torch.Tensor:
@@ -90,7 +121,77 @@ def build_peer(scenario: str, peer: str, data: Data, sizes: Sizes, device: str) 
         inputs=tensor(data.inputs),
         targets=tensor(data.targets),
     )
-    return _PEERS[scenario][peer](tensors, sizes)
+    return _PEERS[scenario][peer](tensors, sizes, counter)
+
+
+class SavedBytes:
+    """The peak bytes of tensors autograd keeps for backward, while :meth:`hooks` is active.
+
+    ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor a backward
+    formula saves; each is counted by its storage, once however often it is saved
+    (a weight saved by every step counts once), from when it is saved until the
+    graph that saved it is freed. Inputs and weights saved whole count too.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._bytes = 0
+        self._live: dict[tuple, list[int]] = {}  # storage -> [bytes, saved copies alive]
+
+    def hooks(self):
+        """The context under which saved tensors are counted."""
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def note(self, nbytes: int) -> None:
+        """Counts ``nbytes`` kept by a peer that keeps them itself (no autograd graph)."""
+        self.peak = max(self.peak, int(nbytes))
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = (tensor.device.type, storage.data_ptr(), storage.nbytes())
+        if key in self._live:
+            self._live[key][1] += 1
+        else:
+            self._live[key] = [storage.nbytes(), 1]
+            self._bytes += storage.nbytes()
+            self.peak = max(self.peak, self._bytes)
+        box = _Saved(tensor)
+        weakref.finalize(box, self._release, key)
+        return box
+
+    @staticmethod
+    def _unpack(box):
+        return box.tensor
+
+    def _release(self, key: tuple) -> None:
+        entry = self._live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self._bytes -= entry[0]
+            del self._live[key]
+
+
+class _Saved:
+    """A saved tensor as autograd holds it; freed with the graph that saved it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor) -> None:
+        self.tensor = tensor
+
+
+def _counting(counter: SavedBytes | None):
+    return counter.hooks() if counter is not None else contextlib.nullcontext()
+
+
+def saved_bytes(
+    scenario: str, peer: str, data: Data, sizes: Sizes, device: str
+) -> tuple[Call, SavedBytes]:
+    """A call of ``peer`` that counts what it keeps for backward, and its counter."""
+    counter = SavedBytes()
+    return build_peer(scenario, peer, data, sizes, device, counter), counter
 
 
 def _leaves(params: tuple) -> list:
@@ -116,19 +217,20 @@ def _zeros_hidden(d: Data, sizes: Sizes):
     return d.inputs.new_zeros((sizes.batch, sizes.hidden))
 
 
-def _scalar_eager(stacked: bool) -> Callable[[Data, Sizes], Call]:
-    def build(d: Data, sizes: Sizes) -> Call:
+def _scalar_eager(stacked: bool) -> Callable[[Data, Sizes, Any], Call]:
+    def build(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
         import torch
 
         def call():
             x = d.x.detach().clone().requires_grad_()
-            if stacked:
-                loss = torch.stack([x * x + i for i in range(sizes.length)]).sum()
-            else:
-                total = torch.zeros_like(x)
-                for i in range(sizes.length):
-                    total = total + (x * x + i)
-                loss = total.sum()
+            with _counting(counter):
+                if stacked:
+                    loss = torch.stack([x * x + i for i in range(sizes.length)]).sum()
+                else:
+                    total = torch.zeros_like(x)
+                    for i in range(sizes.length):
+                        total = total + (x * x + i)
+                    loss = total.sum()
             loss.backward()
             return loss.detach(), x.grad
 
@@ -137,22 +239,23 @@ def _scalar_eager(stacked: bool) -> Callable[[Data, Sizes], Call]:
     return build
 
 
-def _rnn_eager(d: Data, sizes: Sizes) -> Call:
+def _rnn_eager(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
     cell, step_loss = _rnn_ops()
 
     def call():
         w = _leaves(d.params)
         hidden, total = _zeros_hidden(d, sizes), 0.0
-        for t in range(sizes.length):
-            hidden = cell(w, d.inputs[t], hidden)
-            total = total + step_loss(w, hidden, d.targets[t])
+        with _counting(counter):
+            for t in range(sizes.length):
+                hidden = cell(w, d.inputs[t], hidden)
+                total = total + step_loss(w, hidden, d.targets[t])
         total.backward()
         return (total.detach(), *(p.grad for p in w))
 
     return call
 
 
-def _rnn_fused(d: Data, sizes: Sizes) -> Call:
+def _rnn_fused(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
     import torch
 
     i, h, o = sizes.input, sizes.hidden, sizes.output
@@ -171,8 +274,9 @@ def _rnn_fused(d: Data, sizes: Sizes) -> Call:
     def call():
         rnn.zero_grad(set_to_none=True)
         head.zero_grad(set_to_none=True)
-        outputs, _ = rnn(d.inputs)  # (T, B, H), hidden0 = zeros
-        loss = ((head(outputs) - d.targets) ** 2).mean(dim=(1, 2)).sum()
+        with _counting(counter):
+            outputs, _ = rnn(d.inputs)  # (T, B, H), hidden0 = zeros
+            loss = ((head(outputs) - d.targets) ** 2).mean(dim=(1, 2)).sum()
         loss.backward()
         grad_i2h = torch.cat([rnn.weight_ih_l0.grad, rnn.weight_hh_l0.grad], 1)
         return loss.detach(), grad_i2h, rnn.bias_ih_l0.grad, head.weight.grad, head.bias.grad
@@ -180,7 +284,7 @@ def _rnn_fused(d: Data, sizes: Sizes) -> Call:
     return call
 
 
-def _train_as_written(d: Data, sizes: Sizes) -> Call:
+def _train_as_written(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
     import torch
 
     cell, step_loss = _rnn_ops()
@@ -189,7 +293,7 @@ def _train_as_written(d: Data, sizes: Sizes) -> Call:
         w = _leaves(d.params)
         optimizer = torch.optim.SGD(w, lr=LR)
         hidden, losses = _zeros_hidden(d, sizes), []
-        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        with torch.autograd.graph.allow_mutation_on_saved_tensors() as context:
             for t in range(sizes.length):
                 optimizer.zero_grad()
                 hidden = cell(w, d.inputs[t], hidden)
@@ -197,12 +301,73 @@ def _train_as_written(d: Data, sizes: Sizes) -> Call:
                 loss.backward(retain_graph=True)
                 optimizer.step()
                 losses.append(loss.detach())
+            if counter is not None:  # the retained graph only grows: its end is its peak
+                counter.note(_retained_bytes(context))
         return (torch.stack(losses), *(p.detach() for p in w))
 
     return call
 
 
-def _train_tbptt(d: Data, sizes: Sizes) -> Call:
+def _retained_bytes(context) -> int:
+    """Bytes the retained graph keeps under ``allow_mutation_on_saved_tensors``.
+
+    That context saves tensors through its own ``saved_tensors_hooks`` (which take
+    the place of :class:`SavedBytes`'s) and holds them in the object it returns: the
+    saved originals and the copies it made of those the optimizer then updated in
+    place. Counted by storage, once each. 0 if this PyTorch keeps them elsewhere.
+    """
+    tensors = [
+        *getattr(context, "original", {}).values(),
+        *getattr(context, "cloned", {}).values(),
+    ]
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(tensor.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _train_rtrl(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    import torch
+    import torch.nn.functional as F
+    from torch.func import jacrev, vmap
+
+    cell, step_loss = _rnn_ops()
+    shapes = [p.shape for p in d.params]
+    counts = [p.numel() for p in d.params]
+
+    def unflatten(flat) -> list:
+        return [part.view(shape) for part, shape in zip(flat.split(counts), shapes, strict=True)]
+
+    def cell_1(flat, hidden, x):  # one example: hidden (H,), x (I,)
+        w = unflatten(flat)
+        return torch.tanh(F.linear(torch.cat([x, hidden]), w[0], w[1]))
+
+    jacobians = vmap(jacrev(cell_1, argnums=(0, 1)), in_dims=(None, 0, 0))
+
+    def call():
+        flat = torch.cat([p.reshape(-1) for p in d.params])
+        hidden = _zeros_hidden(d, sizes)
+        sens = hidden.new_zeros((*hidden.shape, flat.numel()))  # S = dh/dp: (B, H, P)
+        losses = []
+        for t in range(sizes.length):
+            j_p, j_h = jacobians(flat, hidden, d.inputs[t])  # (B, H, P), (B, H, H)
+            sens = torch.baddbmm(j_p, j_h, sens)
+            hidden = cell(unflatten(flat), d.inputs[t], hidden)
+            p = flat.detach().requires_grad_()
+            h = hidden.detach().requires_grad_()
+            loss = step_loss(unflatten(p), h, d.targets[t])
+            grad_now, adjoint = torch.autograd.grad(loss, (p, h))
+            flat = flat - LR * (grad_now + torch.einsum("bh,bhp->p", adjoint, sens))
+            losses.append(loss.detach())
+            if counter is not None:  # no graph outlives a step; S is what it keeps
+                counter.note(sens.nbytes)
+        return (torch.stack(losses), *unflatten(flat))
+
+    return call
+
+
+def _train_tbptt(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
     import torch
 
     cell, step_loss = _rnn_ops()
@@ -215,11 +380,12 @@ def _train_tbptt(d: Data, sizes: Sizes) -> Call:
             hidden = hidden.detach()
             optimizer.zero_grad()
             total = 0.0
-            for t in range(start, min(start + sizes.window, sizes.length)):
-                hidden = cell(w, d.inputs[t], hidden)
-                loss = step_loss(w, hidden, d.targets[t])
-                losses.append(loss.detach())
-                total = total + loss
+            with _counting(counter):
+                for t in range(start, min(start + sizes.window, sizes.length)):
+                    hidden = cell(w, d.inputs[t], hidden)
+                    loss = step_loss(w, hidden, d.targets[t])
+                    losses.append(loss.detach())
+                    total = total + loss
             total.backward()
             optimizer.step()
         return (torch.stack(losses), *(p.detach() for p in w))
@@ -227,14 +393,19 @@ def _train_tbptt(d: Data, sizes: Sizes) -> Call:
     return call
 
 
-_PEERS: dict[str, dict[str, Callable[[Data, Sizes], Call]]] = {
+_PEERS: dict[str, dict[str, Callable[[Data, Sizes, Any], Call]]] = {
     "accumulate": {"eager": _scalar_eager(stacked=False)},
     "stack": {"eager": _scalar_eager(stacked=True)},
     "rnn_loss": {"eager": _rnn_eager, "nn.RNN": _rnn_fused},
     "rnn_loss_hoisted": {},  # the same computation as rnn_loss: its peers are there
-    "train_as_written": {"eager": _train_as_written},
+    "train_as_written": {"eager": _train_as_written, "rtrl": _train_rtrl},
     "train_tbptt": {"eager": _train_tbptt},
 }
 
 #: Scenario -> the names of its PyTorch peers.
 PEERS: dict[str, tuple[str, ...]] = {s: tuple(p) for s, p in _PEERS.items()}
+
+
+def peer_method(scenario: str, peer: str) -> str | None:
+    """The JAX as-written method whose algorithm ``peer`` runs (``None`` elsewhere)."""
+    return PEER_METHODS[peer] if scenario == "train_as_written" else None
