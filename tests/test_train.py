@@ -225,7 +225,8 @@ def test_custom_optimizer_state_is_carried():
     plain = _train(*problem, lr=0.05, mode="tbptt", window=2)
     zero = _train(*problem, mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.0))
     heavy = _train(*problem, mode="tbptt", window=2, optimizer=optax.sgd(0.05, momentum=0.9))
-    assert_close(zero, plain, TOL["float64"])
+    # optax.sgd(momentum=0.0) keeps a (zero-weighted) trace in its state; the rest is equal.
+    assert_close(zero._replace(opt_state=None), plain._replace(opt_state=None), TOL["float64"])
     # With momentum the second update is lr * (g2 + 0.9 g1), not lr * g2.
     g = heavy.grads.i2h_weight
     after_two = problem[0].i2h_weight - 0.05 * g[0] - 0.05 * (g[1] + 0.9 * g[0])
@@ -356,9 +357,9 @@ RESUMABLE_OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("name", RESUMABLE_OPTIMIZERS)
-@pytest.mark.parametrize("cut", [3, 6])
-def test_tbptt_two_calls_split_at_a_window_equal_one(name, cut):
-    params, x, y, h0 = random_rnn_problem(jax.random.key(7), 9, 2, 3, 4, 1)
+def test_tbptt_two_calls_split_at_a_window_equal_one(name):
+    params, x, y, h0 = random_rnn_problem(jax.random.key(7), 8, 2, 3, 4, 1)
+    cut = 3  # windows of 3, 3, 2: the second call runs a full window and a shorter one
     kwargs = {"mode": "tbptt", "window": 3, "optimizer": RESUMABLE_OPTIMIZERS[name]()}
     with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (see _promotion)
         one = lg.train_rnn(params, x, y, hidden0=h0, **kwargs)
