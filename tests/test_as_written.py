@@ -3,6 +3,8 @@
 Parity with PyTorch lives in ``test_train.py``; nothing here times anything.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from helpers import TOL, assert_close, random_rnn_problem
 
 import loopgrad_jax as lg
 from loopgrad_jax import _as_written
+from loopgrad_jax.bench import as_written_grid
 
 
 def _train(problem, method, *, lr=0.1, loop="scan", cell=lg.rnn_cell):
@@ -137,3 +140,36 @@ def test_cost_of_an_unknown_method_names_it():
     sizes = lg.RNNSizes(length=3, batch=1, input=1, hidden=1, output=1)
     with pytest.raises(ValueError, match=r"method must be 'forward' or 'reverse', got 'auto'"):
         lg.as_written_cost(sizes, "auto")
+
+
+def test_fit_recovers_the_prices_that_made_the_times():
+    # Times made by a known model are fitted back to it exactly (prices of 2 digits).
+    model = {
+        "forward": {"call": 2.1e-4, "step": 1.5e-5, "flop": 3.2e-11, "number": 4.4e-9},
+        "reverse": {"call": 1.3e-4, "slot": 6.1e-7, "vjp": 2.7e-6, "flop": 1.9e-10},
+    }
+    records = []
+    for sizes in as_written_grid.points(
+        {"input": (3, 40), "hidden": (2, 9, 30), "batch": (1, 7), "length": (5, 60, 700)}
+    ):
+        record = {"skipped": None, **sizes._asdict()}
+        for method in ("forward", "reverse"):
+            seconds = _as_written.estimated_seconds(sizes, method, 4, model)
+            record[method] = {"median_s": seconds}
+        records.append(record)
+    assert as_written_grid.fit(records) == model
+
+
+def test_grid_cli_writes_both_methods_and_auto_side_by_side(tmp_path):
+    path = tmp_path / "grid.json"
+    argv = ["--input", "2", "--hidden", "3", "--batch", "1", "--length", "3"]
+    assert as_written_grid.main([*argv, "--repeats", "3", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["meta"]["status"] == "complete"
+    assert {"cpu", "usable_cores", "jax", "jaxlib", "command"} <= set(record["meta"])
+    [r] = record["records"]
+    assert (r["input"], r["hidden"], r["batch"], r["length"], r["skipped"]) == (2, 3, 1, 3, None)
+    median = {m: r[m]["median_s"] for m in ("forward", "reverse")}
+    assert len(r["forward"]["times_s"]) == len(r["reverse"]["times_s"]) == r["repeats"] >= 3
+    assert r["auto_over_faster"] == median[r["auto"]] / min(median.values())
+    assert r["forward"]["temp_bytes"] > 0
