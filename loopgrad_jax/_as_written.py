@@ -9,19 +9,28 @@ into the one leaf tensor ``p`` a contribution from every use of it::
   where  a_t = dL_t/dh_t,   a_{s-1} = a_s^T d cell(p_s, h_{s-1}, x_s) / dh_{s-1}
 
 - ``forward`` carries ``S_t = dh_t/dp`` (every use up to ``t``) forward in time:
-  ``S_t = dcell/dh S_{t-1} + dcell/dp`` and ``g_t = dL_t/dp_t + a_t^T S_t``.
+  ``S_t = dcell/dh S_{t-1} + dcell/dp`` and ``g_t = dL_t/dp_t + a_t^T S_t``. Per
+  step: one Jacobian of the cell per example (:func:`cell_jacobians`) and one
+  batched ``(H, H) x (H, P)`` product; ``O(T*B*H*H*P)`` time, ``O(B*H*P)`` memory.
 - ``reverse`` keeps the weights and hidden states of every step and runs the
   ``a_s`` recursion backward from ``t`` at every step, as PyTorch's retained
-  graph does.
+  graph does: ``T*(T+1)/2`` cell VJPs in all, ``O(T**2 * B*H*(I+H))`` time,
+  ``O(T*(B*H + P))`` memory.
+
+Both take the recurrent step as ``cell(params, hidden, x) -> new_hidden``
+(:func:`loopgrad_jax.rnn_cell` by default). :func:`as_written_cost` counts their
+FLOPs and compiled memory; :func:`choose_method` (``as_written_method="auto"``)
+picks the one a time model fitted to measurements finds faster.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
+from jax import lax
 
 from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._result import (
@@ -31,7 +40,10 @@ from loopgrad_jax._result import (
     keep_result,
     keep_step,
 )
-from loopgrad_jax._rnn import RNNParams, RNNSizes, rnn_cell, step_loss
+from loopgrad_jax._rnn import RNNSizes, rnn_cell, step_loss
+
+#: A recurrent step ``cell(params, hidden, x) -> new_hidden``; ``hidden`` is ``(B, H)``.
+Cell = Callable[[Any, jax.Array, Any], jax.Array]
 
 #: Values of ``train_rnn(as_written_method=...)``.
 METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
@@ -44,7 +56,21 @@ class Cost(NamedTuple):
     """An estimate of one as-written training run."""
 
     flops: float  # multiply-adds counted as 2
-    memory_bytes: float  # what the method keeps beyond the inputs
+    memory_bytes: float  # temp bytes of the compiled run: what the method keeps
+
+
+#: Seconds per unit of each of :func:`work_counts`, per method: ``auto``'s time model,
+#: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Provisional:
+#: fitted by ``python -m loopgrad_jax.bench.as_written_grid --fit`` to a first 11-point
+#: grid (I=10, H in {5, 64}, B in {1, 8}, T in {10, 100, 1000}) on a 2-core x86 CPU.
+TIME_MODEL: dict[str, dict[str, float]] = {
+    "forward": {"call": 3.6e-4, "step": 1.2e-5, "flop": 0.0, "number": 5e-9},
+    "reverse": {"call": 1.5e-4, "slot": 2.3e-6, "vjp": 0.0, "flop": 1.6e-10},
+}
+
+#: Fixed bytes the compiled program's temp space holds beside the method's arrays
+#: (small buffers, each aligned), measured with :func:`jax.stages.Compiled.memory_analysis`.
+_FIXED_BYTES = {"forward": 1024, "reverse": 2048}
 
 
 def num_params(sizes: RNNSizes) -> int:
@@ -54,49 +80,140 @@ def num_params(sizes: RNNSizes) -> int:
 
 
 def as_written_cost(sizes: RNNSizes, method: str, itemsize: int = 4) -> Cost:
-    """Estimates time (FLOPs) and memory of ``method`` for these sizes.
+    """Estimates the work (FLOPs) and memory of ``method`` for these sizes.
 
-    The cell's product costs ``c = 2*B*H*(I+H)`` FLOPs. ``forward`` pushes ``P``
-    tangents through it every step: ``T*P*c`` FLOPs, ``B*H*P`` numbers.
-    ``reverse`` runs a forward and backward cell (about ``3c``) over all ``T``
-    stored steps at every step: ``3*T*T*c`` FLOPs, ``T*(B*H + P)`` numbers.
+    FLOPs count the matrix products, a multiply-add as 2. With ``P`` weights,
+    ``c = 2*B*H*(I+H)`` for the cell's product and ``d = 2*B*H*O`` for the head's,
+    every step runs the cell and the head forward and the head backward:
+    ``c + 3d``. Beyond that, per step:
+
+    - ``forward``: the per-example Jacobians (the cell again, ``c``, and ``H``
+      one-hot VJPs of two products each, ``2*H*c``), the chain term
+      ``dcell/dh @ S`` (``2*B*H*H*P``) and ``a_t^T S_t`` (``2*B*H*P``).
+    - ``reverse``: step ``t`` runs ``t + 1`` cell VJPs (forward and two
+      backward products, ``3c``): ``3c * T*(T+1)/2`` in all.
+
+    ``memory_bytes`` is what ``jax.jit(train_rnn).lower(...).compile()``'s
+    ``memory_analysis().temp_size_in_bytes`` reports with ``loop="scan"``, to
+    within 2x (``tests/test_as_written.py`` checks a grid of sizes; inputs and
+    outputs, such as the ``(T, P)`` gradients returned, are not temp):
+
+    - ``forward``: ``S`` and its update (``2*B*H*P`` numbers), ``dcell/dh``
+      (``B*H*H``) and a few weight- and state-sized buffers (``4*(P + B*H)``);
+    - ``reverse``: the history, the weights and input state of every step
+      (``T*(P + B*H)``), and a few weight- and state-sized buffers (``4*(P + B*H)``);
+
+    plus about 1-2 KiB of small buffers. (With ``T = 1`` XLA removes the loop
+    and needs less.)
+
+    Args:
+      sizes: the run's :class:`RNNSizes`.
+      method: ``"forward"`` or ``"reverse"``.
+      itemsize: bytes per number (4 for float32, 8 for float64).
+
+    Returns:
+      A :class:`Cost`.
     """
-    t, b, i, h, _ = sizes
+    _check_method(method)
+    t, b, i, h, o = sizes
     p = num_params(sizes)
-    cell = 2.0 * b * h * (i + h)
+    cell, head = 2.0 * b * h * (i + h), 2.0 * b * h * o
+    every_step = t * (cell + 3 * head)
     if method == "forward":
-        return Cost(flops=t * p * cell, memory_bytes=float(b * h * p * itemsize))
-    if method == "reverse":
-        return Cost(flops=3.0 * t * t * cell, memory_bytes=float(t * (b * h + p) * itemsize))
-    raise ValueError(f"method must be 'forward' or 'reverse', got {method!r}.")
+        per_step = cell + 2 * h * cell + 2.0 * b * h * h * p + 2.0 * b * h * p
+        numbers = 2 * b * h * p + b * h * h + 4 * (p + b * h)
+        flops = every_step + t * per_step
+    else:
+        numbers = (t + 4) * (p + b * h)
+        flops = every_step + 3 * cell * t * (t + 1) / 2
+    return Cost(flops=flops, memory_bytes=float(numbers * itemsize + _FIXED_BYTES[method]))
+
+
+def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
+    """What one run of ``method`` does, counted in the units :data:`TIME_MODEL` prices.
+
+    - ``call``: 1, the run itself (dispatch, buffers);
+    - ``flop``: :func:`as_written_cost`'s FLOPs;
+    - ``forward``: ``step``, ``T`` loop iterations, and ``number``, the ``T*B*H*P``
+      entries of ``S`` updated (each is read and written a few times per step);
+    - ``reverse``: ``slot``, ``T**2`` iterations of the history loop, ``T*(T+1)/2``
+      of which (``vjp``) run a cell VJP and the rest skip.
+    """
+    cost = as_written_cost(sizes, method)
+    t, b, _, h, _ = sizes
+    if method == "forward":
+        return {"call": 1, "step": t, "flop": cost.flops, "number": t * b * h * num_params(sizes)}
+    return {"call": 1, "slot": t * t, "vjp": t * (t + 1) / 2, "flop": cost.flops}
+
+
+def estimated_seconds(
+    sizes: RNNSizes,
+    method: str,
+    itemsize: int = 4,
+    model: dict[str, dict[str, float]] | None = None,
+) -> float:
+    """Seconds for one run of ``method`` by ``model`` (default :data:`TIME_MODEL`).
+
+    FLOPs and numbers of ``itemsize``-byte floats are taken as ``itemsize / 4``
+    times slower than float32 ones (a vector register holds half as many
+    float64s); the grid measured float32 only.
+    """
+    prices = (TIME_MODEL if model is None else model)[method]
+    wider = max(itemsize / 4, 1.0)
+    return sum(
+        prices[k] * n * (wider if k in ("flop", "number") else 1.0)
+        for k, n in work_counts(sizes, method).items()
+    )
 
 
 def choose_method(sizes: RNNSizes, dtype: jnp.dtype) -> str:
-    """The cheaper exact method by :func:`as_written_cost`."""
+    """``auto``: the method :func:`estimated_seconds` finds faster, within the memory cap.
+
+    ``forward`` is never chosen when its :func:`as_written_cost` memory exceeds
+    :data:`FORWARD_MEMORY_LIMIT`.
+    """
     itemsize = jnp.dtype(dtype).itemsize
-    forward = as_written_cost(sizes, "forward", itemsize)
-    reverse = as_written_cost(sizes, "reverse", itemsize)
-    if forward.memory_bytes > FORWARD_MEMORY_LIMIT or forward.flops > reverse.flops:
+    if as_written_cost(sizes, "forward", itemsize).memory_bytes > FORWARD_MEMORY_LIMIT:
         return "reverse"
-    return "forward"
+    forward = estimated_seconds(sizes, "forward", itemsize)
+    reverse = estimated_seconds(sizes, "reverse", itemsize)
+    return "forward" if forward <= reverse else "reverse"
+
+
+def _check_method(method: str) -> None:
+    if method not in ("forward", "reverse"):
+        raise ValueError(f"method must be 'forward' or 'reverse', got {method!r}.")
 
 
 def train(
-    params, inputs, targets, hidden0, *, method, loop, optimizer, opt_state, keep_grads
+    params,
+    inputs,
+    targets,
+    hidden0,
+    *,
+    method,
+    loop,
+    optimizer,
+    opt_state,
+    keep_grads,
+    cell: Cell = rnn_cell,
 ) -> TrainResult:
     """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``).
+
+    ``cell(params, hidden, x) -> hidden`` is the recurrent step (:func:`rnn_cell`);
+    ``forward`` assumes it treats the rows of ``hidden`` and ``x`` independently.
 
     The retained history starts here: a call that continues an earlier run
     (given its ``params``, ``opt_state`` and ``hidden``) treats ``hidden0`` as a
     constant, as PyTorch does for a tensor from a graph that no longer exists.
     """
     steps = inputs.shape[0]
-    gradient = _Forward() if method == "forward" else _Reverse(inputs, loop)
+    gradient = _Forward(cell) if method == "forward" else _Reverse(cell, inputs, loop)
 
     def body(carry, xyt):
         params, opt_state, hidden, state, kept = carry
         x, y, t = xyt
-        new_hidden = rnn_cell(params, hidden, x)
+        new_hidden = cell(params, hidden, x)
         # dL_t/dp_t (this step's own use of the head and cell) and a_t = dL_t/dh_t.
         loss, (grad_now, adjoint) = jax.value_and_grad(step_loss, argnums=(0, 1))(
             params, new_hidden, y
@@ -116,40 +233,79 @@ def train(
     return TrainResult(params, losses, grads, hidden, opt_state)
 
 
-class _Forward:
-    """Real-time recurrent learning: the state is ``S_{t-1} = dh_{t-1}/dp``, ``(B, H, P)``."""
+def cell_jacobians(cell: Cell, params, hidden: jax.Array, x) -> tuple[Any, jax.Array]:
+    """Each example's ``dcell/dp`` and ``dcell/dh``, by reverse mode over its ``H`` outputs.
 
-    def init(self, params: RNNParams, hidden0: jax.Array, steps: int) -> jax.Array:
-        flat, _ = ravel_pytree(params)
-        return jnp.zeros((*hidden0.shape, flat.shape[0]), hidden0.dtype)
+    Returns ``(jac_p, jac_h)``: ``jac_p`` is shaped like ``params`` with every
+    leaf ``(B, H, *leaf.shape)``, and ``jac_h`` is ``(B, H, H)``. As plain Python::
+
+      for b in range(B):
+        new = lambda p, h: cell(p, h[None], x[b][None])[0]       # (H,)
+        jac_p[b], jac_h[b] = d new / d p, d new / d h   at (params, hidden[b])
+
+    This is the whole Jacobian of ``cell`` only if row ``b`` of the new hidden
+    state depends on row ``b`` of ``hidden`` and ``x`` alone, as in every
+    recurrent cell without batch statistics; the cross-example blocks are taken
+    to be zero. ``H`` VJPs of one example each cost ``B`` times less than
+    ``B*H`` VJPs of the whole batch.
+    """
+
+    def one_example(params, h, x):
+        return cell(params, h[None], jax.tree.map(lambda a: a[None], x))[0]
+
+    jacobians = jax.vmap(jax.jacrev(one_example, argnums=(0, 1)), in_axes=(None, 0, 0))
+    return jacobians(params, hidden, x)
+
+
+class _Forward:
+    """Real-time recurrent learning: the state is ``S_{t-1} = dh_{t-1}/dp``.
+
+    ``S`` is shaped like the parameters, every leaf ``(B, H, *leaf.shape)``:
+    ``B*H*P`` numbers. One block per leaf (rather than one ``(B, H, P)`` array)
+    saves concatenating the Jacobian's blocks every step, which XLA's CPU
+    backend does slowly.
+    """
+
+    def __init__(self, cell: Cell):
+        self.cell = cell
+
+    def init(self, params, hidden0: jax.Array, steps: int):
+        return jax.tree.map(lambda a: jnp.zeros((*hidden0.shape, *a.shape), a.dtype), params)
 
     def step(self, sens, params, hidden, x, t, adjoint, grad_now):
-        """``S_t = dcell/dh S_{t-1} + dcell/dp`` as one batch of ``P`` JVPs."""
+        """``S_t = dcell/dh S_{t-1} + dcell/dp`` and ``g_t = dL_t/dp_t + a_t^T S_t``."""
         del t
-        flat, unravel = ravel_pytree(params)
+        jac_p, jac_h = cell_jacobians(self.cell, params, hidden, x)
 
-        def tangent(dp, dh):
-            return jax.jvp(lambda p, h: rnn_cell(unravel(p), h, x), (flat, hidden), (dp, dh))[1]
+        def update(s, direct):  # (B, H, ...) blocks; one batched (H, H) x (H, n) product
+            return jnp.einsum("bkj,bj...->bk...", jac_h, s) + direct
 
-        basis = jnp.eye(flat.shape[0], dtype=flat.dtype)
-        sens = jax.vmap(tangent, in_axes=(0, -1), out_axes=-1)(basis, sens)
-        through_hidden = unravel(jnp.einsum("bh,bhp->p", adjoint, sens))
-        return jax.tree.map(jnp.add, grad_now, through_hidden), sens
+        sens = jax.tree.map(update, sens, jac_p)
+        grads = jax.tree.map(
+            lambda g, s: g + jnp.einsum("bh,bh...->...", adjoint, s), grad_now, sens
+        )
+        return grads, sens
 
 
 class _Reverse:
     """Re-differentiates the stored history: the state is every ``(p_s, h_{s-1})``."""
 
-    def __init__(self, inputs: jax.Array, loop: str | Loop):
+    def __init__(self, cell: Cell, inputs: jax.Array, loop: str | Loop):
+        self.cell = cell
         self.inputs = inputs
         self.loop = loop
 
-    def init(self, params: RNNParams, hidden0: jax.Array, steps: int):
+    def init(self, params, hidden0: jax.Array, steps: int):
         params_hist = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), params)
         return params_hist, jnp.zeros((steps, *hidden0.shape), hidden0.dtype)
 
     def step(self, history, params, hidden, x, t, adjoint, grad_now):
-        """Stores step ``t``, then runs the adjoint recursion over steps ``t, ..., 0``."""
+        """Stores step ``t``, then runs the adjoint recursion over steps ``t, ..., 0``.
+
+        The loop runs over all ``T`` slots (its length must be static), from the last
+        to the first; a ``lax.cond`` skips the slots after ``t``, which hold no step
+        yet, so only ``t + 1`` cell VJPs run and nothing is evaluated on empty slots.
+        """
         del x
         params_hist, hidden_hist = history
         params_hist = jax.tree.map(lambda buf, p: buf.at[t].set(p), params_hist, params)
@@ -157,13 +313,16 @@ class _Reverse:
         steps = hidden_hist.shape[0]
 
         def backward_step(acc, past):
-            adjoint, grads = acc
             p_s, h_prev, x_s, s = past
-            _, pullback = jax.vjp(lambda p, h: rnn_cell(p, h, x_s), p_s, h_prev)
-            grad_p, grad_h = pullback(adjoint)
-            live = s <= t  # steps after t are not in L_t's graph yet
-            grads = jax.tree.map(lambda g, d: jnp.where(live, g + d, g), grads, grad_p)
-            return (jnp.where(live, grad_h, adjoint), grads), None
+
+            def through_step(acc):
+                adjoint, grads = acc
+                _, pullback = jax.vjp(lambda p, h: self.cell(p, h, x_s), p_s, h_prev)
+                grad_p, grad_h = pullback(adjoint)
+                return grad_h, jax.tree.map(jnp.add, grads, grad_p)
+
+            # Steps after t are not in L_t's graph yet.
+            return lax.cond(s <= t, through_step, lambda acc: acc, acc), None
 
         past = (params_hist, hidden_hist, self.inputs, jnp.arange(steps))
         (_, grads), _ = run_loop(

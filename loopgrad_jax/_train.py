@@ -81,10 +81,15 @@ def train_rnn(
 
     - ``"forward"``: real-time recurrent learning. The sensitivity
       ``d hidden / d params`` (``B*H*P`` numbers for ``P`` parameters) is carried
-      forward in time.
+      forward in time, one batched ``(H, H) x (H, P)`` product per step:
+      ``O(T * B*H*H*P)`` time, ``O(B*H*P)`` memory.
     - ``"reverse"``: each step re-differentiates the stored history (weights and
-      hidden states of every past step), like PyTorch's retained graph.
-    - ``"auto"`` picks one by :func:`as_written_cost`.
+      hidden states of every past step), like PyTorch's retained graph:
+      ``T*(T+1)/2`` cell VJPs, ``O(T**2 * B*H*(I+H))`` time, ``O(T * (B*H + P))``
+      memory.
+    - ``"auto"`` picks the one a time model, fitted to both methods' measured
+      times over a grid of sizes, finds faster; never ``"forward"`` when its
+      memory (:func:`as_written_cost`) would exceed 1 GiB.
 
     ``mode="tbptt"`` (truncated backpropagation through time, ``ceil(T/window)``
     updates)::

@@ -187,21 +187,6 @@ def test_first_as_written_step_is_plain_gradient():
         assert_close(jax.tree.map(lambda g: g[0], result.grads), first, TOL["float64"])
 
 
-def test_auto_method_follows_cost_estimate():
-    small = lg.RNNSizes(length=1000, batch=1, input=10, hidden=5, output=1)
-    short = small._replace(length=10)
-    big = lg.RNNSizes(length=100, batch=32, input=64, hidden=256, output=1)
-    assert lg.as_written_cost(small, "forward").flops < lg.as_written_cost(small, "reverse").flops
-    assert lg.as_written_cost(short, "forward").flops > lg.as_written_cost(short, "reverse").flops
-    # P = 256*320 + 256 + 256 + 1 = 82,433 parameters; B*H*P float32 sensitivity = 2.7 GB.
-    assert lg.as_written_cost(big, "forward").memory_bytes == 32 * 256 * 82433 * 4
-    from loopgrad_jax._as_written import choose_method
-
-    assert choose_method(small, jnp.float32) == "forward"
-    assert choose_method(short, jnp.float32) == "reverse"
-    assert choose_method(big, jnp.float32) == "reverse"
-
-
 def test_jitted_train_rnn_compiles_once():
     params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(0), 6, 2, 3, 4, 1)
     traces = []

@@ -1,0 +1,185 @@
+"""The as-written methods' structure: work, memory, generic cells and how ``auto`` decides.
+
+Parity with PyTorch lives in ``test_train.py``; nothing here times anything.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import TOL, assert_close, random_rnn_problem
+
+import loopgrad_jax as lg
+from loopgrad_jax import _as_written
+from loopgrad_jax.bench import as_written_grid
+
+
+def _train(problem, method, *, lr=0.1, loop="scan", cell=lg.rnn_cell):
+    params, inputs, targets, hidden0 = problem
+    optimizer = optax.sgd(lr)
+    return _as_written.train(
+        params,
+        inputs,
+        targets,
+        hidden0,
+        method=method,
+        loop=loop,
+        optimizer=optimizer,
+        opt_state=optimizer.init(params),
+        keep_grads="all",
+        cell=cell,
+    )
+
+
+def rms_cell(params, hidden, x):
+    """:func:`loopgrad_jax.rnn_cell` on the RMS-normalised hidden state: singular at zero."""
+    normed = hidden * jax.lax.rsqrt(jnp.mean(hidden**2, axis=1, keepdims=True))
+    return lg.rnn_cell(params, normed, x)
+
+
+def test_reverse_runs_one_cell_vjp_per_stored_step():
+    # Step t re-differentiates steps t, ..., 0: T*(T+1)/2 cell VJPs in all, each of which
+    # evaluates the cell once, besides the T forward steps. Masking the slots after t
+    # instead of skipping them would evaluate the cell T + T*T times.
+    calls = []
+
+    def counting_cell(params, hidden, x):
+        jax.debug.callback(lambda: calls.append(None))
+        return lg.rnn_cell(params, hidden, x)
+
+    t = 5
+    problem = random_rnn_problem(jax.random.key(0), t, 2, 3, 4, 1)
+    jax.block_until_ready(jax.jit(lambda: _train(problem, "reverse", cell=counting_cell))())
+    jax.effects_barrier()
+    assert len(calls) == t + t * (t + 1) // 2
+
+
+def test_cell_singular_at_zero_history_has_finite_outer_gradients():
+    # An RMS-normalised cell is NaN at a zero hidden state. No step the loop has not
+    # reached may be evaluated, on the way forward or back: jax.grad with respect to lr
+    # through the whole run is finite and matches a central difference. In float64 with
+    # eps = 1e-6 its error is O(eps**2) from truncation plus O(1e-16 / eps) = 1e-10
+    # relative from rounding, so rtol=1e-7 leaves a 1000x margin.
+    problem = random_rnn_problem(jax.random.key(3), 5, 2, 3, 4, 1)  # hidden0 != 0
+    run = jax.jit(
+        lambda lr, method: _train(problem, method, lr=lr, cell=rms_cell), static_argnums=1
+    )
+    grad = jax.jit(jax.grad(lambda lr: run(lr, "reverse").losses.sum()))(0.1)
+    assert np.isfinite(grad)
+    eps = 1e-6
+    central = (run(0.1 + eps, "reverse").losses.sum() - run(0.1 - eps, "reverse").losses.sum()) / (
+        2 * eps
+    )
+    np.testing.assert_allclose(grad, central, rtol=1e-7)
+    # The forward method runs the same cell to the same result.
+    assert_close(run(0.1, "forward"), run(0.1, "reverse"), TOL["float64"])
+
+
+def test_cell_jacobians_are_the_batch_jacobian_blocks():
+    params, inputs, _, hidden = random_rnn_problem(jax.random.key(5), 1, 3, 2, 4, 1)
+    x = inputs[0]
+    jac_p, jac_h = jax.jit(_as_written.cell_jacobians, static_argnums=0)(
+        lg.rnn_cell, params, hidden, x
+    )
+    full_p, full_h = jax.jit(jax.jacrev(lg.rnn_cell, argnums=(0, 1)))(params, hidden, x)
+    # full_h[b, k, c, j] = d new[b, k] / d hidden[c, j]: zero unless b == c.
+    rows = np.arange(3)
+    assert_close(jac_h, np.asarray(full_h)[rows, :, rows, :], TOL["float64"])
+    off_diagonal = np.asarray(full_h).copy()
+    off_diagonal[rows, :, rows, :] = 0.0
+    assert not off_diagonal.any()
+    assert_close(jac_p, full_p, TOL["float64"])
+
+
+def _temp_bytes(sizes, method, dtype):
+    t, b, i, h, o = sizes
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, dtype), lg.init_rnn(jax.random.key(0), i, h, o)
+    )
+    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in ((t, b, i), (t, b, o), (b, h))]
+
+    def run(params, inputs, targets, hidden0):
+        return lg.train_rnn(params, inputs, targets, hidden0=hidden0, as_written_method=method)
+
+    compiled = jax.jit(run).lower(params, *shapes).compile()  # compiled only, never run
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+# One size at a time around a base point, for each method, float32 and float64 in turn:
+# every term of the estimate (B*H*P, B*H*H and P + B*H for forward; T*(P + B*H) for
+# reverse) dominates somewhere. (T >= 2: with one step XLA removes the loop and its buffers.)
+_BASE = lg.RNNSizes(length=20, batch=2, input=5, hidden=8, output=1)
+_VARIED = [
+    _BASE,
+    _BASE._replace(length=200),
+    _BASE._replace(batch=16),
+    _BASE._replace(input=40),
+    _BASE._replace(hidden=32),
+]
+MEMORY_GRID = [
+    (sizes, method, ("float32", "float64")[(k + (method == "reverse")) % 2])
+    for method in ("forward", "reverse")
+    for k, sizes in enumerate(_VARIED)
+]
+
+
+def test_compiled_temp_memory_is_within_2x_of_the_estimate():
+    for sizes, method, dtype in MEMORY_GRID:
+        estimate = lg.as_written_cost(sizes, method, jnp.dtype(dtype).itemsize).memory_bytes
+        measured = _temp_bytes(sizes, method, dtype)
+        assert estimate / 2 <= measured <= 2 * estimate, (sizes, method, dtype, measured, estimate)
+
+
+def test_auto_keeps_forward_under_the_memory_cap():
+    # I=64, H=256, B=32: P = 82,433, so forward's sensitivity alone is 2*B*H*P*4 = 5.4 GB.
+    # At T=100,000 the time model favours forward (its work grows as T, reverse's as T**2),
+    # but it would not fit under FORWARD_MEMORY_LIMIT.
+    big = lg.RNNSizes(length=100_000, batch=32, input=64, hidden=256, output=1)
+    assert _as_written.num_params(big) == 82_433
+    forward = _as_written.estimated_seconds(big, "forward")
+    assert forward < _as_written.estimated_seconds(big, "reverse")
+    memory = lg.as_written_cost(big, "forward").memory_bytes
+    assert memory >= 2 * 32 * 256 * 82_433 * 4 > _as_written.FORWARD_MEMORY_LIMIT
+    assert _as_written.choose_method(big, jnp.float32) == "reverse"
+
+
+def test_cost_of_an_unknown_method_names_it():
+    sizes = lg.RNNSizes(length=3, batch=1, input=1, hidden=1, output=1)
+    with pytest.raises(ValueError, match=r"method must be 'forward' or 'reverse', got 'auto'"):
+        lg.as_written_cost(sizes, "auto")
+
+
+def test_fit_recovers_the_prices_that_made_the_times():
+    # Times made by a known model are fitted back to it exactly (prices of 2 digits).
+    model = {
+        "forward": {"call": 2.1e-4, "step": 1.5e-5, "flop": 3.2e-11, "number": 4.4e-9},
+        "reverse": {"call": 1.3e-4, "slot": 6.1e-7, "vjp": 2.7e-6, "flop": 1.9e-10},
+    }
+    records = []
+    for sizes in as_written_grid.points(
+        {"input": (3, 40), "hidden": (2, 9, 30), "batch": (1, 7), "length": (5, 60, 700)}
+    ):
+        record = {"skipped": None, **sizes._asdict()}
+        for method in ("forward", "reverse"):
+            seconds = _as_written.estimated_seconds(sizes, method, 4, model)
+            record[method] = {"median_s": seconds}
+        records.append(record)
+    assert as_written_grid.fit(records) == model
+
+
+def test_grid_cli_writes_both_methods_and_auto_side_by_side(tmp_path):
+    path = tmp_path / "grid.json"
+    argv = ["--input", "2", "--hidden", "3", "--batch", "1", "--length", "3"]
+    assert as_written_grid.main([*argv, "--repeats", "3", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["meta"]["status"] == "complete"
+    assert {"cpu", "usable_cores", "jax", "jaxlib", "command"} <= set(record["meta"])
+    [r] = record["records"]
+    assert (r["input"], r["hidden"], r["batch"], r["length"], r["skipped"]) == (2, 3, 1, 3, None)
+    median = {m: r[m]["median_s"] for m in ("forward", "reverse")}
+    assert len(r["forward"]["times_s"]) == len(r["reverse"]["times_s"]) == r["repeats"] >= 3
+    assert r["auto_over_faster"] == median[r["auto"]] / min(median.values())
+    assert r["forward"]["temp_bytes"] > 0
