@@ -145,8 +145,20 @@ def test_cost_of_an_unknown_method_names_it():
 def test_fit_recovers_the_prices_that_made_the_times():
     # Times made by a known model are fitted back to it exactly (prices of 2 digits).
     model = {
-        "forward": {"call": 2.1e-4, "step": 1.5e-5, "flop": 3.2e-11, "number": 4.4e-9},
-        "reverse": {"call": 1.3e-4, "slot": 6.1e-7, "vjp": 2.7e-6, "flop": 1.9e-10},
+        "forward": {
+            "call": 2.1e-4,
+            "step": 1.5e-5,
+            "row": 3.3e-6,
+            "number": 4.4e-9,
+            "flop": 3.2e-11,
+        },
+        "reverse": {
+            "call": 1.3e-4,
+            "slot": 6.1e-7,
+            "vjp": 2.7e-6,
+            "weight": 1.1e-9,
+            "flop": 1.9e-10,
+        },
     }
     records = []
     for sizes in as_written_grid.points(
