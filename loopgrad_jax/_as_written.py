@@ -54,12 +54,14 @@ class Cost(NamedTuple):
 
 
 #: Seconds per unit of each of :func:`work_counts`, per method: ``auto``'s time model,
-#: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Provisional:
-#: fitted by ``python -m loopgrad_jax.bench.as_written_grid --fit`` to a first 11-point
-#: grid (I=10, H in {5, 64}, B in {1, 8}, T in {10, 100, 1000}) on a 2-core x86 CPU.
+#: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Fitted by
+#: ``python -m loopgrad_jax.bench.as_written_grid --fit`` to the float32 medians of
+#: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 66 timed points).
+#: The fit puts reverse's per-iteration cost on every slot of its history loop (``vjp``
+#: gets 0): at small sizes a skipped slot costs about what a cell VJP does.
 TIME_MODEL: dict[str, dict[str, float]] = {
-    "forward": {"call": 3.5e-4, "step": 4.4e-6, "row": 2.7e-6, "number": 3.8e-10, "flop": 2e-11},
-    "reverse": {"call": 3.4e-4, "slot": 0.0, "vjp": 3.5e-6, "weight": 1.3e-9, "flop": 3.5e-11},
+    "forward": {"call": 3.3e-4, "step": 4.9e-6, "row": 2.2e-6, "number": 7e-10, "flop": 9e-12},
+    "reverse": {"call": 3.4e-4, "slot": 1.9e-6, "vjp": 0.0, "weight": 1.1e-9, "flop": 3.3e-11},
 }
 
 #: Fixed bytes the compiled program's temp space holds beside the method's arrays

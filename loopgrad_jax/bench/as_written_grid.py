@@ -182,7 +182,7 @@ def collect_meta(argv: Sequence[str], dtype: str, repeats: int) -> dict[str, Any
         "usable_cores": report.usable_cores(),
         "load_average": report.load_average(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python -m loopgrad_jax.bench.as_written_grid", *argv]),
+        "command": f"python -m loopgrad_jax.bench.as_written_grid {shlex.join(argv)}".strip(),
         "dtype": dtype,
         "repeats": repeats,
         "time_model": _as_written.TIME_MODEL,
