@@ -60,12 +60,14 @@ class Cost(NamedTuple):
 
 
 #: Seconds per unit of each of :func:`work_counts`, per method: ``auto``'s time model,
-#: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Provisional:
-#: fitted by ``python -m loopgrad_jax.bench.as_written_grid --fit`` to a first 11-point
-#: grid (I=10, H in {5, 64}, B in {1, 8}, T in {10, 100, 1000}) on a 2-core x86 CPU.
+#: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Fitted by
+#: ``python -m loopgrad_jax.bench.as_written_grid --fit`` to the float32 medians of
+#: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 66 timed points).
+#: The fit puts reverse's per-iteration cost on every slot of its history loop (``vjp``
+#: gets 0): at small sizes a skipped slot costs about what a cell VJP does.
 TIME_MODEL: dict[str, dict[str, float]] = {
-    "forward": {"call": 3.6e-4, "step": 1.2e-5, "flop": 0.0, "number": 5e-9},
-    "reverse": {"call": 1.5e-4, "slot": 2.3e-6, "vjp": 0.0, "flop": 1.6e-10},
+    "forward": {"call": 3.3e-4, "step": 4.9e-6, "row": 2.2e-6, "number": 7e-10, "flop": 9e-12},
+    "reverse": {"call": 3.4e-4, "slot": 1.9e-6, "vjp": 0.0, "weight": 1.1e-9, "flop": 3.3e-11},
 }
 
 #: Fixed bytes the compiled program's temp space holds beside the method's arrays
@@ -134,16 +136,21 @@ def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
 
     - ``call``: 1, the run itself (dispatch, buffers);
     - ``flop``: :func:`as_written_cost`'s FLOPs;
-    - ``forward``: ``step``, ``T`` loop iterations, and ``number``, the ``T*B*H*P``
-      entries of ``S`` updated (each is read and written a few times per step);
+    - ``forward``: ``step``, ``T`` loop iterations; ``row``, ``T*B`` per-example
+      Jacobians (small products whose cost at small ``H`` is mostly per call);
+      ``number``, the ``T*B*H*P`` entries of ``S`` updated (each read and
+      written a few times per step);
     - ``reverse``: ``slot``, ``T**2`` iterations of the history loop, ``T*(T+1)/2``
-      of which (``vjp``) run a cell VJP and the rest skip.
+      of which (``vjp``) run a cell VJP and the rest skip; ``weight``, the ``P``
+      stored weights each VJP reads (``vjp * P``), which bound it at small ``B``.
     """
     cost = as_written_cost(sizes, method)
     t, b, _, h, _ = sizes
+    p = num_params(sizes)
     if method == "forward":
-        return {"call": 1, "step": t, "flop": cost.flops, "number": t * b * h * num_params(sizes)}
-    return {"call": 1, "slot": t * t, "vjp": t * (t + 1) / 2, "flop": cost.flops}
+        return {"call": 1, "step": t, "row": t * b, "number": t * b * h * p, "flop": cost.flops}
+    vjp = t * (t + 1) / 2
+    return {"call": 1, "slot": t * t, "vjp": vjp, "weight": vjp * p, "flop": cost.flops}
 
 
 def estimated_seconds(
@@ -154,14 +161,14 @@ def estimated_seconds(
 ) -> float:
     """Seconds for one run of ``method`` by ``model`` (default :data:`TIME_MODEL`).
 
-    FLOPs and numbers of ``itemsize``-byte floats are taken as ``itemsize / 4``
+    FLOPs and numbers read of ``itemsize``-byte floats are taken as ``itemsize / 4``
     times slower than float32 ones (a vector register holds half as many
     float64s); the grid measured float32 only.
     """
     prices = (TIME_MODEL if model is None else model)[method]
     wider = max(itemsize / 4, 1.0)
     return sum(
-        prices[k] * n * (wider if k in ("flop", "number") else 1.0)
+        prices[k] * n * (wider if k in ("flop", "number", "weight") else 1.0)
         for k, n in work_counts(sizes, method).items()
     )
 

@@ -19,8 +19,9 @@ At each point, as plain Python::
   auto_over_faster = median(times[choose_method(sizes)]) / median(times[faster])
 
 A point is skipped (and recorded so) when the model's estimate of either
-method's call exceeds ``--max-call-s``; fewer repeats (at least 3) run where
-``repeats`` calls of both would exceed ``--point-budget-s``.
+method's call exceeds ``--max-call-s``. ``repeats`` is as many rounds as fit in
+``--point-budget-s`` by the warm-up calls' times, at least 3 and at most
+``--repeats``: sub-millisecond points, the noisiest, get the most.
 
 ``--fit PATH`` fits the time model's prices (:data:`~loopgrad_jax._as_written.TIME_MODEL`)
 to the timings of a grid's JSON and prints them, with each point's pick under the fit.
@@ -181,7 +182,7 @@ def collect_meta(argv: Sequence[str], dtype: str, repeats: int) -> dict[str, Any
         "usable_cores": report.usable_cores(),
         "load_average": report.load_average(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python -m loopgrad_jax.bench.as_written_grid", *argv]),
+        "command": f"python -m loopgrad_jax.bench.as_written_grid {shlex.join(argv)}".strip(),
         "dtype": dtype,
         "repeats": repeats,
         "time_model": _as_written.TIME_MODEL,
@@ -260,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{key}", type=_ints, default=default, help=f"comma-separated ({_join(default)})"
         )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--repeats", type=_positive, default=5, help="timed calls of each (5)")
+    parser.add_argument(
+        "--repeats", type=_positive, default=50, help="at most this many timed calls of each (50)"
+    )
     parser.add_argument(
         "--max-call-s",
         type=float,
@@ -270,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--point-budget-s",
         type=float,
-        default=20.0,
-        help="fewer repeats (at least 3) where repeats of both would take longer (20)",
+        default=10.0,
+        help="as many repeats as fit in this many seconds, at least 3 (10)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the records here, rewritten after each point")
