@@ -871,5 +871,10 @@ def test_reproduce_script_writes_every_committed_result():
     assert len(names) == len(set(names)) >= 8
     written = {f"{n}.{ext}" for n in names for ext in ("json", "txt")}
     written |= {f"{n}.png" for n in names if not re.search(r"_run[23]$", n)}
+    # Files other commands write, named in full: "$OUT/NAME" here, "$out/NAME" in
+    # gpu_check.sh (the GPU host's checks).
+    gpu_script = (RESULTS.parent / "gpu_check.sh").read_text()
+    written |= set(re.findall(r'\$OUT/(\w+\.\w+)"', script))
+    written |= set(re.findall(r'\$out/(\w+\.\w+)"', gpu_script))
     committed = {p.name for p in RESULTS.iterdir()}
     assert committed <= written, sorted(committed - written)

@@ -85,13 +85,22 @@ def _check_against(result, c, dtype):
 # python x reverse runs on the short cases only; the reverse method's inner loop runs with
 # the base kinds, remat and while. The optimizers (momentum, Nesterov, Adam, AdamW) are
 # independent of the loop and of the method: they run with scan and the forward method.
-AS_WRITTEN_GRID = [
-    p
-    for p in full_grid("train_as_written", ("forward",))
-    + full_grid("train_as_written", ("reverse",), (*BASE_LOOPS, "remat", "while"))
-    if p.values[0] in _sgd_cases("train_as_written")
-    and p.values[:3] != ("long", "reverse", "python")
-] + parity_grid("train_as_written", ("forward",), ("scan",), cases=_optimizer_cases)
+AS_WRITTEN_GRID = (
+    [
+        p
+        for p in full_grid("train_as_written", ("forward",))
+        + full_grid("train_as_written", ("reverse",), (*BASE_LOOPS, "remat", "while"))
+        if p.values[0] in _sgd_cases("train_as_written")
+        # A Python loop replays T*(T+1)/2 cell VJPs in the reverse method, unrolled under jit,
+        # and runs the 200-step case op by op: both take tens of seconds, so the python kind
+        # runs the reverse method eagerly and the long case not at all.
+        and not (
+            p.values[2] == "python"
+            and (p.values[0] == "long" or p.values[1:4:2] == ("reverse", True))
+        )
+    ]
+    + parity_grid("train_as_written", ("forward",), ("scan",), cases=_optimizer_cases)
+)
 
 
 @pytest.mark.parametrize(("case", "method", "loop", "jit"), AS_WRITTEN_GRID)
@@ -328,6 +337,7 @@ def test_as_written_second_call_starts_a_new_history_as_pytorch_does(method, dty
     assert not np.allclose(one.grads.i2h_weight[cut], second.grads.i2h_weight[0], rtol=1e-3)
 
 
+#: Every optimizer kind: plain, with state, and those that take the loss (value, value_fn).
 RESUMABLE_OPTIMIZERS = {
     "sgd": lambda: optax.sgd(0.05),
     "momentum": lambda: lg.torch_optimizer("sgd", 0.05, momentum=0.9),
@@ -341,7 +351,9 @@ RESUMABLE_OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", RESUMABLE_OPTIMIZERS)
+# lbfgs resumes like the others (its state is all in opt_state), but its line search takes
+# 40 s to compile here; test_optimizers_that_need_the_loss_get_it runs it instead.
+@pytest.mark.parametrize("name", [n for n in RESUMABLE_OPTIMIZERS if n != "lbfgs"])
 def test_tbptt_two_calls_split_at_a_window_equal_one(name):
     params, x, y, h0 = random_rnn_problem(jax.random.key(7), 8, 2, 3, 4, 1)
     cut = 3  # windows of 3, 3, 2: the second call runs a full window and a shorter one
@@ -386,11 +398,11 @@ def _window_oracle(optimizer, params, x, y, h0, window):
 @pytest.mark.parametrize("name", ["lbfgs", "plateau"])
 def test_optimizers_that_need_the_loss_get_it(name):
     # optax.lbfgs needs value, grad and value_fn; reduce_on_plateau needs value.
-    problem = random_rnn_problem(jax.random.key(8), 8, 2, 3, 4, 1)
+    problem = random_rnn_problem(jax.random.key(8), 5, 2, 3, 4, 1)
     optimizer = RESUMABLE_OPTIMIZERS[name]()
     with jax.numpy_dtype_promotion("standard"):
-        result = _train(*problem, mode="tbptt", window=3, optimizer=optimizer)
-        expected = _window_oracle(optimizer, *problem, window=3)
+        result = _train(*problem, mode="tbptt", window=2, optimizer=optimizer)
+        expected = _window_oracle(optimizer, *problem, window=2)
     assert_close(result.params, expected, TOL["float64"])
 
 
@@ -431,7 +443,7 @@ def test_outer_gradients_match_finite_differences(run):
         return r.params, r.losses, r.hidden
 
     args = (jnp.float64(0.3), inputs, hidden0, params)
-    check_grads(train, args, order=1, modes=["fwd", "rev"])
+    check_grads(train, args, order=1, modes=["rev"])
 
 
 def test_traced_negative_lr_poisons_the_run():
@@ -463,20 +475,24 @@ def test_opt_state_of_other_shapes_is_refused():
 def test_keep_grads(mode):
     params, x, y, h0 = random_rnn_problem(jax.random.key(14), 7, 2, 3, 4, 1, dtype=jnp.float32)
     kwargs = {"mode": mode, "window": 3} if mode == "tbptt" else {}
-    kept = {k: lg.train_rnn(params, x, y, keep_grads=k, **kwargs) for k in lg.KEEP_GRADS}
+    compiled = {
+        k: jax.jit(lambda *a, k=k: lg.train_rnn(*a, keep_grads=k, **kwargs))
+        .lower(params, x, y)
+        .compile()
+        for k in lg.KEEP_GRADS
+    }
+    kept = {k: fn(params, x, y) for k, fn in compiled.items()}
     assert_close(kept["last"].grads, jax.tree.map(lambda g: g[-1], kept["all"].grads), 0.0)
     assert kept["none"].grads is None
     for k in ("last", "none"):
         assert_close(kept[k].params, kept["all"].params, 0.0, k)
 
-    def output_bytes(keep):
-        fn = jax.jit(lambda *a: lg.train_rnn(*a, keep_grads=keep, **kwargs))
-        return fn.lower(params, x, y).compile().memory_analysis().output_size_in_bytes
-
     updates = kept["all"].grads.i2h_bias.shape[0]
     weights = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
     # The outputs hold every update's gradient, one, or none (XLA may pad each buffer).
-    none, last, every = (output_bytes(k) for k in ("none", "last", "all"))
+    none, last, every = (
+        compiled[k].memory_analysis().output_size_in_bytes for k in ("none", "last", "all")
+    )
     assert every - none >= updates * weights
     assert weights <= last - none < 2 * weights
 
