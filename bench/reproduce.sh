@@ -84,6 +84,16 @@ bench cpu1_hoisted taskset -c 0 -- "${hoisted[@]}"       # cpu1_hoisted.json cpu
 bench cpu_sweep_batch --scenarios rnn_loss --loops python,scan,remat:chunk=10 --lengths 100 \
   --input 64 --hidden 256 --sweep batch=1,4,16,64        # cpu_sweep_batch.json .png
 
+# --- the as-written methods: auto's calibration grid, then the grid that checks it -----
+if ((${#SMOKE[@]} == 0)); then  # each takes tens of minutes: no smoke version
+  wait_idle
+  "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid \
+    --json "$OUT/cpu_as_written_grid_calibration.json"
+  wait_idle
+  "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid --max-call-s 20 \
+    --json "$OUT/cpu_as_written_grid.json"
+fi
+
 # --- the headline commands, runs 2 and 3 -----------------------------------------------
 bench cpu_article_run2 "${article[@]}"        # cpu_article_run2.json
 bench cpu_large_run2 "${large[@]}"            # cpu_large_run2.json
