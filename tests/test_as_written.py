@@ -153,6 +153,7 @@ def test_fit_recovers_the_prices_that_made_the_times():
             "row": 3.3e-6,
             "number": 4.4e-9,
             "flop": 3.2e-11,
+            "batched_flop": 5.3e-11,
         },
         "reverse": {
             "call": 1.3e-4,
