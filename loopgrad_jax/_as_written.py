@@ -56,19 +56,27 @@ class Cost(NamedTuple):
 #: Seconds per unit of each of :func:`work_counts`, per method: ``auto``'s time model,
 #: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Fitted by
 #: ``python -m loopgrad_jax.bench.as_written_grid --fit`` to the float32 medians of
-#: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 66 timed points).
-#: The fit puts reverse's per-iteration cost on every slot of its history loop (``vjp``
-#: gets 0): at small sizes a skipped slot costs about what a cell VJP does.
+#: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 68 timed
+#: points); checked on another run, ``cpu_as_written_grid.json``. A price of 0 means the
+#: fit found that count's cost already in the others (reverse's per-VJP overhead is in
+#: ``slot`` and ``activation``).
 TIME_MODEL: dict[str, dict[str, float]] = {
     "forward": {
-        "call": 3.3e-4,
-        "step": 5.2e-6,
+        "call": 2.5e-4,
+        "step": 5.8e-6,
         "row": 2.2e-6,
-        "number": 6.2e-10,
-        "flop": 7.8e-12,
-        "batched_flop": 1.2e-11,
+        "number": 7.9e-10,
+        "flop": 7.4e-12,
+        "batched_flop": 1e-11,
     },
-    "reverse": {"call": 3.4e-4, "slot": 1.9e-6, "vjp": 0.0, "weight": 1.1e-9, "flop": 3.3e-11},
+    "reverse": {
+        "call": 2.9e-4,
+        "slot": 1.3e-6,
+        "vjp": 0.0,
+        "weight": 1.5e-9,
+        "activation": 5.3e-9,
+        "flop": 9.3e-12,
+    },
 }
 
 #: Fixed bytes the compiled program's temp space holds beside the method's arrays
@@ -146,10 +154,12 @@ def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
     - ``reverse``: ``slot``, ``T**2`` iterations of the history loop, ``T*(T+1)/2``
       of which (``vjp``) run a cell VJP and the rest skip; ``weight``, the ``P``
       stored weights each VJP reads (``vjp * P``), which bound it at small ``B``;
+      ``activation``, the ``B*(I+H)`` inputs each VJP reads and whose cotangent
+      it writes (``vjp * B*(I+H)``), elementwise work that dominates at small ``H``;
       ``flop``, :func:`as_written_cost`'s FLOPs.
     """
     cost = as_written_cost(sizes, method)
-    t, b, _, h, _ = sizes
+    t, b, i, h, _ = sizes
     p = num_params(sizes)
     if method == "forward":
         flop, batched = (cost.flops, 0.0) if b == 1 else (0.0, cost.flops)
@@ -162,7 +172,14 @@ def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
             "batched_flop": batched,
         }
     vjp = t * (t + 1) / 2
-    return {"call": 1, "slot": t * t, "vjp": vjp, "weight": vjp * p, "flop": cost.flops}
+    return {
+        "call": 1,
+        "slot": t * t,
+        "vjp": vjp,
+        "weight": vjp * p,
+        "activation": vjp * b * (i + h),
+        "flop": cost.flops,
+    }
 
 
 def estimated_seconds(

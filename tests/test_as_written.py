@@ -160,6 +160,7 @@ def test_fit_recovers_the_prices_that_made_the_times():
             "slot": 6.1e-7,
             "vjp": 2.7e-6,
             "weight": 1.1e-9,
+            "activation": 4.7e-9,
             "flop": 1.9e-10,
         },
     }
