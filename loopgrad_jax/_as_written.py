@@ -62,12 +62,27 @@ class Cost(NamedTuple):
 #: Seconds per unit of each of :func:`work_counts`, per method: ``auto``'s time model,
 #: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Fitted by
 #: ``python -m loopgrad_jax.bench.as_written_grid --fit`` to the float32 medians of
-#: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 66 timed points).
-#: The fit puts reverse's per-iteration cost on every slot of its history loop (``vjp``
-#: gets 0): at small sizes a skipped slot costs about what a cell VJP does.
+#: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 68 timed
+#: points); checked on another run, ``cpu_as_written_grid.json``. A price of 0 means the
+#: fit found that count's cost already in the others (reverse's per-VJP overhead is in
+#: ``slot`` and ``activation``).
 TIME_MODEL: dict[str, dict[str, float]] = {
-    "forward": {"call": 3.3e-4, "step": 4.9e-6, "row": 2.2e-6, "number": 7e-10, "flop": 9e-12},
-    "reverse": {"call": 3.4e-4, "slot": 1.9e-6, "vjp": 0.0, "weight": 1.1e-9, "flop": 3.3e-11},
+    "forward": {
+        "call": 2.5e-4,
+        "step": 5.8e-6,
+        "row": 2.2e-6,
+        "number": 7.9e-10,
+        "flop": 7.4e-12,
+        "batched_flop": 1e-11,
+    },
+    "reverse": {
+        "call": 2.9e-4,
+        "slot": 1.3e-6,
+        "vjp": 0.0,
+        "weight": 1.5e-9,
+        "activation": 5.3e-9,
+        "flop": 9.3e-12,
+    },
 }
 
 #: Fixed bytes the compiled program's temp space holds beside the method's arrays
@@ -135,22 +150,42 @@ def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
     """What one run of ``method`` does, counted in the units :data:`TIME_MODEL` prices.
 
     - ``call``: 1, the run itself (dispatch, buffers);
-    - ``flop``: :func:`as_written_cost`'s FLOPs;
     - ``forward``: ``step``, ``T`` loop iterations; ``row``, ``T*B`` per-example
       Jacobians (small products whose cost at small ``H`` is mostly per call);
       ``number``, the ``T*B*H*P`` entries of ``S`` updated (each read and
-      written a few times per step);
+      written a few times per step); :func:`as_written_cost`'s FLOPs, as
+      ``flop`` when ``B == 1`` and as ``batched_flop`` when ``B > 1``: the
+      chain term is then ``B`` products of one example each, which XLA's CPU
+      backend runs at a lower rate than one product;
     - ``reverse``: ``slot``, ``T**2`` iterations of the history loop, ``T*(T+1)/2``
       of which (``vjp``) run a cell VJP and the rest skip; ``weight``, the ``P``
-      stored weights each VJP reads (``vjp * P``), which bound it at small ``B``.
+      stored weights each VJP reads (``vjp * P``), which bound it at small ``B``;
+      ``activation``, the ``B*(I+H)`` inputs each VJP reads and whose cotangent
+      it writes (``vjp * B*(I+H)``), elementwise work that dominates at small ``H``;
+      ``flop``, :func:`as_written_cost`'s FLOPs.
     """
     cost = as_written_cost(sizes, method)
-    t, b, _, h, _ = sizes
+    t, b, i, h, _ = sizes
     p = num_params(sizes)
     if method == "forward":
-        return {"call": 1, "step": t, "row": t * b, "number": t * b * h * p, "flop": cost.flops}
+        flop, batched = (cost.flops, 0.0) if b == 1 else (0.0, cost.flops)
+        return {
+            "call": 1,
+            "step": t,
+            "row": t * b,
+            "number": t * b * h * p,
+            "flop": flop,
+            "batched_flop": batched,
+        }
     vjp = t * (t + 1) / 2
-    return {"call": 1, "slot": t * t, "vjp": vjp, "weight": vjp * p, "flop": cost.flops}
+    return {
+        "call": 1,
+        "slot": t * t,
+        "vjp": vjp,
+        "weight": vjp * p,
+        "activation": vjp * b * (i + h),
+        "flop": cost.flops,
+    }
 
 
 def estimated_seconds(
@@ -168,7 +203,7 @@ def estimated_seconds(
     prices = (TIME_MODEL if model is None else model)[method]
     wider = max(itemsize / 4, 1.0)
     return sum(
-        prices[k] * n * (wider if k in ("flop", "number", "weight") else 1.0)
+        prices[k] * n * (1.0 if k in ("call", "step", "row", "slot", "vjp") else wider)
         for k, n in work_counts(sizes, method).items()
     )
 

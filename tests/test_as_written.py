@@ -163,12 +163,14 @@ def test_fit_recovers_the_prices_that_made_the_times():
             "row": 3.3e-6,
             "number": 4.4e-9,
             "flop": 3.2e-11,
+            "batched_flop": 5.3e-11,
         },
         "reverse": {
             "call": 1.3e-4,
             "slot": 6.1e-7,
             "vjp": 2.7e-6,
             "weight": 1.1e-9,
+            "activation": 4.7e-9,
             "flop": 1.9e-10,
         },
     }

@@ -181,6 +181,7 @@ def collect_meta(argv: Sequence[str], dtype: str, repeats: int) -> dict[str, Any
         "cpu_count": os.cpu_count(),
         "usable_cores": report.usable_cores(),
         "load_average": report.load_average(),
+        "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": f"python -m loopgrad_jax.bench.as_written_grid {shlex.join(argv)}".strip(),
         "dtype": dtype,
