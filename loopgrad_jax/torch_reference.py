@@ -273,12 +273,18 @@ def rnn_loss_cases(seed: int) -> list[dict[str, Any]]:
     return cases
 
 
-def _training_record(name, seed, spec, problem, initial, losses, grads, hidden) -> dict[str, Any]:
-    """What a training fixture case holds: the problem, and every update's results."""
+def _training_record(
+    name, seed, spec, problem, initial, losses, grads, hidden, **options
+) -> dict[str, Any]:
+    """What a training fixture case holds: the problem, and every update's results.
+
+    ``options`` (a tbptt ``window``) follow the optimizer, where the fixtures hold them.
+    """
     return {
         "name": name,
         "seed": seed,
         "optimizer": spec,
+        **options,
         "params": initial,
         "inputs": problem["inputs"],
         "targets": problem["targets"],
@@ -337,8 +343,11 @@ def tbptt_cases(seed: int) -> list[dict[str, Any]]:
             grads.append(_grads(model))
             optimizer.step()
             losses.extend(loss.item() for loss in window_losses)
-        record = _training_record(name, seed + k, spec, problem, initial, losses, grads, hidden)
-        cases.append({**record, "window": window})
+        cases.append(
+            _training_record(
+                name, seed + k, spec, problem, initial, losses, grads, hidden, window=window
+            )
+        )
     return cases
 
 
