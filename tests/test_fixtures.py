@@ -29,9 +29,17 @@ def test_every_committed_fixture_loads_and_is_described():
             assert f.header["torch_version"].startswith("2.13.0")
             assert f.header["command"].startswith("python -m loopgrad_jax.torch_reference")
             for case in f.cases:
-                for value in case.values():
-                    if isinstance(value, np.ndarray):
-                        assert value.dtype == dtype
+                for array in _arrays(case):
+                    assert array.dtype == dtype, (scenario, case["name"])
+
+
+def _arrays(value):
+    """Every array in a case, however deep (state dicts, an LSTM's [h, c])."""
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, dict | list):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from _arrays(v)
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -125,7 +133,7 @@ def test_regenerated_fixtures_equal_committed(tmp_path):
         for n, o in zip(new.cases, old.cases, strict=True):
             assert n.keys() == o.keys()
             for key in n:
-                if isinstance(o[key], np.ndarray) or isinstance(o[key], dict):
+                if isinstance(o[key], np.ndarray | dict | list):
                     _assert_same(n[key], o[key], f"{path.name}:{n['name']}:{key}")
                 else:
                     assert n[key] == o[key], (path.name, n["name"], key)
@@ -137,6 +145,11 @@ def _assert_same(new, old, what):
         assert new.keys() == old.keys(), what
         for k in old:
             _assert_same(new[k], old[k], f"{what}.{k}")
+        return
+    if isinstance(old, list):  # an LSTM's [h, c]
+        assert isinstance(new, list) and len(new) == len(old), what
+        for i, (n, o) in enumerate(zip(new, old, strict=True)):
+            _assert_same(n, o, f"{what}[{i}]")
         return
     if not isinstance(old, np.ndarray):
         assert new == old, what
