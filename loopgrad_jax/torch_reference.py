@@ -14,6 +14,13 @@ The article's training loop, run literally, raises; ``article_literal_*.json``
 records the exception and the step where it was raised. The as-written
 reference runs the same loop under
 ``torch.autograd.graph.allow_mutation_on_saved_tensors()``.
+
+The ``cell_*`` scenarios run the same three computations (one ``backward()`` of
+the summed loss, the article's loop as written, truncated BPTT) with PyTorch's
+own recurrent modules instead of the article's ``SimpleRNN``: ``nn.RNN`` (tanh
+and relu), ``nn.LSTM`` and ``nn.GRU``, time-major, one layer from a zero state
+(``hx=None``) and two layers from a random one, each with an ``nn.Linear`` head
+on the last layer's output. One optimizer updates the module and the head.
 """
 
 from __future__ import annotations
@@ -92,6 +99,32 @@ TBPTT_CASES = (
     ("batch_w3", "batch", _sgd(0.05), 3),
     ("long_w10", "long", _sgd(0.01), 10),
     *((f"article_w3_{k}", "article", _named(k), 3) for k in OPTIMIZERS),
+)
+
+
+# torch.nn recurrent modules (time-major, bias, unidirectional) with an nn.Linear head.
+CELL_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+# input, hidden, output, batch, T
+CELL_SIZES = (3, 4, 2, 2, 5)
+# name: (num_layers, random hidden0); without one the module is called with hx=None.
+CELL_CONFIGS = {"l1": (1, False), "l2h": (2, True)}
+# name, kind, configuration (and optimizer, and window for tbptt)
+CELL_LOSS_CASES = tuple((f"{kind}_{c}", kind, c) for kind in CELL_KINDS for c in CELL_CONFIGS)
+CELL_AS_WRITTEN_CASES = tuple(
+    case
+    for kind in CELL_KINDS
+    for case in (
+        (f"{kind}_l1", kind, "l1", _sgd(0.05)),
+        (f"{kind}_l2h_momentum", kind, "l2h", _named("momentum")),
+    )
+)
+CELL_TBPTT_CASES = tuple(
+    case
+    for kind in CELL_KINDS
+    for case in (
+        (f"{kind}_l1_w2", kind, "l1", _sgd(0.05), 2),
+        (f"{kind}_l2h_w3_adam", kind, "l2h", _named("adam"), 3),
+    )
 )
 
 
@@ -377,6 +410,180 @@ def article_literal_cases(seed: int) -> list[dict[str, Any]]:
     return [record]
 
 
+# ---------------------------------------------------------------- torch.nn cells
+
+
+def cell_module(kind: str, input_size: int, hidden_size: int, num_layers: int) -> Any:
+    """``nn.RNN`` (tanh or relu), ``nn.LSTM`` or ``nn.GRU``: time-major, with biases."""
+    options = {"num_layers": num_layers, "bias": True, "batch_first": False}
+    if kind in ("rnn_tanh", "rnn_relu"):
+        return nn.RNN(input_size, hidden_size, nonlinearity=kind[4:], **options)
+    cls = {"lstm": nn.LSTM, "gru": nn.GRU}[kind]
+    return cls(input_size, hidden_size, **options)
+
+
+def _cell_problem(kind: str, config: str, seed: int) -> dict[str, Any]:
+    i, h, o, b, t = CELL_SIZES
+    num_layers, random_hidden = CELL_CONFIGS[config]
+    torch.manual_seed(seed)
+    rnn = cell_module(kind, i, h, num_layers)
+    head = nn.Linear(h, o)
+    inputs = torch.randn(t, b, i)
+    targets = torch.randn(t, b, o)
+    hidden0 = None
+    if random_hidden:
+        hidden0 = torch.randn(num_layers, b, h)
+        if kind == "lstm":
+            hidden0 = (hidden0, torch.randn(num_layers, b, h))
+    return {
+        "rnn": rnn,
+        "head": head,
+        "inputs": inputs,
+        "targets": targets,
+        "hidden0": hidden0,
+        "header": {
+            "seed": seed,
+            "kind": kind,
+            "num_layers": num_layers,
+            "input_size": i,
+            "hidden_size": h,
+            "output_size": o,
+        },
+    }
+
+
+def _state(module: Any) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _module_grads(module: Any) -> dict[str, Any]:
+    return {k: v.grad.detach().clone() for k, v in module.named_parameters()}
+
+
+def _cut(state: Any) -> Any:
+    """A carried state cut from its graph: ``None``, ``h``, or an LSTM's ``(h, c)``."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def _stored(state: Any) -> Any:
+    """A state as a fixture holds it: ``None``, an array, or ``[h, c]``."""
+    state = _cut(state)
+    return list(state) if isinstance(state, tuple) else state
+
+
+def _cell_record(
+    name: str, problem: dict[str, Any], initial: dict[str, Any], options: dict, results: dict
+) -> dict[str, Any]:
+    """A cell case: name and sizes, ``options`` (optimizer, window), the problem before
+    any update (``initial`` holds ``rnn_state`` and ``head_state``), then ``results``."""
+    return {
+        "name": name,
+        **problem["header"],
+        **options,
+        **initial,
+        "inputs": problem["inputs"],
+        "targets": problem["targets"],
+        "hidden0": _stored(problem["hidden0"]),
+        **results,
+    }
+
+
+def _cell_initial(problem: dict[str, Any]) -> dict[str, Any]:
+    return {"rnn_state": _state(problem["rnn"]), "head_state": _state(problem["head"])}
+
+
+def cell_loss_cases(seed: int) -> list[dict[str, Any]]:
+    """One forward over the whole sequence, one ``backward()`` of the summed loss."""
+    cases = []
+    for k, (name, kind, config) in enumerate(CELL_LOSS_CASES):
+        problem = _cell_problem(kind, config, seed + k)
+        rnn, head, targets = problem["rnn"], problem["head"], problem["targets"]
+        initial = _cell_initial(problem)
+        out, hidden = rnn(problem["inputs"], problem["hidden0"])
+        total = 0
+        for t in range(out.shape[0]):
+            total = total + _step_loss(head(out[t]), targets[t])
+        total.backward()
+        results = {
+            "loss": total.item(),
+            "grads_rnn": _module_grads(rnn),
+            "grads_head": _module_grads(head),
+            "hidden": _stored(hidden),
+        }
+        cases.append(_cell_record(name, problem, initial, {}, results))
+    return cases
+
+
+def _cell_train(
+    name: str, problem: dict[str, Any], spec: dict[str, Any], window: int | None
+) -> dict[str, Any]:
+    """Trains a cell case step by step; ``window=None`` is the article's loop as written.
+
+    As written: per step, ``backward(retain_graph=True)`` of that step's loss through the
+    whole graph so far, under ``allow_mutation_on_saved_tensors``, then one step. With a
+    ``window``: truncated BPTT, the carried state detached at each window's start, one
+    ``backward()`` of the window's summed loss and one step per window. One optimizer
+    updates the module's and the head's parameters.
+    """
+    rnn, head, inputs, targets = (problem[k] for k in ("rnn", "head", "inputs", "targets"))
+    initial = _cell_initial(problem)
+    optimizer = torch_optim(spec, list(rnn.parameters()) + list(head.parameters()))
+    as_written = window is None
+    size, steps = window or 1, inputs.shape[0]
+    carry, losses, grads_rnn, grads_head = problem["hidden0"], [], [], []
+    with (
+        torch.autograd.graph.allow_mutation_on_saved_tensors()
+        if as_written
+        else contextlib.nullcontext()
+    ):
+        for start in range(0, steps, size):
+            optimizer.zero_grad()
+            if not as_written:
+                carry = _cut(carry)
+            window_losses = []
+            for t in range(start, min(start + size, steps)):
+                out, carry = rnn(inputs[t : t + 1], carry)
+                window_losses.append(_step_loss(head(out[0]), targets[t]))
+            if as_written:
+                window_losses[0].backward(retain_graph=True)
+            else:
+                torch.stack(window_losses).sum().backward()
+            grads_rnn.append(_module_grads(rnn))
+            grads_head.append(_module_grads(head))
+            optimizer.step()
+            losses.extend(loss.item() for loss in window_losses)
+    options = {"optimizer": spec, **({} if as_written else {"window": window})}
+    results = {
+        "losses": torch.tensor(losses),
+        "grads_rnn": _stacked(grads_rnn),
+        "grads_head": _stacked(grads_head),
+        "final_rnn_state": _state(rnn),
+        "final_head_state": _state(head),
+        "hidden": _stored(carry),
+    }
+    return _cell_record(name, problem, initial, options, results)
+
+
+def cell_as_written_cases(seed: int) -> list[dict[str, Any]]:
+    """The article's per-step loop with a torch.nn cell and a head, as written."""
+    return [
+        _cell_train(name, _cell_problem(kind, config, seed + k), spec, None)
+        for k, (name, kind, config, spec) in enumerate(CELL_AS_WRITTEN_CASES)
+    ]
+
+
+def cell_tbptt_cases(seed: int) -> list[dict[str, Any]]:
+    """Truncated BPTT with a torch.nn cell and a head."""
+    return [
+        _cell_train(name, _cell_problem(kind, config, seed + k), spec, window)
+        for k, (name, kind, config, spec, window) in enumerate(CELL_TBPTT_CASES)
+    ]
+
+
 SCENARIOS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "accumulate": lambda seed: scalar_cases("accumulate", seed),
     "stack": lambda seed: scalar_cases("stack", seed),
@@ -384,6 +591,9 @@ SCENARIOS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "train_as_written": as_written_cases,
     "train_tbptt": tbptt_cases,
     "article_literal": article_literal_cases,
+    "cell_loss": cell_loss_cases,
+    "cell_as_written": cell_as_written_cases,
+    "cell_tbptt": cell_tbptt_cases,
 }
 
 

@@ -16,6 +16,9 @@ SCENARIOS = (
     "train_as_written",
     "train_tbptt",
     "article_literal",
+    "cell_loss",
+    "cell_as_written",
+    "cell_tbptt",
 )
 
 
