@@ -7,17 +7,31 @@ in :data:`LOOPS` (a Python ``for`` under ``jax.jit``, ``lax.scan``,
 
 from loopgrad_jax._as_written import METHODS as AS_WRITTEN_METHODS
 from loopgrad_jax._as_written import Cost, as_written_cost
+from loopgrad_jax._cell import Cell
+from loopgrad_jax._cells import (
+    CELLS,
+    CellParams,
+    LayerParams,
+    from_torch,
+    init_cell,
+    to_torch,
+)
 from loopgrad_jax._loops import LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
 from loopgrad_jax._result import KEEP_GRADS, TrainResult
-from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, rnn_loss, step_loss
+from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, step_loss
 from loopgrad_jax._scalar import accumulate_loss, stack_loss
+from loopgrad_jax._sequence import rnn_loss
 from loopgrad_jax._train import MODES, train_rnn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AS_WRITTEN_METHODS",
+    "CELLS",
+    "Cell",
+    "CellParams",
+    "LayerParams",
     "LOOPS",
     "POLICIES",
     "REVERSE_LOOPS",
@@ -31,12 +45,15 @@ __all__ = [
     "TrainResult",
     "accumulate_loss",
     "as_written_cost",
+    "from_torch",
+    "init_cell",
     "init_rnn",
     "rnn_cell",
     "rnn_loss",
     "run_loop",
     "stack_loss",
     "step_loss",
+    "to_torch",
     "torch_optimizer",
     "train_rnn",
 ]

@@ -17,21 +17,24 @@ into the one leaf tensor ``p`` a contribution from every use of it::
   graph does: ``T*(T+1)/2`` cell VJPs in all, ``O(T**2 * B*H*(I+H))`` time,
   ``O(T*(B*H + P))`` memory.
 
-Both take the recurrent step as ``cell(params, hidden, x) -> new_hidden``
-(:func:`loopgrad_jax.rnn_cell` by default). :func:`as_written_cost` counts their
-FLOPs and compiled memory; :func:`choose_method` (``as_written_method="auto"``)
-picks the one a time model fitted to measurements finds faster.
+Both take any :class:`~loopgrad_jax.Cell` (its ``step(params, carry, x)`` is the
+``cell`` above, ``h`` its carry, a pytree for an LSTM or several layers).
+:func:`as_written_cost` counts their FLOPs and compiled memory;
+:func:`choose_method` (``as_written_method="auto"``) picks the one a time model
+fitted to measurements finds faster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from loopgrad_jax import _checks
+from loopgrad_jax._cell import Cell, cell_step_loss
+from loopgrad_jax._cells import CELLS, GATES, carry_per_example
 from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._result import (
     TrainResult,
@@ -40,16 +43,62 @@ from loopgrad_jax._result import (
     keep_result,
     keep_step,
 )
-from loopgrad_jax._rnn import RNNSizes, rnn_cell, step_loss
-
-#: A recurrent step ``cell(params, hidden, x) -> new_hidden``; ``hidden`` is ``(B, H)``.
-Cell = Callable[[Any, jax.Array, Any], jax.Array]
+from loopgrad_jax._rnn import RNNSizes
 
 #: Values of ``train_rnn(as_written_method=...)``.
 METHODS: tuple[str, ...] = ("auto", "forward", "reverse")
 
 #: ``auto`` never picks ``forward`` when its sensitivity would exceed this many bytes.
 FORWARD_MEMORY_LIMIT = 1 << 30
+
+
+class Dims(NamedTuple):
+    """The sizes the cost of an as-written run depends on, for any cell."""
+
+    length: int  # T
+    batch: int  # B
+    input: int  # I
+    carry: int  # N: numbers of state per example (H; 2*L*H for an L-layer LSTM)
+    params: int  # P: numbers of weights, the head's included
+    cell_macs: int  # multiply-adds of one step of the cell, per example
+    head_macs: int  # multiply-adds of the readout, per example
+
+    @classmethod
+    def of(cls, sizes: RNNSizes) -> Dims:
+        """The article's ``SimpleRNN`` of these sizes."""
+        t, b, i, h, o = sizes
+        return cls(t, b, i, h, h * (i + h) + h + o * h + o, h * (i + h), o * h)
+
+    @classmethod
+    def of_cell(
+        cls,
+        kind: str,
+        length: int,
+        batch: int,
+        input: int,
+        hidden: int,
+        output: int,
+        num_layers: int = 1,
+    ) -> Dims:
+        """A cell of ``kind`` (one of :data:`~loopgrad_jax.CELLS`) with these sizes."""
+        if kind == "article":
+            if num_layers != 1:
+                raise ValueError(f"the article's SimpleRNN has one layer, got {num_layers=}.")
+            return cls.of(RNNSizes(length, batch, input, hidden, output))
+        g, h = GATES[kind] * hidden, hidden
+        widths = [input] + [h] * (num_layers - 1)
+        macs = sum(g * (w + h) for w in widths)
+        params = macs + 2 * g * num_layers + output * h + output
+        n = carry_per_example(kind, h, num_layers)
+        return cls(length, batch, input, n, params, macs, output * h)
+
+
+def _dims(sizes: RNNSizes | Dims) -> Dims:
+    if isinstance(sizes, Dims):
+        return sizes
+    if isinstance(sizes, RNNSizes):
+        return Dims.of(sizes)
+    raise TypeError(f"sizes must be an RNNSizes, got {type(sizes).__name__}.")
 
 
 class Cost(NamedTuple):
@@ -90,23 +139,34 @@ TIME_MODEL: dict[str, dict[str, float]] = {
 _FIXED_BYTES = {"forward": 1024, "reverse": 2048}
 
 
-def num_params(sizes: RNNSizes) -> int:
-    """``P``, the number of scalars in :class:`RNNParams`."""
-    h, i, o = sizes.hidden, sizes.input, sizes.output
-    return h * (i + h) + h + o * h + o
+def num_params(sizes: RNNSizes | Dims) -> int:
+    """``P``, the number of scalars in the params (the article's for :class:`RNNSizes`)."""
+    return _dims(sizes).params
 
 
-def as_written_cost(sizes: RNNSizes, method: str, itemsize: int = 4) -> Cost:
+def as_written_cost(
+    sizes: RNNSizes | Dims,
+    method: str,
+    itemsize: int = 4,
+    *,
+    kind: str = "article",
+    num_layers: int = 1,
+) -> Cost:
     """Estimates the work (FLOPs) and memory of ``method`` for these sizes.
 
-    FLOPs count the matrix products, a multiply-add as 2. With ``P`` weights,
-    ``c = 2*B*H*(I+H)`` for the cell's product and ``d = 2*B*H*O`` for the head's,
-    every step runs the cell and the head forward and the head backward:
-    ``c + 3d``. Beyond that, per step:
+    ``kind`` and ``num_layers`` name the cell (one of :data:`~loopgrad_jax.CELLS`);
+    below, ``H`` stands for ``N``, the numbers of state one example carries
+    (``L*H``, and ``2*L*H`` for an LSTM), and ``c`` for the cell's products.
 
-    - ``forward``: the per-example Jacobians (the cell again, ``c``, and ``H``
-      one-hot VJPs of two products each, ``2*H*c``), the chain term
-      ``dcell/dh @ S`` (``2*B*H*H*P``) and ``a_t^T S_t`` (``2*B*H*P``).
+    FLOPs count the matrix products, a multiply-add as 2. With ``P`` weights,
+    ``c = 2*B*H*(I+H)`` for the article's cell (``2*B*sum_k G*H*(I_k+H)`` for
+    ``L`` layers of ``G`` gates) and ``d = 2*B*H*O`` for the head's, every step
+    runs the cell and the head forward and the head backward: ``c + 3d``.
+    Beyond that, per step:
+
+    - ``forward``: the per-example Jacobians (the cell again, ``c``, and ``N``
+      one-hot VJPs of two products each, ``2*N*c``), the chain term
+      ``dcell/dh @ S`` (``2*B*N*N*P``) and ``a_t^T S_t`` (``2*B*N*P``).
     - ``reverse``: step ``t`` runs ``t + 1`` cell VJPs (forward and two
       backward products, ``3c``): ``3c * T*(T+1)/2`` in all.
 
@@ -124,17 +184,32 @@ def as_written_cost(sizes: RNNSizes, method: str, itemsize: int = 4) -> Cost:
     and needs less.)
 
     Args:
-      sizes: the run's :class:`RNNSizes`.
+      sizes: the run's :class:`RNNSizes` (``T, B, I, H, O``).
       method: ``"forward"`` or ``"reverse"``.
       itemsize: bytes per number (4 for float32, 8 for float64).
+      kind: the cell, one of :data:`~loopgrad_jax.CELLS`.
+      num_layers: its layers (1 for ``"article"``).
 
     Returns:
       A :class:`Cost`.
+
+    Examples:
+      >>> import loopgrad_jax as lg
+      >>> sizes = lg.RNNSizes(length=100, batch=8, input=10, hidden=16, output=1)
+      >>> lstm = lg.as_written_cost(sizes, "forward", kind="lstm", num_layers=2)
+      >>> rnn = lg.as_written_cost(sizes, "forward", kind="rnn_tanh", num_layers=2)
+      >>> lstm.memory_bytes > 8 * rnn.memory_bytes  # twice the state, 4x the weights
+      True
     """
     _check_method(method)
-    t, b, i, h, o = sizes
-    p = num_params(sizes)
-    cell, head = 2.0 * b * h * (i + h), 2.0 * b * h * o
+    if not isinstance(sizes, Dims):
+        if not isinstance(sizes, RNNSizes):
+            raise TypeError(f"sizes must be an RNNSizes, got {type(sizes).__name__}.")
+        kind = _checks.one_of("kind", kind, CELLS)
+        num_layers = _checks.static_length("num_layers", num_layers, minimum=1)
+        sizes = Dims.of_cell(kind, *sizes, num_layers=num_layers)
+    t, b, _, h, p, macs, head_macs = sizes
+    cell, head = 2.0 * b * macs, 2.0 * b * head_macs
     every_step = t * (cell + 3 * head)
     if method == "forward":
         per_step = cell + 2 * h * cell + 2.0 * b * h * h * p + 2.0 * b * h * p
@@ -146,7 +221,7 @@ def as_written_cost(sizes: RNNSizes, method: str, itemsize: int = 4) -> Cost:
     return Cost(flops=flops, memory_bytes=float(numbers * itemsize + _FIXED_BYTES[method]))
 
 
-def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
+def work_counts(sizes: RNNSizes | Dims, method: str) -> dict[str, float]:
     """What one run of ``method`` does, counted in the units :data:`TIME_MODEL` prices.
 
     - ``call``: 1, the run itself (dispatch, buffers);
@@ -164,9 +239,9 @@ def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
       it writes (``vjp * B*(I+H)``), elementwise work that dominates at small ``H``;
       ``flop``, :func:`as_written_cost`'s FLOPs.
     """
+    sizes = _dims(sizes)
     cost = as_written_cost(sizes, method)
-    t, b, i, h, _ = sizes
-    p = num_params(sizes)
+    t, b, i, h, p, _, _ = sizes
     if method == "forward":
         flop, batched = (cost.flops, 0.0) if b == 1 else (0.0, cost.flops)
         return {
@@ -189,7 +264,7 @@ def work_counts(sizes: RNNSizes, method: str) -> dict[str, float]:
 
 
 def estimated_seconds(
-    sizes: RNNSizes,
+    sizes: RNNSizes | Dims,
     method: str,
     itemsize: int = 4,
     model: dict[str, dict[str, float]] | None = None,
@@ -208,13 +283,14 @@ def estimated_seconds(
     )
 
 
-def choose_method(sizes: RNNSizes, dtype: jnp.dtype) -> str:
+def choose_method(sizes: RNNSizes | Dims, dtype: jnp.dtype) -> str:
     """``auto``: the method :func:`estimated_seconds` finds faster, within the memory cap.
 
     ``forward`` is never chosen when its :func:`as_written_cost` memory exceeds
     :data:`FORWARD_MEMORY_LIMIT`.
     """
     itemsize = jnp.dtype(dtype).itemsize
+    sizes = _dims(sizes)
     if as_written_cost(sizes, "forward", itemsize).memory_bytes > FORWARD_MEMORY_LIMIT:
         return "reverse"
     forward = estimated_seconds(sizes, "forward", itemsize)
@@ -238,12 +314,12 @@ def train(
     optimizer,
     opt_state,
     keep_grads,
-    cell: Cell = rnn_cell,
+    cell: Cell,
 ) -> TrainResult:
     """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``).
 
-    ``cell(params, hidden, x) -> hidden`` is the recurrent step (:func:`rnn_cell`);
-    ``forward`` assumes it treats the rows of ``hidden`` and ``x`` independently.
+    ``cell`` is the model (``hidden0`` its carry, ``TrainResult.hidden`` too);
+    ``forward`` assumes it treats the rows of the carry and ``x`` independently.
 
     The retained history starts here: a call that continues an earlier run
     (given its ``params``, ``opt_state`` and ``hidden``) treats ``hidden0`` as a
@@ -255,11 +331,11 @@ def train(
     def body(carry, xyt):
         params, opt_state, hidden, state, kept = carry
         x, y, t = xyt
-        new_hidden = cell(params, hidden, x)
+        new_hidden = cell.step(params, hidden, x)
         # dL_t/dp_t (this step's own use of the head and cell) and a_t = dL_t/dh_t.
-        loss, (grad_now, adjoint) = jax.value_and_grad(step_loss, argnums=(0, 1))(
-            params, new_hidden, y
-        )
+        loss, (grad_now, adjoint) = jax.value_and_grad(
+            lambda p, h: cell_step_loss(cell, p, h, y), argnums=(0, 1)
+        )(params, new_hidden)
         grads, state = gradient.step(state, params, hidden, x, t, adjoint, grad_now)
         params, opt_state = apply_optimizer(optimizer, grads, opt_state, params, value=loss)
         kept, out = keep_step(keep_grads, kept, grads)
@@ -275,15 +351,34 @@ def train(
     return TrainResult(params, losses, grads, hidden, opt_state)
 
 
-def cell_jacobians(cell: Cell, params, hidden: jax.Array, x) -> tuple[Any, jax.Array]:
-    """Each example's ``dcell/dp`` and ``dcell/dh``, by reverse mode over its ``H`` outputs.
+def flatten_rows(carry: Any) -> jax.Array:
+    """A carry whose leaves lead with ``B`` as one ``(B, N)`` array, leaf after leaf."""
+    leaves = jax.tree.leaves(carry)
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
 
-    Returns ``(jac_p, jac_h)``: ``jac_p`` is shaped like ``params`` with every
-    leaf ``(B, H, *leaf.shape)``, and ``jac_h`` is ``(B, H, H)``. As plain Python::
+
+def unflatten_rows(like: Any, rows: jax.Array) -> Any:
+    """The inverse of :func:`flatten_rows`: ``(b, N)`` rows in the structure of ``like``."""
+    leaves, tree = jax.tree.flatten(like)
+    out, start = [], 0
+    for leaf in leaves:
+        size = leaf[0].size
+        out.append(rows[:, start : start + size].reshape(rows.shape[0], *leaf.shape[1:]))
+        start += size
+    return jax.tree.unflatten(tree, out)
+
+
+def cell_jacobians(cell: Cell, params, hidden: Any, x) -> tuple[Any, jax.Array]:
+    """Each example's ``dcell/dp`` and ``dcell/dh``, by reverse mode over its ``N`` outputs.
+
+    ``hidden`` is the carry (any pytree whose leaves lead with ``B``), flattened per
+    example into ``N`` numbers (:func:`flatten_rows`). Returns ``(jac_p, jac_h)``:
+    ``jac_p`` is shaped like ``params`` with every leaf ``(B, N, *leaf.shape)``,
+    and ``jac_h`` is ``(B, N, N)``. As plain Python::
 
       for b in range(B):
-        new = lambda p, h: cell(p, h[None], x[b][None])[0]       # (H,)
-        jac_p[b], jac_h[b] = d new / d p, d new / d h   at (params, hidden[b])
+        new = lambda p, h: flat(cell.step(p, h[None], x[b][None]))[0]   # (N,)
+        jac_p[b], jac_h[b] = d new / d p, d new / d h   at (params, flat(hidden)[b])
 
     This is the whole Jacobian of ``cell`` only if row ``b`` of the new hidden
     state depends on row ``b`` of ``hidden`` and ``x`` alone, as in every
@@ -293,31 +388,35 @@ def cell_jacobians(cell: Cell, params, hidden: jax.Array, x) -> tuple[Any, jax.A
     """
 
     def one_example(params, h, x):
-        return cell(params, h[None], jax.tree.map(lambda a: a[None], x))[0]
+        carry = unflatten_rows(hidden, h[None])
+        new = cell.step(params, carry, jax.tree.map(lambda a: a[None], x))
+        return flatten_rows(new)[0]
 
     jacobians = jax.vmap(jax.jacrev(one_example, argnums=(0, 1)), in_axes=(None, 0, 0))
-    return jacobians(params, hidden, x)
+    return jacobians(params, flatten_rows(hidden), x)
 
 
 class _Forward:
     """Real-time recurrent learning: the state is ``S_{t-1} = dh_{t-1}/dp``.
 
-    ``S`` is shaped like the parameters, every leaf ``(B, H, *leaf.shape)``:
-    ``B*H*P`` numbers. One block per leaf (rather than one ``(B, H, P)`` array)
-    saves concatenating the Jacobian's blocks every step, which XLA's CPU
-    backend does slowly.
+    ``S`` is shaped like the parameters, every leaf ``(B, N, *leaf.shape)`` for a
+    carry of ``N`` numbers per example: ``B*N*P`` numbers. One block per leaf
+    (rather than one ``(B, N, P)`` array) saves concatenating the Jacobian's
+    blocks every step, which XLA's CPU backend does slowly.
     """
 
     def __init__(self, cell: Cell):
         self.cell = cell
 
-    def init(self, params, hidden0: jax.Array, steps: int):
-        return jax.tree.map(lambda a: jnp.zeros((*hidden0.shape, *a.shape), a.dtype), params)
+    def init(self, params, hidden0: Any, steps: int):
+        shape = flatten_rows(hidden0).shape
+        return jax.tree.map(lambda a: jnp.zeros((*shape, *a.shape), a.dtype), params)
 
     def step(self, sens, params, hidden, x, t, adjoint, grad_now):
         """``S_t = dcell/dh S_{t-1} + dcell/dp`` and ``g_t = dL_t/dp_t + a_t^T S_t``."""
         del t
         jac_p, jac_h = cell_jacobians(self.cell, params, hidden, x)
+        adjoint = flatten_rows(adjoint)
 
         def update(s, direct):  # (B, H, ...) blocks; one batched (H, H) x (H, n) product
             return jnp.einsum("bkj,bj...->bk...", jac_h, s) + direct
@@ -337,9 +436,11 @@ class _Reverse:
         self.inputs = inputs
         self.loop = loop
 
-    def init(self, params, hidden0: jax.Array, steps: int):
-        params_hist = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), params)
-        return params_hist, jnp.zeros((steps, *hidden0.shape), hidden0.dtype)
+    def init(self, params, hidden0: Any, steps: int):
+        def history(a):
+            return jnp.zeros((steps, *a.shape), a.dtype)
+
+        return jax.tree.map(history, params), jax.tree.map(history, hidden0)
 
     def step(self, history, params, hidden, x, t, adjoint, grad_now):
         """Stores step ``t``, then runs the adjoint recursion over steps ``t, ..., 0``.
@@ -351,15 +452,16 @@ class _Reverse:
         del x
         params_hist, hidden_hist = history
         params_hist = jax.tree.map(lambda buf, p: buf.at[t].set(p), params_hist, params)
-        hidden_hist = hidden_hist.at[t].set(hidden)  # h_{t-1}, the input of step t
-        steps = hidden_hist.shape[0]
+        # h_{t-1}, the input of step t
+        hidden_hist = jax.tree.map(lambda buf, h: buf.at[t].set(h), hidden_hist, hidden)
+        steps = self.inputs.shape[0]
 
         def backward_step(acc, past):
             p_s, h_prev, x_s, s = past
 
             def through_step(acc):
                 adjoint, grads = acc
-                _, pullback = jax.vjp(lambda p, h: self.cell(p, h, x_s), p_s, h_prev)
+                _, pullback = jax.vjp(lambda p, h: self.cell.step(p, h, x_s), p_s, h_prev)
                 grad_p, grad_h = pullback(adjoint)
                 return grad_h, jax.tree.map(jnp.add, grads, grad_p)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax import _checks
-from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
+from loopgrad_jax._cell import Cell
 
 
 class RNNParams(NamedTuple):
@@ -86,8 +86,7 @@ def rnn_cell(params: RNNParams, hidden: jax.Array, x: jax.Array) -> jax.Array:
 
 def step_loss(params: RNNParams, hidden: jax.Array, target: jax.Array) -> jax.Array:
     """``mean((h2o(hidden) - target) ** 2)``, the article's per-step loss."""
-    output = hidden @ params.h2o_weight.T + params.h2o_bias[None, :]
-    return jnp.mean((output - target) ** 2)
+    return jnp.mean((article_readout(params, hidden) - target) ** 2)
 
 
 def input_projection(params: RNNParams, inputs: jax.Array) -> jax.Array:
@@ -106,101 +105,16 @@ def hoisted_cell(params: RNNParams, hidden: jax.Array, projected: jax.Array) -> 
     return jnp.tanh(projected + hidden @ w_h.T)
 
 
-def rnn_forward(
-    params: RNNParams,
-    inputs: jax.Array,
-    targets: jax.Array,
-    hidden0: jax.Array,
-    *,
-    loop: str | Loop,
-    hoist_input: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Runs the RNN over the sequence: ``(final_hidden, losses (T,))``.
-
-    Plain-Python semantics::
-
-      hidden, losses = hidden0, []
-      for t in range(T):
-        hidden = rnn_cell(params, hidden, inputs[t])
-        losses.append(step_loss(params, hidden, targets[t]))
-      return hidden, stack(losses)
-
-    With ``hoist_input`` the input half of ``i2h`` runs as one matrix product
-    before the loop (:func:`input_projection`) and only the recurrent product
-    stays inside; the result is the same up to the order of floating-point sums.
-    """
-    cell, xs = rnn_cell, inputs
-    if hoist_input:
-        cell, xs = hoisted_cell, input_projection(params, inputs)
-
-    def body(hidden, xy):
-        x, y = xy
-        hidden = cell(params, hidden, x)
-        return hidden, step_loss(params, hidden, y)
-
-    return run_loop(body, hidden0, (xs, targets), length=inputs.shape[0], loop=loop)
+def article_readout(params: RNNParams, hidden: jax.Array) -> jax.Array:
+    """``h2o(hidden)``: the article's output, ``(B, O)``."""
+    return hidden @ params.h2o_weight.T + params.h2o_bias[None, :]
 
 
-def rnn_loss(
-    params: RNNParams,
-    inputs: jax.typing.ArrayLike,
-    targets: jax.typing.ArrayLike,
-    *,
-    hidden0: jax.typing.ArrayLike | None = None,
-    loop: str | Loop = "scan",
-    hoist_input: bool = False,
-) -> jax.Array:
-    """The summed per-step loss over a whole sequence.
-
-    Plain-Python semantics::
-
-      hidden, total = hidden0, 0
-      for t in range(T):
-        hidden = tanh(i2h(concat([inputs[t], hidden])))
-        total += mean((h2o(hidden) - targets[t]) ** 2)
-      return total
-
-    ``jax.grad`` of it is full backpropagation through time: what PyTorch's
-    single ``loss.backward()`` after the loop computes. It runs as one
-    ``jax.jit``-compiled function per shapes and options, so repeated calls,
-    eager ones included, compile once (``loop="python"`` runs as a Python loop).
-
-    Args:
-      params: :class:`RNNParams`.
-      inputs: ``(T, B, I)``.
-      targets: ``(T, B, O)``.
-      hidden0: ``(B, H)``; zeros when ``None``.
-      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
-      hoist_input: compute the input projection of all steps as one matrix
-        product before the loop; only the recurrent product stays inside.
-
-    Returns:
-      A scalar.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
-      >>> p = lg.init_rnn(jax.random.key(0), input_size=3, hidden_size=4)
-      >>> x, y = jnp.ones((6, 2, 3), jnp.float32), jnp.zeros((6, 2, 1), jnp.float32)
-      >>> grads = jax.grad(lg.rnn_loss)(p, x, y, loop="fori")
-      >>> grads.i2h_weight.shape
-      (4, 7)
-    """
-    params, inputs, targets, hidden0, _ = check_rnn_args(params, inputs, targets, hidden0)
-    if not isinstance(hoist_input, bool):
-        raise TypeError(f"hoist_input must be a bool, got {type(hoist_input).__name__}.")
-    return _rnn_loss(
-        params, inputs, targets, hidden0, loop=check_loop(loop), hoist_input=hoist_input
-    )
+#: The article's ``SimpleRNN`` as a :class:`~loopgrad_jax.Cell`.
+ARTICLE_CELL = Cell(rnn_cell, article_readout, input_projection, hoisted_cell)
 
 
-@compiled("loop", "hoist_input")
-def _rnn_loss(params, inputs, targets, hidden0, *, loop: Loop, hoist_input: bool) -> jax.Array:
-    """:func:`rnn_loss` after its checks: one compiled function per shapes and options."""
-    _, losses = rnn_forward(params, inputs, targets, hidden0, loop=loop, hoist_input=hoist_input)
-    return losses.sum()
-
-
-def check_rnn_args(
+def check_article_args(
     params: RNNParams,
     inputs: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,

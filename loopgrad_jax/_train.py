@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 from loopgrad_jax import _as_written, _checks
+from loopgrad_jax._cell import Cell
 from loopgrad_jax._loops import Loop, check_loop, compiled, require_reverse, run_loop
 from loopgrad_jax._result import (
     KEEP_GRADS,
@@ -40,7 +42,7 @@ from loopgrad_jax._result import (
     keep_result,
     keep_step,
 )
-from loopgrad_jax._rnn import RNNParams, check_rnn_args, rnn_forward
+from loopgrad_jax._sequence import bind, check_hoist, rnn_forward, to_carry, to_public
 
 #: Values of ``train_rnn(mode=...)``.
 MODES: tuple[str, ...] = ("as_written", "tbptt")
@@ -50,7 +52,7 @@ DEFAULT_LR = 0.01
 
 
 def train_rnn(
-    params: RNNParams,
+    params: Any,
     inputs: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
     *,
@@ -64,6 +66,7 @@ def train_rnn(
     opt_state: optax.OptState | None = None,
     hoist_input: bool = False,
     keep_grads: str = "all",
+    cell: Cell | None = None,
 ) -> TrainResult:
     """Trains the RNN over one sequence, updating the weights inside the loop.
 
@@ -180,15 +183,21 @@ def train_rnn(
       ...     p, x, y, mode="tbptt", window=3).params.i2h_weight))
       True
     """
-    params, inputs, targets, hidden0, sizes = check_rnn_args(params, inputs, targets, hidden0)
+    bound = bind(params, inputs, targets, hidden0, cell)
+    params, inputs, targets, hidden0, length = (
+        bound.params,
+        bound.inputs,
+        bound.targets,
+        bound.hidden0,
+        bound.dims.length,
+    )
     mode = _checks.one_of("mode", mode, MODES)
     method = _checks.one_of("as_written_method", as_written_method, _as_written.METHODS)
     keep_grads = _checks.one_of("keep_grads", keep_grads, KEEP_GRADS)
     window = _checks.static_length("window", window, minimum=1)
-    if mode == "tbptt" and window > sizes.length:
+    if mode == "tbptt" and window > length:
         raise ValueError(
-            f"window must be between 1 and T={sizes.length} (the number of time steps), "
-            f"got {window}."
+            f"window must be between 1 and T={length} (the number of time steps), got {window}."
         )
     if mode == "as_written" and window != 1:
         raise ValueError(f"window applies only to mode='tbptt', got window={window} with {mode=}.")
@@ -196,8 +205,7 @@ def train_rnn(
         raise ValueError(
             f"as_written_method applies only to mode='as_written', got {method!r} with {mode=}."
         )
-    if not isinstance(hoist_input, bool):
-        raise TypeError(f"hoist_input must be a bool, got {type(hoist_input).__name__}.")
+    hoist_input = check_hoist(hoist_input, bound.cell)
     if hoist_input and mode == "as_written":
         raise ValueError(
             "hoist_input applies only to mode='tbptt': mode='as_written' updates the weights "
@@ -221,7 +229,7 @@ def train_rnn(
     if opt_state is not None:
         opt_state = _check_opt_state(opt_state, jax.eval_shape(reference_optimizer.init, params))
     if mode == "as_written" and method == "auto":
-        method = _as_written.choose_method(sizes, inputs.dtype)
+        method = _as_written.choose_method(bound.dims, inputs.dtype)
     return _train(
         params,
         inputs,
@@ -236,10 +244,14 @@ def train_rnn(
         optimizer=optimizer,
         hoist_input=hoist_input,
         keep_grads=keep_grads,
+        cell=bound.cell,
+        kind=bound.kind,
     )
 
 
-@compiled("mode", "window", "loop", "method", "optimizer", "hoist_input", "keep_grads")
+@compiled(
+    "mode", "window", "loop", "method", "optimizer", "hoist_input", "keep_grads", "cell", "kind"
+)
 def _train(
     params,
     inputs,
@@ -255,6 +267,8 @@ def _train(
     optimizer,
     hoist_input,
     keep_grads,
+    cell,
+    kind,
 ) -> TrainResult:
     """:func:`train_rnn` after its checks: one compiled function per shapes and options."""
     if optimizer is None:
@@ -263,12 +277,14 @@ def _train(
         optimizer = optax.sgd(lr)
     if opt_state is None:
         opt_state = optimizer.init(params)
+    carry0 = to_carry(kind, hidden0)
     if mode == "tbptt":
-        return _train_tbptt(
+        result = _train_tbptt(
+            cell,
             params,
             inputs,
             targets,
-            hidden0,
+            carry0,
             window,
             loop,
             optimizer,
@@ -276,22 +292,35 @@ def _train(
             hoist_input,
             keep_grads,
         )
-    _check_update_arguments(optimizer, opt_state, params)
-    return _as_written.train(
-        params,
-        inputs,
-        targets,
-        hidden0,
-        method=method,
-        loop=loop,
-        optimizer=optimizer,
-        opt_state=opt_state,
-        keep_grads=keep_grads,
-    )
+    else:
+        _check_update_arguments(optimizer, opt_state, params)
+        result = _as_written.train(
+            params,
+            inputs,
+            targets,
+            carry0,
+            method=method,
+            loop=loop,
+            optimizer=optimizer,
+            opt_state=opt_state,
+            keep_grads=keep_grads,
+            cell=cell,
+        )
+    return result._replace(hidden=to_public(kind, result.hidden))
 
 
 def _train_tbptt(
-    params, inputs, targets, hidden0, window, loop, optimizer, opt_state, hoist_input, keep_grads
+    cell,
+    params,
+    inputs,
+    targets,
+    hidden0,
+    window,
+    loop,
+    optimizer,
+    opt_state,
+    hoist_input,
+    keep_grads,
 ) -> TrainResult:
     steps = inputs.shape[0]
 
@@ -300,7 +329,9 @@ def _train_tbptt(
         x, y = xy
 
         def window_loss(p):
-            hidden_end, losses = rnn_forward(p, x, y, hidden, loop=loop, hoist_input=hoist_input)
+            hidden_end, losses = rnn_forward(
+                cell, p, x, y, hidden, loop=loop, hoist_input=hoist_input
+            )
             return losses.sum(), (hidden_end, losses)
 
         # The gradient holds `hidden` constant (PyTorch's hidden.detach()) because it

@@ -14,10 +14,13 @@ from helpers import TOL, assert_close, random_rnn_problem
 
 import loopgrad_jax as lg
 from loopgrad_jax import _as_written
+from loopgrad_jax._rnn import ARTICLE_CELL
 from loopgrad_jax.bench import as_written_grid
 
 
-def _train(problem, method, *, lr=0.1, loop="scan", cell=lg.rnn_cell):
+def _train(problem, method, *, lr=0.1, loop="scan", step=lg.rnn_cell):
+    """The as-written methods on the article's model, its step replaced by ``step``."""
+    cell = lg.Cell(step, ARTICLE_CELL.readout)
     params, inputs, targets, hidden0 = problem
     optimizer = optax.sgd(lr)
     return _as_written.train(
@@ -52,7 +55,7 @@ def test_reverse_runs_one_cell_vjp_per_stored_step():
 
     t = 5
     problem = random_rnn_problem(jax.random.key(0), t, 2, 3, 4, 1)
-    jax.block_until_ready(jax.jit(lambda: _train(problem, "reverse", cell=counting_cell))())
+    jax.block_until_ready(jax.jit(lambda: _train(problem, "reverse", step=counting_cell))())
     jax.effects_barrier()
     assert len(calls) == t + t * (t + 1) // 2
 
@@ -65,7 +68,7 @@ def test_cell_singular_at_zero_history_has_finite_outer_gradients():
     # relative from rounding, so rtol=1e-7 leaves a 1000x margin.
     problem = random_rnn_problem(jax.random.key(3), 5, 2, 3, 4, 1)  # hidden0 != 0
     run = jax.jit(
-        lambda lr, method: _train(problem, method, lr=lr, cell=rms_cell), static_argnums=1
+        lambda lr, method: _train(problem, method, lr=lr, step=rms_cell), static_argnums=1
     )
 
     def total_loss(lr):
@@ -84,7 +87,7 @@ def test_cell_jacobians_are_the_batch_jacobian_blocks():
     params, inputs, _, hidden = random_rnn_problem(jax.random.key(5), 1, 3, 2, 4, 1)
     x = inputs[0]
     jac_p, jac_h = jax.jit(_as_written.cell_jacobians, static_argnums=0)(
-        lg.rnn_cell, params, hidden, x
+        ARTICLE_CELL, params, hidden, x
     )
     full_p, full_h = jax.jit(jax.jacrev(lg.rnn_cell, argnums=(0, 1)))(params, hidden, x)
     # full_h[b, k, c, j] = d new[b, k] / d hidden[c, j]: zero unless b == c.

@@ -1,0 +1,82 @@
+"""What a recurrent cell is to this library: a step, a readout, and optionally a hoist.
+
+Every model the library trains (the article's ``SimpleRNN``, PyTorch's ``nn.RNN`` /
+``nn.LSTM`` / ``nn.GRU``, and a user's own cell) is a :class:`Cell` and a pytree of
+parameters. One body per scenario runs any of them with any loop kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class Cell(NamedTuple):
+    """A recurrent cell written as pure functions.
+
+    - ``step(params, carry, x) -> carry``: one time step. ``x`` is one step's input,
+      ``(B, I)``; ``carry`` is any pytree of arrays whose leaves lead with the
+      batch axis ``B`` (the hidden state; for an LSTM the pair ``(h, c)``).
+    - ``readout(params, carry) -> (B, O)``: the output the step's loss compares
+      with its target, ``mean((readout(params, carry) - target) ** 2)``.
+    - ``project(params, inputs) -> projected`` and
+      ``step_projected(params, carry, projected[t]) -> carry`` (optional, both or
+      neither): the input-side work of every step as one product before the loop
+      (``hoist_input=True``), and the step that takes its result.
+
+    The as-written ``"forward"`` method differentiates each example on its own, so
+    it needs row ``b`` of the new carry to depend on row ``b`` of ``carry`` and
+    ``x`` alone (true of every cell without batch statistics). Give the same
+    ``Cell`` object (or one built from the same functions) to repeated calls: it
+    is a static argument of the compiled functions, compared by its functions.
+
+    Examples:
+      A minimal Elman cell, ``h' = tanh(W [x, h])``, read out by ``V h``:
+
+      >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
+      >>> def step(p, h, x):
+      ...     return jnp.tanh(jnp.concatenate([x, h], axis=1) @ p["w"].T)
+      >>> def readout(p, h):
+      ...     return h @ p["v"].T
+      >>> elman = lg.Cell(step, readout)
+      >>> p = {"w": jnp.full((4, 7), 0.1), "v": jnp.ones((1, 4))}
+      >>> x, y = jnp.ones((6, 2, 3)), jnp.zeros((6, 2, 1))
+      >>> h0 = jnp.zeros((2, 4))
+      >>> g = jax.grad(lg.rnn_loss)(p, x, y, hidden0=h0, cell=elman, loop="fori")
+      >>> g["w"].shape
+      (4, 7)
+    """
+
+    step: Callable[[PyTree, PyTree, Any], PyTree]
+    readout: Callable[[PyTree, PyTree], jax.Array]
+    project: Callable[[PyTree, Any], Any] | None = None
+    step_projected: Callable[[PyTree, PyTree, Any], PyTree] | None = None
+
+
+def cell_step_loss(cell: Cell, params: PyTree, carry: PyTree, target: jax.Array) -> jax.Array:
+    """The article's per-step loss for any cell: ``mean((readout - target) ** 2)``."""
+    return jnp.mean((cell.readout(params, carry) - target) ** 2)
+
+
+def check_cell(cell: object) -> Cell:
+    """Returns ``cell`` if it is a usable :class:`Cell`; raises naming what is wrong."""
+    if not isinstance(cell, Cell):
+        raise TypeError(
+            "cell must be a loopgrad_jax.Cell(step, readout) of functions "
+            f"step(params, carry, x) -> carry and readout(params, carry) -> (B, O), "
+            f"got {type(cell).__name__}."
+        )
+    for name in ("step", "readout"):
+        if not callable(getattr(cell, name)):
+            raise TypeError(f"cell.{name} must be callable, got {getattr(cell, name)!r}.")
+    if (cell.project is None) != (cell.step_projected is None):
+        raise ValueError(
+            "cell.project and cell.step_projected come together (both or neither), got "
+            f"project={cell.project!r}, step_projected={cell.step_projected!r}."
+        )
+    return cell

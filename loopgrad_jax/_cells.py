@@ -1,0 +1,517 @@
+"""PyTorch's recurrent modules as cells: ``nn.RNN`` (tanh, relu), ``nn.LSTM``, ``nn.GRU``.
+
+Parameters keep PyTorch's layout and names (``weight_ih_l{k}`` is
+``(G*H, I_k)`` with ``G`` gates, stacked in PyTorch's order), so state dicts
+load without transposes or reordering. One step of layer ``k`` (``x`` its input,
+``h``/``c`` its state), exactly as PyTorch documents it::
+
+  rnn_tanh:  h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)         (relu for rnn_relu)
+  lstm:      i, f, g, o = split(x W_ih^T + b_ih + h W_hh^T + b_hh, 4)
+             c' = sigmoid(f) * c + sigmoid(i) * tanh(g);   h' = sigmoid(o) * tanh(c')
+  gru:       r, z, n over split(x W_ih^T + b_ih, 3) and split(h W_hh^T + b_hh, 3):
+             r = sigmoid(x_r + h_r);  z = sigmoid(x_z + h_z);  n = tanh(x_n + r * h_n)
+             h' = (1 - z) * n + z * h
+
+Layer ``k > 0`` reads layer ``k - 1``'s new ``h``; the head ``nn.Linear(H, O)``
+reads the last layer's. Inside the loop the carry is a tuple with one entry per
+layer (``h``, or ``(h, c)`` for an LSTM), batch first; at the API it is
+PyTorch's ``(num_layers, B, H)`` (and the pair ``(h, c)`` of two for an LSTM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopgrad_jax import _checks
+from loopgrad_jax._cell import Cell
+from loopgrad_jax._rnn import RNNParams, init_rnn
+
+#: Every built-in cell kind: the article's ``SimpleRNN`` and PyTorch's modules.
+CELLS: tuple[str, ...] = ("article", "rnn_tanh", "rnn_relu", "lstm", "gru")
+#: The kinds that are PyTorch modules (:class:`CellParams`).
+TORCH_CELLS: tuple[str, ...] = CELLS[1:]
+#: Gates per kind: rows of ``weight_ih`` per hidden unit.
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+_MODULES = {"RNN": ("rnn_tanh", "rnn_relu"), "LSTM": ("lstm",), "GRU": ("gru",)}
+_LAYER_FIELDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerParams:
+    """One layer's weights, as PyTorch names them without the ``_l{k}`` suffix."""
+
+    weight_ih: jax.Array  # (G*H, I) for the first layer, (G*H, H) after
+    weight_hh: jax.Array  # (G*H, H)
+    bias_ih: jax.Array  # (G*H,)
+    bias_hh: jax.Array  # (G*H,)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CellParams:
+    """The weights of an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` and its ``nn.Linear`` head.
+
+    A pytree whose leaves are the arrays; ``kind`` (one of :data:`TORCH_CELLS`) is
+    static, so ``jax.grad`` returns a ``CellParams`` of the same kind, which
+    :func:`to_torch` names as PyTorch does.
+    """
+
+    layers: tuple[LayerParams, ...]
+    head_weight: jax.Array  # (O, H)
+    head_bias: jax.Array  # (O,)
+    kind: str = "rnn_tanh"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+jax.tree_util.register_dataclass(LayerParams, data_fields=list(_LAYER_FIELDS), meta_fields=[])
+jax.tree_util.register_dataclass(
+    CellParams, data_fields=["layers", "head_weight", "head_bias"], meta_fields=["kind"]
+)
+
+
+# ------------------------------------------------------------------- the cells
+
+
+def _layer_step(kind: str, layer: LayerParams, state: Any, gi: jax.Array) -> tuple[Any, jax.Array]:
+    """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``."""
+    h = state[0] if kind == "lstm" else state
+    gh = h @ layer.weight_hh.T + layer.bias_hh
+    if kind == "lstm":
+        i, f, g, o = jnp.split(gi + gh, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+    if kind == "gru":
+        xr, xz, xn = jnp.split(gi, 3, axis=-1)
+        hr, hz, hn = jnp.split(gh, 3, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        h = (1 - z) * jnp.tanh(xn + r * hn) + z * h
+        return h, h
+    h = (jnp.tanh if kind == "rnn_tanh" else jax.nn.relu)(gi + gh)
+    return h, h
+
+
+def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = False) -> tuple:
+    new = []
+    for k, layer in enumerate(params.layers):
+        gi = x if (k == 0 and projected) else x @ layer.weight_ih.T + layer.bias_ih
+        state, x = _layer_step(params.kind, layer, carry[k], gi)
+        new.append(state)
+    return tuple(new)
+
+
+def torch_step(params: CellParams, carry: tuple, x: jax.Array) -> tuple:
+    """One step of every layer: the new carry (a tuple with one state per layer)."""
+    return _step(params, carry, x)
+
+
+def torch_readout(params: CellParams, carry: tuple) -> jax.Array:
+    """The head applied to the last layer's ``h``: ``(B, O)``."""
+    last = carry[-1][0] if params.kind == "lstm" else carry[-1]
+    return last @ params.head_weight.T + params.head_bias
+
+
+def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:
+    """The first layer's ``x W_ih^T + b_ih`` for every step at once: ``(T, B, G*H)``."""
+    layer = params.layers[0]
+    return jnp.einsum("tbi,gi->tbg", inputs, layer.weight_ih) + layer.bias_ih
+
+
+def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array) -> tuple:
+    """:func:`torch_step` given the step's :func:`torch_project`."""
+    return _step(params, carry, projected, projected=True)
+
+
+#: The cell of every kind in :data:`TORCH_CELLS` (the kind is read off the params).
+TORCH_CELL = Cell(torch_step, torch_readout, torch_project, torch_step_projected)
+
+
+def to_carry(kind: str, hidden: Any) -> Any:
+    """PyTorch's ``(L, B, H)`` state (``(h, c)`` for an LSTM) as the loop's carry."""
+    if kind == "lstm":
+        h, c = hidden
+        return tuple((h[k], c[k]) for k in range(h.shape[0]))
+    return tuple(hidden[k] for k in range(hidden.shape[0]))
+
+
+def to_public(kind: str, carry: tuple) -> Any:
+    """The inverse of :func:`to_carry`."""
+    if kind == "lstm":
+        return jnp.stack([h for h, _ in carry]), jnp.stack([c for _, c in carry])
+    return jnp.stack(carry)
+
+
+# ------------------------------------------------------------------- sizes and checks
+
+
+def carry_per_example(kind: str, hidden: int, num_layers: int = 1) -> int:
+    """Numbers of state one example carries from step to step."""
+    return (2 if kind == "lstm" else 1) * num_layers * hidden
+
+
+def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
+    """``params`` with float array leaves, and its sizes; raises naming the wrong leaf."""
+    if params.kind not in TORCH_CELLS:
+        raise ValueError(
+            f"params.kind must be one of {', '.join(map(repr, TORCH_CELLS))}, got {params.kind!r}."
+        )
+    if not isinstance(params.layers, tuple) or not params.layers:
+        raise ValueError(
+            f"params.layers must be a non-empty tuple of LayerParams, got {params.layers!r}."
+        )
+    gates = GATES[params.kind]
+    layers = []
+    for k, layer in enumerate(params.layers):
+        if not isinstance(layer, LayerParams):
+            raise TypeError(
+                f"params.layers[{k}] must be a LayerParams, got {type(layer).__name__}."
+            )
+        leaves = {
+            f: _checks.float_array(f"params.layers[{k}].{f}", getattr(layer, f))
+            for f in _LAYER_FIELDS
+        }
+        layers.append(LayerParams(**leaves))
+    head_w = _checks.float_array("params.head_weight", params.head_weight)
+    head_b = _checks.float_array("params.head_bias", params.head_bias)
+    first = layers[0]
+    _checks.shape("params.layers[0].weight_hh", first.weight_hh, (None, None), "(G*H, H)")
+    h = first.weight_hh.shape[1]
+    g = gates * h
+    _checks.shape(
+        "params.layers[0].weight_ih", first.weight_ih, (g, None), f"(G*H, I) with G*H={g}"
+    )
+    i = first.weight_ih.shape[1]
+    for k, layer in enumerate(layers):
+        name = f"params.layers[{k}]"
+        width = i if k == 0 else h
+        _checks.shape(
+            f"{name}.weight_ih",
+            layer.weight_ih,
+            (g, width),
+            f"(G*H, {'I' if k == 0 else 'H'}) with G={gates}, H={h}",
+        )
+        _checks.shape(
+            f"{name}.weight_hh", layer.weight_hh, (g, h), f"(G*H, H) with G={gates}, H={h}"
+        )
+        _checks.shape(f"{name}.bias_ih", layer.bias_ih, (g,), f"(G*H,) with G={gates}, H={h}")
+        _checks.shape(f"{name}.bias_hh", layer.bias_hh, (g,), f"(G*H,) with G={gates}, H={h}")
+    _checks.shape("params.head_weight", head_w, (None, h), f"(O, H) with H={h}")
+    o = head_w.shape[0]
+    _checks.shape("params.head_bias", head_b, (o,), f"(O,) with O={o}")
+    checked = CellParams(tuple(layers), head_w, head_b, params.kind)
+    sizes = {"input": i, "hidden": h, "output": o, "layers": len(layers)}
+    return checked, sizes
+
+
+def check_hidden0(
+    kind: str, hidden0: Any, num_layers: int, batch: int, hidden: int, dtype: jnp.dtype
+) -> Any:
+    """``hidden0`` in PyTorch's layout, zeros when ``None``; raises naming what is wrong."""
+    shape = (num_layers, batch, hidden)
+    meaning = f"(num_layers, B, H) with num_layers={num_layers}, B={batch}, H={hidden}"
+    if kind == "lstm":
+        if hidden0 is None:
+            return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if not isinstance(hidden0, tuple | list) or len(hidden0) != 2:
+            raise ValueError(
+                f"hidden0 of an LSTM must be the pair (h0, c0) of two {meaning} arrays, as "
+                f"nn.LSTM takes it, got {_describe(hidden0)}."
+            )
+        pair = []
+        for name, value in zip(("hidden0[0] (h0)", "hidden0[1] (c0)"), hidden0, strict=True):
+            arr = _checks.float_array(name, value)
+            _checks.shape(name, arr, shape, meaning)
+            pair.append(arr)
+        return tuple(pair)
+    if hidden0 is None:
+        return jnp.zeros(shape, dtype)
+    if isinstance(hidden0, tuple | list):
+        raise ValueError(
+            f"hidden0 of a {kind} cell must be one {meaning} array, got a {type(hidden0).__name__}."
+        )
+    arr = _checks.float_array("hidden0", hidden0)
+    _checks.shape("hidden0", arr, shape, meaning)
+    return arr
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of {len(value)}"
+    shape = getattr(value, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else type(value).__name__
+
+
+# ------------------------------------------------------------------- creating params
+
+
+def init_cell(
+    key: jax.Array,
+    kind: str,
+    *,
+    input_size: int,
+    hidden_size: int,
+    output_size: int = 1,
+    num_layers: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+) -> CellParams | RNNParams:
+    """Draws weights from the distributions PyTorch's modules use.
+
+    ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` draw every weight and bias uniformly on
+    ``[-1/sqrt(H), 1/sqrt(H)]``; the head ``nn.Linear(H, O)`` draws on the same
+    interval (its ``fan_in`` is ``H``). ``kind="article"`` is :func:`init_rnn`
+    (one layer only).
+
+    Examples:
+      >>> import jax, loopgrad_jax as lg
+      >>> p = lg.init_cell(jax.random.key(0), "lstm", input_size=3, hidden_size=4,
+      ...                  num_layers=2)
+      >>> p.layers[1].weight_ih.shape, p.head_weight.shape
+      ((16, 4), (1, 4))
+    """
+    kind = _checks.one_of("kind", kind, CELLS)
+    sizes = {
+        "input_size": input_size,
+        "hidden_size": hidden_size,
+        "output_size": output_size,
+        "num_layers": num_layers,
+    }
+    i, h, o, layers = (_checks.static_length(n, v, minimum=1) for n, v in sizes.items())
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}.")
+    if kind == "article":
+        if layers != 1:
+            raise ValueError(f"the article's SimpleRNN has one layer, got num_layers={layers}.")
+        return init_rnn(key, i, h, o, dtype=dtype)
+    bound = 1.0 / math.sqrt(h)
+    g = GATES[kind] * h
+    keys = iter(jax.random.split(key, 4 * layers + 2))
+
+    def uniform(shape):
+        return jax.random.uniform(next(keys), shape, dtype, minval=-bound, maxval=bound)
+
+    stack = tuple(
+        LayerParams(uniform((g, i if k == 0 else h)), uniform((g, h)), uniform((g,)), uniform((g,)))
+        for k in range(layers)
+    )
+    return CellParams(stack, uniform((o, h)), uniform((o,)), kind)
+
+
+def from_torch(rnn: Any, head: Any, *, kind: str | None = None) -> CellParams:
+    """The weights of a PyTorch ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` and its ``nn.Linear`` head.
+
+    Args:
+      rnn: the module, or its state dict: a mapping of PyTorch's key names
+        (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``)
+        to array-likes (tensors, NumPy or JAX arrays). The number of layers
+        comes from the keys. torch is not imported for a state dict of arrays.
+      head: the ``nn.Linear(H, O)`` head, or its state dict (``weight``, ``bias``).
+      kind: one of :data:`TORCH_CELLS`; required for a state dict, read off a
+        module (and checked against it if given).
+
+    Only the layout this library computes in is accepted: time-major inputs
+    ``(T, B, I)`` (``batch_first=False``; for ``batch_first=True`` data, pass
+    ``inputs.transpose(1, 0, 2)``), one direction, biases on, no LSTM
+    projection (``proj_size=0``) and no dropout between layers. Anything else is
+    refused with a ``ValueError`` that says so.
+
+    Examples:
+      >>> import numpy as np, loopgrad_jax as lg
+      >>> rng = np.random.default_rng(0)
+      >>> state = {f"{w}_l0": rng.normal(size=s).astype(np.float32) for w, s in
+      ...          [("weight_ih", (12, 3)), ("weight_hh", (12, 4)),
+      ...           ("bias_ih", (12,)), ("bias_hh", (12,))]}
+      >>> head = {"weight": np.ones((1, 4), np.float32), "bias": np.zeros(1, np.float32)}
+      >>> p = lg.from_torch(state, head, kind="gru")
+      >>> p.kind, p.num_layers
+      ('gru', 1)
+    """
+    if isinstance(rnn, Mapping):
+        if kind is None:
+            raise ValueError(
+                "kind is required when rnn is a state dict: one of "
+                f"{', '.join(map(repr, TORCH_CELLS))}."
+            )
+        kind = _checks.one_of("kind", kind, TORCH_CELLS)
+        state = dict(rnn)
+    else:
+        kind = _module_kind(rnn, kind)
+        state = dict(rnn.state_dict())
+    head_state = _head_state(head)
+    layers = _layers_from_state(state, kind)
+    head_w = _array("head['weight']", head_state["weight"])
+    head_b = _array("head['bias']", head_state["bias"])
+    h = layers[0].weight_hh.shape[-1] if layers[0].weight_hh.ndim == 2 else None
+    if head_w.ndim != 2 or head_w.shape[1] != h:
+        raise ValueError(
+            f"head['weight'] must have shape (O, H) with H={h}, the rnn's hidden size (the "
+            f"head reads the last layer's hidden state), got shape {tuple(head_w.shape)}."
+        )
+    params = CellParams(tuple(layers), head_w, head_b, kind)
+    return check_params(params)[0]
+
+
+def to_torch(params: CellParams | RNNParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(rnn_state, head_state)``: NumPy arrays under PyTorch's key names.
+
+    Works on anything shaped like the params, leaf for leaf: weights, a gradient
+    from ``jax.grad``, one update's slice of :attr:`TrainResult.grads`
+    (``jax.tree.map(lambda g: g[t], result.grads)``) or the whole stack (each
+    array then leads with the update axis). ``rnn.load_state_dict(rnn_state)``
+    loads weights into a module of the same shape. For the article's
+    :class:`RNNParams` the keys are the ``SimpleRNN``'s: ``i2h.weight``,
+    ``i2h.bias`` in the first dict and ``h2o``'s ``weight``, ``bias`` in the head's.
+    """
+    if isinstance(params, RNNParams):
+        return (
+            {"i2h.weight": np.asarray(params.i2h_weight), "i2h.bias": np.asarray(params.i2h_bias)},
+            {"weight": np.asarray(params.h2o_weight), "bias": np.asarray(params.h2o_bias)},
+        )
+    if not isinstance(params, CellParams):
+        raise TypeError(
+            f"params must be a CellParams or RNNParams (or a gradient of one), got "
+            f"{type(params).__name__}."
+        )
+    rnn_state = {
+        f"{f}_l{k}": np.asarray(getattr(layer, f))
+        for k, layer in enumerate(params.layers)
+        for f in _LAYER_FIELDS
+    }
+    head_state = {"weight": np.asarray(params.head_weight), "bias": np.asarray(params.head_bias)}
+    return rnn_state, head_state
+
+
+def _module_kind(rnn: Any, kind: str | None) -> str:
+    name = type(rnn).__name__
+    if name not in _MODULES or not hasattr(rnn, "state_dict"):
+        raise TypeError(
+            "rnn must be a torch.nn.RNN, LSTM or GRU module or its state dict (a mapping of "
+            f"'weight_ih_l0'-style keys to arrays), got {name}."
+        )
+    refusals = {
+        "bidirectional": (
+            getattr(rnn, "bidirectional", False),
+            "bidirectional modules are not supported: run two modules, one on the "
+            "reversed sequence",
+        ),
+        "proj_size": (getattr(rnn, "proj_size", 0), "an LSTM with proj_size > 0 is not supported"),
+        "batch_first": (
+            getattr(rnn, "batch_first", False),
+            "batch_first=True is not supported: this library is time-major, inputs "
+            "(T, B, I); pass inputs.transpose(1, 0, 2) and keep the module's weights",
+        ),
+        "bias": (
+            not getattr(rnn, "bias", True),
+            "bias=False is not supported: the cells keep PyTorch's two biases; set "
+            "both to zero instead",
+        ),
+        "dropout": (
+            getattr(rnn, "dropout", 0.0),
+            "dropout between layers is not supported: the cells are deterministic",
+        ),
+    }
+    for attr, (value, why) in refusals.items():
+        if value:
+            raise ValueError(f"rnn.{attr}={getattr(rnn, attr)!r}: {why}.")
+    found = _MODULES[name][0]
+    if name == "RNN":
+        found = {"tanh": "rnn_tanh", "relu": "rnn_relu"}[rnn.nonlinearity]
+    if kind is not None and kind != found:
+        raise ValueError(
+            f"kind={kind!r} does not match the module, an nn.{name} of kind {found!r}."
+        )
+    return found
+
+
+def _head_state(head: Any) -> Mapping[str, Any]:
+    if isinstance(head, Mapping):
+        state = head
+    elif type(head).__name__ == "Linear" and hasattr(head, "state_dict"):
+        state = head.state_dict()
+    else:
+        raise TypeError(
+            "head must be a torch.nn.Linear(H, O) or its state dict {'weight', 'bias'}, got "
+            f"{type(head).__name__}."
+        )
+    keys = set(state)
+    if keys != {"weight", "bias"}:
+        raise ValueError(
+            "head must hold exactly 'weight' (O, H) and 'bias' (O,) (nn.Linear with "
+            f"bias=True), got keys {sorted(keys)}."
+        )
+    return state
+
+
+def _layers_from_state(state: dict[str, Any], kind: str) -> list[LayerParams]:
+    keys = sorted(state)
+    if any(k.endswith("_reverse") for k in keys):
+        raise ValueError(
+            "rnn holds '_reverse' keys, a bidirectional module: not supported; run two modules, "
+            "one on the reversed sequence."
+        )
+    if any(k.startswith("weight_hr_") for k in keys):
+        raise ValueError(
+            "rnn holds 'weight_hr_l*' keys, an LSTM with proj_size > 0: not supported."
+        )
+    pattern = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
+    found = [pattern.match(k) for k in keys]
+    indices = {int(m.group(2)) for m in found if m}
+    layers = max(indices) + 1 if indices else 0
+    expected = {f"{f}_l{k}" for k in range(layers) for f in _LAYER_FIELDS}
+    missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
+    if layers == 0 or missing or extra:
+        hint = ""
+        if missing and all(k.startswith("bias") for k in missing):
+            hint = " (a module built with bias=False: not supported; set both biases to zero)"
+        raise ValueError(
+            "rnn's state dict must hold weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k} and "
+            f"bias_hh_l{{k}} for every layer k = 0..L-1, got missing {missing}, unexpected "
+            f"{extra}{hint}."
+        )
+    gates = GATES[kind]
+    whh = _array("rnn['weight_hh_l0']", state["weight_hh_l0"])
+    if whh.ndim != 2 or whh.shape[0] != gates * whh.shape[1]:
+        raise ValueError(
+            f"rnn['weight_hh_l0'] must have shape (G*H, H) with G={gates} gates for "
+            f"kind={kind!r}, got shape {tuple(whh.shape)}."
+        )
+    h = whh.shape[1]
+    result = []
+    for k in range(layers):
+        leaves = {f: _array(f"rnn['{f}_l{k}']", state[f"{f}_l{k}"]) for f in _LAYER_FIELDS}
+        expected_shapes = {
+            "weight_ih": ((gates * h, None if k == 0 else h), "(G*H, I)" if k == 0 else "(G*H, H)"),
+            "weight_hh": ((gates * h, h), "(G*H, H)"),
+            "bias_ih": ((gates * h,), "(G*H,)"),
+            "bias_hh": ((gates * h,), "(G*H,)"),
+        }
+        for f, (want, meaning) in expected_shapes.items():
+            _checks.shape(
+                f"rnn['{f}_l{k}']",
+                leaves[f],
+                want,
+                f"{meaning} with G={gates} gates for kind={kind!r} and H={h}",
+            )
+        result.append(LayerParams(**leaves))
+    return result
+
+
+def _array(name: str, value: Any) -> jax.Array:
+    """A PyTorch tensor, NumPy or JAX array as a JAX array; floating point only."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch.Tensor
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value) if not isinstance(value, jax.Array) else value
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float32 or float64), got {arr.dtype}."
+        )
+    return jnp.asarray(arr)

@@ -1,0 +1,293 @@
+"""Any cell over a whole sequence: the forward pass every scenario shares, and its loss.
+
+:func:`bind` checks a model's arguments (the article's :class:`RNNParams`, a
+:class:`CellParams` of PyTorch's modules, or a user's :class:`Cell` with any
+params) and :func:`rnn_forward` runs it with any loop kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from loopgrad_jax import _cells, _checks
+from loopgrad_jax._as_written import Dims
+from loopgrad_jax._cell import Cell, cell_step_loss, check_cell
+from loopgrad_jax._cells import TORCH_CELL, CellParams
+from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
+from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
+
+PyTree = Any
+
+
+class Bound(NamedTuple):
+    """A model's checked arguments: what every entry point runs."""
+
+    cell: Cell  # static
+    kind: str | None  # one of CELLS, or None for a user's cell; static
+    params: PyTree
+    inputs: jax.Array
+    targets: jax.Array
+    hidden0: PyTree  # in the API's layout (PyTorch's for CellParams)
+    dims: Dims
+
+
+def bind(
+    params: PyTree,
+    inputs: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    hidden0: PyTree | None,
+    cell: Cell | None,
+) -> Bound:
+    """Validates a model's arguments against each other; fills in a zero ``hidden0``."""
+    if cell is not None:
+        return _bind_custom(check_cell(cell), params, inputs, targets, hidden0)
+    if isinstance(params, RNNParams):
+        params, inputs, targets, hidden0, sizes = check_article_args(
+            params, inputs, targets, hidden0
+        )
+        return Bound(ARTICLE_CELL, "article", params, inputs, targets, hidden0, Dims.of(sizes))
+    if isinstance(params, CellParams):
+        return _bind_torch(params, inputs, targets, hidden0)
+    raise TypeError(
+        "params must be an RNNParams (the article's model, lg.init_rnn) or a CellParams "
+        "(lg.init_cell, lg.from_torch); for your own cell pass cell=lg.Cell(step, readout), "
+        f"got {type(params).__name__} and cell=None."
+    )
+
+
+def _sequence_args(inputs, targets, o: int | None) -> tuple[jax.Array, jax.Array]:
+    inputs = _checks.float_array("inputs", inputs)
+    targets = _checks.float_array("targets", targets)
+    if inputs.ndim != 3 or inputs.shape[0] < 1:
+        raise ValueError(
+            f"inputs must have shape (T, B, I) with T >= 1 (time-major), got shape "
+            f"{tuple(inputs.shape)}."
+        )
+    t, b = inputs.shape[:2]
+    _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b} from inputs")
+    return inputs, targets
+
+
+def _bind_torch(params: CellParams, inputs, targets, hidden0) -> Bound:
+    params, sizes = _cells.check_params(params)
+    inputs, targets = _sequence_args(inputs, targets, sizes["output"])
+    _checks.shape(
+        "inputs", inputs, (None, None, sizes["input"]), f"(T, B, I) with I={sizes['input']}"
+    )
+    t, b = inputs.shape[:2]
+    kind = params.kind
+    hidden0 = _cells.check_hidden0(kind, hidden0, sizes["layers"], b, sizes["hidden"], inputs.dtype)
+    _checks.same_dtype(
+        [
+            *((f"params{jax.tree_util.keystr(p)}", v) for p, v in _leaves(params)),
+            ("inputs", inputs),
+            ("targets", targets),
+            *((f"hidden0{jax.tree_util.keystr(p)}", v) for p, v in _leaves(hidden0)),
+        ]
+    )
+    dims = Dims.of_cell(
+        kind, t, b, sizes["input"], sizes["hidden"], sizes["output"], sizes["layers"]
+    )
+    return Bound(TORCH_CELL, kind, params, inputs, targets, hidden0, dims)
+
+
+def _bind_custom(cell: Cell, params, inputs, targets, hidden0) -> Bound:
+    leaves = _leaves(params)
+    if not leaves:
+        raise ValueError("params must hold at least one array for a custom cell, got none.")
+    checked = [_checks.float_array(f"params{jax.tree_util.keystr(p)}", v) for p, v in leaves]
+    params = jax.tree.unflatten(jax.tree.structure(params), checked)
+    inputs, targets = _sequence_args(inputs, targets, None)
+    t, b = inputs.shape[:2]
+    if hidden0 is None:
+        raise ValueError(
+            "hidden0 is required with a custom cell: its carry's structure and shapes are "
+            "the cell's to choose (every leaf leading with the batch axis B)."
+        )
+    carry_leaves = _leaves(hidden0)
+    checked = [_checks.float_array(f"hidden0{jax.tree_util.keystr(p)}", v) for p, v in carry_leaves]
+    hidden0 = jax.tree.unflatten(jax.tree.structure(hidden0), checked)
+    for path, leaf in _leaves(hidden0):
+        if leaf.ndim < 1 or leaf.shape[0] != b:
+            raise ValueError(
+                f"hidden0{jax.tree_util.keystr(path)} must lead with the batch axis B={b} "
+                f"(from inputs), got shape {tuple(leaf.shape)}."
+            )
+    try:
+        new = jax.eval_shape(cell.step, params, hidden0, inputs[0])
+        out = jax.eval_shape(cell.readout, params, hidden0)
+    except Exception as err:  # noqa: BLE001 - the user's function; say where it failed
+        raise ValueError(
+            f"calling the cell on one step failed: {type(err).__name__}: {err}"
+        ) from err
+    want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), hidden0)
+    if jax.tree.structure(new) != jax.tree.structure(want) or any(
+        (n.shape, n.dtype) != (w.shape, w.dtype)
+        for n, w in zip(jax.tree.leaves(new), jax.tree.leaves(want), strict=True)
+    ):
+        raise ValueError(
+            f"cell.step must return a carry shaped like hidden0, {_spec(want)}, got {_spec(new)}."
+        )
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != (b, targets.shape[2]):
+        raise ValueError(
+            f"cell.readout must return (B, O) = {(b, targets.shape[2])} (B from inputs, O from "
+            f"targets), got {_spec(out)}."
+        )
+    _checks.same_dtype(
+        [
+            *((f"params{jax.tree_util.keystr(p)}", v) for p, v in _leaves(params)),
+            ("inputs", inputs),
+            ("targets", targets),
+            *((f"hidden0{jax.tree_util.keystr(p)}", v) for p, v in _leaves(hidden0)),
+        ]
+    )
+    size = sum(leaf.size for leaf in jax.tree.leaves(params))
+    carry = sum(leaf.size for leaf in jax.tree.leaves(hidden0)) // b
+    dims = Dims(t, b, inputs.shape[2], carry, size, size, 0)
+    return Bound(cell, None, params, inputs, targets, hidden0, dims)
+
+
+def _leaves(tree: PyTree) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _spec(tree: PyTree) -> str:
+    return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree))
+
+
+def to_carry(kind: str | None, hidden: PyTree) -> PyTree:
+    """The API's hidden state as the loop's carry (PyTorch's layer axis split off)."""
+    return _cells.to_carry(kind, hidden) if kind in _cells.TORCH_CELLS else hidden
+
+
+def to_public(kind: str | None, carry: PyTree) -> PyTree:
+    """The inverse of :func:`to_carry`."""
+    return _cells.to_public(kind, carry) if kind in _cells.TORCH_CELLS else carry
+
+
+def rnn_forward(
+    cell: Cell,
+    params: PyTree,
+    inputs: jax.Array,
+    targets: jax.Array,
+    carry0: PyTree,
+    *,
+    loop: str | Loop,
+    hoist_input: bool = False,
+) -> tuple[PyTree, jax.Array]:
+    """Runs ``cell`` over the sequence: ``(final_carry, losses (T,))``.
+
+    Plain-Python semantics::
+
+      carry, losses = carry0, []
+      for t in range(T):
+        carry = cell.step(params, carry, inputs[t])
+        losses.append(mean((cell.readout(params, carry) - targets[t]) ** 2))
+      return carry, stack(losses)
+
+    With ``hoist_input`` the cell's input-side work runs as one product before the
+    loop (``cell.project``) and only ``cell.step_projected`` stays inside; the
+    result is the same up to the order of floating-point sums.
+    """
+    step, xs = cell.step, inputs
+    if hoist_input:
+        step, xs = cell.step_projected, cell.project(params, inputs)
+
+    def body(carry, xy):
+        x, y = xy
+        carry = step(params, carry, x)
+        return carry, cell_step_loss(cell, params, carry, y)
+
+    return run_loop(body, carry0, (xs, targets), length=inputs.shape[0], loop=loop)
+
+
+def check_hoist(hoist_input: object, cell: Cell) -> bool:
+    """Refuses a non-bool ``hoist_input``, or ``True`` for a cell with nothing to hoist."""
+    if not isinstance(hoist_input, bool):
+        raise TypeError(f"hoist_input must be a bool, got {type(hoist_input).__name__}.")
+    if hoist_input and cell.project is None:
+        raise ValueError(
+            "hoist_input=True needs the cell's input projection, but this cell has none: "
+            "give Cell(step, readout, project=..., step_projected=...)."
+        )
+    return hoist_input
+
+
+def rnn_loss(
+    params: PyTree,
+    inputs: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    *,
+    hidden0: PyTree | None = None,
+    loop: str | Loop = "scan",
+    hoist_input: bool = False,
+    cell: Cell | None = None,
+) -> jax.Array:
+    """The summed per-step loss over a whole sequence, for any cell.
+
+    Plain-Python semantics::
+
+      hidden, total = hidden0, 0
+      for t in range(T):
+        hidden = cell(params, hidden, inputs[t])         # every layer
+        total += mean((head(last layer's hidden) - targets[t]) ** 2)
+      return total
+
+    ``jax.grad`` of it is full backpropagation through time: what PyTorch's
+    single ``loss.backward()`` after the loop computes. It runs as one
+    ``jax.jit``-compiled function per shapes and options, so repeated calls,
+    eager ones included, compile once (``loop="python"`` runs as a Python loop).
+
+    Args:
+      params: the article's :class:`RNNParams` (:func:`init_rnn`), a
+        :class:`CellParams` (:func:`init_cell`, :func:`from_torch`), or, with
+        ``cell``, any pytree of float arrays.
+      inputs: ``(T, B, I)``, time-major.
+      targets: ``(T, B, O)``.
+      hidden0: the initial state; zeros when ``None``. ``(B, H)`` for
+        :class:`RNNParams`; PyTorch's ``(num_layers, B, H)`` for a
+        :class:`CellParams`, and for an LSTM the pair ``(h0, c0)`` of two; with
+        ``cell``, required, the cell's carry.
+      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
+      hoist_input: compute the input projection of all steps as one matrix
+        product before the loop; only the recurrent product stays inside.
+      cell: your own :class:`Cell`; ``None`` for the built-in kinds, read off ``params``.
+
+    Returns:
+      A scalar.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
+      >>> p = lg.init_rnn(jax.random.key(0), input_size=3, hidden_size=4)
+      >>> x, y = jnp.ones((6, 2, 3), jnp.float32), jnp.zeros((6, 2, 1), jnp.float32)
+      >>> grads = jax.grad(lg.rnn_loss)(p, x, y, loop="fori")
+      >>> grads.i2h_weight.shape
+      (4, 7)
+      >>> lstm = lg.init_cell(jax.random.key(1), "lstm", input_size=3, hidden_size=4)
+      >>> jax.grad(lg.rnn_loss)(lstm, x, y).layers[0].weight_hh.shape
+      (16, 4)
+    """
+    bound = bind(params, inputs, targets, hidden0, cell)
+    hoist_input = check_hoist(hoist_input, bound.cell)
+    return _rnn_loss(
+        bound.params,
+        bound.inputs,
+        bound.targets,
+        bound.hidden0,
+        cell=bound.cell,
+        kind=bound.kind,
+        loop=check_loop(loop),
+        hoist_input=hoist_input,
+    )
+
+
+@compiled("cell", "kind", "loop", "hoist_input")
+def _rnn_loss(params, inputs, targets, hidden0, *, cell, kind, loop, hoist_input) -> jax.Array:
+    """:func:`rnn_loss` after its checks: one compiled function per shapes and options."""
+    carry0 = to_carry(kind, hidden0)
+    _, losses = rnn_forward(
+        cell, params, inputs, targets, carry0, loop=loop, hoist_input=hoist_input
+    )
+    return losses.sum()
