@@ -198,8 +198,8 @@ def as_written_cost(
       >>> sizes = lg.RNNSizes(length=100, batch=8, input=10, hidden=16, output=1)
       >>> lstm = lg.as_written_cost(sizes, "forward", kind="lstm", num_layers=2)
       >>> rnn = lg.as_written_cost(sizes, "forward", kind="rnn_tanh", num_layers=2)
-      >>> lstm.memory_bytes > 8 * rnn.memory_bytes  # twice the state, 4x the weights
-      True
+      >>> round(lstm.memory_bytes / rnn.memory_bytes, 1)  # twice the state, ~4x the weights
+      7.8
     """
     _check_method(method)
     if not isinstance(sizes, Dims):

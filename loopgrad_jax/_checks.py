@@ -58,7 +58,8 @@ def shape(name: str, arr: jax.Array, expected: Sequence[int | None], meaning: st
         e is None or e == s for e, s in zip(expected, arr.shape, strict=True)
     )
     if not ok:
-        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        sizes = ["?" if e is None else str(e) for e in expected]
+        want = f"({sizes[0]},)" if len(sizes) == 1 else "(" + ", ".join(sizes) + ")"
         raise ValueError(
             f"{name} must have shape {want} = {meaning}, got shape {tuple(arr.shape)}."
         )

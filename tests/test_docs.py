@@ -7,12 +7,15 @@ from pathlib import Path
 import jax
 import pytest
 
-from loopgrad_jax import _loops, _rnn, _scalar, _train
+from loopgrad_jax import _as_written, _cell, _cells, _loops, _rnn, _scalar, _sequence, _train
 
 README = Path(__file__).parent.parent / "README.md"
 
 
-@pytest.mark.parametrize("module", [_loops, _rnn, _scalar, _train], ids=lambda m: m.__name__)
+MODULES = [_as_written, _cell, _cells, _loops, _rnn, _scalar, _sequence, _train]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

@@ -146,7 +146,7 @@ def test_bad_input(change, error, match):
 def test_bad_params_shapes():
     params, inputs, targets, _ = _good()
     bad = params._replace(h2o_bias=jnp.ones((3,)))
-    with pytest.raises(ValueError, match=r"params.h2o_bias must have shape \(1\)"):
+    with pytest.raises(ValueError, match=r"params.h2o_bias must have shape \(1,\)"):
         lg.rnn_loss(bad, inputs, targets)
     with pytest.raises(ValueError, match=r"input_size must be an int >= 1, got 0"):
         lg.init_rnn(jax.random.key(0), 0, 3)

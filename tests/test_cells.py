@@ -1,0 +1,494 @@
+"""The cells: PyTorch's modules as CellParams, their conversions and errors, and user cells.
+
+Parity of every cell kind with PyTorch's fixtures lives in the parity tests; this file
+checks the API around the cells, and a user's own cell against ``jax.grad`` of a plain
+Python loop.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import LOOP_VARIANTS, TOL, assert_close, has_reverse_mode
+
+import loopgrad_jax as lg
+from loopgrad_jax import _as_written
+
+TORCH_KINDS = lg.CELLS[1:]
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def _state(kind, layers, i=3, h=4, seed=0, dtype=np.float64):
+    """A PyTorch-shaped state dict of NumPy arrays, and a head's."""
+    rng = np.random.default_rng(seed)
+    g = GATES[kind] * h
+    rnn = {}
+    for k in range(layers):
+        rnn[f"weight_ih_l{k}"] = rng.normal(size=(g, i if k == 0 else h)).astype(dtype)
+        rnn[f"weight_hh_l{k}"] = rng.normal(size=(g, h)).astype(dtype)
+        rnn[f"bias_ih_l{k}"] = rng.normal(size=(g,)).astype(dtype)
+        rnn[f"bias_hh_l{k}"] = rng.normal(size=(g,)).astype(dtype)
+    head = {"weight": rng.normal(size=(2, h)).astype(dtype), "bias": rng.normal(size=(2,))}
+    head["bias"] = head["bias"].astype(dtype)
+    return rnn, head
+
+
+# ------------------------------------------------------------------- registry and init
+
+
+def test_cells_registry():
+    assert lg.CELLS == ("article", "rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+@pytest.mark.parametrize("kind", lg.CELLS)
+def test_init_cell_draws_within_pytorchs_bounds(kind):
+    layers = 1 if kind == "article" else 2
+    p = lg.init_cell(
+        jax.random.key(0), kind, input_size=3, hidden_size=16, output_size=2, num_layers=layers
+    )
+    if kind == "article":
+        assert isinstance(p, lg.RNNParams)
+        return
+    assert p.kind == kind and p.num_layers == 2
+    leaves = jax.tree.leaves(p)
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+    bound = 1 / math.sqrt(16)  # nn.RNN/LSTM/GRU and the head nn.Linear(16, 2) alike
+    every = np.concatenate([np.ravel(leaf) for leaf in leaves])
+    assert np.abs(every).max() <= bound
+    # Uniform on [-b, b]: the mean of 10**3+ draws is near 0 and the spread fills it.
+    assert abs(every.mean()) < 0.1 * bound
+    assert every.max() > 0.95 * bound and every.min() < -0.95 * bound
+    rnn_state, head_state = lg.to_torch(p)
+    g = GATES[kind] * 16
+    assert rnn_state["weight_ih_l0"].shape == (g, 3)
+    assert rnn_state["weight_ih_l1"].shape == (g, 16)
+    assert head_state["weight"].shape == (2, 16)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_init_cell_shapes_equal_pytorchs(kind):
+    torch = pytest.importorskip("torch")
+    modules = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN}
+    cls = modules.get(kind, {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(kind))
+    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    module = cls(3, 5, num_layers=2, **extra)
+    ours, _ = lg.to_torch(
+        lg.init_cell(jax.random.key(1), kind, input_size=3, hidden_size=5, num_layers=2)
+    )
+    theirs = module.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kind": "rnn"}, ValueError, r"kind must be one of 'article', 'rnn_tanh'.*got 'rnn'"),
+        ({"num_layers": 0}, ValueError, r"num_layers must be an int >= 1, got 0"),
+        ({"kind": "article", "num_layers": 2}, ValueError, r"SimpleRNN has one layer"),
+        ({"dtype": jnp.int32}, TypeError, r"dtype must be a floating-point dtype, got int32"),
+    ],
+)
+def test_init_cell_bad_input(kwargs, error, match):
+    args = {"kind": "gru", "input_size": 3, "hidden_size": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        lg.init_cell(jax.random.key(0), args.pop("kind"), **args)
+
+
+# ------------------------------------------------------------------- from_torch / to_torch
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_to_torch_inverts_from_torch_on_state_dicts(kind, layers):
+    rnn, head = _state(kind, layers)
+    p = lg.from_torch(rnn, head, kind=kind)
+    assert p.kind == kind and p.num_layers == layers
+    back_rnn, back_head = lg.to_torch(p)
+    assert back_rnn.keys() == rnn.keys() and back_head.keys() == head.keys()
+    for k in rnn:
+        np.testing.assert_array_equal(back_rnn[k], rnn[k])
+        assert back_rnn[k].dtype == rnn[k].dtype
+    for k in head:
+        np.testing.assert_array_equal(back_head[k], head[k])
+
+
+def test_from_torch_takes_jax_arrays_and_to_torch_takes_stacked_gradients():
+    rnn, head = _state("lstm", 1)
+    p = lg.from_torch({k: jnp.asarray(v) for k, v in rnn.items()}, head, kind="lstm")
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a, 3 * a]), p)  # like TrainResult.grads
+    grads_rnn, grads_head = lg.to_torch(stacked)
+    np.testing.assert_array_equal(grads_rnn["weight_hh_l0"][2], 3 * rnn["weight_hh_l0"])
+    np.testing.assert_array_equal(grads_head["bias"][1], 2 * head["bias"])
+
+
+def test_to_torch_of_the_article_names_the_simple_rnns_weights():
+    p = lg.init_rnn(jax.random.key(0), 3, 4, 2)
+    rnn_state, head_state = lg.to_torch(p)
+    assert set(rnn_state) == {"i2h.weight", "i2h.bias"}
+    np.testing.assert_array_equal(head_state["weight"], p.h2o_weight)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda r, h: r.pop("bias_hh_l1"), r"missing \['bias_hh_l1'\], unexpected \[\]"),
+        (lambda r, h: r.update(extra_l0=r["bias_ih_l0"]), r"unexpected \['extra_l0'\]"),
+        (
+            lambda r, h: [r.pop(k) for k in list(r) if k.startswith("bias")],
+            r"a module built with bias=False: not supported",
+        ),
+        (
+            lambda r, h: r.update(weight_ih_l0_reverse=r["weight_ih_l0"]),
+            r"'_reverse' keys, a bidirectional module: not supported",
+        ),
+        (
+            lambda r, h: r.update(weight_hr_l0=r["weight_hh_l0"]),
+            r"'weight_hr_l\*' keys, an LSTM with proj_size > 0: not supported",
+        ),
+        (
+            lambda r, h: r.update(weight_hh_l1=r["weight_hh_l1"][:, :3]),
+            r"rnn\['weight_hh_l1'\] must have shape \(16, 4\).*got shape \(16, 3\)",
+        ),
+        (
+            lambda r, h: r.update(bias_ih_l0=r["bias_ih_l0"][:12]),
+            r"rnn\['bias_ih_l0'\] must have shape \(16,\).*got shape \(12,\)",
+        ),
+        (
+            lambda r, h: r.update(weight_ih_l0=r["weight_ih_l0"].astype(np.int64)),
+            r"rnn\['weight_ih_l0'\] must have a floating-point dtype.*got int64",
+        ),
+        (
+            lambda r, h: h.update(weight=h["weight"][:, :3]),
+            r"head\['weight'\] must have shape \(O, H\) with H=4.*got shape \(2, 3\)",
+        ),
+        (lambda r, h: h.pop("bias"), r"head must hold exactly 'weight' \(O, H\) and 'bias'"),
+    ],
+)
+def test_from_torch_refuses_bad_state_dicts(edit, match):
+    rnn, head = _state("lstm", 2)
+    edit(rnn, head)
+    with pytest.raises((ValueError, TypeError), match=match):
+        lg.from_torch(rnn, head, kind="lstm")
+
+
+def test_from_torch_state_dict_needs_a_known_kind():
+    rnn, head = _state("gru", 1)
+    with pytest.raises(ValueError, match=r"kind is required when rnn is a state dict"):
+        lg.from_torch(rnn, head)
+    with pytest.raises(ValueError, match=r"kind must be one of 'rnn_tanh'.*got 'article'"):
+        lg.from_torch(rnn, head, kind="article")
+    with pytest.raises(ValueError, match=r"weight_hh_l0'\] must have shape \(G\*H, H\) with G=4"):
+        lg.from_torch(rnn, head, kind="lstm")  # a GRU's 3 gates are not an LSTM's 4
+
+
+def test_from_torch_refuses_other_objects():
+    rnn, head = _state("gru", 1)
+    with pytest.raises(TypeError, match=r"rnn must be a torch.nn.RNN, LSTM or GRU module"):
+        lg.from_torch([1, 2], head, kind="gru")
+    with pytest.raises(TypeError, match=r"head must be a torch.nn.Linear\(H, O\) or its state"):
+        lg.from_torch(rnn, object(), kind="gru")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda nn: nn.LSTM(3, 4, bidirectional=True), r"rnn.bidirectional=True: bidirectional"),
+        (lambda nn: nn.LSTM(3, 4, proj_size=2), r"rnn.proj_size=2: an LSTM with proj_size > 0"),
+        (
+            lambda nn: nn.GRU(3, 4, batch_first=True),
+            r"batch_first=True.*inputs.transpose\(1, 0, 2\)",
+        ),
+        (lambda nn: nn.RNN(3, 4, bias=False), r"rnn.bias=False: bias=False is not supported"),
+        (lambda nn: nn.GRU(3, 4, num_layers=2, dropout=0.5), r"rnn.dropout=0.5: dropout"),
+    ],
+)
+def test_from_torch_refuses_modules_we_do_not_compute(build, match):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=match):
+        lg.from_torch(build(torch.nn), torch.nn.Linear(4, 1))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_from_torch_reads_the_kind_off_a_module(kind):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    module = {
+        "rnn_tanh": lambda: nn.RNN(3, 4, num_layers=2),
+        "rnn_relu": lambda: nn.RNN(3, 4, nonlinearity="relu"),
+        "lstm": lambda: nn.LSTM(3, 4),
+        "gru": lambda: nn.GRU(3, 4, num_layers=2),
+    }[kind]()
+    head = nn.Linear(4, 2)
+    p = lg.from_torch(module, head)
+    assert p.kind == kind and p.num_layers == module.num_layers
+    back, back_head = lg.to_torch(p)
+    for k, v in module.state_dict().items():
+        np.testing.assert_array_equal(back[k], v.numpy())
+    np.testing.assert_array_equal(back_head["weight"], head.weight.detach().numpy())
+    other = "gru" if kind != "gru" else "lstm"
+    with pytest.raises(ValueError, match=f"kind='{other}' does not match the module"):
+        lg.from_torch(module, head, kind=other)
+
+
+# ------------------------------------------------------------------- hidden0
+
+
+def _problem(kind, layers=2, t=4, b=2, seed=0):
+    p = lg.init_cell(
+        jax.random.key(seed),
+        kind,
+        input_size=3,
+        hidden_size=4,
+        output_size=2,
+        num_layers=layers,
+        dtype=jnp.float64,
+    )
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    return p, jax.random.normal(kx, (t, b, 3), jnp.float64), jax.random.normal(ky, (t, b, 2))
+
+
+@pytest.mark.parametrize(
+    ("kind", "hidden0", "match"),
+    [
+        ("gru", jnp.zeros((2, 4)), r"hidden0 must have shape \(2, 2, 4\) = \(num_layers, B, H\)"),
+        ("gru", (jnp.zeros((2, 2, 4)),), r"hidden0 of a gru cell must be one \(num_layers, B, H\)"),
+        ("lstm", jnp.zeros((2, 2, 4)), r"hidden0 of an LSTM must be the pair \(h0, c0\)"),
+        (
+            "lstm",
+            (jnp.zeros((2, 2, 4)), jnp.zeros((1, 2, 4))),
+            r"hidden0\[1\] \(c0\) must have shape \(2, 2, 4\).*got shape \(1, 2, 4\)",
+        ),
+        ("rnn_tanh", jnp.zeros((2, 2, 4), jnp.int32), r"hidden0 must have a floating-point"),
+        ("rnn_tanh", jnp.zeros((2, 2, 4), jnp.float32), r"all arrays must share one"),
+    ],
+)
+def test_bad_hidden0_is_refused_by_name(kind, hidden0, match):
+    p, x, y = _problem(kind)
+    with pytest.raises((ValueError, TypeError), match=match):
+        lg.rnn_loss(p, x, y, hidden0=hidden0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        lg.train_rnn(p, x, y, hidden0=hidden0)
+
+
+def test_bad_cell_params_are_refused_by_name():
+    p, x, y = _problem("lstm")
+    with pytest.raises(ValueError, match=r"inputs must have shape \(\?, \?, 3\).*with I=3"):
+        lg.rnn_loss(p, x[..., :2], y)
+    with pytest.raises(ValueError, match=r"targets must have shape \(4, 2, 2\)"):
+        lg.rnn_loss(p, x, y[..., :1])
+    broken = lg.CellParams(p.layers, p.head_weight, p.head_bias, "lstmx")
+    with pytest.raises(ValueError, match=r"params.kind must be one of 'rnn_tanh'.*'lstmx'"):
+        lg.rnn_loss(broken, x, y)
+    wrong = lg.CellParams(p.layers, p.head_weight, p.head_bias, "gru")
+    with pytest.raises(
+        ValueError, match=r"params.layers\[0\].weight_ih must have shape \(12, \?\)"
+    ):
+        lg.rnn_loss(wrong, x, y)
+    with pytest.raises(TypeError, match=r"params must be an RNNParams .* or a CellParams"):
+        lg.rnn_loss({"w": x}, x, y)
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_hidden_follows_pytorchs_layout(kind):
+    p, x, y = _problem(kind, layers=2)
+    result = lg.train_rnn(p, x, y, mode="tbptt", window=2, lr=0.0)
+    shapes = jax.tree.map(jnp.shape, result.hidden)
+    assert shapes == (((2, 2, 4), (2, 2, 4)) if kind == "lstm" else (2, 2, 4))
+    # Continuing from that state equals one run (lr=0: the weights never change).
+    first = lg.train_rnn(p, x[:2], y[:2], mode="tbptt", window=2, lr=0.0)
+    rest = lg.train_rnn(p, x[2:], y[2:], mode="tbptt", window=2, lr=0.0, hidden0=first.hidden)
+    assert_close(rest.hidden, result.hidden, TOL["float64"])
+
+
+# ------------------------------------------------------------------- cost
+
+
+def test_as_written_cost_counts_each_cells_carry_and_weights():
+    sizes = lg.RNNSizes(length=10, batch=3, input=5, hidden=4, output=2)
+    dims = {kind: _as_written.Dims.of_cell(kind, *sizes, num_layers=2) for kind in TORCH_KINDS}
+    for kind, d in dims.items():
+        p = lg.init_cell(
+            jax.random.key(0), kind, input_size=5, hidden_size=4, output_size=2, num_layers=2
+        )
+        assert d.params == sum(leaf.size for leaf in jax.tree.leaves(p))
+        assert d.carry == (16 if kind == "lstm" else 8)  # 2*L*H numbers for an LSTM
+    forward = {k: lg.as_written_cost(sizes, "forward", kind=k, num_layers=2) for k in TORCH_KINDS}
+    # The sensitivity, 2*B*N*P numbers, dominates forward's memory at these sizes.
+    for kind, cost in forward.items():
+        d = dims[kind]
+        assert cost.memory_bytes >= 2 * d.batch * d.carry * d.params * 4
+    assert lg.as_written_cost(sizes, "forward") == lg.as_written_cost(
+        sizes, "forward", kind="article"
+    )
+    with pytest.raises(ValueError, match=r"kind must be one of 'article'.*got 'elman'"):
+        lg.as_written_cost(sizes, "forward", kind="elman")
+
+
+def _temp_bytes(kind, layers, method, t=20, b=2, i=5, h=8):
+    p = lg.init_cell(jax.random.key(0), kind, input_size=i, hidden_size=h, num_layers=layers)
+    x = jax.ShapeDtypeStruct((t, b, i), jnp.float32)
+    y = jax.ShapeDtypeStruct((t, b, 1), jnp.float32)
+
+    def run(p, x, y):
+        return lg.train_rnn(p, x, y, as_written_method=method, keep_grads="none")
+
+    compiled = jax.jit(run).lower(p, x, y).compile()  # compiled only, never run
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize(("kind", "layers"), [("lstm", 2), ("gru", 1)])
+def test_compiled_temp_memory_of_cells_is_within_2x_of_the_estimate(kind, layers):
+    sizes = lg.RNNSizes(length=20, batch=2, input=5, hidden=8, output=1)
+    for method in ("forward", "reverse"):
+        estimate = lg.as_written_cost(sizes, method, kind=kind, num_layers=layers).memory_bytes
+        measured = _temp_bytes(kind, layers, method)
+        assert estimate / 2 <= measured <= 2 * estimate, (method, measured, estimate)
+
+
+# ------------------------------------------------------------------- a user's own cell
+
+
+def gated_step(p, carry, x):
+    """A minimal gated cell with a two-part carry (a running sum beside the state)."""
+    h, s = carry
+    u = jnp.concatenate([x, h], axis=1)
+    gate = jax.nn.sigmoid(u @ p["wg"].T)
+    h = gate * jnp.tanh(u @ p["w"].T) + (1 - gate) * h
+    return h, s + h
+
+
+def gated_readout(p, carry):
+    h, s = carry
+    return jnp.concatenate([h, s], axis=1) @ p["v"].T
+
+
+GATED = lg.Cell(gated_step, gated_readout)
+
+
+def _gated_problem(t=5, b=2, i=3, h=4, seed=0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    p = {
+        "w": 0.5 * jax.random.normal(k[0], (h, i + h), jnp.float64),
+        "wg": 0.5 * jax.random.normal(k[1], (h, i + h), jnp.float64),
+        "v": 0.5 * jax.random.normal(k[2], (2, 2 * h), jnp.float64),
+    }
+    x = jax.random.normal(k[3], (t, b, i), jnp.float64)
+    y = jax.random.normal(k[4], (t, b, 2), jnp.float64)
+    h0 = (jax.random.normal(k[5], (b, h), jnp.float64), jnp.zeros((b, h), jnp.float64))
+    return p, x, y, h0
+
+
+def _plain_loss(p, x, y, carry):
+    """The oracle: the user's cell in a plain Python loop."""
+    total = 0.0
+    for t in range(x.shape[0]):
+        carry = gated_step(p, carry, x[t])
+        total = total + jnp.mean((gated_readout(p, carry) - y[t]) ** 2)
+    return total, carry
+
+
+@pytest.mark.parametrize("loop", LOOP_VARIANTS)
+def test_own_cell_loss_and_gradient_equal_a_plain_loop(loop):
+    p, x, y, h0 = _gated_problem()
+    expected, grads = jax.value_and_grad(lambda p: _plain_loss(p, x, y, h0)[0])(p)
+    assert_close(lg.rnn_loss(p, x, y, hidden0=h0, cell=GATED, loop=loop), expected, 1e-12)
+    if has_reverse_mode(loop):
+        got = jax.grad(lg.rnn_loss)(p, x, y, hidden0=h0, cell=GATED, loop=loop)
+        assert_close(got, grads, TOL["float64"])
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_own_cell_as_written_equals_a_plain_loop(method):
+    # The as-written gradient at step t sums d loss_t / d(weights used at step s) over
+    # s <= t, each at the weights of step s: in a plain loop, the gradient of loss_t with
+    # respect to a separate copy of the weights per step, summed over the copies.
+    p, x, y, h0 = _gated_problem()
+    lr, steps = 0.1, x.shape[0]
+    result = lg.train_rnn(p, x, y, hidden0=h0, cell=GATED, lr=lr, as_written_method=method)
+    history, weights, carry = [], p, h0
+    for t in range(steps):
+        history.append(weights)
+
+        def loss_t(copies, t=t):
+            c = h0
+            for s in range(t + 1):
+                c = gated_step(copies[s], c, x[s])
+            return jnp.mean((gated_readout(copies[t], c) - y[t]) ** 2)
+
+        grads = jax.grad(loss_t)(history)
+        g = jax.tree.map(lambda *gs: sum(gs), *grads)
+        assert_close(jax.tree.map(lambda a, t=t: a[t], result.grads), g, TOL["float64"])
+        carry = gated_step(weights, carry, x[t])
+        weights = jax.tree.map(lambda w, g: w - lr * g, weights, g)
+    assert_close(result.params, weights, TOL["float64"])
+    assert_close(result.hidden, carry, TOL["float64"])
+
+
+def test_own_cell_tbptt_window_T_is_one_gradient_step():
+    p, x, y, h0 = _gated_problem()
+    result = lg.train_rnn(
+        p, x, y, hidden0=h0, cell=GATED, mode="tbptt", window=5, optimizer=optax.sgd(0.1)
+    )
+    grads = jax.grad(lambda p: _plain_loss(p, x, y, h0)[0])(p)
+    assert_close(jax.tree.map(lambda g: g[0], result.grads), grads, TOL["float64"])
+    assert_close(result.params, jax.tree.map(lambda w, g: w - 0.1 * g, p, grads), TOL["float64"])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda p, x, y, h0: lg.rnn_loss(p, x, y, cell=GATED),
+            ValueError,
+            r"hidden0 is required with a custom cell",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(p, x, y, hidden0=h0, cell=GATED, hoist_input=True),
+            ValueError,
+            r"hoist_input=True needs the cell's input projection, but this cell has none",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(p, x, y, hidden0=h0, cell=gated_step),
+            TypeError,
+            r"cell must be a loopgrad_jax.Cell\(step, readout\).*got function",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(
+                p, x, y, hidden0=h0, cell=lg.Cell(gated_step, gated_readout, project=len)
+            ),
+            ValueError,
+            r"cell.project and cell.step_projected come together",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(p, x, y, hidden0=h0[0], cell=GATED),
+            ValueError,
+            r"calling the cell on one step failed",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(
+                p, x, y, hidden0=h0, cell=lg.Cell(lambda p, c, x: c[0], gated_readout)
+            ),
+            ValueError,
+            r"cell.step must return a carry shaped like hidden0",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(p, x, y[..., :1], hidden0=h0, cell=GATED),
+            ValueError,
+            r"cell.readout must return \(B, O\) = \(2, 1\)",
+        ),
+        (
+            lambda p, x, y, h0: lg.rnn_loss(p, x, y, hidden0=(h0[0][:1], h0[1]), cell=GATED),
+            ValueError,
+            r"hidden0\[0\] must lead with the batch axis B=2",
+        ),
+    ],
+)
+def test_own_cell_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_gated_problem())
