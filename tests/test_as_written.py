@@ -202,3 +202,22 @@ def test_grid_cli_writes_both_methods_and_auto_side_by_side(tmp_path):
     assert len(r["forward"]["times_s"]) == len(r["reverse"]["times_s"]) == r["repeats"] >= 3
     assert r["auto_over_faster"] == median[r["auto"]] / min(median.values())
     assert r["forward"]["temp_bytes"] > 0
+
+
+def test_grid_recheck_retimes_only_the_busy_points(tmp_path):
+    first, rechecked = tmp_path / "first.json", tmp_path / "rechecked.json"
+    argv = ["--input", "2", "--hidden", "3", "--batch", "1", "--length", "3,4", "--repeats", "3"]
+    assert as_written_grid.main([*argv, "--json", str(first)]) == 0
+    doc = json.loads(first.read_text())
+    quiet, busy = doc["records"]
+    quiet["other_cores"], busy["other_cores"] = 0.1, 0.9
+    first.write_text(json.dumps(doc))
+    assert as_written_grid.main(["--recheck", str(first), "--json", str(rechecked)]) == 0
+    again = json.loads(rechecked.read_text())
+    assert again["meta"]["recheck"] == {"of": str(first), "busy_above": 0.3}
+    kept, retimed = again["records"]
+    assert kept == quiet
+    assert retimed["first_run"]["other_cores"] == 0.9
+    assert retimed["first_run"]["forward"] == busy["forward"]["median_s"]
+    assert retimed["forward"]["times_s"] != busy["forward"]["times_s"]
+    assert (retimed["length"], retimed["hidden"]) == (4, 3)
