@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,9 +12,10 @@ import numpy as np
 import pytest
 
 import loopgrad_jax as lg
-from loopgrad_jax.fixtures import Fixture, fixture_path, load_fixture
+from loopgrad_jax.fixtures import SHIPPED, Fixture, fixture_path, load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures"
+#: The fixtures the package ships, which the suite checks.
+FIXTURES = SHIPPED
 DTYPES = ("float32", "float64")
 
 # Relative and absolute tolerance against PyTorch. float64: both libraries are exact up to
