@@ -13,18 +13,26 @@ records, returning a :class:`Record`. In plain Python, one check is::
   passed = error <= TOL[dtype]            # shapes and dtypes equal too
 
 The fixtures ship with the package (:data:`loopgrad_jax.fixtures.SHIPPED`), so an
-installed copy can re-check parity after an upgrade of JAX or PyTorch.
+installed copy can re-check parity after an upgrade of JAX or PyTorch:
+``loopgrad-parity`` against them, ``loopgrad-parity --live`` against fixtures the
+installed PyTorch writes into a temporary folder first.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
+import platform
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -666,3 +674,303 @@ def _max_error(actual: np.ndarray, expected: np.ndarray) -> float:
     with np.errstate(invalid="ignore"):
         error = np.abs(a - e) / (1 + np.abs(e))
     return float(np.max(np.where(np.isnan(error), np.inf, error)))
+
+
+# ------------------------------------------------------------------- the command
+
+_EPILOG = """\
+what it checks:
+  every scenario (accumulate, stack, rnn_loss, train_as_written, train_tbptt, and
+  cell_loss, cell_as_written, cell_tbptt with torch.nn RNN, LSTM and GRU) x its fixture
+  cases x loop kinds x jit on/off x float32/float64: the value, every gradient, the
+  final weights and the final state, each against PyTorch's, within
+  |actual - expected| <= tol * (1 + |expected|), tol 1e-5 in float32, 1e-10 in float64.
+
+examples:
+  loopgrad-parity                          # against the fixtures this package ships
+  loopgrad-parity --live                   # against fixtures the installed PyTorch writes
+  loopgrad-parity --scenario cell_loss --cell lstm,gru --loop scan --json parity.json
+
+exit status: 0 when every check passes, 1 when one fails, 2 for bad arguments."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopgrad-parity",
+        description=(
+            "Check that loopgrad_jax computes what PyTorch computes, with the installed JAX "
+            "(and, with --live, the installed PyTorch)."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="regenerate the fixtures with the installed PyTorch in a temporary folder and "
+        "check against those (needs pip install 'loopgrad_jax[torch]')",
+    )
+    parser.add_argument(
+        "--fixtures",
+        metavar="DIR",
+        help="check against the fixtures in DIR instead of the shipped ones",
+    )
+    parser.add_argument(
+        "--scenario",
+        type=_choices("scenario", SCENARIOS),
+        default=SCENARIOS,
+        help=f"comma-separated scenarios (default: all: {','.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--cell",
+        type=_choices("cell", lg.CELLS),
+        default=None,
+        help=f"comma-separated cell kinds ({','.join(lg.CELLS)}; 'article' is the article's "
+        "SimpleRNN); leaves out accumulate and stack, which have no cell (default: all)",
+    )
+    parser.add_argument(
+        "--loop",
+        type=_loops,
+        default=None,
+        help="comma-separated loop kinds or text forms: a kind ('scan') selects it with "
+        "every option, a text form ('scan:unroll=3') only itself (default: all)",
+    )
+    parser.add_argument(
+        "--dtype", type=_choices("dtype", DTYPES), default=DTYPES, help="float32, float64 or both"
+    )
+    parser.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default="full",
+        help="full: every loop kind with every cell scenario (default); suite: the test "
+        "suite's grid, the same checks of the article's scenarios and fewer of the cells'",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write every record as JSON to PATH")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def _split(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+    return items
+
+
+def _choices(what: str, allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = _split(text)
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}"
+            )
+        return tuple(items)
+
+    return parse
+
+
+def _loops(text: str) -> tuple[str, ...]:
+    items = _split(text)
+    for item in items:
+        try:
+            lg.Loop.parse(item)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return tuple(items)
+
+
+def select(
+    all_checks: Iterable[Check],
+    cells: Sequence[str] | None = None,
+    loops: Sequence[str] | None = None,
+) -> list[Check]:
+    """The checks of ``cells`` (cell kinds) and ``loops`` (a kind: all its options)."""
+    out = []
+    for check in all_checks:
+        if cells is not None and check.cell not in cells:
+            continue
+        if loops is not None and not any(
+            check.loop == loop or (":" not in loop and lg.Loop.parse(check.loop).kind == loop)
+            for loop in loops
+        ):
+            continue
+        out.append(check)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``loopgrad-parity``; returns the exit status (0 all pass, 1 a failure, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.live and args.fixtures:
+        parser.error("argument --live: not allowed with --fixtures")
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir():
+            parser.error(f"argument --json: folder {folder} does not exist")
+    # float64 checks need 64-bit arrays; full float32 matrix products, as PyTorch computes
+    # them on the CPU (JAX's default on NVIDIA GPUs rounds float32 operands to TF32).
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    with contextlib.ExitStack() as stack:
+        directory: Path = Path(args.fixtures) if args.fixtures else fixtures.SHIPPED
+        source = str(directory) if args.fixtures else "shipped"
+        if args.live:
+            try:
+                import torch  # noqa: F401 - only to say clearly that it is missing
+            except ImportError:
+                parser.error(
+                    "argument --live: needs PyTorch, which is not installed; "
+                    "pip install 'loopgrad_jax[torch]' (or check the shipped fixtures "
+                    "without --live)"
+                )
+            from loopgrad_jax import torch_reference
+
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            print("regenerating the fixtures with the installed PyTorch...", file=sys.stderr)
+            torch_reference.generate(
+                directory, scenarios=args.scenario, command="loopgrad-parity --live"
+            )
+            source = "live"
+        try:
+            every = checks(args.scenario, args.dtype, directory, grid=args.grid)
+            todo = select(every, args.cell, args.loop)
+        except fixtures.FixtureError as err:
+            print(f"loopgrad-parity: {err}", file=sys.stderr)
+            return 1
+        if not todo:
+            parser.error("no check matches --scenario, --cell, --loop and --dtype together")
+        meta = {"grid": args.grid, **_meta(directory, source, args.scenario, args.dtype[0])}
+        records = _run_all(todo, directory, progress=not args.no_progress)
+    print(format_table(records))
+    failed = [r for r in records if not r.passed]
+    print(f"\n{len(records) - len(failed)} of {len(records)} checks passed ({source} fixtures).")
+    for r in failed:
+        print(f"FAILED {_check_of(r).name}: {r.message}")
+    if args.json:
+        _write_json(args.json, meta, records)
+    return 1 if failed else 0
+
+
+def _check_of(record: Record) -> Check:
+    return Check(*(getattr(record, f) for f in Check._fields))
+
+
+def _run_all(todo: list[Check], directory: Path, *, progress: bool) -> list[Record]:
+    bar = _progress_bar(len(todo), progress)
+    records = []
+    try:
+        for check in todo:
+            bar.set_description(f"{check.scenario} {check.case}")
+            records.append(run_check(check, directory))
+            bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: count on stderr instead
+        return _CountBar(total)
+    return tqdm(total=total, file=sys.stderr, unit="check")
+
+
+class _NoBar:
+    def set_description(self, text: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _CountBar(_NoBar):
+    """``done/total`` on one stderr line, for when tqdm is not installed."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.text = total, 0, ""
+
+    def set_description(self, text: str) -> None:
+        self.text = text
+        print(f"\r{self.done}/{self.total} {self.text:<60}", end="", file=sys.stderr, flush=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        print(f"\r{self.done}/{self.total} checks{' ' * 60}", file=sys.stderr, flush=True)
+
+
+_COLUMNS = ("case", "scenario", "method", "loop", "jit", "dtype", "max rel error", "pass")
+
+
+def format_table(records: Sequence[Record]) -> str:
+    """One row per record: case, scenario, method, loop, jit, dtype, max relative error, pass."""
+    rows = [
+        (
+            r.case,
+            r.scenario,
+            r.method or "-",
+            r.loop,
+            "jit" if r.jit else "eager",
+            r.dtype,
+            f"{r.error:.2e}" if math.isfinite(r.error) else "error",
+            "pass" if r.passed else "FAIL",
+        )
+        for r in records
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(_COLUMNS, *rows, strict=True)]
+    lines = [
+        "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in (_COLUMNS, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _meta(directory: Path, source: str, scenarios: Sequence[str], dtype: str) -> dict[str, Any]:
+    versions = {"loopgrad_jax": lg.__version__, "jax": jax.__version__, "numpy": np.__version__}
+    with contextlib.suppress(ImportError):
+        import jaxlib
+
+        versions["jaxlib"] = jaxlib.__version__
+    with contextlib.suppress(ImportError):
+        import optax
+
+        versions["optax"] = optax.__version__
+    if "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__
+    header = load(scenarios[0], dtype, directory).header
+    return {
+        "fixtures": source,
+        "fixtures_torch_version": header["torch_version"],
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(jax.devices()[0]),
+        "tolerance": TOL,
+        "error": "max over elements of |actual - expected| / (1 + |expected|)",
+    }
+
+
+def _write_json(path: str, meta: dict[str, Any], records: Sequence[Record]) -> None:
+    failed = sum(not r.passed for r in records)
+    doc = {
+        **meta,
+        "passed": failed == 0,
+        "checks": len(records),
+        "failed": failed,
+        "records": [r.as_json() for r in records],
+    }
+    Path(path).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
