@@ -586,6 +586,15 @@ def run_check(
 
     Returns:
       A :class:`Record`: the largest error, the tolerance and whether it passed.
+
+    Examples:
+      >>> from loopgrad_jax import parity
+      >>> check = parity.checks(["accumulate"], ["float32"])[0]
+      >>> check.name
+      'accumulate/article/python/eager/float32'
+      >>> record = parity.run_check(check)
+      >>> record.passed, record.error <= record.tolerance == 1e-5
+      (True, True)
     """
     if check.dtype == "float64" and not jax.config.read("jax_enable_x64"):
         raise ValueError(
