@@ -170,7 +170,6 @@ def case_names(scenario: str, directory: str | os.PathLike | None = None) -> lis
 
 
 def _grid(
-    scenario: str,
     cases: Iterable[str],
     methods: Sequence[str],
     loops: Sequence[str],
@@ -202,7 +201,6 @@ def _grid(
 
 
 def _full_grid(
-    scenario: str,
     names: list[str],
     methods: Sequence[str],
     loops: Sequence[str] = LOOP_VARIANTS,
@@ -214,9 +212,7 @@ def _full_grid(
         new_cases = [n for n in names if n.startswith("article")]
     base = tuple(v for v in loops if v in BASE_LOOPS)
     new = tuple(v for v in loops if v in NEW_LOOPS)
-    return _grid(scenario, names, methods, base, names[0]) + _grid(
-        scenario, new_cases, methods, new, names[0]
-    )
+    return _grid(names, methods, base, names[0]) + _grid(new_cases, methods, new, names[0])
 
 
 def has_reverse_mode(loop: str) -> bool:
@@ -240,8 +236,10 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
 
     ``train_as_written``: plain SGD on every loop kind and option. The reverse method
     replays all T stored steps at every step: a Python loop unrolls T*T cell VJPs (40,000
-    for the long case), so python x reverse runs on the short cases only and eagerly; the
-    reverse method's inner loop runs with the base kinds, remat and while. The optimizers
+    for the long case) under jit, and runs the 200-step case op by op; both take tens of
+    seconds, so the python kind runs the reverse method eagerly only, and neither method
+    on the long case. The reverse method's inner loop runs with the base kinds, remat
+    and while. The optimizers
     (momentum, Nesterov, Adam, AdamW) are independent of the loop and of the method: they
     run with scan and the forward method. The resumed case (two calls, the second
     continuing the first) runs both methods with scan.
@@ -253,14 +251,17 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
     ``cell_*``: PyTorch's modules, every kind (rnn_tanh, rnn_relu, lstm, gru) on every
     loop kind, see :func:`_cell_plan`.
     """
+    if scenario not in SCENARIOS:
+        raise ValueError(
+            f"scenario must be one of {', '.join(map(repr, SCENARIOS))}, got {scenario!r}."
+        )
     names = case_names(scenario, directory)
     first = names[0]
     if scenario in ("accumulate", "stack"):
-        return _full_grid(scenario, names, ("",))
+        return _full_grid(names, ("",))
     if scenario == "rnn_loss":
-        return _full_grid(scenario, names, ("plain",)) + _full_grid(
-            scenario, names, ("hoisted",), ("scan", "remat")
-        )
+        hoisted = _full_grid(names, ("hoisted",), ("scan", "remat"))
+        return _full_grid(names, ("plain",)) + hoisted
     if scenario in ("train_as_written", "train_tbptt"):
         cases = load(scenario, "float64", directory).cases
         sgd = [c["name"] for c in cases if _is_sgd(c["optimizer"])]
@@ -269,30 +270,26 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
     if scenario == "train_as_written":
         plain = [
             p
-            for p in _full_grid(scenario, names, ("forward",))
-            + _full_grid(scenario, names, ("reverse",), (*BASE_LOOPS, "remat", "while"))
+            for p in _full_grid(names, ("forward",))
+            + _full_grid(names, ("reverse",), (*BASE_LOOPS, "remat", "while"))
             if p[0] in sgd
             and not (p[2] == "python" and (p[0] == "long" or (p[1], p[3]) == ("reverse", True)))
         ]
         return (
             plain
-            + _grid(scenario, others, ("forward",), ("scan",), first)
-            + _grid(scenario, resumed, ("forward", "reverse"), ("scan",), first)
+            + _grid(others, ("forward",), ("scan",), first)
+            + _grid(resumed, ("forward", "reverse"), ("scan",), first)
         )
     if scenario == "train_tbptt":
         windows_of_3 = ["article_w3"]
         plain = [
             p
-            for p in _full_grid(scenario, names, ("plain",), REVERSE_VARIANTS, windows_of_3)
-            + _full_grid(scenario, names, ("hoisted",), ("scan", "remat"), windows_of_3)
+            for p in _full_grid(names, ("plain",), REVERSE_VARIANTS, windows_of_3)
+            + _full_grid(names, ("hoisted",), ("scan", "remat"), windows_of_3)
             if p[0] in sgd
         ]
-        return plain + _grid(scenario, others, ("plain",), ("scan",), first)
-    if scenario in ("cell_loss", "cell_as_written", "cell_tbptt"):
-        return _cell_plan(scenario, names, grid)
-    raise ValueError(
-        f"scenario must be one of {', '.join(map(repr, SCENARIOS))}, got {scenario!r}."
-    )
+        return plain + _grid(others, ("plain",), ("scan",), first)
+    return _cell_plan(scenario, names, grid)
 
 
 #: The grids :func:`checks` knows: ``"full"`` (what ``loopgrad-parity`` runs) and
@@ -341,22 +338,22 @@ def _cell_plan(scenario: str, names: list[str], grid: str) -> list[tuple[str, st
         two = [n for n in mine if n not in one]
         if grid == "full":
             loops = tuple(v for v in every if v in lg.LOOPS)
-            plan += _grid(scenario, one, methods[:1], every, first)
-            plan += _grid(scenario, two, methods[:1], loops, first)
+            plan += _grid(one, methods[:1], every, first)
+            plan += _grid(two, methods[:1], loops, first)
             later = loops if methods[1:] == ("reverse",) else ("scan", "remat")
             plan += [
                 p
-                for p in _grid(scenario, mine, methods[1:], later, first)
+                for p in _grid(mine, methods[1:], later, first)
                 if not (p[2] == "python" and p[3])  # reverse x python under jit: T*T VJPs
             ]
         elif scenario == "cell_loss":
             option = OPTIONS[index % len(OPTIONS)]
-            plan += _grid(scenario, one, methods, (*lg.LOOPS, option), first)
+            plan += _grid(one, methods, (*lg.LOOPS, option), first)
         else:
-            plan += _grid(scenario, one, methods[:1], ("scan",), first)
-            plan += _grid(scenario, two, methods[1:], ("scan",), first)
+            plan += _grid(one, methods[:1], ("scan",), first)
+            plan += _grid(two, methods[1:], ("scan",), first)
             if scenario == "cell_as_written" and first in one:
-                plan += _grid(scenario, [first], methods[:1], ("while",), first)
+                plan += _grid([first], methods[:1], ("while",), first)
     return plan
 
 
