@@ -21,7 +21,6 @@ from loopgrad_jax.parity import (  # noqa: F401 - re-exported: the suite's loop 
     BASE_LOOPS,
     DTYPES,
     LOOP_VARIANTS,
-    NEW_LOOPS,
     TOL,
     has_reverse_mode,
     value_and_grad,

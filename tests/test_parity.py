@@ -142,3 +142,11 @@ def test_progress_without_tqdm_counts_on_stderr(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)
     assert parity.main([a for a in FEW if a != "--no-progress"]) == 0
     assert "\r8/8 checks" in capsys.readouterr().err
+
+
+def test_compiled_programs_are_dropped_after_each_check(monkeypatch):
+    # Hundreds of checks' programs exhausted the process's memory mappings.
+    cleared = []
+    monkeypatch.setattr(parity.jax, "clear_caches", lambda: cleared.append(1))
+    assert parity.main(FEW) == 0
+    assert len(cleared) == 8
