@@ -6,7 +6,7 @@ A fixture file holds the PyTorch results of one scenario in one dtype::
     "format": "loopgrad-fixture", "format_version": 1,
     "scenario": "rnn_loss", "dtype": "float32",
     "torch_version": "2.13.0", "seed": 0,
-    "command": "python -m loopgrad_jax.torch_reference --out tests/fixtures",
+    "command": "python -m loopgrad_jax.torch_reference --out loopgrad_jax/fixture_data",
     "sha256": "<sha256 of the canonical JSON of cases>",
     "cases": [{"name": ..., <field>: <value>, ...}, ...]
   }
@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+#: The fixtures this package ships (package data): PyTorch's results for every scenario.
+SHIPPED = Path(__file__).with_name("fixture_data")
 
 FORMAT = "loopgrad-fixture"
 FORMAT_VERSION = 1

@@ -2,7 +2,10 @@
 
 Run it as one command (it needs ``pip install "loopgrad_jax[torch]"``)::
 
-  python -m loopgrad_jax.torch_reference --out tests/fixtures
+  python -m loopgrad_jax.torch_reference --out loopgrad_jax/fixture_data
+
+That folder is the package's own (:data:`loopgrad_jax.fixtures.SHIPPED`): the fixtures
+ship with it, so ``loopgrad-parity`` can check an installed copy against them.
 
 Each scenario runs in plain PyTorch, the way the article writes it, on the
 article's own sizes and on others (vector ``x``, ``n`` of 0, 1 and more, batch
@@ -28,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -597,15 +600,31 @@ SCENARIOS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
 }
 
 
-def generate(out: str | Path, *, seed: int = SEED, command: str | None = None) -> list[Path]:
-    """Writes every fixture into ``out``; returns the paths written."""
+def generate(
+    out: str | Path,
+    *,
+    seed: int = SEED,
+    command: str | None = None,
+    scenarios: Iterable[str] | None = None,
+) -> list[Path]:
+    """Writes the fixtures of ``scenarios`` (every one by default) into ``out``.
+
+    Returns the paths written.
+    """
     _require_torch()
+    chosen = list(SCENARIOS) if scenarios is None else list(scenarios)
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(
+            f"scenarios must be among {', '.join(map(repr, SCENARIOS))}, got {unknown}."
+        )
     torch.set_num_threads(1)  # one thread: the same reductions in the same order every run
     command = command or f"python -m loopgrad_jax.torch_reference --out {out}"
     written = []
     for dtype in DTYPES:
         with default_dtype(dtype):
-            for scenario, make in SCENARIOS.items():
+            for scenario in chosen:
+                make = SCENARIOS[scenario]
                 header = {
                     "scenario": scenario,
                     "dtype": dtype,

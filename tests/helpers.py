@@ -1,10 +1,12 @@
-"""Shared test helpers: fixtures as JAX values, tolerances keyed by dtype."""
+"""Shared test helpers: the parity checks as pytest parameters, random problems, assertions.
+
+The tolerances, loop kinds and the parity grid live in :mod:`loopgrad_jax.parity`, which
+``loopgrad-parity`` runs too."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,83 +15,40 @@ import numpy as np
 import pytest
 
 import loopgrad_jax as lg
-from loopgrad_jax.fixtures import Fixture, fixture_path, load_fixture
-
-FIXTURES = Path(__file__).parent / "fixtures"
-DTYPES = ("float32", "float64")
-
-# Relative and absolute tolerance against PyTorch. float64: both libraries are exact up to
-# a few roundings; float32: at the article's sizes the two differ by a few ulps (~1e-7).
-TOL = {"float32": 1e-5, "float64": 1e-10}
-
-
-def case_names(scenario: str) -> list[str]:
-    return [c["name"] for c in fixture(scenario, "float64").cases]
-
-
-#: The kinds of the core parity grid, which runs every fixture case.
-BASE_LOOPS = ("python", "scan", "fori")
-#: Every loop kind, plus options: unrolled scan and fori, and remat with another policy.
-LOOP_VARIANTS = (
-    *lg.LOOPS,
-    "scan:unroll=3",
-    "fori:unroll=2",
-    "remat:policy=dots_saveable",
-    "remat:chunk=4",
+from loopgrad_jax import parity
+from loopgrad_jax.fixtures import SHIPPED, Fixture
+from loopgrad_jax.parity import (  # noqa: F401 - re-exported: the suite's loop kinds and rules
+    BASE_LOOPS,
+    DTYPES,
+    LOOP_VARIANTS,
+    TOL,
+    has_reverse_mode,
+    value_and_grad,
 )
-#: What issue-level features add beyond the base kinds; they run on the article's cases.
-NEW_LOOPS = tuple(v for v in LOOP_VARIANTS if v not in BASE_LOOPS)
+
+#: The fixtures the package ships, which the suite checks.
+FIXTURES = SHIPPED
 
 
-def article_cases(scenario: str) -> list[str]:
-    return [name for name in case_names(scenario) if name.startswith("article")]
+def parity_params(checks: list[parity.Check], scenario_in_id: bool = False) -> list[Any]:
+    """``pytest.param(check)`` for each check, with ids ``dtype-case[-method]-loop-jit``.
 
-
-def parity_grid(
-    scenario: str,
-    methods: tuple[str, ...] = ("",),
-    loops: tuple[str, ...] = BASE_LOOPS,
-    cases=case_names,
-) -> list[Any]:
-    """``(case, method, loop, jit)`` for the chosen cases, loop kinds and jit on/off.
-
-    Every case runs eagerly. Under an outer ``jax.jit`` only the cases where that traces
-    a different program run again: the Python loop kind (eager, it runs op by op; under
-    jit it is unrolled into one program) and the first case of each scenario. For the
-    other kinds an eager call already runs the entry point compiled with ``jax.jit``
-    (``_loops.compiled``), so an outer jit would trace the same program again.
-
-    One exclusion keeps the suite fast: a Python loop under ``jax.jit`` is unrolled, and
-    for the 200-step ``long*`` cases compiling it takes 15-120 s per test (the growth
-    loopgrad-bench measures), so there the python kind runs eagerly only.
+    ``scenario_in_id`` appends the scenario (where one test covers several).
     """
-    grid = []
-    first = case_names(scenario)[0]
-    for case in cases(scenario):
-        for method in methods:
-            for loop in loops:
-                for jit in (False, True):
-                    if jit and loop == "python" and case.startswith("long"):
-                        continue
-                    if jit and loop != "python" and case != first:
-                        continue
-                    ids = "-".join(filter(None, [case, method, loop, "jit" if jit else "eager"]))
-                    grid.append(pytest.param(case, method, loop, jit, id=ids))
-    return grid
+    params = []
+    for check in checks:
+        parts = [check.dtype, check.case, check.method, check.loop]
+        parts += ["jit" if check.jit else "eager"]
+        parts += [check.scenario] if scenario_in_id else []
+        params.append(pytest.param(check, id="-".join(filter(None, parts))))
+    return params
 
 
-def full_grid(
-    scenario: str, methods: tuple[str, ...] = ("",), loops=LOOP_VARIANTS, new_cases=article_cases
-) -> list[Any]:
-    """The base kinds on every case, the other kinds and options on ``new_cases``."""
-    return parity_grid(scenario, methods, tuple(v for v in loops if v in BASE_LOOPS)) + (
-        parity_grid(scenario, methods, tuple(v for v in loops if v in NEW_LOOPS), new_cases)
-    )
-
-
-def has_reverse_mode(loop: str) -> bool:
-    """Whether reverse-mode differentiation runs through ``loop`` (a kind or its text form)."""
-    return lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS
+def assert_passes(check: parity.Check) -> parity.Record:
+    """Runs ``check`` (exceptions propagate, with their traceback) and asserts it passed."""
+    record = parity.run_check(check, catch=False)
+    assert record.passed, f"{check.name}: {record.message}"
+    return record
 
 
 def grad_modes(loop: str) -> list[str]:
@@ -97,22 +56,9 @@ def grad_modes(loop: str) -> list[str]:
     return ["fwd", "rev"] if has_reverse_mode(loop) else ["fwd"]
 
 
-def value_and_grad(fn, loop: str):
-    """``jax.value_and_grad(fn)``; forward mode (``jax.jacfwd``) for loops without reverse mode.
-
-    A ``while`` loop cannot be reverse-differentiated; forward mode gives the same gradient.
-    """
-    if has_reverse_mode(loop):
-        return jax.value_and_grad(fn)
-
-    def forward(*args):
-        return fn(*args), jax.jacfwd(fn)(*args)
-
-    return forward
-
-
 def fixture(scenario: str, dtype: str) -> Fixture:
-    return load_fixture(fixture_path(FIXTURES, scenario, dtype))
+    """The shipped fixture, loaded once per process."""
+    return parity.load(scenario, dtype)
 
 
 def random_rnn_problem(key, t, b, i, h, o, dtype=jnp.float64):
@@ -127,15 +73,6 @@ def random_rnn_problem(key, t, b, i, h, o, dtype=jnp.float64):
 
 def params_of(tree: dict[str, Any]) -> lg.RNNParams:
     return lg.RNNParams(**{k: jnp.asarray(v) for k, v in tree.items()})
-
-
-def maybe_jit(fn, jit: bool, **static):
-    """``fn`` with ``static`` keyword arguments bound, jitted when ``jit``."""
-
-    def bound(*args):
-        return fn(*args, **static)
-
-    return jax.jit(bound) if jit else bound
 
 
 def assert_close(actual: Any, expected: Any, tol: float, what: str = "") -> None:

@@ -7,12 +7,22 @@ from pathlib import Path
 import jax
 import pytest
 
-from loopgrad_jax import _as_written, _cell, _cells, _loops, _rnn, _scalar, _sequence, _train
+from loopgrad_jax import (
+    _as_written,
+    _cell,
+    _cells,
+    _loops,
+    _rnn,
+    _scalar,
+    _sequence,
+    _train,
+    parity,
+)
 
 README = Path(__file__).parent.parent / "README.md"
 
 
-MODULES = [_as_written, _cell, _cells, _loops, _rnn, _scalar, _sequence, _train]
+MODULES = [_as_written, _cell, _cells, _loops, _rnn, _scalar, _sequence, _train, parity]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

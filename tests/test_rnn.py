@@ -7,16 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
-    DTYPES,
     LOOP_VARIANTS,
     TOL,
     assert_close,
+    assert_passes,
     count_compilations,
-    fixture,
-    full_grid,
     grad_modes,
-    maybe_jit,
-    params_of,
+    parity_params,
     random_rnn_problem,
     value_and_grad,
 )
@@ -25,29 +22,12 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
-
-# The hoisted input projection runs with the compiled loops that reverse mode goes through.
-GRID = full_grid("rnn_loss", ("plain",)) + full_grid("rnn_loss", ("hoisted",), ("scan", "remat"))
+from loopgrad_jax import parity
 
 
-@pytest.mark.parametrize(("case", "method", "loop", "jit"), GRID)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_pytorch(case, method, loop, jit, dtype):
-    c = fixture("rnn_loss", dtype).case(case)
-
-    def loss_of(params):
-        return lg.rnn_loss(
-            params,
-            c["inputs"],
-            c["targets"],
-            hidden0=c["hidden0"],
-            loop=loop,
-            hoist_input=method == "hoisted",
-        )
-
-    loss, grads = maybe_jit(value_and_grad(loss_of, loop), jit)(params_of(c["params"]))
-    assert_close(loss, np.asarray(c["loss"], dtype), TOL[dtype], "loss")
-    assert_close(grads, c["grads"], TOL[dtype], "grads")
+@pytest.mark.parametrize("check", parity_params(parity.checks(["rnn_loss"])))
+def test_matches_pytorch(check):
+    assert_passes(check)
 
 
 @pytest.mark.parametrize(

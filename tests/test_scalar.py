@@ -10,11 +10,11 @@ from helpers import (
     LOOP_VARIANTS,
     TOL,
     assert_close,
+    assert_passes,
     count_compilations,
     fixture,
-    full_grid,
     grad_modes,
-    maybe_jit,
+    parity_params,
     value_and_grad,
 )
 from hypothesis import given, settings
@@ -22,22 +22,14 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
+from loopgrad_jax import parity
 
 SCENARIOS = {"accumulate": lg.accumulate_loss, "stack": lg.stack_loss}
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize(("case", "method", "loop", "jit"), full_grid("accumulate"))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_pytorch(scenario, case, method, loop, jit, dtype):
-    c = fixture(scenario, dtype).case(case)
-
-    def loss_of(x):
-        return SCENARIOS[scenario](x, c["n"], loop=loop)
-
-    loss, grad = maybe_jit(value_and_grad(loss_of, loop), jit)(jnp.asarray(c["x"]))
-    assert_close(loss, np.asarray(c["loss"], dtype), TOL[dtype], "loss")
-    assert_close(grad, c["grad"], TOL[dtype], "grad")
+@pytest.mark.parametrize("check", parity_params(parity.checks(SCENARIOS), scenario_in_id=True))
+def test_matches_pytorch(check):
+    assert_passes(check)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

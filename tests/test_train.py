@@ -6,18 +6,16 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    BASE_LOOPS,
     DTYPES,
     LOOP_VARIANTS,
     TOL,
     assert_close,
+    assert_passes,
     count_compilations,
     fixture,
-    full_grid,
     has_reverse_mode,
-    maybe_jit,
     params_of,
-    parity_grid,
+    parity_params,
     random_rnn_problem,
 )
 from hypothesis import given, settings
@@ -25,6 +23,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
+from loopgrad_jax import parity
 
 REVERSE_VARIANTS = tuple(filter(has_reverse_mode, LOOP_VARIANTS))
 
@@ -33,103 +32,23 @@ def _train(params, inputs, targets, hidden0, **kwargs):
     return lg.train_rnn(params, inputs, targets, hidden0=hidden0, **kwargs)
 
 
-def _optimizer(spec):
-    """Plain SGD through ``lr=`` (the default path); the rest through ``torch_optimizer``."""
-    if spec["name"] == "sgd" and set(spec) == {"name", "lr"}:
-        return {"lr": spec["lr"]}
-    return {"optimizer": lg.torch_optimizer(**spec)}
+def _is_resumed(check):
+    return "resume_at" in fixture(check.scenario, check.dtype).case(check.case)
 
 
-def _promotion(spec):
-    # optax's Adam bias correction raises a Python float to an int32 step count, which
-    # this suite's strict promotion (conftest.py) refuses; our own code passes strict mode.
-    return jax.numpy_dtype_promotion("standard" if spec["name"] != "sgd" else "strict")
+AS_WRITTEN_CHECKS = parity.checks(["train_as_written"])
 
 
-def _sgd_cases(scenario):
-    return tuple(
-        c["name"] for c in fixture(scenario, "float64").cases if "lr" in _optimizer(c["optimizer"])
-    )
-
-
-def _optimizer_cases(scenario):
-    sgd = _sgd_cases(scenario)
-    return tuple(
-        c["name"]
-        for c in fixture(scenario, "float64").cases
-        if c["name"] not in sgd and "resume_at" not in c
-    )
-
-
-def _windows_of_3(scenario):
-    return ["article_w3"]
-
-
-def _run_case(c, jit, **kwargs):
-    """``train_rnn`` on fixture case ``c`` with its optimizer, jitted when ``jit``."""
-    fn = maybe_jit(_train, jit, **kwargs, **_optimizer(c["optimizer"]))
-    with _promotion(c["optimizer"]):
-        return fn(params_of(c["params"]), c["inputs"], c["targets"], c["hidden0"])
-
-
-def _check_against(result, c, dtype):
-    tol = TOL[dtype]
-    assert_close(result.losses, c["losses"], tol, "losses")
-    assert_close(result.grads, c["grads"], tol, "grads")
-    assert_close(result.params, c["final_params"], tol, "final params")
-    assert_close(result.hidden, c["hidden"], tol, "hidden")
-
-
-# Plain SGD runs on every loop kind and option. The reverse method replays all T stored
-# steps at every step: a Python loop unrolls T*T cell VJPs (40,000 for the long case), so
-# python x reverse runs on the short cases only; the reverse method's inner loop runs with
-# the base kinds, remat and while. The optimizers (momentum, Nesterov, Adam, AdamW) are
-# independent of the loop and of the method: they run with scan and the forward method.
-AS_WRITTEN_GRID = (
-    [
-        p
-        for p in full_grid("train_as_written", ("forward",))
-        + full_grid("train_as_written", ("reverse",), (*BASE_LOOPS, "remat", "while"))
-        if p.values[0] in _sgd_cases("train_as_written")
-        # A Python loop replays T*(T+1)/2 cell VJPs in the reverse method, unrolled under jit,
-        # and runs the 200-step case op by op: both take tens of seconds, so the python kind
-        # runs the reverse method eagerly and the long case not at all.
-        and not (
-            p.values[2] == "python"
-            and (p.values[0] == "long" or p.values[1:4:2] == ("reverse", True))
-        )
-    ]
-    + parity_grid("train_as_written", ("forward",), ("scan",), cases=_optimizer_cases)
+@pytest.mark.parametrize(
+    "check", parity_params([c for c in AS_WRITTEN_CHECKS if not _is_resumed(c)])
 )
+def test_as_written_matches_pytorch(check):
+    assert_passes(check)
 
 
-@pytest.mark.parametrize(("case", "method", "loop", "jit"), AS_WRITTEN_GRID)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_as_written_matches_pytorch(case, method, loop, jit, dtype):
-    c = fixture("train_as_written", dtype).case(case)
-    result = _run_case(c, jit, mode="as_written", as_written_method=method, loop=loop)
-    _check_against(result, c, dtype)
-
-
-# tbptt differentiates through its window loop: every kind but "while" (tested apart). The
-# window sizes (1, 3, T) run on the base kinds; the other kinds and options on windows of 3.
-TBPTT_GRID = [
-    p
-    for p in full_grid("train_tbptt", ("plain",), REVERSE_VARIANTS, _windows_of_3)
-    + full_grid("train_tbptt", ("hoisted",), ("scan", "remat"), _windows_of_3)
-    if p.values[0] in _sgd_cases("train_tbptt")
-] + parity_grid("train_tbptt", ("plain",), ("scan",), cases=_optimizer_cases)
-
-
-@pytest.mark.parametrize(("case", "method", "loop", "jit"), TBPTT_GRID)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_tbptt_matches_pytorch(case, method, loop, jit, dtype):
-    c = fixture("train_tbptt", dtype).case(case)
-    result = _run_case(
-        c, jit, mode="tbptt", window=c["window"], loop=loop, hoist_input=method == "hoisted"
-    )
-    assert result.grads.i2h_bias.shape[0] == -(-c["inputs"].shape[0] // c["window"])
-    _check_against(result, c, dtype)
+@pytest.mark.parametrize("check", parity_params(parity.checks(["train_tbptt"])))
+def test_tbptt_matches_pytorch(check):
+    assert_passes(check)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -311,30 +230,20 @@ def test_torch_optimizer_sgd_weight_decay_is_l2_on_the_gradient():
 # ------------------------------------------------------------ continuing a run
 
 
-@pytest.mark.parametrize("method", ["forward", "reverse"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_as_written_second_call_starts_a_new_history_as_pytorch_does(method, dtype):
+@pytest.mark.parametrize("check", parity_params([c for c in AS_WRITTEN_CHECKS if _is_resumed(c)]))
+def test_as_written_second_call_starts_a_new_history_as_pytorch_does(check):
     # PyTorch ran the loop for `resume_at` steps, then went on from hidden.detach() with
     # the same model and optimizer: a new graph, which is what a second call computes.
-    c = fixture("train_as_written", dtype).case("article_momentum_resumed")
-    cut, opt = c["resume_at"], lg.torch_optimizer(**c["optimizer"])
-    params, x, y = params_of(c["params"]), c["inputs"], c["targets"]
-    kwargs = {"optimizer": opt, "as_written_method": method}
-    first = lg.train_rnn(params, x[:cut], y[:cut], hidden0=c["hidden0"], **kwargs)
-    second = lg.train_rnn(
-        first.params, x[cut:], y[cut:], hidden0=first.hidden, opt_state=first.opt_state, **kwargs
-    )
-    both = lg.TrainResult(
-        params=second.params,
-        losses=jnp.concatenate([first.losses, second.losses]),
-        grads=jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first.grads, second.grads),
-        hidden=second.hidden,
-        opt_state=second.opt_state,
-    )
-    _check_against(both, c, dtype)
+    assert_passes(check)
     # One call keeps the history across the cut: its gradient there differs.
+    c = fixture(check.scenario, check.dtype).case(check.case)
+    opt = lg.torch_optimizer(**c["optimizer"])
+    kwargs = {"optimizer": opt, "as_written_method": check.method, "loop": check.loop}
+    params, x, y = params_of(c["params"]), c["inputs"], c["targets"]
     one = lg.train_rnn(params, x, y, hidden0=c["hidden0"], **kwargs)
-    assert not np.allclose(one.grads.i2h_weight[cut], second.grads.i2h_weight[0], rtol=1e-3)
+    cut = c["resume_at"]
+    # The passed check matched the two calls' gradients to these, PyTorch's.
+    assert not np.allclose(one.grads.i2h_weight[cut], c["grads"]["i2h_weight"][cut], rtol=1e-3)
 
 
 #: Every optimizer kind: plain, with state, and those that take the loss (value, value_fn).
@@ -358,7 +267,7 @@ def test_tbptt_two_calls_split_at_a_window_equal_one(name):
     params, x, y, h0 = random_rnn_problem(jax.random.key(7), 8, 2, 3, 4, 1)
     cut = 3  # windows of 3, 3, 2: the second call runs a full window and a shorter one
     kwargs = {"mode": "tbptt", "window": 3, "optimizer": RESUMABLE_OPTIMIZERS[name]()}
-    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (see _promotion)
+    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (parity._promotion)
         one = lg.train_rnn(params, x, y, hidden0=h0, **kwargs)
         first = lg.train_rnn(params, x[:cut], y[:cut], hidden0=h0, **kwargs)
         second = lg.train_rnn(

@@ -1,0 +1,152 @@
+"""``loopgrad-parity``: the command runs the suite's checks, reports them, and can fail."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import FIXTURES
+
+from loopgrad_jax import fixtures, parity
+
+# A few cheap checks: scenario 1 with scan in one dtype: the five cases, the first under
+# jit, and scan's option (unroll=3) on the first case eagerly and under jit.
+FEW = ["--scenario", "accumulate", "--loop", "scan", "--dtype", "float64", "--no-progress"]
+
+
+def test_module_runs_and_writes_json(tmp_path):
+    out = tmp_path / "parity.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loopgrad_jax.parity", *FEW, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    assert doc["passed"] is True and doc["failed"] == 0 and doc["fixtures"] == "shipped"
+    records = doc["records"]
+    assert doc["checks"] == len(records) == 8
+    assert {r["case"] for r in records} == {c["name"] for c in _cases("accumulate")}
+    assert all(r["passed"] and r["error"] <= r["tolerance"] == 1e-10 for r in records)
+    assert {(r["loop"], r["dtype"], r["scenario"]) for r in records} == {
+        ("scan", "float64", "accumulate"),
+        ("scan:unroll=3", "float64", "accumulate"),
+    }
+    # The table: a header, a rule, one row per check, and the summary.
+    assert done.stdout.splitlines()[0].split() == [
+        "case", "scenario", "method", "loop", "jit", "dtype", "max", "rel", "error", "pass",
+    ]  # fmt: skip
+    assert "8 of 8 checks passed (shipped fixtures)." in done.stdout
+
+
+def _cases(scenario):
+    return parity.load(scenario, "float64").cases
+
+
+def _corrupted_copy(tmp_path):
+    """The shipped fixtures, with one recorded gradient off by 1e-6: valid files, wrong value."""
+    folder = tmp_path / "fixtures"
+    folder.mkdir()
+    for path in FIXTURES.glob("*.json"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    f = fixtures.load_fixture(folder / "accumulate_float64.json")
+    cases = [dict(c) for c in f.cases]
+    cases[1]["grad"] = cases[1]["grad"] + np.float64(1e-6)
+    fixtures.write_fixture(f.path, f.header, cases)
+    return folder, cases[1]["name"]
+
+
+def test_a_wrong_fixture_fails_with_exit_status_1(tmp_path, capsys):
+    folder, broken = _corrupted_copy(tmp_path)
+    out = tmp_path / "parity.json"
+    status = parity.main([*FEW, "--fixtures", str(folder), "--json", str(out)])
+    assert status == 1
+    doc = json.loads(out.read_text())
+    assert doc["passed"] is False and doc["failed"] == 1
+    (failed,) = [r for r in doc["records"] if not r["passed"]]
+    assert failed["case"] == broken and failed["field"] == "grad"
+    assert 1e-10 < failed["error"] < 1e-5
+    stdout = capsys.readouterr().out
+    assert "7 of 8 checks passed" in stdout
+    assert f"FAILED accumulate/{broken}/scan/eager/float64: grad: max |actual - expected|" in stdout
+
+
+def test_a_raising_check_fails_and_the_rest_still_run(monkeypatch, capsys):
+    def broken(check, case):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(parity._RUNNERS, "accumulate", broken)
+    assert parity.main(FEW) == 1
+    stdout = capsys.readouterr().out
+    assert "0 of 8 checks passed" in stdout
+    assert "FAILED accumulate/article/scan/eager/float64: RuntimeError: boom" in stdout
+
+
+def test_a_tampered_fixture_is_an_error(tmp_path, capsys):
+    folder, _ = _corrupted_copy(tmp_path)
+    path = folder / "accumulate_float64.json"
+    path.write_text(path.read_text().replace('"n": 5', '"n": 6'))
+    assert parity.main([*FEW, "--fixtures", str(folder)]) == 1
+    assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def test_filters_select_cells_and_loop_kinds():
+    every = parity.checks(["cell_tbptt", "train_tbptt"])
+    chosen = parity.select(every, cells=("lstm",), loops=("remat",))
+    assert chosen and {c.cell for c in chosen} == {"lstm"}
+    assert {c.loop for c in chosen} == {"remat", "remat:policy=dots_saveable", "remat:chunk=4"}
+    exact = parity.select(every, cells=("article",), loops=("remat:chunk=4",))
+    assert exact and {(c.scenario, c.loop) for c in exact} == {("train_tbptt", "remat:chunk=4")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--scenario", "accumulate,rnn"], r"unknown scenario 'rnn'"),
+        (["--cell", "lstm", "--scenario", "accumulate"], r"no check matches"),
+        (["--loop", "for"], r"loop must be one of"),
+        (["--live", "--fixtures", "x"], r"--live: not allowed with --fixtures"),
+        (["--json", "/no/such/folder/out.json"], r"--json: folder .* does not exist"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parity.main(argv)
+    assert exit.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_live_without_torch_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    with pytest.raises(SystemExit) as exit:
+        parity.main(["--live", *FEW])
+    assert exit.value.code == 2
+    assert "--live: needs PyTorch, which is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.torch
+def test_live_regenerates_with_the_installed_torch(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "parity.json"
+    assert parity.main(["--live", *FEW, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["fixtures"] == "live" and doc["passed"] and doc["checks"] == 8
+    assert doc["versions"]["torch"] == doc["fixtures_torch_version"]
+
+
+def test_progress_without_tqdm_counts_on_stderr(monkeypatch, capsys):
+    # pip install 'loopgrad_jax[torch]' brings no tqdm: the command counts instead.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert parity.main([a for a in FEW if a != "--no-progress"]) == 0
+    assert "\r8/8 checks" in capsys.readouterr().err
+
+
+def test_compiled_programs_are_dropped_after_each_check(monkeypatch):
+    # Hundreds of checks' programs exhausted the process's memory mappings.
+    cleared = []
+    monkeypatch.setattr(parity.jax, "clear_caches", lambda: cleared.append(1))
+    assert parity.main(FEW) == 0
+    assert len(cleared) == 8
