@@ -25,7 +25,7 @@ import loopgrad_jax as lg
 from loopgrad_jax import parity
 
 
-@pytest.mark.parametrize("check", parity_params(parity.checks(["rnn_loss"])))
+@pytest.mark.parametrize("check", parity_params(parity.checks(["rnn_loss"], grid="suite")))
 def test_matches_pytorch(check):
     assert_passes(check)
 

@@ -27,7 +27,9 @@ from loopgrad_jax import parity
 SCENARIOS = {"accumulate": lg.accumulate_loss, "stack": lg.stack_loss}
 
 
-@pytest.mark.parametrize("check", parity_params(parity.checks(SCENARIOS), scenario_in_id=True))
+@pytest.mark.parametrize(
+    "check", parity_params(parity.checks(SCENARIOS, grid="suite"), scenario_in_id=True)
+)
 def test_matches_pytorch(check):
     assert_passes(check)
 

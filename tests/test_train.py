@@ -36,7 +36,7 @@ def _is_resumed(check):
     return "resume_at" in fixture(check.scenario, check.dtype).case(check.case)
 
 
-AS_WRITTEN_CHECKS = parity.checks(["train_as_written"])
+AS_WRITTEN_CHECKS = parity.checks(["train_as_written"], grid="suite")
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_as_written_matches_pytorch(check):
     assert_passes(check)
 
 
-@pytest.mark.parametrize("check", parity_params(parity.checks(["train_tbptt"])))
+@pytest.mark.parametrize("check", parity_params(parity.checks(["train_tbptt"], grid="suite")))
 def test_tbptt_matches_pytorch(check):
     assert_passes(check)
 
