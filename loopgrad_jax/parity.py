@@ -293,7 +293,8 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
 
 
 #: The grids :func:`checks` knows: ``"full"`` (what ``loopgrad-parity`` runs) and
-#: ``"suite"`` (what the test suite runs; it differs only for the ``cell_*`` scenarios).
+#: ``"suite"`` (what the test suite runs: fewer cell combinations, and the article's
+#: scenarios in float32 on the base kinds only; see :func:`checks`).
 GRIDS: tuple[str, ...] = ("full", "suite")
 #: The loop options beyond the kinds themselves.
 OPTIONS: tuple[str, ...] = tuple(v for v in LOOP_VARIANTS if v not in lg.LOOPS)
@@ -759,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=GRIDS,
         default="full",
         help="full: every loop kind with every cell scenario (default); suite: the test "
-        "suite's grid, the same checks of the article's scenarios and fewer of the cells'",
+        "suite's grid, fewer cell combinations and the article's float32 cases on the base "
+        "loop kinds only",
     )
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON to PATH")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
