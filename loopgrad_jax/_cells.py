@@ -85,7 +85,7 @@ jax.tree_util.register_dataclass(
 def _layer_step(kind: str, layer: LayerParams, state: Any, gi: jax.Array) -> tuple[Any, jax.Array]:
     """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``."""
     h = state[0] if kind == "lstm" else state
-    gh = h @ layer.weight_hh.T + layer.bias_hh
+    gh = h @ layer.weight_hh.T + layer.bias_hh[None, :]
     if kind == "lstm":
         i, f, g, o = jnp.split(gi + gh, 4, axis=-1)
         c = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
@@ -104,7 +104,7 @@ def _layer_step(kind: str, layer: LayerParams, state: Any, gi: jax.Array) -> tup
 def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = False) -> tuple:
     new = []
     for k, layer in enumerate(params.layers):
-        gi = x if (k == 0 and projected) else x @ layer.weight_ih.T + layer.bias_ih
+        gi = x if (k == 0 and projected) else x @ layer.weight_ih.T + layer.bias_ih[None, :]
         state, x = _layer_step(params.kind, layer, carry[k], gi)
         new.append(state)
     return tuple(new)
@@ -118,13 +118,13 @@ def torch_step(params: CellParams, carry: tuple, x: jax.Array) -> tuple:
 def torch_readout(params: CellParams, carry: tuple) -> jax.Array:
     """The head applied to the last layer's ``h``: ``(B, O)``."""
     last = carry[-1][0] if params.kind == "lstm" else carry[-1]
-    return last @ params.head_weight.T + params.head_bias
+    return last @ params.head_weight.T + params.head_bias[None, :]
 
 
 def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:
     """The first layer's ``x W_ih^T + b_ih`` for every step at once: ``(T, B, G*H)``."""
     layer = params.layers[0]
-    return jnp.einsum("tbi,gi->tbg", inputs, layer.weight_ih) + layer.bias_ih
+    return jnp.einsum("tbi,gi->tbg", inputs, layer.weight_ih) + layer.bias_ih[None, None, :]
 
 
 def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array) -> tuple:
