@@ -38,6 +38,8 @@ SCHEMA_KEYS = {
     "batch",
     "input",
     "hidden",
+    "cell",
+    "layers",
     "compile_s",
     "run_s_median",
     "run_s_min",
@@ -91,6 +93,7 @@ def test_quick_writes_json_matching_the_schema(quick):
     assert 1 <= meta["usable_cores"] <= meta["cpu_count"]
     assert meta["status"] == "complete"
     assert meta["command"].startswith("loopgrad-bench --quick")
+    assert (meta["cell"], meta["layers"]) == ("article", 1)
     assert meta["torch"] == (_torch_version() if torch_peers.available() else None)
 
     assert meta["cpu_model"].startswith(meta["cpu"])
@@ -110,6 +113,8 @@ def test_quick_writes_json_matching_the_schema(quick):
         assert set(r) == set(run.RECORD_KEYS)
         assert r["length"] == cli.QUICK["lengths"][0]
         assert (r["batch"], r["input"], r["hidden"]) == (2, 3, 4)
+        rnn = SCENARIOS[r["scenario"]].rnn
+        assert (r["cell"], r["layers"]) == (("article", 1) if rnn else (None, None))
         assert r["skipped"] is None or not _runs(r)
         assert (r["run_s_median"] is None) == (r["skipped"] is not None)
     assert [
@@ -225,6 +230,11 @@ def test_rnn_flops_matches_a_hand_count():
     # back through the t cells so far (t * 2 * 112 = 224 t):
     #   sum over t = 1..5 of (160 + 224 t) = 5 * 160 + 224 * 15 = 800 + 3360 = 4160.
     assert rnn_flops("train_as_written", **sizes) == 4160
+    # A GRU (3 gates, G*H = 12), two layers: 12*(3+4) + 12*(4+4) = 180 multiply-adds per
+    # example and step, cell = 2*2*180 = 720 FLOPs; head 16: 3 * 5 * 736 = 11040.
+    assert rnn_flops("rnn_loss", **sizes, cell="gru", layers=2) == 11040
+    # One tanh layer has the article's products (its two biases are not counted).
+    assert rnn_flops("rnn_loss", **sizes, cell="rnn_tanh") == 1920
     with pytest.raises(ValueError, match="scenario must be one of .* got 'stack'"):
         rnn_flops("stack", **sizes)
 
@@ -271,6 +281,8 @@ def test_each_as_written_algorithm_is_counted_by_what_it_does():
         ("--min-time", "soon"),
         ("--sweep", "depth"),
         ("--sweep", "hidden=8,0"),
+        ("--cell", "rnn_gelu"),
+        ("--layers", "0"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(flag, value, capsys):
@@ -290,6 +302,22 @@ def test_window_longer_than_every_length_is_refused(capsys):
     assert "argument --window: expected at most the longest of --lengths (8), got 9" in (
         capsys.readouterr().err
     )
+
+
+def test_layers_need_a_cell_that_has_them(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--layers", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --layers: expected 1 with --cell article" in err and "got 2" in err
+
+
+def test_cell_choices_come_from_lg_cells(capsys):
+    args = cli.build_parser().parse_args([])
+    assert (args.cell, args.layers) == (lg.CELLS[0], 1) == ("article", 1)
+    with pytest.raises(SystemExit):
+        cli.main(["--cell", "nope"])
+    assert f"choose from {', '.join(map(repr, lg.CELLS))}" in capsys.readouterr().err
 
 
 def test_output_in_a_missing_folder_is_refused(tmp_path, capsys):
@@ -692,6 +720,77 @@ def test_sweep_runs_each_size_and_reports_sequences_per_second(tmp_path, capsys)
     assert "throughput (sequences per second) across batch:" in capsys.readouterr().out
 
 
+# --- --cell and --layers ------------------------------------------------------------------
+
+
+@needs_torch
+def test_a_two_layer_lstm_runs_beside_its_peers_on_the_same_weights(tmp_path, capsys):
+    status, doc = _bench(
+        tmp_path,
+        *("--quick", "--cell", "lstm", "--layers", "2", "--scenarios", "rnn_loss,accumulate"),
+        *("--loops", "scan"),
+    )
+    assert status == 0
+    assert (doc["meta"]["cell"], doc["meta"]["layers"]) == ("lstm", 2)
+    rows = {(r["scenario"], r["loop"] or r["peer"]): r for r in doc["records"]}
+    assert list(rows) == [
+        ("rnn_loss", "scan"),
+        ("rnn_loss", "eager"),
+        ("rnn_loss", "nn.LSTM"),
+        ("accumulate", "scan"),
+        ("accumulate", "eager"),
+    ]
+    # The scalar scenarios have no cell; the RNN ones record theirs.
+    assert (rows["accumulate", "scan"]["cell"], rows["accumulate", "scan"]["layers"]) == (
+        None,
+        None,
+    )
+    # B=2, I=3, H=4, O=1, T=3, 4 gates (G*H = 16): layer 0 16*(3+4) = 112 and layer 1
+    # 16*(4+4) = 128 multiply-adds per example, cell = 2*2*240 = 960, head = 2*2*4 = 16
+    # FLOPs; 3 * T * (960 + 16) = 8784.
+    for peer in ("scan", "eager", "nn.LSTM"):
+        r = rows["rnn_loss", peer]
+        assert (r["cell"], r["layers"], r["flops"]) == ("lstm", 2, 8784)
+        assert r["saved_bytes"] > 0
+    for peer in ("eager", "nn.LSTM"):  # loss and all 10 gradients, on the same weights
+        assert rows["rnn_loss", peer]["max_rel_diff"] < 1e-5
+    assert set(rows["rnn_loss", "scan"]["vs_torch"]) == {"eager", "nn.LSTM"}
+    assert "rnn_loss (lstm, 2 layers, T=3, B=2, I=3, H=4):" in capsys.readouterr().out
+
+
+def test_peers_are_named_by_cell():
+    assert torch_peers.peers("rnn_loss") == torch_peers.PEERS["rnn_loss"] == ("eager", "nn.RNN")
+    assert torch_peers.peers("rnn_loss", "rnn_relu") == ("eager", "nn.RNN")
+    assert torch_peers.peers("rnn_loss", "lstm") == ("eager", "nn.LSTM")
+    assert torch_peers.peers("rnn_loss_hoisted", "gru") == ("nn.GRU",)
+    assert torch_peers.peers("train_as_written", "gru") == ("eager", "rtrl")
+    assert torch_peers.peers("accumulate", "lstm") == ("eager",)
+    result = doctest.testmod(torch_peers, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@needs_torch
+def test_gru_training_peers_agree_with_each_other_and_with_jax():
+    sizes = Sizes(length=3, batch=2, input=3, hidden=4, window=3, cell="gru", layers=2)
+    data = make_data(sizes, 0)
+
+    def peer(scenario, name):
+        return torch_peers.to_numpy(torch_peers.build_peer(scenario, name, data, sizes, "cpu")())
+
+    # The as-written loop's two PyTorch algorithms compute the same updates.
+    eager, rtrl = peer("train_as_written", "eager"), peer("train_as_written", "rtrl")
+    assert run.max_rel_diff(rtrl, eager) < 1e-5
+    # TBPTT with one window of T steps is one SGD step on the full-sequence gradient.
+    tbptt, fused = peer("train_tbptt", "eager"), peer("rnn_loss", "nn.GRU")
+    start = jax.tree.leaves(data.params)
+    stepped = [p - cases.LR * g for p, g in zip(start, fused[1:], strict=True)]
+    assert run.max_rel_diff(tbptt[1:], stepped) < 1e-6
+    # And JAX's tbptt, compiled once, agrees with the PyTorch loop.
+    f = jax.jit(cases.build_case("train_tbptt", "scan", sizes))
+    ours = [np.asarray(a) for a in f(*cases.case_args("train_tbptt", data))]
+    assert run.max_rel_diff(tbptt, ours) < 1e-5
+
+
 def test_table_flags_records_timed_on_a_busy_machine():
     record = dict.fromkeys(run.RECORD_KEYS)
     record.update(scenario="stack", length=5, framework="jax", loop="scan", run_s_median=1e-3)
@@ -710,6 +809,17 @@ def test_make_data_is_seeded_and_shaped():
     assert not np.array_equal(a.inputs, c.inputs)
     bound = 1 / np.sqrt(8)  # PyTorch's nn.Linear(8, 5) init
     assert np.abs(a.params.i2h_weight).max() <= bound
+    # A cell: PyTorch's layout and init (+-1/sqrt(H)); the scalar scenarios' x unchanged.
+    lstm = make_data(sizes._replace(cell="lstm", layers=2), 0)
+    assert isinstance(lstm.params, lg.CellParams) and lstm.params.kind == "lstm"
+    assert [p.shape for p in jax.tree.leaves(lstm.params)] == [
+        *((20, 3), (20, 5), (20,), (20,)),
+        *((20, 5), (20, 5), (20,), (20,)),
+        *((1, 5), (1,)),
+    ]
+    leaves = jax.tree.leaves(lstm.params)
+    assert all(p.dtype == np.float32 and np.abs(p).max() <= 1 / np.sqrt(5) for p in leaves)
+    assert lstm.inputs.shape == a.inputs.shape
 
 
 def _runs(record: dict) -> bool:

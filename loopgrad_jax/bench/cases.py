@@ -9,15 +9,19 @@ changes. What each times, as plain Python (``T`` static)::
   stack(x):          return value_and_grad(lambda x: lg.stack_loss(x, T, loop=loop))(x)
   rnn_loss(p, xs, ys):
     loss, grads = value_and_grad(lg.rnn_loss)(p, xs, ys, loop=loop)   # full BPTT
-    return (loss, *grads)
+    return (loss, *leaves(grads))
   train_as_written(p, xs, ys):   # once per method: "forward" and "reverse"
     r = lg.train_rnn(p, xs, ys, lr=LR, mode="as_written", as_written_method=method, loop=loop)
-    return (r.losses, *r.params)
+    return (r.losses, *leaves(r.params))
   train_tbptt(p, xs, ys):
     r = lg.train_rnn(p, xs, ys, lr=LR, mode="tbptt", window=W, loop=loop)  # T/W updates
-    return (r.losses, *r.params)
+    return (r.losses, *leaves(r.params))
 
-The outputs are what the PyTorch peers return too, so the two can be compared.
+``p`` is the article's :class:`loopgrad_jax.RNNParams`, or with ``--cell`` a
+:class:`loopgrad_jax.CellParams` of that kind and ``--layers`` layers; ``leaves`` is
+``jax.tree.leaves``, PyTorch's parameter order (per layer ``weight_ih``, ``weight_hh``,
+``bias_ih``, ``bias_hh``; then the head's ``weight``, ``bias``). The outputs are what
+the PyTorch peers return too, so the two can be compared.
 
 :func:`saved_bytes` is what each case keeps for its backward pass, the JAX side
 of the PyTorch peers' ``saved_bytes``: the residuals ``jax.vjp`` keeps.
@@ -33,6 +37,7 @@ import jax
 import numpy as np
 
 import loopgrad_jax as lg
+from loopgrad_jax._cells import GATES
 
 #: The learning rate of both training scenarios (PyTorch's ``optim.SGD(lr=LR)``).
 LR = 0.01
@@ -47,6 +52,8 @@ class Sizes(NamedTuple):
     hidden: int  # H
     window: int  # steps per update in train_tbptt
     output: int = 1  # O: the article's regression head
+    cell: str = "article"  # the RNN scenarios' cell, one of lg.CELLS
+    layers: int = 1  # its layers (1 for the article's)
 
 
 class Limits(NamedTuple):
@@ -64,7 +71,7 @@ class Data(NamedTuple):
     """
 
     x: np.ndarray  # (B, I): the variable of the scalar scenarios
-    params: lg.RNNParams  # initial weights, PyTorch's layout
+    params: lg.RNNParams | lg.CellParams  # initial weights, PyTorch's layout
     inputs: np.ndarray  # (T, B, I)
     targets: np.ndarray  # (T, B, O)
 
@@ -84,8 +91,10 @@ class Scenario(NamedTuple):
 def make_data(sizes: Sizes, seed: int) -> Data:
     """Draws the inputs with NumPy (no JAX compilation before the timed ones).
 
-    Weights follow PyTorch's ``nn.Linear`` init (uniform on ``+-1/sqrt(fan_in)``, as
-    :func:`loopgrad_jax.init_rnn`); ``x``, inputs and targets are standard normal.
+    Weights follow PyTorch's init: the article's ``nn.Linear`` layers are uniform on
+    ``+-1/sqrt(fan_in)`` (as :func:`loopgrad_jax.init_rnn`), the weights of
+    ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` and their head on ``+-1/sqrt(H)`` (as
+    :func:`loopgrad_jax.init_cell`); ``x``, inputs and targets are standard normal.
     """
     rng = np.random.default_rng(seed)
     t, b, i, h, o = sizes.length, sizes.batch, sizes.input, sizes.hidden, sizes.output
@@ -97,15 +106,33 @@ def make_data(sizes: Sizes, seed: int) -> Data:
     def normal(shape: tuple[int, ...]) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32)
 
-    params = lg.RNNParams(
-        i2h_weight=uniform((h, i + h), i + h),
-        i2h_bias=uniform((h,), i + h),
-        h2o_weight=uniform((o, h), h),
-        h2o_bias=uniform((o,), h),
-    )
+    if sizes.cell == "article":
+        params = lg.RNNParams(
+            i2h_weight=uniform((h, i + h), i + h),
+            i2h_bias=uniform((h,), i + h),
+            h2o_weight=uniform((o, h), h),
+            h2o_bias=uniform((o,), h),
+        )
+    else:
+        g = gates(sizes.cell) * h
+        layers = tuple(
+            lg.LayerParams(
+                uniform((g, i if k == 0 else h), h),
+                uniform((g, h), h),
+                uniform((g,), h),
+                uniform((g,), h),
+            )
+            for k in range(sizes.layers)
+        )
+        params = lg.CellParams(layers, uniform((o, h), h), uniform((o,), h), sizes.cell)
     return Data(
         x=normal((b, i)), params=params, inputs=normal((t, b, i)), targets=normal((t, b, o))
     )
+
+
+def gates(cell: str) -> int:
+    """Rows of ``weight_ih`` per hidden unit: 4 for an LSTM, 3 for a GRU, else 1."""
+    return GATES.get(cell, 1)
 
 
 def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes, None], Callable]:
@@ -132,7 +159,7 @@ def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes, None], Callable]:
             loss, grads = jax.value_and_grad(lg.rnn_loss)(
                 params, inputs, targets, loop=loop, hoist_input=hoist_input
             )
-            return (loss, *grads)
+            return (loss, *jax.tree.leaves(grads))
 
         return f
 
@@ -150,7 +177,7 @@ def _train(mode: str) -> Callable[[str, Sizes, str | None], Callable]:
             result = lg.train_rnn(
                 params, inputs, targets, lr=LR, mode=mode, window=window, loop=loop, **options
             )
-            return (result.losses, *result.params)
+            return (result.losses, *jax.tree.leaves(result.params))
 
         return f
 
@@ -206,7 +233,8 @@ def _as_written_saved(loop: str, sizes: Sizes, data: Data, method: str | None) -
     """
     del loop, data
     rnn_sizes = lg.RNNSizes(sizes.length, sizes.batch, sizes.input, sizes.hidden, sizes.output)
-    return int(lg.as_written_cost(rnn_sizes, method, 4).memory_bytes)
+    cost = lg.as_written_cost(rnn_sizes, method, 4, kind=sizes.cell, num_layers=sizes.layers)
+    return int(cost.memory_bytes)
 
 
 def _x(data: Data) -> tuple:

@@ -74,13 +74,19 @@ and every PyTorch peer:
   seqs_per_s    RNN scenarios: sequences per second, B / run_s_median
   other_cores   cores other processes kept busy while the case was timed (Linux)
 PyTorch peers (when torch is installed) run the same computation on the same inputs and
-weights; their outputs are checked against JAX's (max_rel_diff). train_as_written runs
+weights; their outputs are checked against JAX's (max_rel_diff). With --cell the RNN
+scenarios run that cell (loopgrad_jax.init_cell's weights, --layers deep); its peers get
+the weights through loopgrad_jax.to_torch: "eager", a per-step loop over nn.RNNCell /
+nn.LSTMCell / nn.GRUCell stacks, and the fused module over the whole sequence ("nn.RNN",
+"nn.LSTM", "nn.GRU"; rnn_loss and rnn_loss_hoisted). train_as_written runs
 each exact method: JAX "forward" beside the PyTorch "rtrl" peer (the same real-time
 recurrent learning), JAX "reverse" beside the "eager" peer (the retained graph).
 
 FLOP count (matrix products only, a multiply-add = 2 FLOPs; tanh, biases, loss and SGD
 are not counted):
   cell = 2*B*H*(I+H)  (i2h),  head = 2*B*H*O  (h2o, O = 1),  per time step
+  with --cell and --layers L: cell = 2*B*sum over layers k of G*H*(I_k+H), G gates
+  (rnn_tanh, rnn_relu 1, lstm 4, gru 3), I_0 = I and I_k = H after
   rnn_loss, train_tbptt:  3 * T * (cell + head)   (a gradient costs 3x the forward)
   train_as_written:       torch eager: T*(cell + 3*head) + T*(T+1)*cell (step t runs
                           back through its head and all t cells so far); JAX forward,
@@ -102,6 +108,7 @@ examples:
   loopgrad-bench --scenarios rnn_loss --loops scan,fori --lengths 1000 \\
       --input 64 --hidden 256 --batch 32 --json large.json --plot large.png
   loopgrad-bench --scenarios rnn_loss --loops scan --lengths 100 --sweep batch=1,8,32
+  loopgrad-bench --cell lstm --layers 2 --scenarios rnn_loss,rnn_loss_hoisted --loops scan
 """
 
 
@@ -131,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
             "options as in loopgrad_jax.Loop's text form, e.g. scan:unroll=8, "
             f"remat:chunk=32, remat:policy=dots_saveable (default: all: {','.join(lg.LOOPS)})"
         ),
+    )
+    parser.add_argument(
+        "--cell",
+        choices=lg.CELLS,
+        default=lg.CELLS[0],
+        help=f"the RNN scenarios' cell: the article's SimpleRNN or PyTorch's nn.RNN (tanh, "
+        f"relu), nn.LSTM, nn.GRU (default: {lg.CELLS[0]}); the scalar scenarios have none",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_at_least(1),
+        default=1,
+        help="the cell's layers, stacked as nn.RNN/LSTM/GRU(num_layers=...) stacks them "
+        "(default: 1; the article's cell has one)",
     )
     parser.add_argument(
         "--lengths",
@@ -211,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_backend(parser, backend)
     for flag in ("json", "plot"):
         _check_output_path(parser, flag, getattr(args, flag))
+    if args.layers > 1 and args.cell == "article":
+        parser.error(
+            f"argument --layers: expected 1 with --cell article (the article's SimpleRNN has "
+            f"one layer), got {args.layers}; pick a cell with layers, e.g. --cell rnn_tanh"
+        )
     if settings["window"] > max(settings["lengths"]) and "train_tbptt" in args.scenarios:
         parser.error(
             f"argument --window: expected at most the longest of --lengths "
@@ -245,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_time=settings["min_time"],
         sweep=args.sweep,
         interleave=args.timing == "interleaved",
+        cell=args.cell,
+        layers=args.layers,
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
@@ -264,10 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plan.sweep:
             swept[plan.sweep[0]] = _join(plan.sweep[1])
         sizes = ", ".join(f"{k[0].upper()}={v}" for k, v in swept.items())
+        cell = "" if plan.cell == "article" else f"{plan.cell} x{plan.layers} layers, "
         plot_records(
             records,
             args.plot,
-            f"{meta['device']}, jax {meta['jax']}, {sizes}, window={plan.window}",
+            f"{meta['device']}, jax {meta['jax']}, {cell}{sizes}, window={plan.window}",
             x=plan.sweep[0] if plan.sweep else "length",
         )
     if meta["status"] == "interrupted":

@@ -1,10 +1,15 @@
 """The FLOP count behind the RNN cases' GFLOP/s.
 
-Only the matrix products are counted, a multiply-add as 2 FLOPs; ``tanh``, bias
-adds, the loss and the SGD update are left out. Per time step::
+Only the matrix products are counted, a multiply-add as 2 FLOPs; ``tanh``, gates,
+bias adds, the loss and the SGD update are left out. Per time step::
 
   cell = 2 * B * H * (I + H)    # i2h: (B, I+H) @ (I+H, H)
   head = 2 * B * H * O          # h2o: (B, H) @ (H, O)
+
+With ``--cell`` and ``--layers`` (``G`` gates: 1 for ``rnn_tanh`` and ``rnn_relu``,
+4 for ``lstm``, 3 for ``gru``; layer ``k`` reads ``I_0 = I``, then ``I_k = H``)::
+
+  cell = 2 * B * sum over k of G*H * (I_k + H)   # x W_ih^T and h W_hh^T of every layer
 
 A backward pass through a product costs twice its forward (one product for the
 weight's gradient, one for the input's), so a gradient costs 3x the forward:
@@ -30,6 +35,7 @@ counts each by what it does: JAX's ``forward`` and ``reverse`` methods, and the
 from __future__ import annotations
 
 import loopgrad_jax as lg
+from loopgrad_jax._cells import GATES
 
 #: Scenarios with a FLOP count; the scalar ones have none.
 RNN_SCENARIOS: tuple[str, ...] = (
@@ -41,20 +47,32 @@ RNN_SCENARIOS: tuple[str, ...] = (
 
 
 def rnn_flops(
-    scenario: str, *, length: int, batch: int, input: int, hidden: int, output: int = 1
+    scenario: str,
+    *,
+    length: int,
+    batch: int,
+    input: int,
+    hidden: int,
+    output: int = 1,
+    cell: str = "article",
+    layers: int = 1,
 ) -> int:
     """FLOPs of one call of an RNN case, by the count in this module's docstring.
 
     Examples:
       >>> rnn_flops("rnn_loss", length=5, batch=2, input=3, hidden=4)
       1920
+      >>> rnn_flops("rnn_loss", length=5, batch=2, input=3, hidden=4, cell="lstm")
+      6960
     """
-    cell = 2 * batch * hidden * (input + hidden)
+    g = GATES.get(cell, 1) * hidden
+    widths = [input] + [hidden] * (layers - 1)
+    cell_flops = 2 * batch * sum(g * (w + hidden) for w in widths)
     head = 2 * batch * hidden * output
     if scenario in ("rnn_loss", "rnn_loss_hoisted", "train_tbptt"):  # same products, moved
-        return 3 * length * (cell + head)
+        return 3 * length * (cell_flops + head)
     if scenario == "train_as_written":
-        return length * (cell + 3 * head) + length * (length + 1) * cell
+        return length * (cell_flops + 3 * head) + length * (length + 1) * cell_flops
     raise ValueError(
         f"scenario must be one of {', '.join(map(repr, RNN_SCENARIOS))}, got {scenario!r}."
     )
@@ -74,6 +92,8 @@ def case_flops(
     output: int = 1,
     method: str | None = None,
     peer: str | None = None,
+    cell: str = "article",
+    layers: int = 1,
 ) -> int | None:
     """FLOPs of one call of a case, counted by what its implementation does.
 
@@ -86,12 +106,13 @@ def case_flops(
         return None
     sizes = dict(length=length, batch=batch, input=input, hidden=hidden, output=output)
     if scenario != "train_as_written" or peer == "eager":
-        return rnn_flops(scenario, **sizes)
+        return rnn_flops(scenario, **sizes, cell=cell, layers=layers)
     algorithm = PEER_METHODS[peer] if peer is not None else method
     if algorithm is None:
         raise ValueError(
             "train_as_written needs a method ('forward' or 'reverse') or a peer "
             f"({', '.join(map(repr, PEER_METHODS))}), got neither."
         )
-    cost = lg.as_written_cost(lg.RNNSizes(length, batch, input, hidden, output), algorithm, 4)
+    rnn_sizes = lg.RNNSizes(length, batch, input, hidden, output)
+    cost = lg.as_written_cost(rnn_sizes, algorithm, 4, kind=cell, num_layers=layers)
     return int(round(cost.flops))

@@ -106,6 +106,8 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "max_unroll": plan.limits.max_unroll,
         "max_quadratic": plan.limits.max_quadratic,
         "sweep": list(plan.sweep[:1]) + [list(plan.sweep[1])] if plan.sweep else None,
+        "cell": plan.cell,  # the RNN scenarios' cell (--cell) and its layers (--layers)
+        "layers": plan.layers,
         "status": "running",
     }
 
@@ -335,7 +337,7 @@ def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, list[float]]]:
 
 
 def _same_case(a: Mapping, b: Mapping) -> bool:
-    keys = ("scenario", "length", "batch", "input", "hidden")
+    keys = ("scenario", "length", "batch", "input", "hidden", "cell", "layers")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -455,6 +457,10 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
         sizes = f"T={length}, B={batch}, I={inp}, H={hidden}"
         if scenario in ("accumulate", "stack"):
             sizes = f"T={length}, x of shape ({batch}, {inp})"
+        cell = at[0].get("cell")
+        if cell not in (None, "article"):
+            layers = at[0].get("layers") or 1
+            sizes = f"{cell}, {layers} layer{'s' * (layers > 1)}, {sizes}"
         lines.append(f"{scenario}{' ' + method if method else ''} ({sizes}):")
         best = at[0]
         text = f"  fastest: {best['loop']} {_seconds(best['run_s_median'])}"

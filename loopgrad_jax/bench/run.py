@@ -34,12 +34,14 @@ RECORD_KEYS: tuple[str, ...] = (
     "scenario",
     "loop",  # a loop kind of lg.LOOPS for JAX, None for PyTorch
     "framework",  # "jax" or "torch"
-    "peer",  # "eager", "nn.RNN" or "rtrl" for PyTorch, None for JAX
+    "peer",  # "eager", "nn.RNN" / "nn.LSTM" / "nn.GRU" or "rtrl" for PyTorch, None for JAX
     "method",  # train_as_written: the algorithm, "forward" or "reverse"; else None
     "length",
     "batch",
     "input",
     "hidden",
+    "cell",  # RNN scenarios: one of lg.CELLS; None for the scalar ones
+    "layers",  # RNN scenarios: the cell's layers; None for the scalar ones
     "window",  # train_tbptt only
     "lower_s",  # trace + lower (JAX)
     "compile_s",  # XLA compile (JAX)
@@ -87,6 +89,8 @@ class Plan(NamedTuple):
     min_time: float = 0.5  # seconds each group's timed rounds last at least
     sweep: tuple[str, tuple[int, ...]] | None = None  # ("batch", (1, 8, 32)): vary one size
     interleave: bool = True  # False: time each implementation alone, one after the other
+    cell: str = "article"  # the RNN scenarios' cell, one of lg.CELLS
+    layers: int = 1  # its layers
 
 
 class Task(NamedTuple):
@@ -107,9 +111,10 @@ def tasks(plan: Plan) -> list[Task]:
     """The plan's rows, in the order they run."""
     rows = []
     for scenario in plan.scenarios:
-        peers = torch_peers.PEERS[scenario] if plan.torch is not None else ()
+        cell = plan.cell if cases.SCENARIOS[scenario].rnn else "article"
+        peers = torch_peers.peers(scenario, cell) if plan.torch is not None else ()
         for length in plan.lengths:
-            for sizes in _sizes(plan, length):
+            for sizes in _sizes(plan, length, scenario):
                 for method in cases.SCENARIOS[scenario].methods:
                     rows += [Task(scenario, sizes, "jax", loop, method) for loop in plan.loops]
                     rows += [
@@ -120,8 +125,10 @@ def tasks(plan: Plan) -> list[Task]:
     return rows
 
 
-def _sizes(plan: Plan, length: int) -> list[cases.Sizes]:
+def _sizes(plan: Plan, length: int, scenario: str) -> list[cases.Sizes]:
     base = cases.Sizes(length, plan.batch, plan.input, plan.hidden, plan.window)
+    if cases.SCENARIOS[scenario].rnn:  # the scalar scenarios have no cell
+        base = base._replace(cell=plan.cell, layers=plan.layers)
     if plan.sweep is None:
         return [base]
     dimension, values = plan.sweep
@@ -269,6 +276,7 @@ def new_record(task: Task) -> dict[str, Any]:
     sizes = task.sizes
     record = dict.fromkeys(RECORD_KEYS)
     jax_side = task.framework == "jax"
+    rnn = cases.SCENARIOS[task.scenario].rnn
     record.update(
         scenario=task.scenario,
         loop=task.name if jax_side else None,
@@ -279,6 +287,8 @@ def new_record(task: Task) -> dict[str, Any]:
         batch=sizes.batch,
         input=sizes.input,
         hidden=sizes.hidden,
+        cell=sizes.cell if rnn else None,
+        layers=sizes.layers if rnn else None,
         window=sizes.window if task.scenario == "train_tbptt" else None,
         flops=case_flops(
             task.scenario,
@@ -289,6 +299,8 @@ def new_record(task: Task) -> dict[str, Any]:
             output=sizes.output,
             method=task.method,
             peer=None if jax_side else task.name,
+            cell=sizes.cell,
+            layers=sizes.layers,
         ),
     )
     return record

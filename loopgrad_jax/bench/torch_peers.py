@@ -37,6 +37,32 @@ The peers, as plain PyTorch (``cell(x, h) = tanh(F.linear(cat([x, h], 1), W, b))
   ``(B, H, H)``.
 - ``train_tbptt``/``eager``: per window, ``h = h.detach()``, the window's summed
   loss, ``backward()``, ``SGD.step()``.
+- ``rnn_loss_hoisted``/``nn.RNN``: the ``rnn_loss`` peer again, timed beside the
+  hoisted JAX body (a fused module hoists the input projection too).
+
+With ``--cell`` (``rnn_tanh``, ``rnn_relu``, ``lstm``, ``gru``) and ``--layers L``
+the weights are :func:`loopgrad_jax.to_torch` of the JAX case's ``CellParams``,
+loaded into the modules by ``load_state_dict``; ``fused`` below is ``nn.RNN``,
+``nn.LSTM`` or ``nn.GRU`` (named so in the records), ``stack`` is ``L`` cells
+``nn.RNNCell`` / ``nn.LSTMCell`` / ``nn.GRUCell``, layer ``k`` reading layer
+``k - 1``'s new ``h``, and ``head`` an ``nn.Linear(H, O)``:
+
+- ``rnn_loss``/``eager``: ``for t: h = stack(x[t], h); loss += step_loss(head(h), y[t])``,
+  one ``loss.backward()``: the per-step loop, each step one call of the same
+  per-step cell kernel PyTorch's cells run, like-for-like with a JAX loop whose
+  body is one step. (Calling the fused module on one step,
+  ``fused(x[t:t+1], h)``, computes the same, through the fused module's per-call
+  overhead.)
+- ``rnn_loss``/``fused`` and ``rnn_loss_hoisted``/``fused``: ``out, _ = fused(x)``
+  over the whole sequence (on CPU PyTorch may run oneDNN's RNN kernels), then
+  ``((head(out) - y) ** 2).mean(dim=(1, 2)).sum()``.
+- ``train_as_written``/``eager`` and ``train_tbptt``/``eager``: the article's loops
+  above with ``stack`` for ``cell`` and one ``SGD`` over the cells' and the head's
+  parameters.
+- ``train_as_written``/``rtrl``: the ``rtrl`` loop above on the cell's state as one
+  vector per example (``[h_0, c_0, h_1, c_1, ...]`` for an LSTM, the ``h`` of each
+  layer otherwise), the cell written out with ``torch.nn.functional`` as PyTorch
+  documents its equations.
 
 :func:`saved_bytes` runs a peer once more, counting the bytes autograd keeps for
 backward (:class:`SavedBytes`): the PyTorch side of the JAX cases'
@@ -53,6 +79,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+import loopgrad_jax as lg
 from loopgrad_jax.bench.cases import LR, Data, Sizes
 from loopgrad_jax.bench.flops import PEER_METHODS
 
@@ -115,13 +142,19 @@ def build_peer(
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(a, copy=True)).to(device)
 
+    if sizes.cell == "article":
+        params = type(data.params)(*(tensor(p) for p in data.params))
+    else:  # the module's and the head's state dicts, PyTorch's key names
+        params = tuple(
+            {name: tensor(value) for name, value in state.items()}
+            for state in lg.to_torch(data.params)
+        )
     tensors = Data(
-        x=tensor(data.x),
-        params=type(data.params)(*(tensor(p) for p in data.params)),
-        inputs=tensor(data.inputs),
-        targets=tensor(data.targets),
+        x=tensor(data.x), params=params, inputs=tensor(data.inputs), targets=tensor(data.targets)
     )
-    return _PEERS[scenario][peer](tensors, sizes, counter)
+    if sizes.cell == "article":
+        return _PEERS[scenario][peer](tensors, sizes, counter)
+    return _CELL_PEERS[scenario][_role(peer, sizes.cell)](tensors, sizes, counter)
 
 
 class SavedBytes:
@@ -393,17 +426,308 @@ def _train_tbptt(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Ca
     return call
 
 
+# ------------------------------------------------------------------- torch.nn cells
+
+
+_LAYER_FIELDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def fused_name(cell: str) -> str:
+    """The fused module a cell's records name: ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``."""
+    return {"lstm": "nn.LSTM", "gru": "nn.GRU"}.get(cell, "nn.RNN")
+
+
+def _role(peer: str, cell: str) -> str:
+    """``"fused"`` for the cell's fused module, else the peer's name."""
+    return "fused" if peer == fused_name(cell) else peer
+
+
+def _cell_class(cell: str):
+    import torch
+
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return lambda i, h: torch.nn.RNNCell(i, h, nonlinearity=cell[4:])
+    return {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}[cell]
+
+
+def _fused_module(sizes: Sizes):
+    import torch
+
+    options = {"num_layers": sizes.layers, "bias": True, "batch_first": False}
+    if sizes.cell in ("rnn_tanh", "rnn_relu"):
+        return torch.nn.RNN(sizes.input, sizes.hidden, nonlinearity=sizes.cell[4:], **options)
+    module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[sizes.cell]
+    return module(sizes.input, sizes.hidden, **options)
+
+
+class _CellModel(NamedTuple):
+    """A peer's modules, loaded with the case's weights; ``params`` in PyTorch's order."""
+
+    cells: list  # the per-step stack (eager peers), or [] for the fused module
+    fused: Any  # nn.RNN / nn.LSTM / nn.GRU, or None
+    head: Any  # nn.Linear(H, O)
+    params: list  # every layer's weight_ih, weight_hh, bias_ih, bias_hh; the head's
+    initial: list  # their initial values (training peers start each call from them)
+
+
+def _cell_model(d: Data, sizes: Sizes, fused: bool) -> _CellModel:
+    import torch
+
+    rnn_state, head_state = d.params
+    device = d.inputs.device
+    head = torch.nn.Linear(sizes.hidden, sizes.output).to(device)
+    head.load_state_dict(head_state)
+    if fused:
+        module = _fused_module(sizes).to(device)
+        module.load_state_dict(rnn_state)
+        cells, rnn_params = [], list(module.parameters())
+    else:
+        module, make = None, _cell_class(sizes.cell)
+        cells = []
+        for k in range(sizes.layers):
+            cell = make(sizes.input if k == 0 else sizes.hidden, sizes.hidden).to(device)
+            cell.load_state_dict(
+                {
+                    f: rnn_state[f"{f}_l{k}"]
+                    for f in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                }
+            )
+            cells.append(cell)
+        rnn_params = [p for cell in cells for p in cell.parameters()]
+    params = rnn_params + list(head.parameters())
+    return _CellModel(cells, module, head, params, [p.detach().clone() for p in params])
+
+
+def _reset(model: _CellModel) -> None:
+    """Puts the initial weights back and drops the gradients."""
+    import torch
+
+    with torch.no_grad():
+        for p, value in zip(model.params, model.initial, strict=True):
+            p.copy_(value)
+            p.grad = None
+
+
+def _zero_state(d: Data, sizes: Sizes) -> list:
+    """Every layer's initial state: ``h``, or ``(h, c)`` for an LSTM."""
+    zeros = _zeros_hidden(d, sizes)
+    return [(zeros, zeros) if sizes.cell == "lstm" else zeros for _ in range(sizes.layers)]
+
+
+def _stack_step(model: _CellModel, state: list, x) -> tuple[list, Any]:
+    """One step of every layer: the new states and the last layer's ``h``."""
+    new = []
+    for cell, layer_state in zip(model.cells, state, strict=True):
+        layer_state = cell(x, layer_state)
+        x = layer_state[0] if isinstance(layer_state, tuple) else layer_state
+        new.append(layer_state)
+    return new, x
+
+
+def _head_loss(model: _CellModel, h, target):
+    import torch
+
+    return torch.mean((model.head(h) - target) ** 2)
+
+
+def _detached(state: list) -> list:
+    return [
+        tuple(s.detach() for s in layer) if isinstance(layer, tuple) else layer.detach()
+        for layer in state
+    ]
+
+
+def _cell_eager(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    model = _cell_model(d, sizes, fused=False)
+
+    def call():
+        for p in model.params:
+            p.grad = None
+        state, total = _zero_state(d, sizes), 0.0
+        with _counting(counter):
+            for t in range(sizes.length):
+                state, h = _stack_step(model, state, d.inputs[t])
+                total = total + _head_loss(model, h, d.targets[t])
+        total.backward()
+        return (total.detach(), *(p.grad for p in model.params))
+
+    return call
+
+
+def _cell_fused(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    model = _cell_model(d, sizes, fused=True)
+
+    def call():
+        for p in model.params:
+            p.grad = None
+        with _counting(counter):
+            outputs, _ = model.fused(d.inputs)  # (T, B, H), zero initial state
+            loss = ((model.head(outputs) - d.targets) ** 2).mean(dim=(1, 2)).sum()
+        loss.backward()
+        return (loss.detach(), *(p.grad for p in model.params))
+
+    return call
+
+
+def _cell_as_written(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    import torch
+
+    model = _cell_model(d, sizes, fused=False)
+
+    def call():
+        _reset(model)
+        optimizer = torch.optim.SGD(model.params, lr=LR)
+        state, losses = _zero_state(d, sizes), []
+        with torch.autograd.graph.allow_mutation_on_saved_tensors() as context:
+            for t in range(sizes.length):
+                optimizer.zero_grad()
+                state, h = _stack_step(model, state, d.inputs[t])
+                loss = _head_loss(model, h, d.targets[t])
+                loss.backward(retain_graph=True)
+                optimizer.step()
+                losses.append(loss.detach())
+            if counter is not None:  # the retained graph only grows: its end is its peak
+                counter.note(_retained_bytes(context))
+        return (torch.stack(losses), *(p.detach().clone() for p in model.params))
+
+    return call
+
+
+def _cell_tbptt(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    import torch
+
+    model = _cell_model(d, sizes, fused=False)
+
+    def call():
+        _reset(model)
+        optimizer = torch.optim.SGD(model.params, lr=LR)
+        state, losses = _zero_state(d, sizes), []
+        for start in range(0, sizes.length, sizes.window):
+            state = _detached(state)
+            optimizer.zero_grad()
+            total = 0.0
+            with _counting(counter):
+                for t in range(start, min(start + sizes.window, sizes.length)):
+                    state, h = _stack_step(model, state, d.inputs[t])
+                    loss = _head_loss(model, h, d.targets[t])
+                    losses.append(loss.detach())
+                    total = total + loss
+            total.backward()
+            optimizer.step()
+        return (torch.stack(losses), *(p.detach().clone() for p in model.params))
+
+    return call
+
+
+def _cell_math(kind: str, weights: list, state: Any, x) -> tuple[Any, Any]:
+    """One layer's step as PyTorch documents it: ``(new state, new h)``; any leading axes."""
+    import torch
+    import torch.nn.functional as F
+
+    w_ih, w_hh, b_ih, b_hh = weights
+    h = state[0] if kind == "lstm" else state
+    gi, gh = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+    if kind == "lstm":
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h, c), h
+    if kind == "gru":
+        xr, xz, xn = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+        return h, h
+    h = (torch.tanh if kind == "rnn_tanh" else torch.relu)(gi + gh)
+    return h, h
+
+
+def _cell_rtrl(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    import torch
+    import torch.nn.functional as F
+    from torch.func import jacrev, vmap
+
+    kind, layers, hidden = sizes.cell, sizes.layers, sizes.hidden
+    rnn_state, head_state = d.params
+    initial = [*rnn_state.values(), *head_state.values()]  # PyTorch's order
+    shapes, counts = [p.shape for p in initial], [p.numel() for p in initial]
+    width = 2 * hidden if kind == "lstm" else hidden  # one layer's share of the state
+
+    def unflatten(flat) -> list:
+        return [part.view(shape) for part, shape in zip(flat.split(counts), shapes, strict=True)]
+
+    def layer_state(s, k: int):
+        part = s[..., k * width : (k + 1) * width]
+        return (part[..., :hidden], part[..., hidden:]) if kind == "lstm" else part
+
+    def step(flat, s, x):  # the whole stack on the state vector s (..., L * width)
+        weights, new = unflatten(flat), []
+        for k in range(layers):
+            state, x = _cell_math(kind, weights[4 * k : 4 * k + 4], layer_state(s, k), x)
+            new.extend(state if kind == "lstm" else (state,))
+        return torch.cat(new, dim=-1)
+
+    def step_loss(flat, s, target):
+        weights = unflatten(flat)
+        last = s[..., (layers - 1) * width : (layers - 1) * width + hidden]
+        return torch.mean((F.linear(last, weights[-2], weights[-1]) - target) ** 2)
+
+    jacobians = vmap(jacrev(step, argnums=(0, 1)), in_dims=(None, 0, 0))
+
+    def call():
+        flat = torch.cat([p.reshape(-1) for p in initial])
+        s = d.inputs.new_zeros((sizes.batch, layers * width))
+        sens = s.new_zeros((*s.shape, flat.numel()))  # S = ds/dp: (B, N, P)
+        losses = []
+        for t in range(sizes.length):
+            j_p, j_s = jacobians(flat, s, d.inputs[t])  # (B, N, P), (B, N, N)
+            sens = torch.baddbmm(j_p, j_s, sens)
+            s = step(flat, s, d.inputs[t])
+            p = flat.detach().requires_grad_()
+            s_leaf = s.detach().requires_grad_()
+            loss = step_loss(p, s_leaf, d.targets[t])
+            grad_now, adjoint = torch.autograd.grad(loss, (p, s_leaf))
+            flat = flat - LR * (grad_now + torch.einsum("bn,bnp->p", adjoint, sens))
+            losses.append(loss.detach())
+            if counter is not None:  # no graph outlives a step; S is what it keeps
+                counter.note(sens.nbytes)
+        return (torch.stack(losses), *unflatten(flat))
+
+    return call
+
+
 _PEERS: dict[str, dict[str, Callable[[Data, Sizes, Any], Call]]] = {
     "accumulate": {"eager": _scalar_eager(stacked=False)},
     "stack": {"eager": _scalar_eager(stacked=True)},
     "rnn_loss": {"eager": _rnn_eager, "nn.RNN": _rnn_fused},
-    "rnn_loss_hoisted": {},  # the same computation as rnn_loss: its peers are there
+    # The fused module hoists the input projection too: timed beside the hoisted body.
+    "rnn_loss_hoisted": {"nn.RNN": _rnn_fused},
     "train_as_written": {"eager": _train_as_written, "rtrl": _train_rtrl},
     "train_tbptt": {"eager": _train_tbptt},
 }
 
-#: Scenario -> the names of its PyTorch peers.
+#: The RNN scenarios' peers for a cell of ``--cell`` (``"fused"``: :func:`fused_name`).
+_CELL_PEERS: dict[str, dict[str, Callable[[Data, Sizes, Any], Call]]] = {
+    "rnn_loss": {"eager": _cell_eager, "fused": _cell_fused},
+    "rnn_loss_hoisted": {"fused": _cell_fused},
+    "train_as_written": {"eager": _cell_as_written, "rtrl": _cell_rtrl},
+    "train_tbptt": {"eager": _cell_tbptt},
+}
+
+#: Scenario -> the names of its PyTorch peers, for the article's cell.
 PEERS: dict[str, tuple[str, ...]] = {s: tuple(p) for s, p in _PEERS.items()}
+
+
+def peers(scenario: str, cell: str = "article") -> tuple[str, ...]:
+    """The names of ``scenario``'s PyTorch peers for ``cell`` (one of ``lg.CELLS``).
+
+    Examples:
+      >>> peers("rnn_loss"), peers("rnn_loss", "lstm"), peers("rnn_loss_hoisted", "gru")
+      (('eager', 'nn.RNN'), ('eager', 'nn.LSTM'), ('nn.GRU',))
+    """
+    if cell == "article" or scenario not in _CELL_PEERS:
+        return PEERS[scenario]
+    return tuple(fused_name(cell) if p == "fused" else p for p in _CELL_PEERS[scenario])
 
 
 def peer_method(scenario: str, peer: str) -> str | None:
