@@ -41,6 +41,7 @@ import numpy as np
 
 import loopgrad_jax as lg
 from loopgrad_jax import _sequence, fixtures
+from loopgrad_jax._progress import NoBar
 
 #: Relative and absolute tolerance against PyTorch, by dtype: an element passes when
 #: ``|actual - expected| <= TOL * (1 + |expected|)``. float64: both libraries are exact up
@@ -895,7 +896,7 @@ def _run_all(todo: list[Check], directory: Path, *, progress: bool) -> list[Reco
 
 def _progress_bar(total: int, enabled: bool) -> Any:
     if not enabled:
-        return _NoBar()
+        return NoBar()
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is optional: count on stderr instead
@@ -903,18 +904,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, file=sys.stderr, unit="check")
 
 
-class _NoBar:
-    def set_description(self, text: str) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _CountBar(_NoBar):
+class _CountBar(NoBar):
     """``done/total`` on one stderr line, for when tqdm is not installed."""
 
     def __init__(self, total: int):

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 
 import loopgrad_jax as lg
+from loopgrad_jax._progress import NoBar
 from loopgrad_jax.bench import cases, report, run, timing, torch_peers
 
 #: The backends ``--backend`` accepts (JAX's platform names).
@@ -315,7 +316,7 @@ def _run(plan: run.Plan, device: jax.Device, meta: dict, json_path: str | None, 
 
         bar = tqdm(total=len(todo), file=sys.stderr, unit="case")
     else:
-        bar = _NoBar()
+        bar = NoBar()
 
     def save(status: str) -> None:
         meta["status"] = status
@@ -347,19 +348,6 @@ def _described(records, todo: list[run.Task], bar):
         method = f" {task.method}" if task.method else ""
         bar.set_description(f"{task.scenario}{method} T={task.length}")
         yield next(records)
-
-
-class _NoBar:
-    """What ``--no-progress`` uses instead of tqdm, which it then never imports."""
-
-    def set_description(self, text: str) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _check_backend(parser: argparse.ArgumentParser, backend: str) -> None:
