@@ -84,6 +84,16 @@ bench cpu1_hoisted taskset -c 0 -- "${hoisted[@]}"       # cpu1_hoisted.json cpu
 bench cpu_sweep_batch --scenarios rnn_loss --loops python,scan,remat:chunk=10 --lengths 100 \
   --input 64 --hidden 256 --sweep batch=1,4,16,64        # cpu_sweep_batch.json .png
 
+# --- PyTorch's cells: the full-sequence LSTM and GRU gradient beside nn.LSTM, nn.GRU ----
+cells=(--scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=8,remat,remat:policy=dots_saveable
+       --lengths 1000)
+cells_large=(--input 64 --hidden 256 --batch 32)
+cells_small=(--input 10 --hidden 5 --batch 1)
+bench cpu_lstm --cell lstm "${cells[@]}" "${cells_large[@]}"        # cpu_lstm.json .png
+bench cpu_lstm_small --cell lstm "${cells[@]}" "${cells_small[@]}"  # cpu_lstm_small.json .png
+bench cpu_gru --cell gru "${cells[@]}" "${cells_large[@]}"          # cpu_gru.json .png
+bench cpu_gru_small --cell gru "${cells[@]}" "${cells_small[@]}"    # cpu_gru_small.json .png
+
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
 if ((${#SMOKE[@]} == 0)); then  # each takes tens of minutes: no smoke version
   wait_idle
