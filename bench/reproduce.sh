@@ -93,6 +93,12 @@ bench cpu_lstm --cell lstm "${cells[@]}" "${cells_large[@]}"        # cpu_lstm.j
 bench cpu_lstm_small --cell lstm "${cells[@]}" "${cells_small[@]}"  # cpu_lstm_small.json .png
 bench cpu_gru --cell gru "${cells[@]}" "${cells_large[@]}"          # cpu_gru.json .png
 bench cpu_gru_small --cell gru "${cells[@]}" "${cells_small[@]}"    # cpu_gru_small.json .png
+# Where the LSTM gradient's time goes (forward, whole, each product alone), beside nn.LSTM.
+profile=()
+if ((${#SMOKE[@]})); then profile=(--length 3 --input 3 --hidden 4 --batch 2 --repeats 5 --min-time 0); fi
+wait_idle
+"${NICE_CMD[@]}" python -m loopgrad_jax.bench.cell_profile --cell lstm --loop scan:unroll=8 "${profile[@]}" \
+  --json "$OUT/cpu_lstm_profile.json" > "$OUT/cpu_lstm_profile.txt"
 
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
 if ((${#SMOKE[@]} == 0)); then  # each takes tens of minutes: no smoke version

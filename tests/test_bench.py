@@ -791,6 +791,27 @@ def test_gru_training_peers_agree_with_each_other_and_with_jax():
     assert run.max_rel_diff(tbptt, ours) < 1e-5
 
 
+@needs_torch
+def test_cell_profile_times_each_part_on_both_sides(tmp_path, capsys):
+    from loopgrad_jax.bench import cell_profile
+
+    path = tmp_path / "profile.json"
+    argv = ["--cell", "gru", "--length", "3", "--input", "3", "--hidden", "4", "--batch", "2"]
+    assert cell_profile.main([*argv, "--repeats", "5", "--min-time", "0", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["sizes"]["cell"] == "gru" and doc["meta"]["jax"] == jax.__version__
+    parts = ("forward", "gradient", "h @ W_hh^T", "dg @ W_hh", "dW += dg^T h", "dW in one")
+    rows = {(r["part"], r["framework"]): r for r in doc["records"]}
+    assert set(rows) == {(p, f) for p in parts for f in ("jax", "torch")}
+    for (part, _), r in rows.items():
+        assert r["run_s_median"] > 0 and r["run_samples"] >= 5
+        # 3 steps of (2, 4) x (4, 12) products: 2 * 3 * 2 * 4 * 12 = 576 FLOPs each; the
+        # gradient rnn_flops' 3 * 3 * (2*2*12*(3+4) + 2*2*4) = 3168, its forward a third.
+        assert r["flops"] == {"forward": 1056, "gradient": 3168}.get(part, 576)
+        assert (r["minor_faults"] is None) == (part != "gradient")
+    assert "dW in one" in capsys.readouterr().out
+
+
 def test_table_flags_records_timed_on_a_busy_machine():
     record = dict.fromkeys(run.RECORD_KEYS)
     record.update(scenario="stack", length=5, framework="jax", loop="scan", run_s_median=1e-3)

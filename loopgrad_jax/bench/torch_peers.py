@@ -137,6 +137,30 @@ def build_peer(
 
     With a ``counter``, every call also counts what autograd keeps for backward.
     """
+    tensors = _tensors(data, sizes, device)
+    if sizes.cell == "article":
+        return _PEERS[scenario][peer](tensors, sizes, counter)
+    return _CELL_PEERS[scenario][_role(peer, sizes.cell)](tensors, sizes, counter)
+
+
+def fused_loss(data: Data, sizes: Sizes, device: str) -> Call:
+    """The fused module's summed loss alone, under ``torch.no_grad()`` (a cell's, not
+    the article's): the forward part of the ``rnn_loss`` peer, for a profile."""
+    import torch
+
+    tensors = _tensors(data, sizes, device)
+    model = _cell_model(tensors, sizes, fused=True)
+
+    def call():
+        with torch.no_grad():
+            outputs, _ = model.fused(tensors.inputs)
+            return (((model.head(outputs) - tensors.targets) ** 2).mean(dim=(1, 2)).sum(),)
+
+    return call
+
+
+def _tensors(data: Data, sizes: Sizes, device: str) -> Data:
+    """``data`` as tensors on ``device``; a cell's weights as its two state dicts."""
     import torch
 
     def tensor(a: np.ndarray) -> torch.Tensor:
@@ -149,12 +173,9 @@ def build_peer(
             {name: tensor(value) for name, value in state.items()}
             for state in lg.to_torch(data.params)
         )
-    tensors = Data(
+    return Data(
         x=tensor(data.x), params=params, inputs=tensor(data.inputs), targets=tensor(data.targets)
     )
-    if sizes.cell == "article":
-        return _PEERS[scenario][peer](tensors, sizes, counter)
-    return _CELL_PEERS[scenario][_role(peer, sizes.cell)](tensors, sizes, counter)
 
 
 class SavedBytes:
