@@ -211,12 +211,16 @@ def test_grid_recheck_retimes_only_the_busy_points(tmp_path):
     doc = json.loads(first.read_text())
     quiet, busy = doc["records"]
     quiet["other_cores"], busy["other_cores"] = 0.1, 0.9
+    # A point skipped as too slow has no timing: it is kept as it is.
+    skipped = {"input": 2, "hidden": 3, "batch": 1, "length": 5, "params": 0}
+    skipped["skipped"] = "a call is estimated at 21 s > --max-call-s 20.0"
+    doc["records"].append(skipped)
     first.write_text(json.dumps(doc))
     assert as_written_grid.main(["--recheck", str(first), "--json", str(rechecked)]) == 0
     again = json.loads(rechecked.read_text())
     assert again["meta"]["recheck"] == {"of": str(first), "busy_above": 0.3}
-    kept, retimed = again["records"]
-    assert kept == quiet
+    kept, retimed, still_skipped = again["records"]
+    assert kept == quiet and still_skipped == skipped
     assert retimed["first_run"]["other_cores"] == 0.9
     assert retimed["first_run"]["forward"] == busy["forward"]["median_s"]
     assert retimed["forward"]["times_s"] != busy["forward"]["times_s"]

@@ -330,8 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for k, sizes in enumerate(todo):
             first = earlier[k] if earlier else None
-            busy = first is not None and (first["other_cores"] or 0.0) > args.busy_above
-            if first is not None and not busy:
+            busy = first is not None and (first.get("other_cores") or 0.0) > args.busy_above
+            if first is not None and (first["skipped"] or not busy):
                 record = first  # kept as measured
             else:
                 record = measure(
