@@ -43,11 +43,8 @@ first run's figures under ``first_run``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -58,7 +55,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 import loopgrad_jax as lg
@@ -171,24 +167,9 @@ def _add_verdict(record: dict[str, Any]) -> None:
 
 def collect_meta(argv: Sequence[str], dtype: str, repeats: int) -> dict[str, Any]:
     """The machine, versions and settings of a run."""
-    device = jax.devices()[0]
     return {
         "format_version": FORMAT_VERSION,
-        "loopgrad_jax": lg.__version__,
-        "git": report.git_revision(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "backend": device.platform,
-        "device": report.describe_device(device),
-        "cpu": report.cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": report.usable_cores(),
-        "load_average": report.load_average(),
-        "nice": os.nice(0) if hasattr(os, "nice") else None,  # this process's priority
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **report.machine_meta(jax.devices()[0]),
         "command": f"python -m loopgrad_jax.bench.as_written_grid {shlex.join(argv)}".strip(),
         "dtype": dtype,
         "repeats": repeats,

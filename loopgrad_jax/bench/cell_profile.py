@@ -29,9 +29,6 @@ allocated afresh and touched for the first time on every call.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import resource
 import shlex
 import sys
@@ -40,7 +37,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax import lax
 
@@ -77,7 +73,8 @@ def _products(sizes: cases.Sizes, seed: int) -> dict[str, tuple[Callable, Any]]:
         return lax.scan(body, h0, None, length=t)[0]
 
     def input_side(w, dgs):
-        return lax.scan(lambda acc, dg: (acc + dg @ w, None), jnp.zeros((b, h), jnp.float32), dgs)[0]
+        zero = jnp.zeros((b, h), jnp.float32)
+        return lax.scan(lambda acc, dg: (acc + dg @ w, None), zero, dgs)[0]
 
     def accumulate(hs, dgs):
         def body(dw, hg):
@@ -196,24 +193,11 @@ def collect_meta(argv: Sequence[str], sizes: cases.Sizes, loop: str) -> dict[str
     """The machine, versions and settings of a run."""
     import torch
 
-    device = jax.devices()[0]
     return {
         "format_version": FORMAT_VERSION,
-        "loopgrad_jax": lg.__version__,
-        "git": report.git_revision(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
+        **report.machine_meta(jax.devices()[0]),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": report.describe_device(device),
-        "cpu_model": report.cpu_model(detailed=True),
-        "cpu_features": report.cpu_features(),
-        "xla_flags": os.environ.get("XLA_FLAGS"),
-        "jax_threads": report.jax_threads()[0],
-        "load_average": report.load_average(),
-        "nice": os.nice(0) if hasattr(os, "nice") else None,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "loopgrad_jax.bench.cell_profile", *argv]),
         "sizes": sizes._asdict(),
         "loop": loop,

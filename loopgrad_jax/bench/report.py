@@ -66,18 +66,14 @@ CPU_FEATURES: tuple[str, ...] = (
 BUSY_CORES = 0.25
 
 
-def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[str]) -> dict:
-    """The machine, versions and settings of a run."""
+def machine_meta(device: jax.Device) -> dict:
+    """What every benchmark file records first: versions, the machine, its load, the date."""
     return {
-        "format_version": FORMAT_VERSION,
         "loopgrad_jax": lg.__version__,
         "git": git_revision(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "torch": plan.torch.version if plan.torch else None,
-        "torch_threads": plan.torch.threads if plan.torch else None,
-        "torch_device": plan.torch.device if plan.torch else None,
-        "backend": backend,
+        "backend": device.platform,
         "device": describe_device(device),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),  # fewer than cpu_count under taskset or a cgroup
@@ -93,6 +89,18 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "numpy": np.__version__,
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[str]) -> dict:
+    """The machine, versions and settings of a run."""
+    return {
+        "format_version": FORMAT_VERSION,
+        **machine_meta(device),
+        "torch": plan.torch.version if plan.torch else None,
+        "torch_threads": plan.torch.threads if plan.torch else None,
+        "torch_device": plan.torch.device if plan.torch else None,
+        "backend": backend,
         "command": shlex.join(["loopgrad-bench", *argv]),
         "dtype": "float32",
         "seed": plan.seed,
