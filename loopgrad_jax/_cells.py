@@ -21,6 +21,7 @@ PyTorch's ``(num_layers, B, H)`` (and the pair ``(h, c)`` of two for an LSTM).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ import numpy as np
 
 from loopgrad_jax import _checks
 from loopgrad_jax._cell import Cell
+from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._rnn import RNNParams, init_rnn
 
 #: Every built-in cell kind: the article's ``SimpleRNN`` and PyTorch's modules.
@@ -82,20 +84,22 @@ jax.tree_util.register_dataclass(
 # ------------------------------------------------------------------- the cells
 
 
-def _layer_step(kind: str, layer: LayerParams, state: Any, gi: jax.Array) -> tuple[Any, jax.Array]:
-    """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``."""
+def _layer_step(
+    kind: str, w_hh: jax.Array, b_hh: jax.Array, state: Any, gi: jax.Array
+) -> tuple[Any, jax.Array]:
+    """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``.
+
+    ``b_hh`` is ``(1, G*H)``, or ``(B, G*H)`` when :func:`_layer_sequence`'s rule adds
+    a per-step term to the recurrent pre-activation. Returns ``(new state, new h)``.
+    """
     if kind == "lstm":
-        h, c = _lstm(layer.weight_hh, layer.bias_hh, state[0], state[1], gi)
+        h, c = _lstm(w_hh, b_hh, state[0], state[1], gi)
         return (h, c), h
     if kind == "gru":
-        h = _gru(layer.weight_hh, layer.bias_hh, state, gi)
+        h = _gru(w_hh, b_hh, state, gi)
         return h, h
-    h = (jnp.tanh if kind == "rnn_tanh" else jax.nn.relu)(gi + _recurrent(layer, state))
+    h = (jnp.tanh if kind == "rnn_tanh" else jax.nn.relu)(gi + state @ w_hh.T + b_hh)
     return h, h
-
-
-def _recurrent(layer: LayerParams, h: jax.Array) -> jax.Array:
-    return h @ layer.weight_hh.T + layer.bias_hh[None, :]
 
 
 # The LSTM and GRU steps below carry their own JVP rules. JAX's rules, op by op, make
@@ -111,7 +115,7 @@ def _recurrent(layer: LayerParams, h: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def _lstm(w_hh, b_hh, h, c, gi):
-    i, f, g, o = jnp.split(gi + h @ w_hh.T + b_hh[None, :], 4, axis=-1)
+    i, f, g, o = jnp.split(gi + h @ w_hh.T + b_hh, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
@@ -120,7 +124,7 @@ def _lstm(w_hh, b_hh, h, c, gi):
 def _lstm_jvp(primals, tangents):
     w_hh, b_hh, h, c, gi = primals
     dw_hh, db_hh, dh, dc, dgi = tangents
-    i, f, g, o = jnp.split(gi + h @ w_hh.T + b_hh[None, :], 4, axis=-1)
+    i, f, g, o = jnp.split(gi + h @ w_hh.T + b_hh, 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c_new = f * c + i * g
     tanh_c = jnp.tanh(c_new)
@@ -129,7 +133,7 @@ def _lstm_jvp(primals, tangents):
     coef = jnp.concatenate(
         [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-1
     )
-    dpre = dgi + dh @ w_hh.T + h @ dw_hh.T + db_hh[None, :]
+    dpre = dgi + dh @ w_hh.T + h @ dw_hh.T + db_hh
     di, df, dg, do = jnp.split(dpre * coef, 4, axis=-1)
     dc_new = f * dc + di + df + dg
     return (h_new, c_new), (do + o * (1 - tanh_c * tanh_c) * dc_new, dc_new)
@@ -138,7 +142,7 @@ def _lstm_jvp(primals, tangents):
 @jax.custom_jvp
 def _gru(w_hh, b_hh, h, gi):
     xr, xz, xn = jnp.split(gi, 3, axis=-1)
-    hr, hz, hn = jnp.split(h @ w_hh.T + b_hh[None, :], 3, axis=-1)
+    hr, hz, hn = jnp.split(h @ w_hh.T + b_hh, 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     return (1 - z) * jnp.tanh(xn + r * hn) + z * h
 
@@ -148,7 +152,7 @@ def _gru_jvp(primals, tangents):
     w_hh, b_hh, h, gi = primals
     dw_hh, db_hh, dh, dgi = tangents
     xr, xz, xn = jnp.split(gi, 3, axis=-1)
-    hr, hz, hn = jnp.split(h @ w_hh.T + b_hh[None, :], 3, axis=-1)
+    hr, hz, hn = jnp.split(h @ w_hh.T + b_hh, 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     h_new = (1 - z) * n + z * h
@@ -156,7 +160,7 @@ def _gru_jvp(primals, tangents):
     dn = (1 - z) * (1 - n * n)
     coef = jnp.concatenate([dn * hn * r * (1 - r), (h - n) * z * (1 - z), dn, dn * r, z], axis=-1)
     dxr, dxz, dxn = jnp.split(dgi, 3, axis=-1)
-    dhr, dhz, dhn = jnp.split(dh @ w_hh.T + h @ dw_hh.T + db_hh[None, :], 3, axis=-1)
+    dhr, dhz, dhn = jnp.split(dh @ w_hh.T + h @ dw_hh.T + db_hh, 3, axis=-1)
     terms = jnp.concatenate([dxr + dhr, dxz + dhz, dxn, dhn, dh], axis=-1) * coef
     dr, dz, dxn_term, dhn_term, dh_term = jnp.split(terms, 5, axis=-1)
     return h_new, dr + dz + dxn_term + dhn_term + dh_term
@@ -166,7 +170,8 @@ def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = Fals
     new = []
     for k, layer in enumerate(params.layers):
         gi = x if (k == 0 and projected) else x @ layer.weight_ih.T + layer.bias_ih[None, :]
-        state, x = _layer_step(params.kind, layer, carry[k], gi)
+        b_hh = layer.bias_hh[None, :]
+        state, x = _layer_step(params.kind, layer.weight_hh, b_hh, carry[k], gi)
         new.append(state)
     return tuple(new)
 
@@ -195,6 +200,78 @@ def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array)
 
 #: The cell of every kind in :data:`TORCH_CELLS` (the kind is read off the params).
 TORCH_CELL = Cell(torch_step, torch_readout, torch_project, torch_step_projected)
+
+
+# ------------------------------------------------------- hoisted: layer by layer
+
+
+def hoisted_forward(
+    params: CellParams, inputs: jax.Array, carry0: tuple, loop: Loop
+) -> tuple[tuple, jax.Array]:
+    """Every layer over the whole sequence in turn, as fused RNN kernels run it.
+
+    The same numbers as stepping all layers together (layer ``k`` at step ``t``
+    reads only layer ``k - 1`` at ``t`` and itself at ``t - 1``). Plain-Python
+    semantics::
+
+      x = inputs                                     # (T, B, I)
+      for k, layer in enumerate(layers):
+        gi = x @ W_ih^T + b_ih                       # all T steps: one product
+        state, hs = carry0[k], []
+        for t in range(T):
+          state = step(layer, state, gi[t]); hs.append(h of state)
+        finals[k], x = state, stack(hs)
+      return finals, x                               # x: the last layer's h, (T, B, H)
+
+    Each layer's recurrence differentiates through :func:`_layer_sequence`, whose
+    rule turns the gradient of ``W_hh`` and ``b_hh`` into one product after the
+    loop; the input side's (``W_ih``, ``b_ih``) is one product already.
+    """
+    finals, x = [], inputs
+    for layer, state0 in zip(params.layers, carry0, strict=True):
+        gi = jnp.einsum("tbi,gi->tbg", x, layer.weight_ih) + layer.bias_ih[None, None, :]
+        state, x = _layer_sequence(params.kind, loop, layer.weight_hh, layer.bias_hh, gi, state0)
+        finals.append(state)
+    return tuple(finals), x
+
+
+def _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0):
+    """One layer over the sequence; ``extra[t]`` joins the recurrent pre-activation."""
+
+    def body(state, xs):
+        g, e = xs
+        return _layer_step(kind, w_hh, b_hh[None, :] + e, state, g)
+
+    return run_loop(body, state0, (gi, extra), length=gi.shape[0], loop=loop)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _layer_sequence(kind, loop, w_hh, b_hh, gi, state0):
+    """``(final state, h of every step (T, B, H))`` of one layer, given its ``gi`` (T, B, G*H)."""
+    return _run_layer(kind, loop, w_hh, b_hh, gi, jnp.zeros_like(gi), state0)
+
+
+@_layer_sequence.defjvp
+def _layer_sequence_jvp(kind, loop, primals, tangents):
+    # d(h W_hh^T + b_hh) = dh W_hh^T + (h dW_hh^T + db_hh). The first term is the
+    # recurrence's own, with W_hh held fixed; the second, for every step at once, is
+    # one product of the stored h_{t-1} (T, B, H) and dW_hh, fed in as the tangent of
+    # a per-step term added to the recurrent pre-activation. Reverse mode transposes
+    # that product into dW_hh = sum_t dpre_t^T h_{t-1}: one (G*H, T*B) x (T*B, H)
+    # product after the loop, where JAX's rule for a loop would add T rank-B
+    # products into dW_hh inside it.
+    w_hh, b_hh, gi, state0 = primals
+    dw_hh, db_hh, dgi, dstate0 = tangents
+    out, linear = jax.linearize(
+        lambda gi, extra, state0: _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0),
+        gi,
+        jnp.zeros_like(gi),
+        state0,
+    )
+    h0 = state0[0] if kind == "lstm" else state0
+    h_prev = jnp.concatenate([h0[None], out[1][:-1]], axis=0)
+    dextra = jnp.einsum("tbh,gh->tbg", h_prev, dw_hh) + db_hh[None, None, :]
+    return out, linear(dgi, dextra, dstate0)
 
 
 def to_carry(kind: str, hidden: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from loopgrad_jax import _cells, _checks
 from loopgrad_jax._as_written import Dims
@@ -189,8 +190,16 @@ def rnn_forward(
 
     With ``hoist_input`` the cell's input-side work runs as one product before the
     loop (``cell.project``) and only ``cell.step_projected`` stays inside; the
-    result is the same up to the order of floating-point sums.
+    result is the same up to the order of floating-point sums. PyTorch's modules
+    (:data:`TORCH_CELL`) then run as fused RNN kernels do: layer after layer over
+    the whole sequence (:func:`loopgrad_jax._cells.hoisted_forward`), each layer's
+    input projection before its loop, its recurrent weights' gradient as one
+    product after it, and the head on every step at once.
     """
+    if hoist_input and cell is TORCH_CELL:
+        final, hs = _cells.hoisted_forward(params, inputs, carry0, check_loop(loop))
+        out = jnp.einsum("tbh,oh->tbo", hs, params.head_weight) + params.head_bias[None, None, :]
+        return final, jnp.mean((out - targets) ** 2, axis=(1, 2))
     step, xs = cell.step, inputs
     if hoist_input:
         step, xs = cell.step_projected, cell.project(params, inputs)

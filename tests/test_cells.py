@@ -306,6 +306,89 @@ def test_hidden_follows_pytorchs_layout(kind):
     assert_close(rest.hidden, result.hidden, TOL["float64"])
 
 
+# ------------------------------------------------------------------- hoisted, layer by layer
+
+
+def _random_hidden0(kind, layers, b, h, seed=3):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    h0 = jax.random.normal(k1, (layers, b, h), jnp.float64)
+    return (h0, jax.random.normal(k2, (layers, b, h), jnp.float64)) if kind == "lstm" else h0
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+@pytest.mark.parametrize("loop", ["python", "scan", "fori:unroll=2", "remat:chunk=2", "while"])
+def test_hoisted_layer_by_layer_equals_stepping_every_layer(kind, loop):
+    # hoist_input=True runs PyTorch's modules layer after layer over the sequence, with
+    # its own differentiation rule: the value, the gradient with respect to every input
+    # (reverse mode where the loop has it, forward mode always) equal those of the
+    # per-step body that steps all layers together.
+    p, x, y = _problem(kind, layers=2, t=5)
+    h0 = _random_hidden0(kind, 2, 2, 4)
+
+    def loss(hoist):
+        return lambda p, x, h0: lg.rnn_loss(p, x, y, hidden0=h0, loop=loop, hoist_input=hoist)
+
+    args = (p, x, h0)
+    assert_close(loss(True)(*args), loss(False)(*args), 1e-12)
+    tangents = jax.tree.map(
+        lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape), args
+    )
+    hoisted = jax.jvp(loss(True), args, tangents)
+    assert_close(hoisted, jax.jvp(loss(False), args, tangents), TOL["float64"])
+    if has_reverse_mode(loop):
+        got = jax.grad(loss(True), argnums=(0, 1, 2))(*args)
+        assert_close(got, jax.grad(loss(False), argnums=(0, 1, 2))(*args), TOL["float64"])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_hoisted_second_derivatives_equal_stepping_every_layer(kind):
+    # The rule is built from differentiable JAX code: a Hessian-vector product
+    # (forward over reverse) goes through it.
+    p, x, y = _problem(kind, layers=2, t=4)
+
+    def hvp(hoist):
+        grad = jax.grad(lambda p: lg.rnn_loss(p, x, y, hoist_input=hoist))
+        return jax.jvp(grad, (p,), (jax.tree.map(jnp.ones_like, p),))[1]
+
+    assert_close(hvp(True), hvp(False), TOL["float64"])
+
+
+def _dots_inside_loops(jaxpr, inside=False):
+    """Output shapes of every ``dot_general`` in a (closed) jaxpr, and whether in a loop."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((eqn.outvars[0].aval.shape, inside))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns"):
+                    loop = inside or eqn.primitive.name in ("scan", "while")
+                    found += _dots_inside_loops(sub, loop)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    loop = inside or eqn.primitive.name in ("scan", "while")
+                    found += _dots_inside_loops(sub.jaxpr, loop)
+    return found
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_hoisted_gradient_of_the_recurrent_weights_is_one_product_after_the_loop(kind):
+    # Without the hoist, reverse mode adds a (G*H, H) product into dW_hh at every step
+    # inside the loop; hoisted, every product inside the loop is (B, .)-shaped and dW_hh
+    # is one product outside.
+    p, x, y = _problem(kind, layers=1, t=5)
+    g = GATES[kind] * 4
+    weight_shaped = {(g, 4), (4, g)}
+
+    def dots(hoist):
+        grad = jax.grad(lambda p: lg.rnn_loss(p, x, y, hoist_input=hoist))
+        return _dots_inside_loops(jax.make_jaxpr(grad)(p).jaxpr)
+
+    assert any(shape in weight_shaped and inside for shape, inside in dots(False))
+    hoisted = dots(True)
+    assert not any(shape in weight_shaped and inside for shape, inside in hoisted)
+    assert any(shape in weight_shaped and not inside for shape, inside in hoisted)
+
+
 # ------------------------------------------------------------------- cost
 
 
