@@ -1009,3 +1009,11 @@ def test_reproduce_script_writes_every_committed_result():
     written |= set(re.findall(r'\$out/(\w+\.\w+)"', gpu_script))
     committed = {p.name for p in RESULTS.iterdir()}
     assert committed <= written, sorted(committed - written)
+
+
+def test_torch_peers_follow_jaxs_matmul_precision():
+    # On a GPU the peers allow TF32 exactly when JAX's float32 products may use it.
+    with jax.default_matmul_precision("highest"):
+        assert not torch_peers.tf32_allowed()
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert torch_peers.tf32_allowed()

@@ -77,6 +77,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 import loopgrad_jax as lg
@@ -105,7 +106,17 @@ def setup(backend: str, threads: int) -> TorchSetup:
 
     torch.set_num_threads(threads)
     device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        # Like for like with JAX's float32 products: PyTorch's cuDNN RNNs (nn.RNN, nn.LSTM,
+        # nn.GRU) round to TF32 by default where its plain matmuls do not; follow JAX's
+        # jax_default_matmul_precision for both instead.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32_allowed()
     return TorchSetup(torch.__version__, torch.get_num_threads(), device)
+
+
+def tf32_allowed() -> bool:
+    """Whether JAX's float32 matmuls may round to TF32 on a GPU (its default precision)."""
+    return jax.config.jax_default_matmul_precision not in ("highest", "float32")
 
 
 def sync(device: str) -> Callable[[Any], Any]:
