@@ -225,22 +225,29 @@ def hoisted_forward(
 
     Each layer's recurrence differentiates through :func:`_layer_sequence`, whose
     rule turns the gradient of ``W_hh`` and ``b_hh`` into one product after the
-    loop; the input side's (``W_ih``, ``b_ih``) is one product already.
+    loop; the input side's (``W_ih``, ``b_ih``) is one product already. With
+    ``remat`` loops it does not: the rule's linearisation would store what the
+    checkpoints recompute, so those keep JAX's own rule for the loop.
     """
     finals, x = [], inputs
     for layer, state0 in zip(params.layers, carry0, strict=True):
         gi = jnp.einsum("tbi,gi->tbg", x, layer.weight_ih) + layer.bias_ih[None, None, :]
-        state, x = _layer_sequence(params.kind, loop, layer.weight_hh, layer.bias_hh, gi, state0)
+        w_hh, b_hh = layer.weight_hh, layer.bias_hh
+        if loop.kind == "remat":
+            state, x = _run_layer(params.kind, loop, w_hh, b_hh, gi, None, state0)
+        else:
+            state, x = _layer_sequence(params.kind, loop, w_hh, b_hh, gi, state0)
         finals.append(state)
     return tuple(finals), x
 
 
 def _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0):
-    """One layer over the sequence; ``extra[t]`` joins the recurrent pre-activation."""
+    """One layer over the sequence; ``extra[t]`` (if given) joins the recurrent pre-activation."""
 
     def body(state, xs):
         g, e = xs
-        return _layer_step(kind, w_hh, b_hh[None, :] + e, state, g)
+        b = b_hh[None, :] if e is None else b_hh[None, :] + e
+        return _layer_step(kind, w_hh, b, state, g)
 
     return run_loop(body, state0, (gi, extra), length=gi.shape[0], loop=loop)
 

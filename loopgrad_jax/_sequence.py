@@ -261,7 +261,11 @@ def rnn_loss(
         ``cell``, required, the cell's carry.
       loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
       hoist_input: compute the input projection of all steps as one matrix
-        product before the loop; only the recurrent product stays inside.
+        product before the loop; only the recurrent product stays inside. For a
+        :class:`CellParams` the layers then run one after another over the whole
+        sequence, as fused RNN kernels do, and the gradient of each layer's
+        recurrent weights is one product after its loop (same values; it keeps
+        more for the backward pass, ``(T, B, G*H)`` per layer).
       cell: your own :class:`Cell`; ``None`` for the built-in kinds, read off ``params``.
 
     Returns:
