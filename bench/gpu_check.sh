@@ -42,11 +42,13 @@ echo "large bench exit status $?"
 tail -n 30 "$out/gpu_large.txt"
 
 # PyTorch's cells: the LSTM and GRU gradient, stepped and hoisted (layer by layer).
-for cell in lstm gru; do
-  timeout "${BENCH_TIMEOUT:-90}" python3 -m loopgrad_jax.bench --backend gpu --no-torch \
-    --cell "$cell" --scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=8 \
-    --lengths 1000 --input 64 --hidden 256 --batch 32 --repeats 20 \
-    --no-progress --json "$out/gpu_$cell.json" > "$out/gpu_$cell.txt" 2>&1
-  echo "$cell bench exit status $?"
-  head -n 8 "$out/gpu_$cell.txt"
-done
+cells=(--backend gpu --no-torch --scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=8
+       --lengths 1000 --input 64 --hidden 256 --batch 32 --repeats 20 --no-progress)
+timeout "${BENCH_TIMEOUT:-90}" python3 -m loopgrad_jax.bench --cell lstm "${cells[@]}" \
+  --json "$out/gpu_lstm.json" > "$out/gpu_lstm.txt" 2>&1
+echo "lstm bench exit status $?"
+head -n 8 "$out/gpu_lstm.txt"
+timeout "${BENCH_TIMEOUT:-90}" python3 -m loopgrad_jax.bench --cell gru "${cells[@]}" \
+  --json "$out/gpu_gru.json" > "$out/gpu_gru.txt" 2>&1
+echo "gru bench exit status $?"
+head -n 8 "$out/gpu_gru.txt"

@@ -294,8 +294,9 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
 
 
 #: The grids :func:`checks` knows: ``"full"`` (what ``loopgrad-parity`` runs) and
-#: ``"suite"`` (what the test suite runs: fewer cell combinations, and the article's
-#: scenarios in float32 on the base kinds only; see :func:`checks`).
+#: ``"suite"`` (what the test suite runs: fewer cell combinations, the article's scenarios
+#: under an outer jit with the python kind only, and in float32 with scan and fori only;
+#: see :func:`checks`).
 GRIDS: tuple[str, ...] = ("full", "suite")
 #: The loop options beyond the kinds themselves.
 OPTIONS: tuple[str, ...] = tuple(v for v in LOOP_VARIANTS if v not in lg.LOOPS)
@@ -369,10 +370,12 @@ def checks(
     """Every check of ``scenarios`` in ``dtypes``, against the fixtures in ``directory``.
 
     ``grid`` is one of :data:`GRIDS`: ``"suite"`` checks the ``cell_*`` scenarios on fewer
-    combinations (:func:`_cell_plan`), and the article's scenarios in float32 on the base
-    loop kinds, eagerly: the options and the outer jit trace the same programs in both
-    dtypes, so float64 (every case, every kind and option, jit on and off) covers them,
-    while float32 rounding, which grows with the length, is checked on every case.
+    combinations (:func:`_cell_plan`); the article's scenarios under an outer ``jax.jit``
+    only with the python kind (every other kind's entry point runs compiled with
+    ``jax.jit`` already, so the outer jit traces the same program), and in float32 only
+    with scan and fori, eagerly: the options and the python kind trace the same programs
+    in both dtypes, so float64 (every case, every kind and option) covers them, while
+    float32 rounding, which grows with the length, is checked on every case.
     """
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}.")
@@ -382,16 +385,20 @@ def checks(
         for dtype in dtypes:
             cases = {c["name"]: c for c in load(scenario, dtype, directory).cases}
             for case, method, loop, jit in plan:
-                if (
-                    grid == "suite"
-                    and dtype == "float32"
-                    and not scenario.startswith("cell_")
-                    and (jit or loop not in BASE_LOOPS)
-                ):
+                if grid == "suite" and _left_out_of_suite(scenario, dtype, loop, jit):
                     continue
                 cell = _cell_of(scenario, cases[case])
                 out.append(Check(scenario, case, cell, method, loop, jit, dtype))
     return out
+
+
+def _left_out_of_suite(scenario: str, dtype: str, loop: str, jit: bool) -> bool:
+    """What the ``"suite"`` grid leaves to ``loopgrad-parity`` (see :func:`checks`)."""
+    if scenario.startswith("cell_"):
+        return False  # already trimmed by _cell_plan
+    if jit and loop != "python":
+        return True  # the entry point is jitted inside already: the same program
+    return dtype == "float32" and (jit or loop not in ("scan", "fori"))
 
 
 def _cell_of(scenario: str, case: Mapping[str, Any]) -> str:
