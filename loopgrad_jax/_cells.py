@@ -189,8 +189,12 @@ def torch_readout(params: CellParams, carry: tuple) -> jax.Array:
 
 def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:
     """The first layer's ``x W_ih^T + b_ih`` for every step at once: ``(T, B, G*H)``."""
-    layer = params.layers[0]
-    return jnp.einsum("tbi,gi->tbg", inputs, layer.weight_ih) + layer.bias_ih[None, None, :]
+    return _project(params.layers[0], inputs)
+
+
+def _project(layer: LayerParams, xs: jax.Array) -> jax.Array:
+    """``layer``'s input side for every step at once: ``(T, B, I_k) -> (T, B, G*H)``."""
+    return jnp.einsum("tbi,gi->tbg", xs, layer.weight_ih) + layer.bias_ih[None, None, :]
 
 
 def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array) -> tuple:
@@ -231,7 +235,7 @@ def hoisted_forward(
     """
     finals, x = [], inputs
     for layer, state0 in zip(params.layers, carry0, strict=True):
-        gi = jnp.einsum("tbi,gi->tbg", x, layer.weight_ih) + layer.bias_ih[None, None, :]
+        gi = _project(layer, x)
         w_hh, b_hh = layer.weight_hh, layer.bias_hh
         if loop.kind == "remat":
             state, x = _run_layer(params.kind, loop, w_hh, b_hh, gi, None, state0)
@@ -255,7 +259,7 @@ def _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _layer_sequence(kind, loop, w_hh, b_hh, gi, state0):
     """``(final state, h of every step (T, B, H))`` of one layer, given its ``gi`` (T, B, G*H)."""
-    return _run_layer(kind, loop, w_hh, b_hh, gi, jnp.zeros_like(gi), state0)
+    return _run_layer(kind, loop, w_hh, b_hh, gi, None, state0)
 
 
 @_layer_sequence.defjvp

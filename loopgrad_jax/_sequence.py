@@ -264,8 +264,9 @@ def rnn_loss(
         product before the loop; only the recurrent product stays inside. For a
         :class:`CellParams` the layers then run one after another over the whole
         sequence, as fused RNN kernels do, and the gradient of each layer's
-        recurrent weights is one product after its loop (same values; it keeps
-        more for the backward pass, ``(T, B, G*H)`` per layer).
+        recurrent weights is one product after its loop (same values; it needs
+        more memory: for an LSTM at I=64, H=256, B=32, T=1000 about 2.8x the
+        compiled temp bytes of the per-step body).
       cell: your own :class:`Cell`; ``None`` for the built-in kinds, read off ``params``.
 
     Returns:
