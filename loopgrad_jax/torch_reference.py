@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -332,11 +332,16 @@ def _training_record(
     }
 
 
-def as_written_cases(seed: int) -> list[dict[str, Any]]:
-    """The article's loop, run under ``allow_mutation_on_saved_tensors``."""
+def as_written_cases(seed: int, skip: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The article's loop, run under ``allow_mutation_on_saved_tensors``.
+
+    Cases named in ``skip`` are left out (the others keep their seeds).
+    """
     cases = []
     resumed = [(*case, None) for case in AS_WRITTEN_CASES] + list(RESUMED_CASES)
     for k, (name, sizes, spec, resume_at) in enumerate(resumed):
+        if name in skip:
+            continue
         problem = _rnn_problem(sizes, seed + k)
         model, inputs, targets = problem["model"], problem["inputs"], problem["targets"]
         initial = _params(model)
@@ -606,9 +611,12 @@ def generate(
     seed: int = SEED,
     command: str | None = None,
     scenarios: Iterable[str] | None = None,
+    skip_cases: Mapping[str, Collection[str]] | None = None,
 ) -> list[Path]:
     """Writes the fixtures of ``scenarios`` (every one by default) into ``out``.
 
+    ``skip_cases`` maps a scenario to case names left out of its files (only
+    ``"train_as_written"`` takes it: the test suite skips its slow ``"long"`` case).
     Returns the paths written.
     """
     _require_torch()
@@ -617,6 +625,18 @@ def generate(
     if unknown:
         raise ValueError(
             f"scenarios must be among {', '.join(map(repr, SCENARIOS))}, got {unknown}."
+        )
+    skip_cases = dict(skip_cases or {})
+    if set(skip_cases) - {"train_as_written"}:
+        raise ValueError(
+            "skip_cases takes only 'train_as_written' as a key, got "
+            f"{sorted(set(skip_cases) - {'train_as_written'})}."
+        )
+    names = {case[0] for case in (*AS_WRITTEN_CASES, *RESUMED_CASES)}
+    if set(skip_cases.get("train_as_written", ())) - names:
+        raise ValueError(
+            f"skip_cases['train_as_written'] must name cases among {sorted(names)}, got "
+            f"{sorted(skip_cases['train_as_written'])}."
         )
     torch.set_num_threads(1)  # one thread: the same reductions in the same order every run
     command = command or f"python -m loopgrad_jax.torch_reference --out {out}"
@@ -633,7 +653,9 @@ def generate(
                     "command": command,
                 }
                 path = fixture_path(out, scenario, dtype)
-                written.append(write_fixture(path, header, make(seed)))
+                skip = skip_cases.get(scenario, ())
+                cases = make(seed, skip) if skip else make(seed)
+                written.append(write_fixture(path, header, cases))
     return written
 
 

@@ -1,7 +1,7 @@
 """PyTorch's ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU`` against their fixtures, and the weight maps.
 
 Every cell kind runs with every loop kind in float64, under jit where that traces another
-program, and with scan and fori in float32 (``parity.checks(..., grid="suite")``;
+program, and with scan in float32 (``parity.checks(..., grid="suite")``;
 ``loopgrad-parity`` runs the wider ``"full"`` grid, every kind and loop kind in both
 dtypes, with the same function).
 """
@@ -33,11 +33,11 @@ def test_tbptt_matches_pytorch(check):
 
 def test_suite_grid_covers_every_kind_with_every_loop_kind_jit_and_dtype():
     # float64 runs every kind with every loop kind; float32, whose programs are the same
-    # but for the dtype, every kind with scan and fori (its rounding is what it adds).
+    # but for the dtype, every kind with scan (its rounding is what it adds).
     suite = parity.checks(["cell_loss", "cell_as_written", "cell_tbptt"], grid="suite")
     seen = {(c.cell, lg.Loop.parse(c.loop).kind, c.dtype) for c in suite}
     assert seen == {(k, loop, "float64") for k in TORCH_KINDS for loop in lg.LOOPS} | {
-        (k, loop, "float32") for k in TORCH_KINDS for loop in ("scan", "fori")
+        (k, "scan", "float32") for k in TORCH_KINDS
     }
     assert {(c.cell, c.loop) for c in suite if c.jit} >= {(k, "python") for k in TORCH_KINDS}
     assert {(c.scenario, c.method) for c in suite} == {

@@ -121,19 +121,30 @@ def test_only_finite_floats_are_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+#: Cases the suite does not regenerate: the as-written loop at T=200 under
+#: allow_mutation_on_saved_tensors re-walks PyTorch's retained graph 200 times (about 10 s
+#: per dtype, nine tenths of regenerating everything). Its committed values are still
+#: what the parity tests compare with; ``python -m loopgrad_jax.torch_reference`` writes it.
+SLOW_CASES = {"train_as_written": ("long",)}
+
+
 @pytest.mark.torch
 def test_regenerated_fixtures_equal_committed(tmp_path):
     pytest.importorskip("torch")
     from loopgrad_jax import torch_reference
 
-    written = torch_reference.generate(tmp_path)
+    written = torch_reference.generate(tmp_path, skip_cases=SLOW_CASES)
     assert sorted(p.name for p in written) == sorted(p.name for p in FIXTURES.glob("*.json"))
     for path in written:
         new, old = fx.load_fixture(path), fx.load_fixture(FIXTURES / path.name)
         for key in ("scenario", "dtype", "seed", "torch_version", "format_version"):
             assert new.header[key] == old.header[key], (path.name, key)
-        assert [c["name"] for c in new.cases] == [c["name"] for c in old.cases]
-        for n, o in zip(new.cases, old.cases, strict=True):
+        skipped = SLOW_CASES.get(new.header["scenario"], ())
+        assert [c["name"] for c in new.cases] == [
+            c["name"] for c in old.cases if c["name"] not in skipped
+        ]
+        kept = [c for c in old.cases if c["name"] not in skipped]
+        for n, o in zip(new.cases, kept, strict=True):
             assert n.keys() == o.keys()
             for key in n:
                 if isinstance(o[key], np.ndarray | dict | list):
@@ -159,3 +170,20 @@ def _assert_same(new, old, what):
         return
     assert new.dtype == old.dtype and new.shape == old.shape, what
     np.testing.assert_array_equal(new, old, err_msg=what)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("skip", "match"),
+    [
+        ({"train_tbptt": ("long_w10",)}, "takes only 'train_as_written'"),
+        ({"train_as_written": ("nope",)}, "must name cases among"),
+    ],
+)
+def test_generate_refuses_a_bad_skip(tmp_path, skip, match):
+    pytest.importorskip("torch")
+    from loopgrad_jax import torch_reference
+
+    with pytest.raises(ValueError, match=match):
+        torch_reference.generate(tmp_path, skip_cases=skip)
+    assert list(tmp_path.iterdir()) == []

@@ -29,7 +29,7 @@ def oracle(init, xs, length, reverse):
     return carry, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     length=st.integers(0, 13),
     reverse=st.booleans(),

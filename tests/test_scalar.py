@@ -47,7 +47,7 @@ def test_article_gradient_is_twelve_not_four(dtype):
             assert grad.tolist() == [12.0]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     x=st.lists(st.floats(-10, 10, width=32), min_size=1, max_size=5),
     n=st.integers(0, 40),
