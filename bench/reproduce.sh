@@ -100,6 +100,16 @@ wait_idle
 "${NICE_CMD[@]}" python -m loopgrad_jax.bench.cell_profile --cell lstm --loop scan:unroll=8 "${profile[@]}" \
   --json "$OUT/cpu_lstm_profile.json" > "$OUT/cpu_lstm_profile.txt"
 
+# --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
+parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32
+          --devices 2)
+bench cpu_parallel "${parallel[@]}"           # cpu_parallel.json cpu_parallel.png
+bench cpu_parallel_run2 "${parallel[@]}"      # cpu_parallel_run2.json
+bench cpu_parallel_run3 "${parallel[@]}"      # cpu_parallel_run3.json
+# Weak scaling: B/n = 32 examples per device on the diagonal (B=32 n=1, 64 n=2, 128 n=4).
+bench cpu_parallel_weak --scenarios rnn_loss --loops scan --lengths 1000 --input 64 \
+  --hidden 256 --sweep batch=32,64,128 --devices 2,4 --no-torch  # cpu_parallel_weak.json .png
+
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
 if ((${#SMOKE[@]} == 0)); then  # each takes tens of minutes: no smoke version
   wait_idle

@@ -36,6 +36,7 @@ from loopgrad_jax import _checks
 from loopgrad_jax._cell import Cell, cell_step_loss
 from loopgrad_jax._cells import CELLS, GATES, carry_per_example
 from loopgrad_jax._loops import Loop, run_loop
+from loopgrad_jax._parallel import LOCAL, Shards
 from loopgrad_jax._result import (
     TrainResult,
     apply_optimizer,
@@ -315,6 +316,7 @@ def train(
     opt_state,
     keep_grads,
     cell: Cell,
+    shards: Shards = LOCAL,
 ) -> TrainResult:
     """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``).
 
@@ -324,6 +326,9 @@ def train(
     The retained history starts here: a call that continues an earlier run
     (given its ``params``, ``opt_state`` and ``hidden``) treats ``hidden0`` as a
     constant, as PyTorch does for a tensor from a graph that no longer exists.
+
+    With a mesh (``shards``) each device runs its part of the batch and every step's
+    gradient and loss are averaged over the devices once, before the update.
     """
     steps = inputs.shape[0]
     gradient = _Forward(cell) if method == "forward" else _Reverse(cell, inputs, loop)
@@ -331,17 +336,19 @@ def train(
     def body(carry, xyt):
         params, opt_state, hidden, state, kept = carry
         x, y, t = xyt
-        new_hidden = cell.step(params, hidden, x)
+        local = shards.vary(params)  # this device's gradient, averaged once below
+        new_hidden = cell.step(local, hidden, x)
         # dL_t/dp_t (this step's own use of the head and cell) and a_t = dL_t/dh_t.
         loss, (grad_now, adjoint) = jax.value_and_grad(
             lambda p, h: cell_step_loss(cell, p, h, y), argnums=(0, 1)
-        )(params, new_hidden)
-        grads, state = gradient.step(state, params, hidden, x, t, adjoint, grad_now)
+        )(local, new_hidden)
+        grads, state = gradient.step(state, local, hidden, x, t, adjoint, grad_now)
+        loss, grads = shards.mean((loss, grads))
         params, opt_state = apply_optimizer(optimizer, grads, opt_state, params, value=loss)
         kept, out = keep_step(keep_grads, kept, grads)
         return (params, opt_state, new_hidden, state, kept), (loss, out)
 
-    state = gradient.init(params, hidden0, steps)
+    state = shards.vary(gradient.init(params, hidden0, steps))
     carry = (params, opt_state, hidden0, state, keep_init(keep_grads, params))
     xs = (inputs, targets, jnp.arange(steps))
     (params, opt_state, hidden, _, kept), (losses, grads) = run_loop(

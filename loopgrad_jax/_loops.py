@@ -18,6 +18,7 @@ from jax import lax
 
 from loopgrad_jax import _checks
 from loopgrad_jax._forward_only import forward_only
+from loopgrad_jax._parallel import LOCAL
 
 Carry = TypeVar("Carry")
 PyTree = Any
@@ -105,7 +106,9 @@ def compiled(*static_argnames: str) -> Callable[[Callable], Callable]:
     function, eager calls included. A ``loop`` of kind ``"python"`` is the
     exception: compiling it would unroll it (compile time grows with the
     length), so it runs as the Python loop it is, op by op when called eagerly
-    and unrolled only inside the caller's own ``jax.jit``.
+    and unrolled only inside the caller's own ``jax.jit``. Split over a mesh
+    (a ``shards`` argument with an axis) it is compiled too: ``shard_map`` run op
+    by op dispatches every operation to every device, hundreds of times slower.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -113,7 +116,8 @@ def compiled(*static_argnames: str) -> Callable[[Callable], Callable]:
 
         @functools.wraps(fn)
         def call(*args: Any, loop: Loop, **kwargs: Any) -> Any:
-            return (fn if loop.kind == "python" else jitted)(*args, loop=loop, **kwargs)
+            eager = loop.kind == "python" and kwargs.get("shards", LOCAL).axis is None
+            return (fn if eager else jitted)(*args, loop=loop, **kwargs)
 
         return call
 
@@ -308,7 +312,11 @@ def _index(xs: PyTree, i: int | jax.Array) -> PyTree:
 
 
 def _empty_outputs(body: Callable, init: PyTree, xs: PyTree, length: int) -> PyTree:
-    """Zeros shaped like ``length`` stacked outputs of ``body``."""
-    x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
+    """Zeros shaped like ``length`` stacked outputs of ``body``.
+
+    ``zeros_like`` of the outputs' abstract values keeps what ``shard_map`` knows of
+    them (per-device or replicated), so the buffer's type matches what is written in.
+    """
+    x0 = jax.tree.map(lambda a: jnp.zeros_like(a, shape=a.shape[1:]), xs)  # length 0 too
     _, y = jax.eval_shape(body, init, x0)
-    return jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), y)
+    return jax.tree.map(lambda s: jnp.zeros_like(s, shape=(length, *s.shape)), y)

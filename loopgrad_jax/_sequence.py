@@ -11,12 +11,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from loopgrad_jax import _cells, _checks
 from loopgrad_jax._as_written import Dims
 from loopgrad_jax._cell import Cell, cell_step_loss, check_cell
 from loopgrad_jax._cells import TORCH_CELL, CellParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
+from loopgrad_jax._parallel import Shards, batch_spec, check_mesh
 from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
 
 PyTree = Any
@@ -168,6 +171,16 @@ def to_public(kind: str | None, carry: PyTree) -> PyTree:
     return _cells.to_public(kind, carry) if kind in _cells.TORCH_CELLS else carry
 
 
+def sequence_specs(kind: str | None, hidden0: PyTree, axis: str | None) -> tuple:
+    """``shard_map`` specs of ``(inputs, targets, hidden0)``: each split over its batch axis.
+
+    Sequences are ``(T, B, ...)``; the hidden state is PyTorch's ``(num_layers, B, H)``
+    for its modules and leads with ``B`` otherwise.
+    """
+    hidden_dim = 1 if kind in _cells.TORCH_CELLS else 0
+    return P(None, axis), P(None, axis), batch_spec(hidden0, hidden_dim, axis)
+
+
 def rnn_forward(
     cell: Cell,
     params: PyTree,
@@ -233,6 +246,7 @@ def rnn_loss(
     loop: str | Loop = "scan",
     hoist_input: bool = False,
     cell: Cell | None = None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """The summed per-step loss over a whole sequence, for any cell.
 
@@ -268,6 +282,13 @@ def rnn_loss(
         more memory: for an LSTM at I=64, H=256, B=32, T=1000 about 2.8x the
         compiled temp bytes of the per-step body).
       cell: your own :class:`Cell`; ``None`` for the built-in kinds, read off ``params``.
+      mesh: a ``jax.sharding.Mesh`` to split the batch over, data-parallel: its axis
+        named ``"batch"``, or its only axis, of ``n`` devices; ``B`` must be a
+        multiple of ``n``. Each device runs ``B/n`` examples; the loss is still the
+        mean over the whole batch, and its gradient is summed over the devices once,
+        after the loop (as PyTorch's ``DistributedDataParallel`` averages). Equal to
+        the single-device result up to the order of floating-point sums. Your own
+        ``cell`` must treat the examples independently (no batch statistics).
 
     Returns:
       A scalar.
@@ -285,6 +306,8 @@ def rnn_loss(
     """
     bound = bind(params, inputs, targets, hidden0, cell)
     hoist_input = check_hoist(hoist_input, bound.cell)
+    loop = check_loop(loop)
+    shards = check_mesh(mesh, bound.dims.batch)
     return _rnn_loss(
         bound.params,
         bound.inputs,
@@ -292,16 +315,29 @@ def rnn_loss(
         bound.hidden0,
         cell=bound.cell,
         kind=bound.kind,
-        loop=check_loop(loop),
+        loop=loop,
         hoist_input=hoist_input,
+        shards=shards,
     )
 
 
-@compiled("cell", "kind", "loop", "hoist_input")
-def _rnn_loss(params, inputs, targets, hidden0, *, cell, kind, loop, hoist_input) -> jax.Array:
+@compiled("cell", "kind", "loop", "hoist_input", "shards")
+def _rnn_loss(
+    params, inputs, targets, hidden0, *, cell, kind, loop, hoist_input, shards: Shards
+) -> jax.Array:
     """:func:`rnn_loss` after its checks: one compiled function per shapes and options."""
-    carry0 = to_carry(kind, hidden0)
-    _, losses = rnn_forward(
-        cell, params, inputs, targets, carry0, loop=loop, hoist_input=hoist_input
-    )
-    return losses.sum()
+
+    def local(params, inputs, targets, hidden0):
+        _, losses = rnn_forward(
+            cell,
+            shards.vary(params),
+            inputs,
+            targets,
+            to_carry(kind, hidden0),
+            loop=loop,
+            hoist_input=hoist_input,
+        )
+        return shards.mean(losses.sum())
+
+    specs = (P(), *sequence_specs(kind, hidden0, shards.axis))
+    return shards.run(local, (params, inputs, targets, hidden0), specs, P())

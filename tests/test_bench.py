@@ -69,11 +69,18 @@ def _bench(tmp_path: Path, *flags: str) -> tuple[int, dict]:
     return status, json.loads(path.read_text())
 
 
+#: Timed calls per record in the ``quick`` fixture: every scenario and loop kind, as
+#: ``--quick`` runs them, but with no minimum window (its 0.25 s per record would be most
+#: of the run); ``test_quick_window_reports_other_cores`` checks what the window adds.
+QUICK_REPEATS = 5
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run for the tests that read its output."""
+    """One ``--quick`` run (every scenario, loop kind and peer) for the tests that read it."""
     folder = tmp_path_factory.mktemp("quick")
     argv = ["--quick", "--json", str(folder / "q.json"), "--plot", str(folder / "q.png")]
+    argv += ["--repeats", str(QUICK_REPEATS), "--min-time", "0"]
     status = cli.main([*argv, "--no-progress"])
     return status, json.loads((folder / "q.json").read_text()), folder / "q.png"
 
@@ -146,16 +153,28 @@ def test_quick_jax_figures_are_consistent(quick):
             assert r["flops"] is None and r["gflops"] is None and r["seqs_per_s"] is None
 
 
-def _assert_spread(r: dict) -> None:
+def _assert_spread(r: dict, repeats: int = QUICK_REPEATS) -> None:
     """A record's spread: ordered quantiles, an interval around the median, its samples."""
     assert 0 < r["run_s_min"] <= r["run_s_q1"] <= r["run_s_median"] <= r["run_s_q3"]
     low, high = r["run_s_ci"]
     assert low <= r["run_s_median"] <= high
-    assert r["run_samples"] == len(r["run_s_samples"]) >= cli.QUICK["repeats"]
+    assert r["run_samples"] == len(r["run_s_samples"]) >= repeats
     assert r["run_number"] >= 1
     assert min(r["run_s_samples"]) == pytest.approx(r["run_s_min"], rel=1e-3)
-    if timing.machine_busy_s() is not None:  # Linux: every record says how busy others were
-        assert r["other_cores"] is not None and r["other_cores"] >= 0
+
+
+def test_quick_window_reports_other_cores(tmp_path):
+    """``--quick``'s own settings: every record, JAX's and PyTorch's, gets ``other_cores``."""
+    argv = ["--quick", "--scenarios", "rnn_loss", "--loops", "scan,python", "--no-progress"]
+    assert cli.main([*argv, "--json", str(tmp_path / "q.json")]) == 0
+    records = json.loads((tmp_path / "q.json").read_text())["records"]
+    assert {r["framework"] for r in records} == (
+        {"jax", "torch"} if torch_peers.available() else {"jax"}
+    )
+    for r in (r for r in records if _runs(r)):
+        _assert_spread(r, cli.QUICK["repeats"])
+        if timing.machine_busy_s() is not None:  # Linux: every record says how busy others were
+            assert r["other_cores"] is not None and r["other_cores"] >= 0
 
 
 def test_quick_jax_rows_carry_their_ratios_to_the_peers(quick):
@@ -283,6 +302,9 @@ def test_each_as_written_algorithm_is_counted_by_what_it_does():
         ("--sweep", "hidden=8,0"),
         ("--cell", "rnn_gelu"),
         ("--layers", "0"),
+        ("--devices", "2,0"),
+        ("--devices", "1,x"),
+        ("--devices", "64"),  # more than this process has: JAX started before --devices
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(flag, value, capsys):
@@ -427,7 +449,7 @@ def test_long_python_loops_are_recorded_as_skipped(tmp_path):
 
 
 def test_a_case_that_cannot_trace_is_recorded_as_skipped(monkeypatch, tmp_path):
-    def build(scenario, loop, sizes, method=None):
+    def build(scenario, loop, sizes, method=None, mesh=None):
         def f(x):
             raise ValueError(f"{loop} cannot do this\nsecond line")
 
@@ -1017,3 +1039,37 @@ def test_torch_peers_follow_jaxs_matmul_precision():
         assert not torch_peers.tf32_allowed()
     with jax.default_matmul_precision("tensorfloat32"):
         assert torch_peers.tf32_allowed()
+
+
+def test_devices_add_data_parallel_rows_beside_one_device(tmp_path):
+    """In a new process, as a user runs it: the CLI makes the virtual CPU devices."""
+    path = tmp_path / "dp.json"
+    argv = [
+        *("--quick", "--scenarios", "accumulate,rnn_loss,train_tbptt", "--loops", "scan"),
+        *("--devices", "2,3", "--no-torch", "--repeats", "5", "--min-time", "0"),
+        *("--no-progress", "--json", str(path)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "loopgrad_jax.bench", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["devices"] == [1, 2, 3]
+    rows = {(r["scenario"], r["devices"]): r for r in doc["records"]}
+    # the scalar scenarios have no batch to split: one device only
+    assert set(rows) == {
+        ("accumulate", 1),
+        *((s, n) for s in ("rnn_loss", "train_tbptt") for n in (1, 2, 3)),
+    }
+    for scenario in ("rnn_loss", "train_tbptt"):
+        one, two, three = (rows[scenario, n] for n in (1, 2, 3))
+        assert two["skipped"] is None and two["run_s_median"] > 0
+        assert two["max_rel_diff"] < 1e-5  # the same results as one device, in float32
+        assert two["saved_bytes"] is None and one["saved_bytes"] > 0
+        assert report.impl_name(two) == "scan x2 devices"
+        # B=2 does not split over 3 devices: skipped, saying why
+        assert "must split evenly" in three["skipped"] and three["run_s_median"] is None
+    assert "scan x2 devices" in done.stdout

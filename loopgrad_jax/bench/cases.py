@@ -30,11 +30,13 @@ of the PyTorch peers' ``saved_bytes``: the residuals ``jax.vjp`` keeps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import loopgrad_jax as lg
 from loopgrad_jax._cells import GATES
@@ -149,15 +151,15 @@ def _scalar(loss_fn: Callable[..., jax.Array]) -> Callable[[str, Sizes, None], C
     return build
 
 
-def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes, None], Callable]:
+def _rnn_loss(hoist_input: bool) -> Callable[..., Callable]:
     """Builds ``(params, inputs, targets) -> (loss, *dloss/dparams)``: full BPTT."""
 
-    def build(loop: str, sizes: Sizes, method: None = None) -> Callable:
+    def build(loop: str, sizes: Sizes, method: None = None, mesh: Mesh | None = None) -> Callable:
         del sizes, method  # the sizes are read off the shapes
 
         def f(params, inputs, targets):
             loss, grads = jax.value_and_grad(lg.rnn_loss)(
-                params, inputs, targets, loop=loop, hoist_input=hoist_input
+                params, inputs, targets, loop=loop, hoist_input=hoist_input, mesh=mesh
             )
             return (loss, *jax.tree.leaves(grads))
 
@@ -166,16 +168,26 @@ def _rnn_loss(hoist_input: bool) -> Callable[[str, Sizes, None], Callable]:
     return build
 
 
-def _train(mode: str) -> Callable[[str, Sizes, str | None], Callable]:
+def _train(mode: str) -> Callable[..., Callable]:
     """Builds ``(params, inputs, targets) -> (losses, *final_params)`` for ``mode``."""
 
-    def build(loop: str, sizes: Sizes, method: str | None = None) -> Callable:
+    def build(
+        loop: str, sizes: Sizes, method: str | None = None, mesh: Mesh | None = None
+    ) -> Callable:
         window = sizes.window if mode == "tbptt" else 1
         options = {"as_written_method": method} if mode == "as_written" else {}
 
         def f(params, inputs, targets):
             result = lg.train_rnn(
-                params, inputs, targets, lr=LR, mode=mode, window=window, loop=loop, **options
+                params,
+                inputs,
+                targets,
+                lr=LR,
+                mode=mode,
+                window=window,
+                loop=loop,
+                mesh=mesh,
+                **options,
             )
             return (result.losses, *jax.tree.leaves(result.params))
 
@@ -301,10 +313,39 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def build_case(
-    scenario: str, loop: str, sizes: Sizes, method: str | None = None
+    scenario: str, loop: str, sizes: Sizes, method: str | None = None, mesh: Mesh | None = None
 ) -> Callable[..., tuple]:
-    """A new function object for the case, so no JAX trace or compile cache is reused."""
-    return SCENARIOS[scenario].build(loop, sizes, method)
+    """A new function object for the case, so no JAX trace or compile cache is reused.
+
+    With ``mesh`` (the RNN scenarios only) the batch splits over its devices
+    (``lg.rnn_loss(..., mesh=mesh)``, ``lg.train_rnn(..., mesh=mesh)``).
+    """
+    if mesh is None:
+        return SCENARIOS[scenario].build(loop, sizes, method)
+    if not SCENARIOS[scenario].rnn:
+        raise ValueError(f"{scenario} has no batch to split over devices.")
+    return SCENARIOS[scenario].build(loop, sizes, method, mesh)
+
+
+def batch_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    """A mesh of ``devices`` along one axis, ``"batch"``: what a data-parallel row runs on."""
+    return jax.make_mesh((len(devices),), ("batch",), devices=list(devices))
+
+
+def mesh_args(scenario: str, data: Data, mesh: Mesh) -> tuple[Any, ...]:
+    """The scenario's arguments laid out as a user of ``mesh`` would: weights on every
+    device, the sequences split over the batch."""
+    params, inputs, targets = case_args(scenario, data)
+    if inputs.shape[1] % mesh.size:
+        raise ValueError(
+            f"the batch (B={inputs.shape[1]}) must split evenly over {mesh.size} devices"
+        )
+    split = NamedSharding(mesh, P(None, "batch"))
+    return (
+        jax.device_put(params, NamedSharding(mesh, P())),
+        jax.device_put(inputs, split),
+        jax.device_put(targets, split),
+    )
 
 
 def saved_bytes(

@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 1; the article's cell has one)",
     )
     parser.add_argument(
+        "--devices",
+        type=_lengths,
+        default=(1,),
+        help="comma-separated device counts: the RNN scenarios also run data-parallel, the "
+        "batch split over a mesh of that many devices (lg.rnn_loss(..., mesh=...)), beside "
+        "the one-device rows; on a CPU, that many virtual devices are made (default: 1)",
+    )
+    parser.add_argument(
         "--lengths",
         type=_lengths,
         help=f"comma-separated loop lengths T (default: {_join(DEFAULTS['lengths'])})",
@@ -229,8 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
     settings = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
+    devices = tuple(sorted({1, *args.devices}))
+    _make_cpu_devices(max(devices))  # before JAX starts its backends
     backend = args.backend or jax.default_backend()
     _check_backend(parser, backend)
+    available = len(jax.devices(backend))
+    if max(devices) > available:
+        parser.error(
+            f"argument --devices: expected at most {available} (the {backend} devices here), "
+            f"got {max(devices)}; on a CPU, JAX had started before the virtual devices could "
+            "be made: run loopgrad-bench in a new process"
+        )
     for flag in ("json", "plot"):
         _check_output_path(parser, flag, getattr(args, flag))
     if args.layers > 1 and args.cell == "article":
@@ -274,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interleave=args.timing == "interleaved",
         cell=args.cell,
         layers=args.layers,
+        devices=devices,
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
@@ -357,6 +375,15 @@ def _check_backend(parser: argparse.ArgumentParser, backend: str) -> None:
             f"argument --backend: backend {backend!r} is not available; "
             f"available backends: {', '.join(available) or 'none'}"
         )
+
+
+def _make_cpu_devices(count: int) -> None:
+    """Asks JAX's CPU backend for ``count`` virtual devices, if it has not started yet."""
+    if count > 1:
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError:  # started already (called in-process): --devices checks
+            pass
 
 
 def available_backends() -> list[str]:

@@ -60,7 +60,8 @@ def plot_records(
     for r in records:
         if r["framework"] == "jax":
             color = colors[loops.index(r["loop"]) % len(colors)]
-            style[impl_name(r)] = (color, "-", "s" if r.get("method") == "reverse" else "o")
+            line = "--" if (r.get("devices") or 1) > 1 else "-"  # data-parallel: dashed
+            style[impl_name(r)] = (color, line, "s" if r.get("method") == "reverse" else "o")
     for k, impl in enumerate(peers):
         style[impl] = (("black", "grey", "brown", "purple")[k % 4], ":", "^")
 

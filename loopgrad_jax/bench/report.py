@@ -116,6 +116,7 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "sweep": list(plan.sweep[:1]) + [list(plan.sweep[1])] if plan.sweep else None,
         "cell": plan.cell,  # the RNN scenarios' cell (--cell) and its layers (--layers)
         "layers": plan.layers,
+        "devices": list(plan.devices),  # --devices: mesh sizes of the data-parallel rows
         "status": "running",
     }
 
@@ -313,9 +314,12 @@ def _new_file_mode() -> int:
 
 
 def impl_name(record: Mapping) -> str:
-    """``"scan"``, ``"scan forward"`` (an as-written method), ``"torch nn.RNN"``."""
+    """``"scan"``, ``"scan forward"`` (an as-written method), ``"scan x2 devices"`` (the
+    batch split over a mesh of two), ``"torch nn.RNN"``."""
     if record["framework"] == "jax":
-        return " ".join(filter(None, (record["loop"], record.get("method"))))
+        devices = record.get("devices") or 1
+        mesh = f"x{devices} devices" if devices > 1 else None
+        return " ".join(filter(None, (record["loop"], record.get("method"), mesh)))
     return f"torch {record['peer']}"
 
 
@@ -471,14 +475,14 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
             sizes = f"{cell}, {layers} layer{'s' * (layers > 1)}, {sizes}"
         lines.append(f"{scenario}{' ' + method if method else ''} ({sizes}):")
         best = at[0]
-        text = f"  fastest: {best['loop']} {_seconds(best['run_s_median'])}"
+        text = f"  fastest: {_loop(best)} {_seconds(best['run_s_median'])}"
         if len(at) > 1:
             second = at[1]
             overlap = _overlap(best.get("run_s_ci"), second.get("run_s_ci"))
             text += (
-                f"; {second['loop']} within its interval (no clear winner)"
+                f"; {_loop(second)} within its interval (no clear winner)"
                 if overlap
-                else f"; next {second['loop']} {second['run_s_median'] / best['run_s_median']:.3g}x"
+                else f"; next {_loop(second)} {second['run_s_median'] / best['run_s_median']:.3g}x"
                 " its time"
             )
         vs = ratios.get(index[id(best)], {})
@@ -509,8 +513,14 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
                     f"{t['peer']} {_bytes(t['saved_bytes'])}" for t in torch_saved
                 )
             lines.append(text)
-        lines += _break_even(rows)
+        lines += _break_even([r for r in rows if (r.get("devices") or 1) == 1])
     return lines
+
+
+def _loop(record: Mapping) -> str:
+    """The loop kind, and the mesh size of a data-parallel row."""
+    devices = record.get("devices") or 1
+    return record["loop"] + (f" on {devices} devices" if devices > 1 else "")
 
 
 def _overlap(a, b) -> bool:

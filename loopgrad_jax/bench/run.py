@@ -42,6 +42,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "hidden",
     "cell",  # RNN scenarios: one of lg.CELLS; None for the scalar ones
     "layers",  # RNN scenarios: the cell's layers; None for the scalar ones
+    "devices",  # JAX: devices the batch splits over (1: no mesh); None for PyTorch
     "window",  # train_tbptt only
     "lower_s",  # trace + lower (JAX)
     "compile_s",  # XLA compile (JAX)
@@ -91,6 +92,7 @@ class Plan(NamedTuple):
     interleave: bool = True  # False: time each implementation alone, one after the other
     cell: str = "article"  # the RNN scenarios' cell, one of lg.CELLS
     layers: int = 1  # its layers
+    devices: tuple[int, ...] = (1,)  # JAX rows of the RNN scenarios per mesh size
 
 
 class Task(NamedTuple):
@@ -101,6 +103,7 @@ class Task(NamedTuple):
     framework: str
     name: str  # the loop kind or the peer
     method: str | None = None  # the as-written algorithm
+    devices: int = 1  # JAX: devices the batch splits over (data-parallel when > 1)
 
     @property
     def length(self) -> int:
@@ -116,7 +119,12 @@ def tasks(plan: Plan) -> list[Task]:
         for length in plan.lengths:
             for sizes in _sizes(plan, length, scenario):
                 for method in cases.SCENARIOS[scenario].methods:
-                    rows += [Task(scenario, sizes, "jax", loop, method) for loop in plan.loops]
+                    meshes = plan.devices if cases.SCENARIOS[scenario].rnn else (1,)
+                    rows += [
+                        Task(scenario, sizes, "jax", loop, method, devices)
+                        for loop in plan.loops
+                        for devices in meshes
+                    ]
                     rows += [
                         Task(scenario, sizes, "torch", peer, method)
                         for peer in peers
@@ -172,8 +180,10 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                 compile_s=compiled.compile_s,
                 memory_bytes=compiled.memory_bytes,
                 temp_bytes=compiled.temp_bytes,
-                saved_bytes=cases.saved_bytes(
-                    task.scenario, task.name, task.sizes, data, task.method
+                saved_bytes=(
+                    cases.saved_bytes(task.scenario, task.name, task.sizes, data, task.method)
+                    if task.devices == 1
+                    else None  # residuals split over devices: not one figure to compare
                 ),
             )
         else:
@@ -203,16 +213,25 @@ def _bind(compiled, args):
 
 
 def _compile_jax(task: Task, data, plan: Plan, device, warmed):
-    args = jax.device_put(cases.case_args(task.scenario, data), device)
+    mesh = None
+    if task.devices == 1:
+        args = jax.device_put(cases.case_args(task.scenario, data), device)
+    else:
+        devices = jax.devices(device.platform)
+        if len(devices) < task.devices:
+            raise ValueError(f"{task.devices} devices asked for, {len(devices)} available")
+        mesh = cases.batch_mesh(devices[: task.devices])
+        args = cases.mesh_args(task.scenario, data, mesh)
 
     def build():
-        return cases.build_case(task.scenario, task.name, task.sizes, task.method)
+        return cases.build_case(task.scenario, task.name, task.sizes, task.method, mesh)
 
-    if plan.compile_warmup and (task.scenario, task.name, task.method) not in warmed:
+    key = (task.scenario, task.name, task.method, task.devices)
+    if plan.compile_warmup and key not in warmed:
         # The first compile of a scenario and loop kind in a process also pays one-time
         # costs (JAX's and XLA's caches of the ops it uses); keep them out of compile_s.
         jax.jit(build()).lower(*args).compile()
-        warmed.add((task.scenario, task.name, task.method))
+        warmed.add(key)
     return timing.compile_jax(build, args, compile_repeats=plan.compile_repeats), args
 
 
@@ -241,7 +260,8 @@ def _fill(records, measured: timing.Interleaved, counters, reference) -> None:
         output = measured.outputs[task]
         if task.framework == "jax":
             output = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(output))
-            reference.setdefault((task.scenario, task.sizes), output)
+            if task.devices == 1:
+                reference.setdefault((task.scenario, task.sizes), output)
         else:
             output = torch_peers.to_numpy(output)
         record["_samples"], record["_output"] = samples, output
@@ -252,14 +272,19 @@ def _compare(records, reference, *, paired: bool) -> None:
     timed = [task for task, r in records.items() if "_samples" in r]
     jax_tasks = [task for task in timed if task.framework == "jax"]
     peers = [task for task in timed if task.framework == "torch"]
+    one_device = [task for task in jax_tasks if task.devices == 1]
     for peer in peers:
         want = (
-            records[jax_tasks[0]]["_output"]
-            if jax_tasks
+            records[one_device[0]]["_output"]
+            if one_device
             else reference.get((peer.scenario, peer.sizes))
         )
         if want is not None:
             records[peer]["max_rel_diff"] = max_rel_diff(records[peer]["_output"], want)
+    for task in jax_tasks:  # a data-parallel row against one device's result
+        want = reference.get((task.scenario, task.sizes))
+        if task.devices > 1 and want is not None:
+            records[task]["max_rel_diff"] = max_rel_diff(records[task]["_output"], want)
     for task in jax_tasks:
         records[task]["vs_torch"] = {
             peer.name: list(
@@ -289,6 +314,7 @@ def new_record(task: Task) -> dict[str, Any]:
         hidden=sizes.hidden,
         cell=sizes.cell if rnn else None,
         layers=sizes.layers if rnn else None,
+        devices=task.devices if jax_side else None,
         window=sizes.window if task.scenario == "train_tbptt" else None,
         flops=case_flops(
             task.scenario,
