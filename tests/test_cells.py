@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import LOOP_VARIANTS, TOL, assert_close, has_reverse_mode
+from helpers import TOL, assert_close, has_reverse_mode
 
 import loopgrad_jax as lg
 from loopgrad_jax import _as_written
@@ -319,7 +319,6 @@ def _random_hidden0(kind, layers, b, h, seed=3):
     ("kind", "loop"),
     [  # every kind and every loop kind once (python, eager, is the slow one: one kind)
         ("rnn_tanh", "python"),
-        ("rnn_relu", "fori:unroll=2"),
         ("lstm", "scan"),
         ("gru", "scan"),
         ("lstm", "remat:chunk=2"),
@@ -502,7 +501,7 @@ def _plain_loss(p, x, y, carry):
     return total, carry
 
 
-@pytest.mark.parametrize("loop", LOOP_VARIANTS)
+@pytest.mark.parametrize("loop", [*lg.LOOPS, "remat:chunk=2"])
 def test_own_cell_loss_and_gradient_equal_a_plain_loop(loop):
     p, x, y, h0 = _gated_problem()
     expected, grads = jax.value_and_grad(lambda p: _plain_loss(p, x, y, h0)[0])(p)
