@@ -61,7 +61,7 @@ def test_article_literal_raises_at_step_two(dtype):
     assert record["losses_before"].shape == (2,)
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     t=st.integers(1, 8),
@@ -77,7 +77,7 @@ def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
     assert_close(fwd, rev, TOL["float64"])
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     t=st.integers(1, 9),
