@@ -121,7 +121,6 @@ _VARIED = [
     _BASE,
     _BASE._replace(length=200),
     _BASE._replace(batch=16),
-    _BASE._replace(input=40),
     _BASE._replace(hidden=32),
 ]
 MEMORY_GRID = [
