@@ -129,10 +129,9 @@ def batch_spec(tree: PyTree, batch_dim: int, axis: str | None) -> PyTree:
 
 def _put(x: Any, sharding: NamedSharding) -> Any:
     """``x`` laid out as ``sharding``: as it is if it already spans other processes."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        if not x.is_fully_addressable:  # a global array of a multi-process run
+    if jax.process_count() > 1 and not isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # a global array
             return x
-        if jax.process_count() > 1:  # the same full value on every process
-            host = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, sharding, lambda idx: host[idx])
+        host = np.asarray(x)  # the same full value on every process
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
     return jax.device_put(jnp.asarray(x), sharding)

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 import loopgrad_jax as lg
 from loopgrad_jax._cells import GATES
+from loopgrad_jax._parallel import check_mesh
 
 #: The learning rate of both training scenarios (PyTorch's ``optim.SGD(lr=LR)``).
 LR = 0.01
@@ -336,10 +337,7 @@ def mesh_args(scenario: str, data: Data, mesh: Mesh) -> tuple[Any, ...]:
     """The scenario's arguments laid out as a user of ``mesh`` would: weights on every
     device, the sequences split over the batch."""
     params, inputs, targets = case_args(scenario, data)
-    if inputs.shape[1] % mesh.size:
-        raise ValueError(
-            f"the batch (B={inputs.shape[1]}) must split evenly over {mesh.size} devices"
-        )
+    check_mesh(mesh, inputs.shape[1])  # the library's own error, before any placement
     split = NamedSharding(mesh, P(None, "batch"))
     return (
         jax.device_put(params, NamedSharding(mesh, P())),
