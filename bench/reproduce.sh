@@ -16,7 +16,8 @@
 # Before each command it waits until other processes leave the CPU idle (under 0.25 busy
 # cores for 10 s, on Linux; at most 30 min, then it says so and goes on: every record's
 # other_cores shows what was left). WAIT_IDLE=0 skips the wait. NICE="nice -n -20" (as
-# root) raises the benchmark's priority.
+# root) raises the benchmark's priority. ONLY="cpu_large cpu_large_run2" regenerates only
+# the files named (names as below, without .json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,10 @@ if [[ "${1:-}" == "--smoke" ]]; then
   WAIT_IDLE=${WAIT_IDLE:-0}
 fi
 read -r -a NICE_CMD <<< "${NICE:-}"
+
+wanted() {  # wanted NAME: true unless ONLY is set and does not name NAME
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]
+}
 
 wait_idle() {
   [[ "${WAIT_IDLE:-1}" == 0 || ! -r /proc/stat ]] && return 0
@@ -48,6 +53,7 @@ wait_idle() {
 bench() {  # bench NAME [taskset -c 0 --] FLAGS...: writes $OUT/NAME.json and .png
   local name=$1 plot=1
   shift
+  wanted "$name" || return 0
   local prefix=()
   if [[ "${1:-}" == taskset ]]; then prefix=("$1" "$2" "$3"); shift 4; fi
   if [[ "$name" == *_run[23] ]]; then plot=0; fi
@@ -95,10 +101,12 @@ bench cpu_gru --cell gru "${cells[@]}" "${cells_large[@]}"          # cpu_gru.js
 bench cpu_gru_small --cell gru "${cells[@]}" "${cells_small[@]}"    # cpu_gru_small.json .png
 # Where the LSTM gradient's time goes (forward, whole, each product alone), beside nn.LSTM.
 profile=()
+if wanted cpu_lstm_profile; then
 if ((${#SMOKE[@]})); then profile=(--length 3 --input 3 --hidden 4 --batch 2 --repeats 5 --min-time 0); fi
 wait_idle
 "${NICE_CMD[@]}" python -m loopgrad_jax.bench.cell_profile --cell lstm --loop scan:unroll=8 "${profile[@]}" \
   --json "$OUT/cpu_lstm_profile.json" > "$OUT/cpu_lstm_profile.txt"
+fi
 
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32
@@ -111,7 +119,7 @@ bench cpu_parallel_weak --scenarios rnn_loss --loops scan --lengths 1000 --input
   --hidden 256 --sweep batch=32,64,128 --devices 2,4 --no-torch  # cpu_parallel_weak.json .png
 
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
-if ((${#SMOKE[@]} == 0)); then  # each takes tens of minutes: no smoke version
+if ((${#SMOKE[@]} == 0)) && wanted cpu_as_written_grid; then  # each takes tens of minutes: no smoke version
   wait_idle
   "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid \
     --json "$OUT/cpu_as_written_grid_calibration.json"
