@@ -237,6 +237,36 @@ def test_table_prints_every_record_with_speedups(quick, capsys):
     assert "train_as_written forward" in advice and "python vs scan (T=3)" in advice
 
 
+def test_show_prints_a_saved_file_without_measuring(quick, tmp_path, capsys):
+    _, doc, _ = quick
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["--show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(report.format_table(doc["records"]))
+    assert "\n".join(report.recommend(doc["records"])) in out
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (None, r"--show: expected a JSON file written by --json, got '.*missing.json'"),
+        ("not json", r"--show: expected a JSON file written by --json, got '.*bad.json'"),
+        ('{"meta": {}}', r"an object with 'meta' and 'records'\), got '.*bad.json'"),
+    ],
+    ids=["missing", "not_json", "no_records"],
+)
+def test_show_refuses_what_is_not_a_results_file(text, match, tmp_path, capsys):
+    path = tmp_path / ("missing.json" if text is None else "bad.json")
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--show", str(path)])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
 # --- FLOP count --------------------------------------------------------------------------
 
 
@@ -692,7 +722,9 @@ def test_recommendation_names_fastest_smallest_and_the_break_even():
     advice = report.recommend(rows)
     assert advice[0] == "rnn_loss (T=100, B=1, I=10, H=5):"
     assert advice[1] == "  fastest: python 1 ms; next scan 1.5x its time"
-    assert advice[2].startswith("  smallest: remat keeps 1000 B for backward (python: 3.91 KiB, 2x")
+    assert advice[2] == (
+        "  smallest: remat keeps 1000 B for backward at 2x the time of python (3.91 KiB)"
+    )
     # python pays 2.5 s more to compile and saves 0.5 ms a call: even after 5,000 calls.
     assert advice[3].endswith(": scan costs less in total up to 5,000 calls, python beyond")
     # Intervals that overlap make no winner per call: the quicker compile wins.
@@ -704,6 +736,14 @@ def test_recommendation_names_fastest_smallest_and_the_break_even():
     # Slower per call and slower to compile: never.
     rows[0].update(run_s_median=2.5e-3, run_s_ci=[2.4e-3, 2.6e-3])
     assert report.recommend(rows)[3].endswith(": scan costs less from the first call")
+    # A data-parallel row is fastest: its bytes are per device, not counted.
+    rows.append(_row("scan", 100, 0.5e-3, (0.4e-3, 0.6e-3), 0.5, None, devices=2))
+    advice = report.recommend(rows)
+    assert advice[1].startswith("  fastest: scan on 2 devices 500 us; next")
+    assert advice[2] == (
+        "  smallest: remat keeps 1000 B for backward at 4x the time of scan on 2 devices"
+        " (not counted)"
+    )
 
 
 def test_throughput_across_a_swept_size():

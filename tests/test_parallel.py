@@ -279,7 +279,11 @@ def _free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     """``jax.distributed`` with two processes, each feeding half the batch, equals one."""
     address = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    # One CPU device per process: no device count from XLA_FLAGS (the suite's flags that
+    # make XLA compile quickly stay).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    env.pop("LOOPGRAD_TEST_DEVICES", None)
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), address, str(i), str(tmp_path / f"{i}.json")],

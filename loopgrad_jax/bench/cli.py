@@ -6,6 +6,7 @@ Run ``loopgrad-bench --help`` for every option.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -110,6 +111,7 @@ examples:
       --input 64 --hidden 256 --batch 32 --json large.json --plot large.png
   loopgrad-bench --scenarios rnn_loss --loops scan --lengths 100 --sweep batch=1,8,32
   loopgrad-bench --cell lstm --layers 2 --scenarios rnn_loss,rnn_loss_hoisted --loops scan
+  loopgrad-bench --show bench/results/cpu_large.json
 """
 
 
@@ -227,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="PATH", help="write a PNG of compile and run time against length"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--show",
+        metavar="PATH",
+        help="measure nothing: print the table and recommendation of a JSON file written "
+        "by --json (a committed result, read with this version's report)",
+    )
     return parser
 
 
@@ -235,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.show:
+        _print_report(_read_records(parser, args.show))
+        return 0
     preset = QUICK if args.quick else DEFAULTS
     settings = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
     devices = tuple(sorted({1, *args.devices}))
@@ -296,14 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
     records = _run(plan, device, meta, args.json, progress=not args.no_progress)
-    print(report.format_table(records))
-    advice = report.recommend(records)
-    if advice:
-        print("\nrecommendation, from the rows above:")
-        print("\n".join(advice))
-    throughput = report.throughput_table(records)
-    if throughput:
-        print("\n" + throughput)
+    _print_report(records)
     if args.plot and records:
         from loopgrad_jax.bench.plot import plot_records
 
@@ -323,6 +327,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted after {len(records)} records{kept}.", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_report(records: Sequence[dict]) -> None:
+    """The table, the recommendation and the throughput across sizes, on stdout."""
+    print(report.format_table(records))
+    advice = report.recommend(records)
+    if advice:
+        print("\nrecommendation, from the rows above:")
+        print("\n".join(advice))
+    throughput = report.throughput_table(records)
+    if throughput:
+        print("\n" + throughput)
+
+
+def _read_records(parser: argparse.ArgumentParser, path: str) -> list[dict]:
+    """The records of a file written by ``--json``, or a parser error saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"argument --show: expected a JSON file written by --json, got {path!r}: {e}")
+    if not (isinstance(data, dict) and isinstance(data.get("records"), list)):
+        parser.error(
+            f"argument --show: expected a JSON file written by --json (an object with "
+            f"'meta' and 'records'), got {path!r} without a list of records"
+        )
+    return data["records"]
 
 
 def _run(plan: run.Plan, device: jax.Device, meta: dict, json_path: str | None, *, progress):

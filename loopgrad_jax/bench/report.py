@@ -495,9 +495,14 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
             kept = "between steps" if scenario == "train_as_written" else "for backward"
             text = f"  smallest: {small['loop']} keeps {_bytes(small['saved_bytes'])} {kept}"
             if small is not best:
+                kept_by_best = (
+                    _bytes(best["saved_bytes"])
+                    if best.get("saved_bytes") is not None
+                    else "not counted"  # a data-parallel row: the bytes are per device
+                )
                 text += (
-                    f" ({best['loop']}: {_bytes(best['saved_bytes'])}, "
-                    f"{small['run_s_median'] / best['run_s_median']:.3g}x its time)"
+                    f" at {small['run_s_median'] / best['run_s_median']:.3g}x the time of"
+                    f" {_loop(best)} ({kept_by_best})"
                 )
             torch_saved = [
                 t
