@@ -39,6 +39,16 @@ def static_length(name: str, value: object, *, minimum: int = 0) -> int:
     return length
 
 
+def int_scalar(name: str, value: jax.Array) -> jax.Array:
+    """Returns ``value`` if it is an integer scalar array, or raises naming ``name``."""
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be a Python int or an integer scalar array, got an array "
+            f"{_describe(value)}."
+        )
+    return value
+
+
 def float_array(name: str, value: object) -> jax.Array:
     """Returns ``value`` as a floating-point JAX array, or raises naming ``name``."""
     if value is None:

@@ -37,9 +37,12 @@ PyTree = Any
 #: - ``"while"``: ``jax.lax.while_loop`` counting to ``length``. Forward mode only: a while
 #:   loop has no static trip count, so reverse mode cannot size its stored residuals;
 #:   ``jax.grad`` or ``jax.vjp`` through it raises a ``ValueError`` that says so.
+#:   ``"while:max_steps=N"`` bounds the trip count by ``N``: reverse mode works, and
+#:   ``length`` may be a traced integer (see :func:`run_loop`).
 LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
 
-#: The loop kinds reverse-mode differentiation can run through.
+#: The loop kinds reverse-mode differentiation can run through (and ``"while"`` given
+#: ``max_steps``: :attr:`Loop.reverse_mode`).
 REVERSE_LOOPS: tuple[str, ...] = tuple(k for k in LOOPS if k != "while")
 
 #: Names from ``jax.checkpoint_policies`` that ``Loop(kind="remat", policy=...)`` accepts.
@@ -71,12 +74,22 @@ class Loop(NamedTuple):
         runs over chunks of ``k`` steps and checkpoints each chunk, so reverse
         mode stores one carry per chunk plus one chunk's residuals while it
         recomputes it (``sqrt(T)`` steps per chunk minimises the sum).
+      max_steps: for ``while``, an upper bound ``N`` on the trip count. The loop
+        then runs ``N`` steps of a ``lax.scan`` at most, each past the trip count
+        a ``lax.cond`` that skips the body, so reverse mode works and the trip
+        count may be a traced integer; ``None``: no bound (forward mode only).
     """
 
     kind: str = "scan"
     unroll: int = 1
     policy: str = "nothing_saveable"
     chunk: int = 1
+    max_steps: int | None = None
+
+    @property
+    def reverse_mode(self) -> bool:
+        """Whether reverse-mode differentiation (``jax.grad``) runs through this loop."""
+        return self.kind in REVERSE_LOOPS or self.max_steps is not None
 
     @classmethod
     def parse(cls, loop: str | Loop) -> Loop:
@@ -85,7 +98,7 @@ class Loop(NamedTuple):
         Examples:
           >>> import loopgrad_jax as lg
           >>> lg.Loop.parse("scan:unroll=8")
-          Loop(kind='scan', unroll=8, policy='nothing_saveable', chunk=1)
+          Loop(kind='scan', unroll=8, policy='nothing_saveable', chunk=1, max_steps=None)
           >>> str(lg.Loop("remat", policy="dots_saveable"))
           'remat:policy=dots_saveable'
         """
@@ -99,6 +112,8 @@ class Loop(NamedTuple):
             text += f":policy={self.policy}"
         if self.chunk != 1:
             text += f":chunk={self.chunk}"
+        if self.max_steps is not None:
+            text += f":max_steps={self.max_steps}"
         return text
 
 
@@ -136,8 +151,8 @@ def check_loop(loop: object) -> Loop:
             key, sep, value = option.partition("=")
             if not sep or key not in Loop._fields[1:]:
                 raise ValueError(
-                    f"loop options are ':unroll=<int>', ':policy=<name>' and ':chunk=<int>', "
-                    f"got {option!r} in loop={loop!r}."
+                    "loop options are ':unroll=<int>', ':policy=<name>', ':chunk=<int>' and "
+                    f"':max_steps=<int>', got {option!r} in loop={loop!r}."
                 )
             is_int = key != "policy" and value.lstrip("-").isdigit()
             fields[key] = int(value) if is_int else value
@@ -159,13 +174,18 @@ def check_loop(loop: object) -> Loop:
     for name, changed in (("policy", loop.policy != "nothing_saveable"), ("chunk", chunk != 1)):
         if changed and loop.kind != "remat":
             raise ValueError(f"loop {name} applies to 'remat' only, got kind {loop.kind!r}.")
-    return loop._replace(unroll=unroll, chunk=chunk)
+    max_steps = loop.max_steps
+    if max_steps is not None:
+        max_steps = _checks.static_length("loop max_steps", max_steps)
+        if loop.kind != "while":
+            raise ValueError(f"loop max_steps applies to 'while' only, got kind {loop.kind!r}.")
+    return loop._replace(unroll=unroll, chunk=chunk, max_steps=max_steps)
 
 
 def require_reverse(loop: object, needed_by: str) -> Loop:
     """Returns ``check_loop(loop)``; raises if ``needed_by`` would reverse-differentiate it."""
     spec = check_loop(loop)
-    if spec.kind not in REVERSE_LOOPS:
+    if not spec.reverse_mode:
         raise ValueError(_no_reverse_message(spec, needed_by))
     return spec
 
@@ -175,9 +195,24 @@ def _no_reverse_message(spec: Loop, needed_by: str) -> str:
         f"loop={str(spec)!r} cannot be used with {needed_by}, which needs reverse-mode "
         "differentiation through the loop: lax.while_loop has no static trip count, and XLA "
         "needs static memory bounds to store every iteration's residuals. Use one of "
-        f"{', '.join(map(repr, REVERSE_LOOPS))} instead; forward mode (jax.jvp, jax.jacfwd, "
-        "or train_rnn(mode='as_written')) works with 'while'."
+        f"{', '.join(map(repr, REVERSE_LOOPS))} or a bounded 'while:max_steps=N' instead; "
+        "forward mode (jax.jvp, jax.jacfwd, or train_rnn(mode='as_written')) works with "
+        "'while'."
     )
+
+
+def check_length(name: str, value: object, spec: Loop) -> int | jax.Array:
+    """A loop's trip count: a static Python int, or for ``while:max_steps=N`` also an
+    integer array (traced or not); raises naming ``name`` otherwise."""
+    if spec.max_steps is None or not isinstance(value, jax.Array):
+        length = _checks.static_length(name, value)
+        if spec.max_steps is not None and length > spec.max_steps:
+            raise ValueError(
+                f"{name}={length} exceeds the loop's max_steps={spec.max_steps} "
+                f"(loop={str(spec)!r}); raise max_steps or run fewer steps."
+            )
+        return length
+    return _checks.int_scalar(name, value)
 
 
 def run_loop(
@@ -206,7 +241,13 @@ def run_loop(
       init: the initial carry.
       xs: a pytree whose leaves all have leading axis ``length`` (or ``None``); any
         other leading size raises a ``ValueError`` naming the leaf.
-      length: the number of steps, a static Python int.
+      length: the number of steps, a static Python int. With
+        ``loop="while:max_steps=N"`` it may also be an integer scalar array, traced
+        under ``jax.jit`` (``lax.while_loop``'s trip count): ``xs`` then lead with
+        ``N`` rows, of which the first ``length`` are read, and ``ys`` come back with
+        ``N`` rows, zero from row ``length`` on. A ``length`` outside ``[0, N]``
+        cannot raise inside a compiled function, so every floating-point leaf of
+        the result is NaN instead (a static one raises a ``ValueError``).
       loop: one of :data:`LOOPS`, a :class:`Loop`, or its text form.
       reverse: run from the last step to the first.
 
@@ -223,7 +264,9 @@ def run_loop(
       (Array(6., dtype=float32), Array([0., 1., 3., 6.], dtype=float32))
     """
     spec = check_loop(loop)
-    length = _checks.static_length("length", length)
+    length = check_length("length", length, spec)
+    if spec.max_steps is not None:
+        return _bounded_while(body, init, xs, length, reverse, spec.max_steps)
     _check_leading_axis(xs, length)
     if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
@@ -284,6 +327,50 @@ def _fori_jvp(body, length, reverse, unroll, primals, tangents):
         return lax.scan(step, init, xs, length=length, reverse=reverse, unroll=unroll)
 
     return jax.jvp(as_scan, primals, tangents)
+
+
+def _bounded_while(body, init, xs, length: int | jax.Array, reverse: bool, max_steps: int):
+    """``while:max_steps=N``: a scan of at most N steps, reverse-differentiable.
+
+    With a static ``length`` every step runs (a while loop whose trip count is known
+    is a scan). With a traced one the scan has N steps and each step at or past the
+    trip count is a ``lax.cond`` that skips the body: the carry passes through and
+    the step's outputs are zeros. Run in reverse, the scan visits rows N-1 down to 0,
+    skipping every row at or past the trip count, so rows length-1 down to 0 run.
+    """
+    dynamic = isinstance(length, jax.Array)
+    steps = max_steps if dynamic else length
+    _check_leading_axis(xs, steps)
+    if not dynamic or steps == 0:
+        carry, ys = lax.scan(body, init, xs, length=steps, reverse=reverse)
+        return _poison(carry, ys, length, max_steps) if dynamic else (carry, ys)
+
+    zeros = _empty_outputs(body, init, xs, 1)
+
+    def step(carry, row_and_x):
+        row, x = row_and_x
+        return lax.cond(
+            row < length,
+            lambda c: body(c, x),
+            lambda c: (c, jax.tree.map(lambda z: z[0], zeros)),
+            carry,
+        )
+
+    rows = jnp.arange(steps, dtype=length.dtype)
+    carry, ys = lax.scan(step, init, (rows, xs), length=steps, reverse=reverse)
+    return _poison(carry, ys, length, max_steps)
+
+
+def _poison(carry, ys, length: jax.Array, max_steps: int):
+    """NaN in every floating-point leaf when the traced trip count is outside [0, N]."""
+    bad = (length < 0) | (length > max_steps)
+
+    def poison(leaf):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return leaf
+        return jnp.where(bad, jnp.asarray(jnp.nan, jnp.result_type(leaf)), leaf)
+
+    return jax.tree.map(poison, (carry, ys))
 
 
 def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):

@@ -154,8 +154,9 @@ def train_rnn(
       loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its
         text form; every loop (over time steps, windows and the reverse method's
         history) uses it. ``mode="tbptt"`` differentiates through its window
-        loop, so it needs a kind in :data:`loopgrad_jax.REVERSE_LOOPS`;
-        ``mode="as_written"`` differentiates single cells only and takes every kind.
+        loop, so it needs a kind in :data:`loopgrad_jax.REVERSE_LOOPS` (or a
+        bounded ``"while:max_steps=N"``); ``mode="as_written"`` differentiates
+        single cells only and takes every kind.
       as_written_method: ``"auto"``, ``"forward"`` or ``"reverse"``.
       optimizer: any ``optax.GradientTransformation``; its state is carried
         through the loop. Transformations that take extra arguments get

@@ -62,13 +62,15 @@ SCENARIOS: tuple[str, ...] = (
 
 #: The kinds of the core grid, which runs every fixture case of the article's scenarios.
 BASE_LOOPS: tuple[str, ...] = ("python", "scan", "fori")
-#: Every loop kind, plus options: unrolled scan and fori, and remat with another policy.
+#: Every loop kind, plus options: unrolled scan and fori, remat with another policy and
+#: in chunks, and a while loop bounded so that reverse mode runs through it.
 LOOP_VARIANTS: tuple[str, ...] = (
     *lg.LOOPS,
     "scan:unroll=3",
     "fori:unroll=2",
     "remat:policy=dots_saveable",
     "remat:chunk=4",
+    "while:max_steps=128",
 )
 #: What the loop kinds beyond the base ones add; they run on fewer cases.
 NEW_LOOPS: tuple[str, ...] = tuple(v for v in LOOP_VARIANTS if v not in BASE_LOOPS)
@@ -218,7 +220,7 @@ def _full_grid(
 
 def has_reverse_mode(loop: str) -> bool:
     """Whether reverse-mode differentiation runs through ``loop`` (a kind or its text form)."""
-    return lg.Loop.parse(loop).kind in lg.REVERSE_LOOPS
+    return lg.Loop.parse(loop).reverse_mode
 
 
 REVERSE_VARIANTS: tuple[str, ...] = tuple(filter(has_reverse_mode, LOOP_VARIANTS))
@@ -245,7 +247,8 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
     run with scan and the forward method. The resumed case (two calls, the second
     continuing the first) runs both methods with scan.
 
-    ``train_tbptt``: differentiates through its window loop, so every kind but ``while``.
+    ``train_tbptt``: differentiates through its window loop, so every kind but the
+    unbounded ``while`` (``while:max_steps=N`` runs).
     The window sizes (1, 3, T) run on the base kinds; the other kinds and options on
     windows of 3; the optimizers with scan.
 
@@ -325,7 +328,8 @@ def _cell_plan(scenario: str, names: list[str], grid: str) -> list[tuple[str, st
 
     ``"suite"``: fewer combinations, so that compiling them (1-2 s of CPU each) stays a
     small part of the test suite. ``cell_loss`` runs every kind with every loop kind on
-    the one-layer case, and one option per kind (each option on one kind).
+    the one-layer case, and each option on one kind (in turn: the first kind takes the
+    fifth option too).
     ``cell_as_written`` runs each kind's one-layer case with the forward method and its
     two-layer case with the reverse method, and ``while`` on the first case;
     ``cell_tbptt`` the one-layer case plain and the two-layer case hoisted; with scan.
@@ -350,8 +354,8 @@ def _cell_plan(scenario: str, names: list[str], grid: str) -> list[tuple[str, st
                 if not (p[2] == "python" and p[3])  # reverse x python under jit: T*T VJPs
             ]
         elif scenario == "cell_loss":
-            option = OPTIONS[index % len(OPTIONS)]
-            plan += _grid(one, methods, (*lg.LOOPS, option), first)
+            options = OPTIONS[index :: len(kinds)]
+            plan += _grid(one, methods, (*lg.LOOPS, *options), first)
         else:
             plan += _grid(one, methods[:1], ("scan",), first)
             plan += _grid(two, methods[1:], ("scan",), first)

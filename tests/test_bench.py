@@ -20,7 +20,7 @@ import pytest
 import loopgrad_jax as lg
 from loopgrad_jax.bench import cases, cli, report, run, timing, torch_peers
 from loopgrad_jax.bench import flops as flops_module
-from loopgrad_jax.bench.cases import SCENARIOS, Sizes, make_data, reverse_loops
+from loopgrad_jax.bench.cases import SCENARIOS, Sizes, make_data
 from loopgrad_jax.bench.flops import case_flops, rnn_flops
 
 needs_torch = pytest.mark.skipif(not torch_peers.available(), reason="torch is not installed")
@@ -499,15 +499,15 @@ def test_a_case_that_cannot_trace_is_recorded_as_skipped(monkeypatch, tmp_path):
     assert all(record[k] is None for k in FIGURES)
 
 
-def test_loops_without_reverse_mode_skip_the_gradient_scenarios(monkeypatch, tmp_path):
-    monkeypatch.setattr(cases, "reverse_loops", lambda: ("python",))
+def test_loops_without_reverse_mode_skip_the_gradient_scenarios(tmp_path):
+    loops = "while,while:max_steps=8"
     status, doc = _bench(
-        tmp_path, "--quick", "--scenarios", "accumulate", "--loops", "python,scan", "--no-torch"
+        tmp_path, "--quick", "--scenarios", "accumulate", "--loops", loops, "--no-torch"
     )
     assert status == 0
-    python_row, scan_row = doc["records"]
-    assert python_row["skipped"] is None
-    assert scan_row["skipped"] == "the 'scan' loop has no reverse mode, which accumulate needs"
+    unbounded, bounded = doc["records"]
+    assert unbounded["skipped"] == "the 'while' loop has no reverse mode, which accumulate needs"
+    assert bounded["skipped"] is None and bounded["run_s_median"] > 0
 
 
 @needs_torch
@@ -912,7 +912,8 @@ def test_make_data_is_seeded_and_shaped():
 def _runs(record: dict) -> bool:
     """Whether a --quick record should have run: reverse mode needs a loop that has it."""
     loop = record["loop"]
-    return loop is None or loop in reverse_loops() or not SCENARIOS[record["scenario"]].reverse
+    reverse = loop is None or lg.Loop.parse(loop).reverse_mode
+    return reverse or not SCENARIOS[record["scenario"]].reverse
 
 
 def _torch_version() -> str:

@@ -5,7 +5,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import LOOP_VARIANTS, TOL, assert_close
+from helpers import LOOP_VARIANTS, TOL, assert_close, count_compilations, has_reverse_mode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +45,7 @@ def test_matches_python_oracle(length, reverse, loop, seed):
     assert_close(result, oracle(init, xs, length, reverse), TOL["float64"], loop)
 
 
-@pytest.mark.parametrize("loop", [v for v in LOOP_VARIANTS if "while" not in v])
+@pytest.mark.parametrize("loop", [v for v in LOOP_VARIANTS if has_reverse_mode(v)])
 def test_reverse_mode_matches_oracle(loop):
     xs = {"a": jnp.linspace(-1, 1, 21).reshape(7, 3), "b": jnp.linspace(0, 2, 21).reshape(7, 3)}
 
@@ -73,6 +73,7 @@ def test_reverse_mode_matches_oracle(loop):
         "remat:chunk=10",
         "remat:policy=dots_saveable:chunk=3",
         "while",
+        "while:max_steps=64",
     ],
 )
 def test_text_form_round_trips(text):
@@ -161,10 +162,100 @@ def test_fori_forward_mode_and_second_derivatives():
         assert_close(derivative(loss)(1.5, ours), derivative(loss)(1.5, plain), TOL["float64"])
 
 
+# ------------------------------------------------------------- while:max_steps=N
+
+N = 6  # max_steps of the bounded while loops below
+
+
+def _padded(seed=0):
+    ka, kb = jax.random.split(jax.random.key(seed))
+    return {"a": jax.random.normal(ka, (N, 3)), "b": jax.random.normal(kb, (N, 3))}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bounded_while_with_a_traced_length_is_the_loop_of_that_length(reverse):
+    # lax.while_loop's semantics with a trip count known only at run time: the first n
+    # rows of xs are read, ys has N rows, zero from row n on; values and gradients equal
+    # the plain loop of length n, and one compiled program serves every n.
+    xs = _padded()
+    loop = f"while:max_steps={N}"
+
+    def loss(scale, xs, n):
+        init = (jnp.zeros(3), scale * jnp.ones(3))
+        carry, ys = lg.run_loop(body, init, xs, length=n, loop=loop, reverse=reverse)
+        return carry[0].sum() + (ys["p2"] * jnp.arange(1.0, N + 1)[:, None]).sum(), (carry, ys)
+
+    def plain(scale, xs, n):
+        rows = jax.tree.map(lambda a: a[:n], xs)
+        carry, ys = oracle((jnp.zeros(3), scale * jnp.ones(3)), rows, n, reverse)
+        ys = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((N - n, 3))]), ys)
+        return carry[0].sum() + (ys["p2"] * jnp.arange(1.0, N + 1)[:, None]).sum(), (carry, ys)
+
+    ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    ours(1.5, xs, 0)  # compiles
+    with count_compilations() as lowered:
+        got = [ours(1.5, xs, n) for n in range(N + 1)]
+    assert lowered == []
+    for n in range(N + 1):
+        want = jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)(1.5, xs, n)
+        assert_close(got[n], want, TOL["float64"], f"n={n}")
+
+
+@pytest.mark.parametrize("n", [-1, N + 1])
+def test_bounded_while_poisons_a_traced_length_out_of_range(n):
+    # A compiled function cannot raise on a value: every floating-point leaf is NaN.
+    carry, ys = jax.jit(
+        lambda n: lg.run_loop(
+            body, (jnp.zeros(3), jnp.ones(3)), _padded(), length=n, loop=f"while:max_steps={N}"
+        )
+    )(n)
+    assert all(bool(jnp.isnan(leaf).all()) for leaf in jax.tree.leaves((carry, ys)))
+
+
+def test_bounded_while_with_a_static_length_runs_every_step():
+    xs = jax.tree.map(lambda a: a[:4], _padded())
+    init = (jnp.zeros(3), jnp.ones(3))
+    got = lg.run_loop(body, init, xs, length=4, loop=f"while:max_steps={N}", reverse=True)
+    assert_close(got, oracle(init, xs, 4, True), TOL["float64"])
+
+
+@pytest.mark.parametrize(
+    ("loop", "length", "error", "match"),
+    [
+        ("while:max_steps=6", 7, ValueError, r"length=7 exceeds the loop's max_steps=6 \(loop="),
+        (
+            "while:max_steps=6",
+            jnp.float32(3),
+            TypeError,
+            r"length must be a Python int or an "
+            r"integer scalar array, got an array of shape \(\) and dtype float32",
+        ),
+        (
+            "while:max_steps=6",
+            jnp.array([3]),
+            TypeError,
+            r"integer scalar array, got an array "
+            r"of shape \(1,\)",
+        ),
+        ("scan", jnp.int32(3), TypeError, r"length must be a static Python int, got a JAX array"),
+        ("while", jnp.int32(3), TypeError, r"length must be a static Python int, got a JAX array"),
+        ("scan:max_steps=6", 3, ValueError, r"loop max_steps applies to 'while' only, got kind"),
+        ("while:max_steps=-1", 3, ValueError, r"loop max_steps must be an int >= 0, got -1"),
+    ],
+    ids=["static_over", "float", "not_scalar", "traced_scan", "traced_while", "on_scan", "neg"],
+)
+def test_bounded_while_bad_input(loop, length, error, match):
+    xs = jax.tree.map(lambda a: a[:3], _padded())
+    with pytest.raises(error, match=match):
+        lg.run_loop(body, (jnp.zeros(3), jnp.ones(3)), xs, length=length, loop=loop)
+
+
 def test_while_refuses_reverse_mode_with_a_reason():
     with pytest.raises(ValueError, match=r"loop='while' cannot be used with f\(\)"):
         lg._loops.require_reverse("while", "f()")
     assert lg._loops.require_reverse("remat:chunk=2", "f()") == lg.Loop("remat", chunk=2)
+    bounded = lg._loops.require_reverse("while:max_steps=8", "f()")
+    assert bounded == lg.Loop("while", max_steps=8) and bounded.reverse_mode
 
 
 def test_while_forward_mode_works():

@@ -47,6 +47,28 @@ def test_article_gradient_is_twelve_not_four(dtype):
             assert grad.tolist() == [12.0]
 
 
+def test_traced_n_with_a_bounded_while_loop():
+    # lax.while_loop's trip count may be traced; reverse mode runs through the bound.
+    for fn in SCENARIOS.values():
+        grad = jax.jit(jax.grad(lambda x, n, fn=fn: fn(x, n, loop="while:max_steps=64")))
+        assert grad(2.0, 3) == 12
+    with pytest.raises(TypeError, match=r"n must be a static Python int, got a JAX array"):
+        jax.jit(lambda x, n: lg.accumulate_loss(x, n, loop="fori"))(2.0, 3)
+    with pytest.raises(ValueError, match=r"n=65 exceeds the loop's max_steps=64"):
+        lg.stack_loss(2.0, 65, loop="while:max_steps=64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_traced_n_matches_pytorch(dtype):
+    # One compiled gradient per scenario serves every fixture case's n (0 to 100).
+    for scenario, fn in SCENARIOS.items():
+        grad = jax.jit(jax.value_and_grad(lambda x, n, f=fn: f(x, n, loop="while:max_steps=128")))
+        for case in fixture(scenario, dtype).cases:
+            got = grad(jnp.asarray(case["x"]), case["n"])
+            want = (jnp.asarray(case["loss"], dtype), case["grad"])
+            assert_close(got, want, TOL[dtype], case["name"])
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     x=st.lists(st.floats(-10, 10, width=32), min_size=1, max_size=5),

@@ -366,11 +366,6 @@ def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
     return SCENARIOS[scenario].args(data)
 
 
-def reverse_loops() -> tuple[str, ...]:
-    """The loop kinds reverse mode runs through (``lg.REVERSE_LOOPS``)."""
-    return lg.REVERSE_LOOPS
-
-
 def skip_reason(
     scenario: str, loop: str | None, sizes: Sizes, limits: Limits, method: str | None = None
 ) -> str | None:
@@ -382,8 +377,9 @@ def skip_reason(
     """
     if scenario == "train_tbptt" and sizes.window > sizes.length:
         return f"window={sizes.window} is longer than the sequence (T={sizes.length})"
-    kind = lg.Loop.parse(loop).kind if loop is not None else None
-    if kind is not None and kind not in reverse_loops() and SCENARIOS[scenario].reverse:
+    spec = lg.Loop.parse(loop) if loop is not None else None
+    kind = spec.kind if spec is not None else None
+    if spec is not None and not spec.reverse_mode and SCENARIOS[scenario].reverse:
         return f"the {loop!r} loop has no reverse mode, which {scenario} needs"
     if kind == "python" and sizes.length > limits.max_unroll:
         return (
