@@ -36,7 +36,10 @@ _HERE = len(jax.devices("cpu")) >= DEVICES
 @pytest.mark.skipif(_HERE, reason="this process has the devices: the tests run here")
 def test_in_a_process_with_4_devices():
     env = os.environ | {"LOOPGRAD_TEST_DEVICES": str(DEVICES), "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    # pytest-benchmark, where installed beside xdist, warns at start-up, and the suite
+    # turns warnings into errors: the child needs neither.
+    flags = ["-q", "-p", "no:cacheprovider", "-p", "no:benchmark"]
+    command = [sys.executable, "-m", "pytest", __file__, *flags]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     tail = done.stdout[-6000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
@@ -282,7 +285,11 @@ def test_two_processes_equal_one(tmp_path):
     # One CPU device per process: no device count from XLA_FLAGS (the suite's flags that
     # make XLA compile quickly stay).
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    # The workers import the package under test, wherever it was found (installed or not).
+    path = os.pathsep.join(
+        filter(None, [str(Path(lg.__file__).parents[1]), os.environ.get("PYTHONPATH")])
+    )
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), "PYTHONPATH": path}
     env.pop("LOOPGRAD_TEST_DEVICES", None)
     procs = [
         subprocess.Popen(
