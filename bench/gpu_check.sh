@@ -41,7 +41,17 @@ timeout "${BENCH_TIMEOUT:-90}" python3 -m loopgrad_jax.bench --backend gpu --no-
 echo "large bench exit status $?"
 tail -n 30 "$out/gpu_large.txt"
 
+# Per-step outputs: fori's linear reverse mode (custom JVP, write-once outputs)
+# beside scan, where XLA on a GPU launches each loop step's kernels.
+timeout "${BENCH_TIMEOUT:-90}" python3 -m loopgrad_jax.bench --backend gpu --no-torch \
+  --scenarios stack,rnn_loss --loops scan,fori --lengths 1000,10000 \
+  --repeats 20 --no-progress --json "$out/gpu_loops.json" > "$out/gpu_loops.txt" 2>&1
+echo "loops bench exit status $?"
+tail -n 20 "$out/gpu_loops.txt"
+
 # PyTorch's cells: the LSTM and GRU gradient, stepped and hoisted (layer by layer).
+# CELLS=0 skips them (their files are committed from an earlier run).
+[[ "${CELLS:-1}" == 0 ]] && exit 0
 cells=(--backend gpu --no-torch --scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=8
        --lengths 1000 --input 64 --hidden 256 --batch 32 --repeats 20 --no-progress)
 timeout "${BENCH_TIMEOUT:-90}" python3 -m loopgrad_jax.bench --cell lstm "${cells[@]}" \
