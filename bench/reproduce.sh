@@ -108,6 +108,17 @@ wait_idle
   --json "$OUT/cpu_lstm_profile.json" > "$OUT/cpu_lstm_profile.txt"
 fi
 
+# --- checkpointed reverse mode: remat:checkpoints=C beside equinox, memory against time --
+if wanted cpu_checkpoints; then
+checkpointing=()
+if ((${#SMOKE[@]})); then
+  checkpointing=(--length 6 --sizes article --checkpoints 2,sqrt --repeats 3 --min-time 0)
+fi
+wait_idle
+"${NICE_CMD[@]}" python -m loopgrad_jax.bench.checkpoints "${checkpointing[@]}" \
+  --json "$OUT/cpu_checkpoints.json" --plot "$OUT/cpu_checkpoints.png" > "$OUT/cpu_checkpoints.txt"
+fi
+
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32
           --devices 2)

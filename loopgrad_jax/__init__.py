@@ -19,6 +19,7 @@ from loopgrad_jax._cells import (
 from loopgrad_jax._loops import LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
 from loopgrad_jax._result import KEEP_GRADS, TrainResult
+from loopgrad_jax._revolve import checkpointed_evaluations
 from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, step_loss
 from loopgrad_jax._scalar import accumulate_loss, stack_loss
 from loopgrad_jax._sequence import rnn_loss
@@ -45,6 +46,7 @@ __all__ = [
     "TrainResult",
     "accumulate_loss",
     "as_written_cost",
+    "checkpointed_evaluations",
     "from_torch",
     "init_cell",
     "init_rnn",

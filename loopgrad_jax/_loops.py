@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from loopgrad_jax import _checks
+from loopgrad_jax._checkpointed import checkpointed_scan
 from loopgrad_jax._forward_only import forward_only
 from loopgrad_jax._parallel import LOCAL
 
@@ -34,6 +35,8 @@ PyTree = Any
 #:   loop made reverse mode quadratic).
 #: - ``"remat"``: ``jax.lax.scan`` over ``jax.checkpoint(body)``: reverse mode stores the
 #:   carries only and recomputes the rest of each step on the way back.
+#:   ``"remat:checkpoints=C"`` stores at most ``C`` carries, on Griewank's optimal
+#:   (binomial) schedule: reverse mode only, see :attr:`Loop.checkpoints`.
 #: - ``"while"``: ``jax.lax.while_loop`` counting to ``length``. Forward mode only: a while
 #:   loop has no static trip count, so reverse mode cannot size its stored residuals;
 #:   ``jax.grad`` or ``jax.vjp`` through it raises a ``ValueError`` that says so.
@@ -78,6 +81,16 @@ class Loop(NamedTuple):
         then runs ``N`` steps of a ``lax.scan`` at most, each past the trip count
         a ``lax.cond`` that skips the body, so reverse mode works and the trip
         count may be a traced integer; ``None``: no bound (forward mode only).
+      checkpoints: for ``remat``, the most carries reverse mode stores, ``C >= 1``
+        (the initial carry among them), placed on Griewank's binomial schedule
+        (revolve), which evaluates the body the fewest times any schedule storing
+        ``C`` carries can: ``lg.checkpointed_evaluations(T, C)`` times for ``T``
+        steps, about ``(r + 1) * T`` for the smallest ``r`` with
+        ``comb(C + r, C) >= T`` (``remat``: ``2 * T``, storing ``T`` carries). The
+        primal is ``lax.scan``; reverse mode is a custom VJP, so forward mode
+        (``jax.jvp``) does not run through it (:attr:`forward_mode`), nor does
+        reverse mode of its reverse mode. Not combined with ``unroll``, ``policy``
+        or ``chunk``; ``None``: checkpoint every step.
     """
 
     kind: str = "scan"
@@ -85,11 +98,17 @@ class Loop(NamedTuple):
     policy: str = "nothing_saveable"
     chunk: int = 1
     max_steps: int | None = None
+    checkpoints: int | None = None
 
     @property
     def reverse_mode(self) -> bool:
         """Whether reverse-mode differentiation (``jax.grad``) runs through this loop."""
         return self.kind in REVERSE_LOOPS or self.max_steps is not None
+
+    @property
+    def forward_mode(self) -> bool:
+        """Whether forward-mode differentiation (``jax.jvp``) runs through this loop."""
+        return self.checkpoints is None
 
     @classmethod
     def parse(cls, loop: str | Loop) -> Loop:
@@ -98,7 +117,8 @@ class Loop(NamedTuple):
         Examples:
           >>> import loopgrad_jax as lg
           >>> lg.Loop.parse("scan:unroll=8")
-          Loop(kind='scan', unroll=8, policy='nothing_saveable', chunk=1, max_steps=None)
+          Loop(kind='scan', unroll=8, policy='nothing_saveable', chunk=1, max_steps=None, \
+checkpoints=None)
           >>> str(lg.Loop("remat", policy="dots_saveable"))
           'remat:policy=dots_saveable'
         """
@@ -114,6 +134,8 @@ class Loop(NamedTuple):
             text += f":chunk={self.chunk}"
         if self.max_steps is not None:
             text += f":max_steps={self.max_steps}"
+        if self.checkpoints is not None:
+            text += f":checkpoints={self.checkpoints}"
         return text
 
 
@@ -151,8 +173,9 @@ def check_loop(loop: object) -> Loop:
             key, sep, value = option.partition("=")
             if not sep or key not in Loop._fields[1:]:
                 raise ValueError(
-                    "loop options are ':unroll=<int>', ':policy=<name>', ':chunk=<int>' and "
-                    f"':max_steps=<int>', got {option!r} in loop={loop!r}."
+                    "loop options are ':unroll=<int>', ':policy=<name>', ':chunk=<int>', "
+                    f"':max_steps=<int>' and ':checkpoints=<int>', got {option!r} in "
+                    f"loop={loop!r}."
                 )
             is_int = key != "policy" and value.lstrip("-").isdigit()
             fields[key] = int(value) if is_int else value
@@ -179,7 +202,22 @@ def check_loop(loop: object) -> Loop:
         max_steps = _checks.static_length("loop max_steps", max_steps)
         if loop.kind != "while":
             raise ValueError(f"loop max_steps applies to 'while' only, got kind {loop.kind!r}.")
-    return loop._replace(unroll=unroll, chunk=chunk, max_steps=max_steps)
+    checkpoints = loop.checkpoints
+    if checkpoints is not None:
+        checkpoints = _checks.static_length("loop checkpoints", checkpoints, minimum=1)
+        if loop.kind != "remat":
+            raise ValueError(f"loop checkpoints applies to 'remat' only, got kind {loop.kind!r}.")
+        others = {
+            "unroll": unroll != 1,
+            "policy": loop.policy != "nothing_saveable",
+            "chunk": chunk != 1,
+        }
+        for name in (name for name, changed in others.items() if changed):
+            raise ValueError(
+                f"loop checkpoints={checkpoints} places every checkpoint itself: it does not "
+                f"combine with {name} (loop={str(loop)!r})."
+            )
+    return loop._replace(unroll=unroll, chunk=chunk, max_steps=max_steps, checkpoints=checkpoints)
 
 
 def require_reverse(loop: object, needed_by: str) -> Loop:
@@ -270,6 +308,8 @@ def run_loop(
     _check_leading_axis(xs, length)
     if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
+    if spec.checkpoints is not None:
+        return checkpointed_scan(body, init, xs, length, reverse, spec.checkpoints)
     if spec.kind == "remat":
         return _remat_scan(body, init, xs, length, reverse, spec)
     if length == 0:  # nothing to index: the body never runs

@@ -70,6 +70,7 @@ LOOP_VARIANTS: tuple[str, ...] = (
     "fori:unroll=2",
     "remat:policy=dots_saveable",
     "remat:chunk=4",
+    "remat:checkpoints=3",
     "while:max_steps=128",
 )
 #: What the loop kinds beyond the base ones add; they run on fewer cases.
@@ -221,6 +222,11 @@ def _full_grid(
 def has_reverse_mode(loop: str) -> bool:
     """Whether reverse-mode differentiation runs through ``loop`` (a kind or its text form)."""
     return lg.Loop.parse(loop).reverse_mode
+
+
+def has_forward_mode(loop: str) -> bool:
+    """Whether forward-mode differentiation runs through ``loop`` (a kind or its text form)."""
+    return lg.Loop.parse(loop).forward_mode
 
 
 REVERSE_VARIANTS: tuple[str, ...] = tuple(filter(has_reverse_mode, LOOP_VARIANTS))

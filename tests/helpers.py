@@ -22,6 +22,7 @@ from loopgrad_jax.parity import (  # noqa: F401 - re-exported: the suite's loop 
     DTYPES,
     LOOP_VARIANTS,
     TOL,
+    has_forward_mode,
     has_reverse_mode,
     value_and_grad,
 )
@@ -53,7 +54,7 @@ def assert_passes(check: parity.Check) -> parity.Record:
 
 def grad_modes(loop: str) -> list[str]:
     """The ``check_grads`` modes ``loop`` supports."""
-    return ["fwd", "rev"] if has_reverse_mode(loop) else ["fwd"]
+    return [m for m, ok in (("fwd", has_forward_mode(loop)), ("rev", has_reverse_mode(loop))) if ok]
 
 
 def fixture(scenario: str, dtype: str) -> Fixture:

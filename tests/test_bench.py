@@ -878,6 +878,59 @@ def test_cell_profile_times_each_part_on_both_sides(tmp_path, capsys):
     assert "dW in one" in capsys.readouterr().out
 
 
+def test_checkpoints_beside_equinox_count_evaluations_and_draw_memory_against_time(
+    tmp_path, capsys
+):
+    from loopgrad_jax.bench import checkpoints
+
+    equinox = pytest.importorskip("equinox")
+    path, picture = tmp_path / "checkpoints.json", tmp_path / "checkpoints.png"
+    argv = ["--length", "20", "--sizes", "article", "--checkpoints", "3,sqrt"]
+    argv += ["--repeats", "3", "--min-time", "0", "--json", str(path), "--plot", str(picture)]
+    assert checkpoints.main(argv) == 0
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["equinox"] == equinox.__version__
+    rows = {r["setting"]: r for r in doc["records"]}
+    # sqrt: ceil(sqrt(2 * 20)) = 7 checkpoints; chunk: round(sqrt(20)) = 4 steps.
+    assert list(rows) == [
+        "scan", "remat", "remat:chunk=4", "remat:checkpoints=3", "equinox:checkpoints=3",
+        "remat:checkpoints=7", "equinox:checkpoints=7",
+    ]  # fmt: skip
+    assert rows["scan"]["evaluations"] == 20  # the forward pass; backward replays residuals
+    assert rows["remat"]["evaluations"] == 40  # once more inside each step's VJP
+    for c in (3, 7):
+        ours, theirs = rows[f"remat:checkpoints={c}"], rows[f"equinox:checkpoints={c}"]
+        assert ours["evaluations"] == ours["optimal_evaluations"]
+        assert ours["optimal_evaluations"] == lg.checkpointed_evaluations(20, c)
+        assert theirs["evaluations"] >= ours["optimal_evaluations"]  # nobody beats the optimum
+        assert ours["recompute"] == ours["evaluations"] / 20
+        value, low, high = ours["vs_equinox"]
+        assert 0 < low <= value <= high and ours["temp_vs_equinox"] > 0
+    for r in rows.values():
+        assert r["max_rel_diff"] < 1e-5  # float32: the same computation
+        assert r["run_s_median"] > 0 and r["temp_bytes"] > 0 and r["run_samples"] >= 3
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "equinox:checkpoints=7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--checkpoints", "8,zero"], "--checkpoints takes integers >= 1 or 'sqrt'.*'zero'"),
+        (["--checkpoints", "0"], "--checkpoints takes integers >= 1 or 'sqrt'.*'0'"),
+        (["--sizes", "huge"], "--sizes takes article, large; got 'huge'"),
+        (["--length", "0"], "--length must be >= 1, got 0"),
+    ],
+)
+def test_checkpoints_bad_arguments_exit_2(argv, match, capsys):
+    from loopgrad_jax.bench import checkpoints
+
+    with pytest.raises(SystemExit) as exit_:
+        checkpoints.main(argv)
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
 def test_table_flags_records_timed_on_a_busy_machine():
     record = dict.fromkeys(run.RECORD_KEYS)
     record.update(scenario="stack", length=5, framework="jax", loop="scan", run_s_median=1e-3)
