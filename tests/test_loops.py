@@ -74,6 +74,7 @@ def test_reverse_mode_matches_oracle(loop):
         "remat:policy=dots_saveable:chunk=3",
         "while",
         "while:max_steps=64",
+        "remat:checkpoints=8",
     ],
 )
 def test_text_form_round_trips(text):
@@ -279,6 +280,16 @@ def test_while_forward_mode_works():
         ("remat:chunk=0", ValueError, r"loop chunk must be an int >= 1, got 0"),
         ("remat:chunk=x", TypeError, r"loop chunk must be a Python int, got str 'x'"),
         ("scan:unroll", ValueError, r"loop options are ':unroll=<int>'"),
+        ("remat:checkpoints=0", ValueError, r"loop checkpoints must be an int >= 1, got 0"),
+        ("remat:checkpoints=x", TypeError, r"loop checkpoints must be a Python int, got str 'x'"),
+        ("scan:checkpoints=4", ValueError, r"loop checkpoints applies to 'remat' only, got kind"),
+        (
+            "remat:chunk=4:checkpoints=4",
+            ValueError,
+            r"checkpoints=4 .* does not combine with chunk",
+        ),
+        ("remat:unroll=2:checkpoints=4", ValueError, r"does not combine with unroll"),
+        ("remat:policy=dots_saveable:checkpoints=2", ValueError, r"does not combine with policy"),
         (lg.Loop("python", unroll=4), ValueError, r"unroll applies to 'scan', 'fori', 'remat'"),
     ],
 )

@@ -97,7 +97,8 @@ def test_filters_select_cells_and_loop_kinds():
     every = parity.checks(["cell_tbptt", "train_tbptt"])
     chosen = parity.select(every, cells=("lstm",), loops=("remat",))
     assert chosen and {c.cell for c in chosen} == {"lstm"}
-    assert {c.loop for c in chosen} == {"remat", "remat:policy=dots_saveable", "remat:chunk=4"}
+    remats = {"remat", "remat:policy=dots_saveable", "remat:chunk=4", "remat:checkpoints=3"}
+    assert {c.loop for c in chosen} == remats
     exact = parity.select(every, cells=("article",), loops=("remat:chunk=4",))
     assert exact and {(c.scenario, c.loop) for c in exact} == {("train_tbptt", "remat:chunk=4")}
 

@@ -239,11 +239,7 @@ def format_record(r: Mapping[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loopgrad_jax.bench.as_written_grid",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = report.tool_parser("as_written_grid", __doc__, epilog=False)
     for key, default in GRID.items():
         parser.add_argument(
             f"--{key}", type=_ints, default=default, help=f"comma-separated ({_join(default)})"

@@ -220,12 +220,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loopgrad_jax.bench.cell_profile",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = report.tool_parser("cell_profile", __doc__)
     parser.add_argument("--cell", choices=lg.CELLS[1:], default="lstm")
     for flag, default in (("length", 1000), ("input", 64), ("hidden", 256), ("batch", 32)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"(default: {default})")

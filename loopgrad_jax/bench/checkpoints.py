@@ -284,12 +284,7 @@ def collect_meta(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loopgrad_jax.bench.checkpoints",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = report.tool_parser("checkpoints", __doc__)
     parser.add_argument("--length", type=int, default=1000, help="T (default: 1000)")
     parser.add_argument(
         "--sizes",

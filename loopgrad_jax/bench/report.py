@@ -12,6 +12,7 @@ leaves a valid file holding every finished record::
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -64,6 +65,18 @@ CPU_FEATURES: tuple[str, ...] = (
 
 #: A record whose timed calls shared the machine with this many busy cores is flagged.
 BUSY_CORES = 0.25
+
+
+def tool_parser(module: str, doc: str, *, epilog: bool = True) -> argparse.ArgumentParser:
+    """The parser of a ``python -m loopgrad_jax.bench.<module>`` tool, described by its
+    module docstring: the first paragraph as description, the rest as epilog."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(
+        prog=f"python -m loopgrad_jax.bench.{module}",
+        description=head,
+        epilog=rest if epilog else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def machine_meta(device: jax.Device) -> dict:
