@@ -119,6 +119,11 @@ wait_idle
   --json "$OUT/cpu_checkpoints.json" --plot "$OUT/cpu_checkpoints.png" > "$OUT/cpu_checkpoints.txt"
 fi
 
+# The same loop kinds through loopgrad-bench: compile and run time from T=10 to 10000.
+bench cpu_checkpoints_lengths --scenarios stack,rnn_loss \
+  --loops scan,remat,remat:checkpoints=8,remat:checkpoints=32 --lengths 10,1000,10000 \
+  --no-torch --compile-repeats 3                # cpu_checkpoints_lengths.json .png
+
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32
           --devices 2)
