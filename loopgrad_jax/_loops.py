@@ -81,7 +81,8 @@ class Loop(NamedTuple):
         then runs ``N`` steps of a ``lax.scan`` at most, each past the trip count
         a ``lax.cond`` that skips the body, so reverse mode works and the trip
         count may be a traced integer; ``None``: no bound (forward mode only).
-      checkpoints: for ``remat``, the most carries reverse mode stores, ``C >= 1``
+      checkpoints: for ``remat``, and ``while`` given ``max_steps``, the most
+        carries reverse mode stores, ``C >= 1``
         (the initial carry among them), placed on Griewank's binomial schedule
         (revolve), which evaluates the body the fewest times any schedule storing
         ``C`` carries can: ``lg.checkpointed_evaluations(T, C)`` times for ``T``
@@ -90,7 +91,8 @@ class Loop(NamedTuple):
         primal is ``lax.scan``; reverse mode is a custom VJP, so forward mode
         (``jax.jvp``) does not run through it (:attr:`forward_mode`), nor does
         reverse mode of its reverse mode. Not combined with ``unroll``, ``policy``
-        or ``chunk``; ``None``: checkpoint every step.
+        or ``chunk``; ``None``: checkpoint every step. With ``while:max_steps=N``
+        the schedule covers the N steps of the bounded loop, skipped ones included.
     """
 
     kind: str = "scan"
@@ -205,8 +207,11 @@ def check_loop(loop: object) -> Loop:
     checkpoints = loop.checkpoints
     if checkpoints is not None:
         checkpoints = _checks.static_length("loop checkpoints", checkpoints, minimum=1)
-        if loop.kind != "remat":
-            raise ValueError(f"loop checkpoints applies to 'remat' only, got kind {loop.kind!r}.")
+        if loop.kind != "remat" and max_steps is None:
+            raise ValueError(
+                "loop checkpoints applies to 'remat' and to a bounded 'while:max_steps=N', "
+                f"got {str(loop)!r}."
+            )
         others = {
             "unroll": unroll != 1,
             "policy": loop.policy != "nothing_saveable",
@@ -304,7 +309,7 @@ def run_loop(
     spec = check_loop(loop)
     length = check_length("length", length, spec)
     if spec.max_steps is not None:
-        return _bounded_while(body, init, xs, length, reverse, spec.max_steps)
+        return _bounded_while(body, init, xs, length, reverse, spec)
     _check_leading_axis(xs, length)
     if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
@@ -375,7 +380,7 @@ def _with_consts(body, consts):
     return lambda carry, x: body(carry, x, *consts)
 
 
-def _bounded_while(body, init, xs, length: int | jax.Array, reverse: bool, max_steps: int):
+def _bounded_while(body, init, xs, length: int | jax.Array, reverse: bool, spec: Loop):
     """``while:max_steps=N``: a scan of at most N steps, reverse-differentiable.
 
     With a static ``length`` every step runs (a while loop whose trip count is known
@@ -383,27 +388,35 @@ def _bounded_while(body, init, xs, length: int | jax.Array, reverse: bool, max_s
     trip count is a ``lax.cond`` that skips the body: the carry passes through and
     the step's outputs are zeros. Run in reverse, the scan visits rows N-1 down to 0,
     skipping every row at or past the trip count, so rows length-1 down to 0 run.
+    With ``spec.checkpoints`` the scan is the checkpointed one.
     """
+    max_steps = spec.max_steps
+
+    def scan(step, init, xs, steps):
+        if spec.checkpoints is None:
+            return lax.scan(step, init, xs, length=steps, reverse=reverse)
+        return checkpointed_scan(step, init, xs, steps, reverse, spec.checkpoints)
+
     dynamic = isinstance(length, jax.Array)
     steps = max_steps if dynamic else length
     _check_leading_axis(xs, steps)
     if not dynamic or steps == 0:
-        carry, ys = lax.scan(body, init, xs, length=steps, reverse=reverse)
+        carry, ys = scan(body, init, xs, steps)
         return _poison(carry, ys, length, max_steps) if dynamic else (carry, ys)
 
     zeros = _empty_outputs(body, init, xs, 1)
 
-    def step(carry, row_and_x):
-        row, x = row_and_x
+    def step(carry, live_and_x):
+        live, x = live_and_x
         return lax.cond(
-            row < length,
+            live,
             lambda c: body(c, x),
             lambda c: (c, jax.tree.map(lambda z: z[0], zeros)),
             carry,
         )
 
-    rows = jnp.arange(steps, dtype=length.dtype)
-    carry, ys = lax.scan(step, init, (rows, xs), length=steps, reverse=reverse)
+    live = jnp.arange(steps, dtype=length.dtype) < length  # the rows the loop runs
+    carry, ys = scan(step, init, (live, xs), steps)
     return _poison(carry, ys, length, max_steps)
 
 

@@ -885,32 +885,33 @@ def test_checkpoints_beside_equinox_count_evaluations_and_draw_memory_against_ti
 
     equinox = pytest.importorskip("equinox")
     path, picture = tmp_path / "checkpoints.json", tmp_path / "checkpoints.png"
-    argv = ["--length", "20", "--sizes", "article", "--checkpoints", "3,sqrt"]
+    argv = ["--length", "12", "--sizes", "article", "--checkpoints", "3"]
     argv += ["--repeats", "3", "--min-time", "0", "--json", str(path), "--plot", str(picture)]
     assert checkpoints.main(argv) == 0
     doc = json.loads(path.read_text())
     assert doc["meta"]["equinox"] == equinox.__version__
     rows = {r["setting"]: r for r in doc["records"]}
-    # sqrt: ceil(sqrt(2 * 20)) = 7 checkpoints; chunk: round(sqrt(20)) = 4 steps.
+    # chunk: round(sqrt(12)) = 3 steps.
     assert list(rows) == [
-        "scan", "remat", "remat:chunk=4", "remat:checkpoints=3", "equinox:checkpoints=3",
-        "remat:checkpoints=7", "equinox:checkpoints=7",
+        "scan", "remat", "remat:chunk=3", "remat:checkpoints=3", "equinox:checkpoints=3",
     ]  # fmt: skip
-    assert rows["scan"]["evaluations"] == 20  # the forward pass; backward replays residuals
-    assert rows["remat"]["evaluations"] == 40  # once more inside each step's VJP
-    for c in (3, 7):
-        ours, theirs = rows[f"remat:checkpoints={c}"], rows[f"equinox:checkpoints={c}"]
-        assert ours["evaluations"] == ours["optimal_evaluations"]
-        assert ours["optimal_evaluations"] == lg.checkpointed_evaluations(20, c)
-        assert theirs["evaluations"] >= ours["optimal_evaluations"]  # nobody beats the optimum
-        assert ours["recompute"] == ours["evaluations"] / 20
-        value, low, high = ours["vs_equinox"]
-        assert 0 < low <= value <= high and ours["temp_vs_equinox"] > 0
+    assert rows["scan"]["evaluations"] == 12  # the forward pass; backward replays residuals
+    assert rows["remat"]["evaluations"] == 24  # once more inside each step's VJP
+    c = 3
+    ours, theirs = rows[f"remat:checkpoints={c}"], rows[f"equinox:checkpoints={c}"]
+    assert ours["evaluations"] == ours["optimal_evaluations"]
+    assert ours["optimal_evaluations"] == lg.checkpointed_evaluations(12, c)
+    assert theirs["evaluations"] >= ours["optimal_evaluations"]  # nobody beats the optimum
+    assert ours["recompute"] == ours["evaluations"] / 12
+    value, low, high = ours["vs_equinox"]
+    assert 0 < low <= value <= high and ours["temp_vs_equinox"] > 0
     for r in rows.values():
         assert r["max_rel_diff"] < 1e-5  # float32: the same computation
         assert r["run_s_median"] > 0 and r["temp_bytes"] > 0 and r["run_samples"] >= 3
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "equinox:checkpoints=7" in capsys.readouterr().out
+    assert "equinox:checkpoints=3" in capsys.readouterr().out
+    # --checkpoints sqrt is ceil(sqrt(2T)), the count past which more memory buys little.
+    assert checkpoints.checkpoint_counts("8,sqrt,8", 1000) == (8, 45)
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,7 @@ def test_reverse_mode_matches_oracle(loop):
         "while",
         "while:max_steps=64",
         "remat:checkpoints=8",
+        "while:max_steps=64:checkpoints=8",
     ],
 )
 def test_text_form_round_trips(text):
@@ -282,7 +283,8 @@ def test_while_forward_mode_works():
         ("scan:unroll", ValueError, r"loop options are ':unroll=<int>'"),
         ("remat:checkpoints=0", ValueError, r"loop checkpoints must be an int >= 1, got 0"),
         ("remat:checkpoints=x", TypeError, r"loop checkpoints must be a Python int, got str 'x'"),
-        ("scan:checkpoints=4", ValueError, r"loop checkpoints applies to 'remat' only, got kind"),
+        ("scan:checkpoints=4", ValueError, r"checkpoints applies to 'remat' and to a bounded"),
+        ("while:checkpoints=4", ValueError, r"bounded 'while:max_steps=N', got 'while:check"),
         (
             "remat:chunk=4:checkpoints=4",
             ValueError,
