@@ -142,7 +142,8 @@ def _scan_fwd(static: _Static, consts, init_d, xs_d, init_n, xs_n):
         carry, y = static.step(consts, carry, jax.tree.map(lambda a: a[i], xs))
         return carry, bank, jax.tree.map(lambda buf, leaf: buf.at[i].set(leaf), ys, y)
 
-    carry, bank, ys = lax.fori_loop(0, n - 1, sweep, (init, bank, ys))
+    state = _typed_like_outputs((init, bank, ys), functools.partial(sweep, 0))
+    carry, bank, ys = lax.fori_loop(0, n - 1, sweep, state)
     last = static.row(n - 1)  # the first turn: the last step, its pullback kept
     (carry, y), pull = _pullback(static, consts, carry, jax.tree.map(lambda a: a[last], xs))
     ys = jax.tree.map(lambda buf, leaf: buf.at[last].set(leaf), ys, y)
@@ -186,13 +187,30 @@ def _scan_bwd(static: _Static, residuals, cts):
         )
         return (bank, ct_carry, g_consts, ct_xs), None
 
+    rows = _backward_rows(table, first)
     state = (bank, ct_carry, g_consts, ct_xs)
-    (_, ct_init, g_consts, ct_xs), _ = lax.scan(run_row, state, _backward_rows(table, first))
+    if len(rows):
+        state = _typed_like_outputs(state, lambda state: run_row(state, rows[0])[0])
+    (_, ct_init, g_consts, ct_xs), _ = lax.scan(run_row, state, rows)
     zeros = [np.zeros(np.shape(a), jax.dtypes.float0) for a in (*init_n, *xs_n)]
     return g_consts, ct_init, ct_xs, zeros[: len(init_n)], zeros[len(init_n) :]
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _typed_like_outputs(state: PyTree, step: Callable[[PyTree], PyTree]) -> PyTree:
+    """``state`` promoted to the types ``step(state)`` returns.
+
+    Inside ``shard_map`` a value computed from per-device data varies over the mesh's
+    axes, and a loop's carry must keep its type from step to step: a buffer of zeros
+    that comes to hold such values must vary from the start. Adding zeros of the
+    output's type promotes each leaf (and changes nothing outside ``shard_map``).
+    """
+    for _ in range(2):  # a promoted leaf can promote another on the next step
+        out = jax.eval_shape(step, state)
+        state = jax.tree.map(lambda leaf, aval: leaf + jnp.zeros_like(aval), state, out)
+    return state
 
 
 def _backward_rows(table: np.ndarray, first: int) -> jax.Array:

@@ -111,7 +111,9 @@ def test_every_mode_on_1_2_and_4_devices_equals_one_device(devices, dtype):
             )
 
 
-@pytest.mark.parametrize("loop", ["python", "fori", "remat:chunk=2"])  # scan: above
+@pytest.mark.parametrize(
+    "loop", ["python", "fori", "remat:chunk=2", "remat:checkpoints=2"]
+)  # scan: above
 def test_every_reverse_capable_loop_kind(loop):
     params, x, y = _problem()
     mesh = _mesh(2)
