@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from loopgrad_jax import _revolve
+from loopgrad_jax import _checks, _revolve
 
 PyTree = Any
 
@@ -36,7 +36,7 @@ def checkpointed_scan(
     stores at most ``checkpoints`` carries (the initial one included)."""
     if length == 0:
         return lax.scan(body, init, xs, length=0, reverse=reverse)
-    closed, consts = jax.closure_convert(body, init, jax.tree.map(lambda a: a[0], xs))
+    closed, consts = jax.closure_convert(body, init, _row(xs, 0))
     # Only floating-point leaves are differentiated; the others ride along unchanged.
     init_d, init_n, init_tree = _split(init)
     xs_d, xs_n, xs_tree = _split(xs)
@@ -64,7 +64,7 @@ class _Static:
 def _split(tree: PyTree) -> tuple[list, list, tuple]:
     """``(floating-point leaves, other leaves, how to merge them back)``."""
     leaves, treedef = jax.tree.flatten(tree)
-    mask = tuple(_inexact(leaf) for leaf in leaves)
+    mask = tuple(_checks.inexact(leaf) for leaf in leaves)
     diff = [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
     other = [leaf for leaf, m in zip(leaves, mask, strict=True) if not m]
     return diff, other, (treedef, mask)
@@ -76,12 +76,9 @@ def _merge(diff: list, other: list, how: tuple) -> PyTree:
     return jax.tree.unflatten(treedef, [next(diff_it) if m else next(other_it) for m in mask])
 
 
-def _inexact(leaf) -> bool:
-    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-
-
-def _at(leaves: list, i) -> list:
-    return [leaf[i] for leaf in leaves]
+def _row(tree: PyTree, i) -> PyTree:
+    """Row ``i`` of every leaf of ``tree``."""
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -131,21 +128,20 @@ def _scan_fwd(static: _Static, consts, init_d, xs_d, init_n, xs_n):
     xs = _merge(xs_d, xs_n, static.xs_tree)
     n = static.length
     bank = jax.tree.map(lambda a: jnp.zeros((static.checkpoints, *jnp.shape(a)), a.dtype), init)
-    x0 = jax.tree.map(lambda a: a[0], xs)
-    y_avals = jax.eval_shape(static.step, consts, init, x0)[1]
+    y_avals = jax.eval_shape(static.step, consts, init, _row(xs, 0))[1]
     ys = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), y_avals)
 
     def sweep(k, state):
         carry, bank, ys = state
         bank = _store(bank, carry, jnp.asarray(slots)[k])
         i = static.row(k)
-        carry, y = static.step(consts, carry, jax.tree.map(lambda a: a[i], xs))
+        carry, y = static.step(consts, carry, _row(xs, i))
         return carry, bank, jax.tree.map(lambda buf, leaf: buf.at[i].set(leaf), ys, y)
 
     state = _typed_like_outputs((init, bank, ys), functools.partial(sweep, 0))
     carry, bank, ys = lax.fori_loop(0, n - 1, sweep, state)
     last = static.row(n - 1)  # the first turn: the last step, its pullback kept
-    (carry, y), pull = _pullback(static, consts, carry, jax.tree.map(lambda a: a[last], xs))
+    (carry, y), pull = _pullback(static, consts, carry, _row(xs, last))
     ys = jax.tree.map(lambda buf, leaf: buf.at[last].set(leaf), ys, y)
     return (carry, ys), (consts, xs_d, xs_n, init_n, bank, pull)
 
@@ -157,16 +153,16 @@ def _scan_bwd(static: _Static, residuals, cts):
     table = _revolve.schedule(static.length, static.checkpoints)
     first = _revolve.first_turn(table)
     last = static.row(static.length - 1)
-    g_consts, ct_carry, g_x = pull((ct_carry, _at(ct_ys, last)))
+    g_consts, ct_carry, g_x = pull((ct_carry, _row(ct_ys, last)))
     ct_xs = [jnp.zeros_like(a).at[last].set(g) for a, g in zip(xs_d, g_x, strict=True)]
 
     def advance(k, carry):
-        return static.step(consts, carry, jax.tree.map(lambda a: a[static.row(k)], xs))[0]
+        return static.step(consts, carry, _row(xs, static.row(k)))[0]
 
     def turn(k, carry, ct_carry, g_consts, ct_xs):
         i = static.row(k)
-        _, pull = _pullback(static, consts, carry, jax.tree.map(lambda a: a[i], xs))
-        g_c, ct_carry, g_x = pull((ct_carry, _at(ct_ys, i)))
+        _, pull = _pullback(static, consts, carry, _row(xs, i))
+        g_c, ct_carry, g_x = pull((ct_carry, _row(ct_ys, i)))
         g_consts = jax.tree.map(jnp.add, g_consts, g_c)
         ct_xs = [buf.at[i].set(g) for buf, g in zip(ct_xs, g_x, strict=True)]
         return ct_carry, g_consts, ct_xs

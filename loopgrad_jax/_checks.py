@@ -14,6 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def inexact(leaf: object) -> bool:
+    """Whether ``leaf`` is floating point or complex: what differentiation reaches."""
+    return bool(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
+
+
 def static_length(name: str, value: object, *, minimum: int = 0) -> int:
     """Returns ``value`` as a Python int, or raises naming ``name``.
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+
+from loopgrad_jax import _checks
 
 PyTree = Any
 
@@ -74,7 +75,7 @@ def forward_only(tree: PyTree, message: str) -> PyTree:
     """
 
     def mark(leaf):
-        if forward_only_p is not None and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if forward_only_p is not None and _checks.inexact(leaf):
             return forward_only_p.bind(leaf, message=message)
         return leaf
 

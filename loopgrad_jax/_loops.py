@@ -425,7 +425,7 @@ def _poison(carry, ys, length: jax.Array, max_steps: int):
     bad = (length < 0) | (length > max_steps)
 
     def poison(leaf):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if not _checks.inexact(leaf):
             return leaf
         return jnp.where(bad, jnp.asarray(jnp.nan, jnp.result_type(leaf)), leaf)
 

@@ -26,14 +26,6 @@ from loopgrad_jax import _checks
 RESTORE, START, ADVANCE, STORE, TURN = range(5)
 
 
-def repetitions(length: int, checkpoints: int) -> int:
-    """The smallest ``r`` with ``comb(checkpoints + r, checkpoints) >= length``."""
-    r = 0
-    while math.comb(checkpoints + r, checkpoints) < length:
-        r += 1
-    return r
-
-
 def forward_steps(length: int, checkpoints: int) -> int:
     """Fewest body evaluations, besides the ``length`` reverse steps, that reverse ``length``
     steps storing at most ``checkpoints`` carries (the initial carry counts as one).
@@ -41,12 +33,7 @@ def forward_steps(length: int, checkpoints: int) -> int:
     >>> forward_steps(1000, 8), forward_steps(1000, 32), forward_steps(5, 1)
     (4285, 2405, 10)
     """
-    if length <= 1:
-        return 0
-    if checkpoints == 1:  # only the initial carry: walk from it to every step
-        return length * (length - 1) // 2
-    r = repetitions(length, checkpoints)
-    return r * length - math.comb(checkpoints + r, r - 1)
+    return int(_costs(np.asarray([length], dtype=np.int64), checkpoints)[0])
 
 
 def checkpointed_evaluations(length: int, checkpoints: int) -> int:
@@ -69,9 +56,12 @@ def checkpointed_evaluations(length: int, checkpoints: int) -> int:
 
 
 def _costs(lengths: np.ndarray, checkpoints: int) -> np.ndarray:
-    """:func:`forward_steps` for an array of lengths (>= 1), one number of checkpoints."""
-    if checkpoints == 1:
-        return lengths * (lengths - 1) // 2
+    """:func:`forward_steps` for an array of lengths, one number of checkpoints: with
+    ``r`` the smallest integer such that ``comb(C + r, C) >= T``, ``r * T - comb(C + r,
+    r - 1)`` for ``T > 1``."""
+    lengths = np.maximum(lengths, 0)
+    if checkpoints == 1:  # only the initial carry: walk from it to every step
+        return lengths * np.maximum(lengths - 1, 0) // 2
     top = int(lengths.max())
     betas = [1]  # betas[r] = comb(checkpoints + r, checkpoints), up to the first >= top
     while betas[-1] < top:

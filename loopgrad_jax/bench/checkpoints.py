@@ -88,14 +88,18 @@ def _tick(_) -> None:
     _TICKS[0] += 1
 
 
+def _zero_hidden(params, inputs) -> jax.Array:
+    """The article's initial hidden state, zeros of shape (B, H): what rnn_loss starts from."""
+    return jnp.zeros((inputs.shape[1], params.i2h_weight.shape[0]), inputs.dtype)
+
+
 def _loss(setting: str, count: bool = False) -> Callable:
     """``(params, inputs, targets) -> loss`` for a setting (a loop kind, or equinox's)."""
     if setting.startswith("equinox:checkpoints="):
         scan, c = _equinox_scan(), int(setting.partition("=")[2])
 
         def equinox_loss(params, inputs, targets):
-            h0 = jnp.zeros((inputs.shape[1], params.i2h_weight.shape[0]), inputs.dtype)
-            body = _article_body(params, count)
+            body, h0 = _article_body(params, count), _zero_hidden(params, inputs)
             _, losses = scan(body, h0, (inputs, targets), kind="checkpointed", checkpoints=c)
             return losses.sum()
 
@@ -104,8 +108,7 @@ def _loss(setting: str, count: bool = False) -> Callable:
         return lambda params, inputs, targets: lg.rnn_loss(params, inputs, targets, loop=setting)
 
     def counted_loss(params, inputs, targets):  # the loop rnn_loss runs, on a counting body
-        h0 = jnp.zeros((inputs.shape[1], params.i2h_weight.shape[0]), inputs.dtype)
-        body = _article_body(params, count)
+        body, h0 = _article_body(params, count), _zero_hidden(params, inputs)
         _, losses = lg.run_loop(body, h0, (inputs, targets), length=inputs.shape[0], loop=setting)
         return losses.sum()
 
