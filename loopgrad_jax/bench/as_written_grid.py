@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not r["skipped"]:
                 sizes = _sizes_of(r)
                 est = {m: _as_written.estimated_seconds(sizes, m, 4, model) for m in METHODS}
-                pick = min(METHODS, key=est.__getitem__)
+                pick = _as_written.pick_method(est["forward"], est["reverse"])
                 ratio = r[pick]["median_s"] / r[r["faster"]]["median_s"]
                 fitted = "  ".join(f"{m} {est[m] * 1e3:.2f} ms" for m in METHODS)
                 print(f"{format_record(r)}  | fit: {fitted}, pick {pick} {ratio:.2f}x")
