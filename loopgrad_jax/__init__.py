@@ -16,7 +16,7 @@ from loopgrad_jax._cells import (
     init_cell,
     to_torch,
 )
-from loopgrad_jax._loops import LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
+from loopgrad_jax._loops import LOOPS, NNX_LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
 from loopgrad_jax._result import KEEP_GRADS, TrainResult
 from loopgrad_jax._revolve import checkpointed_evaluations
@@ -27,6 +27,28 @@ from loopgrad_jax._train import MODES, train_rnn
 
 __version__ = "0.1.0"
 
+#: What needs Flax (``pip install loopgrad_jax[flax]``): imported on first use, so that
+#: the rest of the library runs without it (and left out of ``__all__``, so that
+#: ``from loopgrad_jax import *`` does too).
+_FLAX_NAMES = ("FlaxRNN", "TorchCell", "flax_loss", "flax_train", "from_flax", "to_flax")
+
+
+def __getattr__(name: str):
+    if name in _FLAX_NAMES:
+        try:
+            from loopgrad_jax import _flax
+        except ImportError as err:
+            raise ImportError(
+                f"loopgrad_jax.{name} needs Flax: pip install 'loopgrad_jax[flax]' ({err})."
+            ) from err
+        return getattr(_flax, name)
+    raise AttributeError(f"module 'loopgrad_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FLAX_NAMES])
+
+
 __all__ = [
     "AS_WRITTEN_METHODS",
     "CELLS",
@@ -34,6 +56,7 @@ __all__ = [
     "CellParams",
     "LayerParams",
     "LOOPS",
+    "NNX_LOOPS",
     "POLICIES",
     "REVERSE_LOOPS",
     "Loop",

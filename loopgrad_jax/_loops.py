@@ -44,9 +44,20 @@ PyTree = Any
 #:   ``length`` may be a traced integer (see :func:`run_loop`).
 LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
 
+#: Flax NNX's lifted loop transforms as loop kinds (they need Flax installed:
+#: ``pip install loopgrad_jax[flax]``), each the counterpart of a kind in :data:`LOOPS`:
+#:
+#: - ``"nnx_scan"``: ``flax.nnx.scan`` with the carry as ``nnx.Carry`` and ``xs`` over axis 0.
+#: - ``"nnx_fori"``: ``flax.nnx.fori_loop`` writing each step's output into preallocated
+#:   arrays, as a user writes it: reverse mode is JAX's rule for the loop, which carries
+#:   the output arrays' cotangent from step to step (``"fori"`` differentiates as a scan).
+#: - ``"nnx_remat"``: ``flax.nnx.scan`` over ``flax.nnx.remat(body)``; takes ``policy``.
+NNX_LOOPS: tuple[str, ...] = ("nnx_scan", "nnx_fori", "nnx_remat")
+
 #: The loop kinds reverse-mode differentiation can run through (and ``"while"`` given
 #: ``max_steps``: :attr:`Loop.reverse_mode`).
 REVERSE_LOOPS: tuple[str, ...] = tuple(k for k in LOOPS if k != "while")
+_REVERSE_KINDS = (*REVERSE_LOOPS, *NNX_LOOPS)
 
 #: Names from ``jax.checkpoint_policies`` that ``Loop(kind="remat", policy=...)`` accepts.
 POLICIES: tuple[str, ...] = (
@@ -56,7 +67,8 @@ POLICIES: tuple[str, ...] = (
     "everything_saveable",
 )
 
-_UNROLLABLE = ("scan", "fori", "remat")
+_UNROLLABLE = ("scan", "fori", "remat", *NNX_LOOPS)
+_REMAT = ("remat", "nnx_remat")
 
 
 class Loop(NamedTuple):
@@ -67,10 +79,11 @@ class Loop(NamedTuple):
     ``"remat:policy=dots_saveable"``.
 
     Attributes:
-      kind: one of :data:`LOOPS`.
+      kind: one of :data:`LOOPS` or :data:`NNX_LOOPS`.
       unroll: loop iterations per trip through the compiled loop (``lax.scan``'s
-        and ``lax.fori_loop``'s ``unroll``), for ``scan``, ``fori`` and ``remat``.
-      policy: for ``remat``, the ``jax.checkpoint_policies`` entry (one of
+        and ``lax.fori_loop``'s ``unroll``), for ``scan``, ``fori``, ``remat`` and
+        the ``nnx_*`` kinds.
+      policy: for ``remat`` and ``nnx_remat``, the ``jax.checkpoint_policies`` entry (one of
         :data:`POLICIES`) deciding which intermediates reverse mode may store.
         ``nothing_saveable`` keeps only the carry of each step.
       chunk: for ``remat``, steps per checkpoint. With ``chunk=k > 1`` the scan
@@ -105,7 +118,7 @@ class Loop(NamedTuple):
     @property
     def reverse_mode(self) -> bool:
         """Whether reverse-mode differentiation (``jax.grad``) runs through this loop."""
-        return self.kind in REVERSE_LOOPS or self.max_steps is not None
+        return self.kind in _REVERSE_KINDS or self.max_steps is not None
 
     @property
     def forward_mode(self) -> bool:
@@ -130,7 +143,7 @@ checkpoints=None)
         text = self.kind
         if self.unroll != 1:
             text += f":unroll={self.unroll}"
-        if self.kind == "remat" and self.policy != "nothing_saveable":
+        if self.kind in _REMAT and self.policy != "nothing_saveable":
             text += f":policy={self.policy}"
         if self.chunk != 1:
             text += f":chunk={self.chunk}"
@@ -187,7 +200,7 @@ def check_loop(loop: object) -> Loop:
             f"loop must be a loop kind ({', '.join(map(repr, LOOPS))}), its text form such as "
             f"'scan:unroll=8', or a loopgrad_jax.Loop, got {type(loop).__name__} {loop!r}."
         )
-    _checks.one_of("loop", loop.kind, LOOPS)
+    _checks.one_of("loop", loop.kind, (*LOOPS, *NNX_LOOPS))
     unroll = _checks.static_length("loop unroll", loop.unroll, minimum=1)
     if unroll != 1 and loop.kind not in _UNROLLABLE:
         raise ValueError(
@@ -196,9 +209,12 @@ def check_loop(loop: object) -> Loop:
         )
     _checks.one_of("loop policy", loop.policy, POLICIES)
     chunk = _checks.static_length("loop chunk", loop.chunk, minimum=1)
-    for name, changed in (("policy", loop.policy != "nothing_saveable"), ("chunk", chunk != 1)):
-        if changed and loop.kind != "remat":
-            raise ValueError(f"loop {name} applies to 'remat' only, got kind {loop.kind!r}.")
+    if loop.policy != "nothing_saveable" and loop.kind not in _REMAT:
+        raise ValueError(
+            f"loop policy applies to 'remat' and 'nnx_remat' only, got kind {loop.kind!r}."
+        )
+    if chunk != 1 and loop.kind != "remat":
+        raise ValueError(f"loop chunk applies to 'remat' only, got kind {loop.kind!r}.")
     max_steps = loop.max_steps
     if max_steps is not None:
         max_steps = _checks.static_length("loop max_steps", max_steps)
@@ -311,6 +327,8 @@ def run_loop(
     if spec.max_steps is not None:
         return _bounded_while(body, init, xs, length, reverse, spec)
     _check_leading_axis(xs, length)
+    if spec.kind in NNX_LOOPS:
+        return _nnx_loop(body, init, xs, length, reverse, spec)
     if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
     if spec.checkpoints is not None:
@@ -338,6 +356,34 @@ def run_loop(
     # jax.grad through lax.while_loop would fail with JAX's generic message; the marker's
     # transpose runs first and says why, in terms of this library's loop kinds.
     return forward_only((carry, ys), _no_reverse_message(spec, "jax.grad or jax.vjp"))
+
+
+def _nnx_loop(body, init, xs, length: int, reverse: bool, spec: Loop):
+    """The ``nnx_*`` kinds: Flax NNX's lifted transforms over ``body``."""
+    try:
+        from flax import nnx
+    except ImportError as err:
+        raise ImportError(
+            f"loop={str(spec)!r} runs Flax NNX's loop transforms and needs Flax: "
+            "pip install 'loopgrad_jax[flax]'."
+        ) from err
+    if spec.kind == "nnx_fori":
+        if length == 0:
+            return init, _empty_outputs(body, init, xs, 0)
+        state = (init, _empty_outputs(body, init, xs, length))
+        step = functools.partial(_write_step, body, xs, length, reverse)
+        return nnx.fori_loop(0, length, step, state, unroll=spec.unroll)
+    if spec.kind == "nnx_remat":
+        body = nnx.remat(body, policy=getattr(jax.checkpoint_policies, spec.policy))
+    scan = nnx.scan(
+        body,
+        length=length,
+        reverse=reverse,
+        unroll=spec.unroll,
+        in_axes=(nnx.Carry, 0),
+        out_axes=(nnx.Carry, 0),
+    )
+    return scan(init, xs)
 
 
 def _write_step(body, xs, length: int, reverse: bool, step, state):

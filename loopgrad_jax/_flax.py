@@ -1,0 +1,575 @@
+"""Every cell kind as a Flax NNX model: PyTorch's weights in ``nnx.Module``\\ s, and back.
+
+:func:`to_flax` builds an :class:`FlaxRNN` from the library's params (the article's
+:class:`~loopgrad_jax.RNNParams` or a :class:`~loopgrad_jax.CellParams`), one
+``nnx.RNN`` per layer and an ``nnx.Linear`` head; :func:`from_flax` maps a model (or a
+gradient merged into one) back. Which cell each kind gets:
+
+==========  ===============================  ==========================================
+kind        ``cells="torch"`` (default)      ``cells="flax"`` (Flax's built-in cells)
+==========  ===============================  ==========================================
+article     ``nnx.SimpleCell`` (exact: the article's ``i2h`` has one bias)
+rnn_tanh    :class:`TorchCell`               ``nnx.SimpleCell``, bias ``b_ih + b_hh``
+rnn_relu    :class:`TorchCell`               ``nnx.SimpleCell(activation_fn=nnx.relu)``
+lstm        :class:`TorchCell`               ``nnx.OptimizedLSTMCell``, bias ``b_ih + b_hh``
+gru         :class:`TorchCell`               ``nnx.GRUCell``, bias ``b_ih + (b_hr, b_hz, 0)``;
+                                             refuses ``b_hn != 0``
+==========  ===============================  ==========================================
+
+Flax's cells keep one bias where PyTorch keeps two: the forward pass and the gradient
+are the same (``d loss / d b`` is the gradient of either of PyTorch's biases), but SGD
+steps PyTorch's two biases each by ``lr * g``, so their sum moves twice as far: a
+different trajectory. ``nnx.GRUCell`` has no ``b_hn`` inside ``r * (W_hn h + b_hn)`` at
+all. :class:`TorchCell` keeps PyTorch's four parameters and reproduces its training
+runs exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loopgrad_jax import _cells, _checks
+from loopgrad_jax._cell import Cell
+from loopgrad_jax._cells import TORCH_CELLS, CellParams, LayerParams
+from loopgrad_jax._loops import Loop, check_loop, run_loop
+from loopgrad_jax._result import TrainResult
+from loopgrad_jax._rnn import RNNParams
+from loopgrad_jax._train import train_rnn
+
+PyTree = Any
+
+#: Values of ``to_flax(cells=...)``: PyTorch's parameterisation, or Flax's built-in cells.
+CELL_SETS: tuple[str, ...] = ("torch", "flax")
+#: ``nnx.LSTMCell``'s eight Linears, input side and hidden side, in the gate order i, f, g, o.
+_LSTM_LINEARS = {"input": ("ii", "if_", "ig", "io"), "hidden": ("hi", "hf", "hg", "ho")}
+
+
+class TorchCell(nnx.RNNCellBase):
+    """One layer of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` with PyTorch's four parameters.
+
+    ``weight_ih`` ``(G*H, I)``, ``weight_hh`` ``(G*H, H)``, ``bias_ih`` and ``bias_hh``
+    ``(G*H,)``, named and laid out as in PyTorch's state dict, each an ``nnx.Param``.
+    One step is PyTorch's (see :mod:`loopgrad_jax._cells`); the carry is ``h`` ``(B, H)``,
+    or for an LSTM the pair ``(h, c)`` in PyTorch's order (Flax's LSTM cells carry
+    ``(c, h)``). ``__call__(carry, x)`` returns ``(new carry, new h)``, as Flax's cells do.
+    """
+
+    def __init__(self, kind: str, layer: LayerParams):
+        self.kind = _checks.one_of("kind", kind, TORCH_CELLS)
+        self.in_features = layer.weight_ih.shape[1]
+        self.hidden_features = layer.weight_hh.shape[1]
+        self.weight_ih = nnx.Param(jnp.asarray(layer.weight_ih))
+        self.weight_hh = nnx.Param(jnp.asarray(layer.weight_hh))
+        self.bias_ih = nnx.Param(jnp.asarray(layer.bias_ih))
+        self.bias_hh = nnx.Param(jnp.asarray(layer.bias_hh))
+
+    def __call__(self, carry: Any, inputs: jax.Array) -> tuple[Any, jax.Array]:
+        lead = tuple(range(inputs.ndim - 1))  # the batch axes
+        gi = inputs @ self.weight_ih[...].T + jnp.expand_dims(self.bias_ih[...], lead)
+        b_hh = jnp.expand_dims(self.bias_hh[...], lead)
+        return _cells._layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi)
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> Any:
+        zeros = jnp.zeros((*input_shape[:-1], self.hidden_features), self.weight_hh.dtype)
+        return (zeros, zeros) if self.kind == "lstm" else zeros
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class FlaxRNN(nnx.Module):
+    """A stack of recurrent layers and a linear head, in Flax NNX; built by :func:`to_flax`.
+
+    ``model(inputs, hidden0=None)`` runs each layer over the whole sequence with
+    ``nnx.RNN`` (``nnx.scan`` over its cell) and returns the head's output at every
+    step, ``(T, B, O)``. In plain Python::
+
+      x = inputs                                       # (T, B, I), time-major
+      for layer, carry in zip(layers, carries of hidden0):
+        hs = []
+        for t in range(T):
+          carry, h = layer.cell(carry, x[t]); hs.append(h)
+        x = stack(hs)                                  # (T, B, H)
+      return head(x)                                   # (T, B, O)
+
+    Attributes:
+      kind: one of :data:`loopgrad_jax.CELLS` (static).
+      layers: an ``nnx.List`` of ``nnx.RNN``, one per layer.
+      head: an ``nnx.Linear(H, O)``.
+
+    The model holds only ``nnx.Param`` variables (its ``nnx.RNN`` layers keep no RNG
+    stream), so ``nnx.state(model)`` is its weights. ``hidden0`` is in the library's
+    layout, as :func:`loopgrad_jax.rnn_loss` takes it: ``(B, H)`` for the article's
+    model, PyTorch's ``(num_layers, B, H)`` otherwise (the pair ``(h0, c0)`` for an
+    LSTM); zeros when ``None``.
+    """
+
+    def __init__(
+        self,
+        cells: Sequence[nnx.RNNCellBase],
+        head: nnx.Linear,
+        *,
+        kind: str,
+        unroll: int = 1,
+    ):
+        self.kind = _checks.one_of("kind", kind, _cells.CELLS)
+        self.unroll = _checks.static_length("unroll", unroll, minimum=1)
+        self.layers = nnx.List(
+            [
+                nnx.RNN(cell, time_major=True, return_carry=True, unroll=self.unroll, rngs=False)
+                for cell in cells
+            ]
+        )
+        self.head = head
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layers[0].cell.hidden_features
+
+    def __call__(self, inputs: jax.Array, hidden0: Any = None) -> jax.Array:
+        x = inputs
+        # initial_carry is given explicitly: without it nnx.RNN draws its carry from an
+        # RNG stream, which this model does not keep.
+        for layer, carry in zip(self.layers, self.carries(inputs, hidden0), strict=True):
+            _, x = layer(x, initial_carry=carry)
+        return self.head(x)
+
+    def carries(self, inputs: jax.Array, hidden0: Any = None) -> tuple:
+        """The per-layer carries of ``hidden0`` (library layout), each in its cell's layout."""
+        dtype = self.head.kernel.dtype
+        b, h, layers = inputs.shape[1], self.hidden_size, self.num_layers
+        if self.kind == "article":
+            if hidden0 is None:
+                return (jnp.zeros((b, h), dtype),)
+            hidden0 = _checks.float_array("hidden0", hidden0)
+            _checks.shape("hidden0", hidden0, (b, h), f"(B, H) with B={b}, H={h}")
+            return (hidden0,)
+        hidden0 = _cells.check_hidden0(self.kind, hidden0, layers, b, h, dtype)
+        if self.kind == "lstm":
+            return tuple(
+                _lstm_carry(layer.cell, hidden0[0][k], hidden0[1][k])
+                for k, layer in enumerate(self.layers)
+            )
+        return tuple(hidden0[k] for k in range(layers))
+
+    def hidden_of(self, carries: tuple) -> Any:
+        """The inverse of :meth:`carries`: the library's layout of per-layer carries."""
+        if self.kind == "article":
+            return carries[0]
+        if self.kind == "lstm":
+            pairs = [
+                _lstm_h_c(layer.cell, c) for layer, c in zip(self.layers, carries, strict=True)
+            ]
+            return jnp.stack([h for h, _ in pairs]), jnp.stack([c for _, c in pairs])
+        return jnp.stack(carries)
+
+
+def _lstm_carry(cell: nnx.Module, h: jax.Array, c: jax.Array) -> tuple:
+    return (h, c) if isinstance(cell, TorchCell) else (c, h)
+
+
+def _lstm_h_c(cell: nnx.Module, carry: tuple) -> tuple:
+    return carry if isinstance(cell, TorchCell) else (carry[1], carry[0])
+
+
+# ------------------------------------------------------------------- to and from
+
+
+def to_flax(params: CellParams | RNNParams, *, cells: str = "torch", unroll: int = 1) -> FlaxRNN:
+    """A :class:`FlaxRNN` holding ``params``' weights, for every kind in :data:`CELLS`.
+
+    Args:
+      params: the article's :class:`RNNParams` or a :class:`CellParams` of any number
+        of layers (:func:`loopgrad_jax.init_cell`, :func:`loopgrad_jax.from_torch`).
+      cells: ``"torch"``: :class:`TorchCell`, PyTorch's exact parameterisation (its
+        training runs reproduce PyTorch's); ``"flax"``: Flax's built-in cells, the
+        same forward pass with one bias per layer (see the module's table). A GRU
+        whose ``b_hn`` (the last third of ``bias_hh``) is not zero has no
+        ``nnx.GRUCell`` equivalent and raises a ``ValueError``. The article's model
+        is an ``nnx.SimpleCell`` either way.
+      unroll: ``nnx.RNN``'s ``unroll``: steps per trip through its loop.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
+      >>> p = lg.init_cell(jax.random.key(0), "lstm", input_size=3, hidden_size=4)
+      >>> model = lg.to_flax(p)
+      >>> x = jnp.ones((6, 2, 3), jnp.float32)
+      >>> model(x).shape
+      (6, 2, 1)
+      >>> back = lg.from_flax(model)
+      >>> bool(jnp.all(back.layers[0].weight_hh == p.layers[0].weight_hh))
+      True
+    """
+    cells = _checks.one_of("cells", cells, CELL_SETS)
+    if isinstance(params, RNNParams):
+        i = params.i2h_weight.shape[1] - params.i2h_weight.shape[0]
+        w = jnp.asarray(params.i2h_weight)
+        cell = _simple_cell(w[:, :i], w[:, i:], params.i2h_bias, jnp.tanh)
+        return FlaxRNN(
+            [cell], _head(params.h2o_weight, params.h2o_bias), kind="article", unroll=unroll
+        )
+    if not isinstance(params, CellParams):
+        raise TypeError(
+            "params must be an RNNParams (lg.init_rnn) or a CellParams (lg.init_cell, "
+            f"lg.from_torch), got {type(params).__name__}."
+        )
+    params, _ = _cells.check_params(params)
+    if cells == "torch":
+        stack = [TorchCell(params.kind, layer) for layer in params.layers]
+    else:
+        stack = [_builtin_cell(params.kind, k, layer) for k, layer in enumerate(params.layers)]
+    return FlaxRNN(
+        stack, _head(params.head_weight, params.head_bias), kind=params.kind, unroll=unroll
+    )
+
+
+def _rngs() -> nnx.Rngs:
+    # Flax's constructors draw initial weights; to_flax overwrites every one of them.
+    return nnx.Rngs(0)
+
+
+def _set(variable: nnx.Variable, value: Any) -> None:
+    variable[...] = jnp.asarray(value, variable.dtype)
+
+
+def _t(a: Any) -> jax.Array:
+    """A matrix transposed (its last two axes, so a stack of gradients maps too)."""
+    return jnp.swapaxes(jnp.asarray(a), -1, -2)
+
+
+def _head(weight: jax.Array, bias: jax.Array) -> nnx.Linear:
+    o, h = weight.shape
+    dtype = jnp.result_type(weight)
+    head = nnx.Linear(h, o, dtype=dtype, param_dtype=dtype, rngs=_rngs())
+    _set(head.kernel, _t(weight))
+    _set(head.bias, bias)
+    return head
+
+
+def _simple_cell(w_ih, w_hh, bias, activation) -> nnx.SimpleCell:
+    h, i = w_ih.shape
+    dtype = jnp.result_type(w_ih)
+    cell = nnx.SimpleCell(
+        i, h, activation_fn=activation, dtype=dtype, param_dtype=dtype, rngs=_rngs()
+    )
+    _set(cell.dense_i.kernel, _t(w_ih))
+    _set(cell.dense_i.bias, bias)
+    _set(cell.dense_h.kernel, _t(w_hh))
+    return cell
+
+
+def _builtin_cell(kind: str, k: int, layer: LayerParams) -> nnx.RNNCellBase:
+    """Flax's built-in cell with ``layer``'s forward pass; raises where none has it."""
+    w_ih, w_hh = jnp.asarray(layer.weight_ih), jnp.asarray(layer.weight_hh)
+    b_ih, b_hh = jnp.asarray(layer.bias_ih), jnp.asarray(layer.bias_hh)
+    if kind in ("rnn_tanh", "rnn_relu"):
+        activation = jnp.tanh if kind == "rnn_tanh" else jax.nn.relu
+        return _simple_cell(w_ih, w_hh, b_ih + b_hh, activation)
+    h, i = w_hh.shape[1], w_ih.shape[1]
+    dtype = jnp.result_type(w_ih)
+    options = {"dtype": dtype, "param_dtype": dtype, "rngs": _rngs()}
+    if kind == "lstm":
+        cell = nnx.OptimizedLSTMCell(i, h, **options)
+        _set(cell.dense_i.kernel, _t(w_ih))
+        _set(cell.dense_h.kernel, _t(w_hh))
+        _set(cell.dense_h.bias, b_ih + b_hh)
+        return cell
+    b_hn = _concrete(f"params.layers[{k}].bias_hh", b_hh)[2 * h :]
+    if np.any(b_hn != 0):
+        raise ValueError(
+            f"params.layers[{k}].bias_hh has a non-zero b_hn (its last third, the bias "
+            "inside r * (W_hn h + b_hn)), which nnx.GRUCell does not have: its largest "
+            f"|b_hn| is {float(np.max(np.abs(b_hn))):.3g}. Use cells='torch' (TorchCell, "
+            "PyTorch's parameterisation), or zero b_hn first."
+        )
+    cell = nnx.GRUCell(i, h, **options)
+    _set(cell.dense_i.kernel, _t(w_ih))
+    _set(cell.dense_i.bias, b_ih + b_hh.at[2 * h :].set(0))
+    _set(cell.dense_h.kernel, _t(w_hh))
+    return cell
+
+
+def _concrete(name: str, value: jax.Array) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except jax.errors.ConcretizationTypeError as err:
+        raise TypeError(
+            f"to_flax(cells='flax') reads {name} to check that nnx.GRUCell can hold it, "
+            "so it needs concrete weights: call it outside jax.jit."
+        ) from err
+
+
+def from_flax(model: FlaxRNN) -> CellParams | RNNParams:
+    """The library's params of a :class:`FlaxRNN`: the inverse of :func:`to_flax`.
+
+    Applied to a model merged from a gradient (``nnx.merge(graphdef, grads)`` with
+    ``grads = nnx.grad(loss)(model)``) it returns the gradient in the params' form,
+    which :func:`loopgrad_jax.to_torch` names as PyTorch does. Flax's built-in cells
+    keep one bias per layer: it is returned where Flax keeps it (``bias_ih`` for
+    ``nnx.SimpleCell`` and ``nnx.GRUCell``, ``bias_hh`` for the LSTM cells), the
+    other bias zeros, so the forward pass is the same; the gradient of that bias is
+    the gradient of either of PyTorch's (not of a GRU's ``b_hn``, which
+    ``nnx.GRUCell`` lacks).
+
+    Raises:
+      TypeError: ``model`` is not a :class:`FlaxRNN`, or one of its cells is not a
+        cell this library maps.
+    """
+    if not isinstance(model, FlaxRNN):
+        raise TypeError(
+            f"model must be a loopgrad_jax.FlaxRNN (lg.to_flax), got {type(model).__name__}."
+        )
+    head_w, head_b = _t(model.head.kernel[...]), model.head.bias[...]
+    if model.kind == "article":
+        cell = model.layers[0].cell
+        w = jnp.concatenate([_t(cell.dense_i.kernel[...]), _t(cell.dense_h.kernel[...])], axis=-1)
+        return RNNParams(w, cell.dense_i.bias[...], head_w, head_b)
+    layers = tuple(_layer_of(model.kind, k, layer.cell) for k, layer in enumerate(model.layers))
+    return CellParams(layers, head_w, head_b, model.kind)
+
+
+def _layer_of(kind: str, k: int, cell: nnx.Module) -> LayerParams:
+    if isinstance(cell, TorchCell):
+        return LayerParams(
+            cell.weight_ih[...], cell.weight_hh[...], cell.bias_ih[...], cell.bias_hh[...]
+        )
+    if kind in ("rnn_tanh", "rnn_relu") and isinstance(cell, nnx.SimpleCell):
+        b = cell.dense_i.bias[...]
+        return LayerParams(
+            _t(cell.dense_i.kernel[...]), _t(cell.dense_h.kernel[...]), b, jnp.zeros_like(b)
+        )
+    if kind == "gru" and isinstance(cell, nnx.GRUCell):
+        b = cell.dense_i.bias[...]
+        return LayerParams(
+            _t(cell.dense_i.kernel[...]), _t(cell.dense_h.kernel[...]), b, jnp.zeros_like(b)
+        )
+    if kind == "lstm" and isinstance(cell, nnx.OptimizedLSTMCell):
+        b = cell.dense_h.bias[...]
+        return LayerParams(
+            _t(cell.dense_i.kernel[...]), _t(cell.dense_h.kernel[...]), jnp.zeros_like(b), b
+        )
+    if kind == "lstm" and isinstance(cell, nnx.LSTMCell):
+        ins, hs = ([getattr(cell, n) for n in _LSTM_LINEARS[s]] for s in ("input", "hidden"))
+        b = jnp.concatenate([d.bias[...] for d in hs], axis=-1)
+        return LayerParams(
+            _t(jnp.concatenate([d.kernel[...] for d in ins], axis=-1)),
+            _t(jnp.concatenate([d.kernel[...] for d in hs], axis=-1)),
+            jnp.zeros_like(b),
+            b,
+        )
+    raise TypeError(
+        f"model.layers[{k}].cell is a {type(cell).__name__}, which this library does not map "
+        f"for kind={kind!r}: expected a TorchCell or "
+        f"{_BUILTIN_NAMES[kind]}."
+    )
+
+
+_BUILTIN_NAMES = {
+    "rnn_tanh": "nnx.SimpleCell",
+    "rnn_relu": "nnx.SimpleCell",
+    "lstm": "nnx.OptimizedLSTMCell or nnx.LSTMCell",
+    "gru": "nnx.GRUCell",
+}
+
+
+# ------------------------------------------------------------------- losses and training
+
+
+def flax_loss(
+    model: FlaxRNN,
+    inputs: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    *,
+    hidden0: Any = None,
+    loop: str | Loop | None = None,
+) -> jax.Array:
+    """The summed per-step loss of a :class:`FlaxRNN`, as :func:`loopgrad_jax.rnn_loss`.
+
+    ``sum over t of mean((model(inputs, hidden0)[t] - targets[t]) ** 2)``. With
+    ``loop=None`` the model runs as it is (``nnx.RNN``, layer by layer); with a loop
+    kind (one of :data:`loopgrad_jax.LOOPS`, :data:`loopgrad_jax.NNX_LOOPS`, or its
+    text form) that loop steps every layer's cell once per step, and the head reads
+    the stacked outputs after it. ``nnx.grad`` of it with respect to the model is
+    full backpropagation through time.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
+      >>> from flax import nnx
+      >>> model = lg.to_flax(lg.init_cell(jax.random.key(0), "gru", input_size=3,
+      ...                                 hidden_size=4))
+      >>> x, y = jnp.ones((6, 2, 3), jnp.float32), jnp.zeros((6, 2, 1), jnp.float32)
+      >>> grads = nnx.grad(lambda m: lg.flax_loss(m, x, y, loop="nnx_scan"))(model)
+      >>> g = lg.from_flax(nnx.merge(nnx.graphdef(model), grads))
+      >>> g.layers[0].weight_hh.shape
+      (12, 4)
+    """
+    _check_model(model)
+    inputs, targets = _sequences(model, inputs, targets)
+    if loop is None:
+        out = model(inputs, hidden0)
+    else:
+        loop = check_loop(loop)
+
+        def body(carry, x):
+            return _step_layers(model, carry, x)
+
+        carries = model.carries(inputs, hidden0)
+        _, hs = run_loop(body, carries, inputs, length=inputs.shape[0], loop=loop)
+        out = model.head(hs)
+    return jnp.mean((out - targets) ** 2, axis=(1, 2)).sum()
+
+
+def _step_layers(model: FlaxRNN, carries: tuple, x: jax.Array) -> tuple[tuple, jax.Array]:
+    """One step of every layer: ``(new carries, the last layer's new h)``."""
+    new = []
+    for layer, carry in zip(model.layers, carries, strict=True):
+        carry, x = layer.cell(carry, x)
+        new.append(carry)
+    return tuple(new), x
+
+
+def _check_model(model: object) -> FlaxRNN:
+    if not isinstance(model, FlaxRNN):
+        raise TypeError(
+            f"model must be a loopgrad_jax.FlaxRNN (lg.to_flax), got {type(model).__name__}."
+        )
+    return model
+
+
+def _sequences(model: FlaxRNN, inputs, targets) -> tuple[jax.Array, jax.Array]:
+    inputs = _checks.float_array("inputs", inputs)
+    targets = _checks.float_array("targets", targets)
+    i = model.layers[0].cell.in_features
+    o = model.head.out_features
+    _checks.shape("inputs", inputs, (None, None, i), f"(T, B, I) with I={i}, time-major")
+    t, b = inputs.shape[:2]
+    _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b}, O={o}")
+    _checks.same_dtype(
+        [("inputs", inputs), ("targets", targets), ("model.head.kernel", model.head.kernel[...])]
+    )
+    return inputs, targets
+
+
+def _shapes(tree: PyTree) -> tuple:
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, [(jnp.shape(a), jnp.result_type(a)) for a in leaves]
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_of_graph(graphdef: nnx.GraphDef) -> Cell:
+    """The library :class:`Cell` whose params are a model's pure ``nnx.State``."""
+
+    def step(state, carries, x):
+        return _step_layers(nnx.merge(graphdef, state), carries, x)[0]
+
+    def readout(state, carries):
+        model = nnx.merge(graphdef, state)
+        h = carries[-1]
+        cell = model.layers[-1].cell
+        if model.kind == "lstm":
+            h = _lstm_h_c(cell, h)[0]
+        return model.head(h)
+
+    return Cell(step, readout)
+
+
+def flax_train(
+    model: FlaxRNN,
+    optimizer: nnx.Optimizer,
+    inputs: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    *,
+    mode: str = "as_written",
+    window: int = 1,
+    hidden0: Any = None,
+    loop: str | Loop = "scan",
+    as_written_method: str = "auto",
+    keep_grads: str = "all",
+) -> TrainResult:
+    """Trains a :class:`FlaxRNN` over one sequence, in place, as :func:`train_rnn` does.
+
+    The same modes, loop kinds and methods as :func:`loopgrad_jax.train_rnn`
+    (``mode="as_written"``: an update after every step, each gradient summing every
+    past use of the weights at the values they had then; ``"tbptt"``: one update per
+    window), run on the model's own parameterisation: ``optimizer.tx`` steps the
+    model's ``nnx.Param`` variables, so a model of :class:`TorchCell`\\ s follows
+    PyTorch's trajectory and one of Flax's built-in cells Flax's. Afterwards the
+    model holds the new weights and ``optimizer`` the new optimizer state, its
+    ``step`` advanced by the number of updates, as ``optimizer.update`` would leave
+    them.
+
+    Args:
+      model: a :class:`FlaxRNN`.
+      optimizer: an ``nnx.Optimizer`` of ``model`` with ``wrt=nnx.Param``.
+      inputs, targets: ``(T, B, I)`` and ``(T, B, O)``.
+      mode, window, loop, as_written_method, keep_grads: as :func:`train_rnn` takes
+        them; ``loop`` also takes :data:`loopgrad_jax.NNX_LOOPS`.
+      hidden0: the initial state in the library's layout (see :class:`FlaxRNN`).
+
+    Returns:
+      A :class:`TrainResult` whose ``params`` is the model's new ``nnx.State``,
+      ``grads`` each update's gradient as an ``nnx.State`` (leaves ``(U, ...)``;
+      ``lg.from_flax(nnx.merge(nnx.graphdef(model), jax.tree.map(lambda g: g[u],
+      result.grads)))`` is update ``u``'s in the library's form), ``hidden`` the
+      final state in the library's layout.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, loopgrad_jax as lg
+      >>> from flax import nnx
+      >>> model = lg.to_flax(lg.init_rnn(jax.random.key(0), 3, 4))
+      >>> opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> x, y = jnp.ones((5, 2, 3), jnp.float32), jnp.zeros((5, 2, 1), jnp.float32)
+      >>> result = lg.flax_train(model, opt, x, y, mode="tbptt", window=5)
+      >>> result.losses.shape, int(opt.step[...])
+      ((5,), 1)
+    """
+    _check_model(model)
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(f"optimizer must be an nnx.Optimizer, got {type(optimizer).__name__}.")
+    if optimizer.wrt != nnx.Param:
+        raise ValueError(
+            f"optimizer must step the model's nnx.Param variables (wrt=nnx.Param), got "
+            f"wrt={optimizer.wrt!r}."
+        )
+    inputs, targets = _sequences(model, inputs, targets)
+    graphdef, state = nnx.split(model)
+    params = nnx.as_pure(state)
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    if _shapes(jax.eval_shape(optimizer.tx.init, params)) != _shapes(opt_state):
+        raise ValueError(
+            "optimizer must be an nnx.Optimizer of this model: its state does not match "
+            "the model's parameters."
+        )
+    carries = model.carries(inputs, hidden0)
+    result = train_rnn(
+        params,
+        inputs,
+        targets,
+        mode=mode,
+        window=window,
+        hidden0=carries,
+        loop=loop,
+        as_written_method=as_written_method,
+        optimizer=optimizer.tx,
+        opt_state=opt_state,
+        keep_grads=keep_grads,
+        cell=_cell_of_graph(graphdef),
+    )
+    # What optimizer.update does with its new state and weights, once for the whole run.
+    nnx.update(model, result.params)
+    nnx.update(optimizer.opt_state, nnx.state(result.opt_state, graph=optimizer.graph))
+    updates = result.losses.shape[0] if mode == "as_written" else -(-inputs.shape[0] // window)
+    optimizer.step[...] += updates
+    return result._replace(hidden=model.hidden_of(result.hidden))
