@@ -201,6 +201,10 @@ def rnn_forward(
         losses.append(mean((cell.readout(params, carry) - targets[t]) ** 2))
       return carry, stack(losses)
 
+    With the loop kinds of :data:`_READOUT_AFTER` the loop runs the steps only and
+    the readout and loss run on every step's carry at once after it (the same
+    numbers, up to the order of floating-point sums).
+
     With ``hoist_input`` the cell's input-side work runs as one product before the
     loop (``cell.project``) and only ``cell.step_projected`` stays inside; the
     result is the same up to the order of floating-point sums. PyTorch's modules
@@ -213,9 +217,19 @@ def rnn_forward(
         final, hs = _cells.hoisted_forward(params, inputs, carry0, check_loop(loop))
         out = jnp.einsum("tbh,oh->tbo", hs, params.head_weight) + params.head_bias[None, None, :]
         return final, jnp.mean((out - targets) ** 2, axis=(1, 2))
+    loop = check_loop(loop)
     step, xs = cell.step, inputs
     if hoist_input:
         step, xs = cell.step_projected, cell.project(params, inputs)
+    if loop.kind in _READOUT_AFTER and loop.max_steps is None:
+
+        def step_only(carry, x):
+            carry = step(params, carry, x)
+            return carry, _readout_input(cell, carry)
+
+        final, kept = run_loop(step_only, carry0, xs, length=inputs.shape[0], loop=loop)
+        out = _readout_every_step(cell, params, kept)
+        return final, jnp.mean((out - targets) ** 2, axis=(1, 2))
 
     def body(carry, xy):
         x, y = xy
@@ -223,6 +237,35 @@ def rnn_forward(
         return carry, cell_step_loss(cell, params, carry, y)
 
     return run_loop(body, carry0, (xs, targets), length=inputs.shape[0], loop=loop)
+
+
+#: The loop kinds after which :func:`rnn_forward` applies the readout and the loss to
+#: every step at once: the loop keeps only the cell (what reverse mode stores of it
+#: holds the readout's input already). Inside the loop, the readout and the loss were
+#: a third of the article's body's operations, and at its size each operation's fixed
+#: cost is most of a step's time. The remat kinds keep them inside, so as not to store
+#: every step's readout input where they store fewer carries; ``while`` too (forward
+#: mode stores nothing).
+_READOUT_AFTER = ("python", "scan", "fori", "nnx_scan", "nnx_fori")
+
+
+def _readout_input(cell: Cell, carry: PyTree) -> PyTree:
+    """What the readout reads of a step's carry: the last layer's ``h`` for PyTorch's modules."""
+    if cell is TORCH_CELL:
+        last = carry[-1]
+        return last[0] if isinstance(last, tuple) else last
+    return carry
+
+
+def _readout_every_step(cell: Cell, params: PyTree, kept: PyTree) -> jax.Array:
+    """The readout of every step at once, ``(T, B, O)``, from the stacked ``kept``."""
+    if cell is TORCH_CELL:
+        weight, bias = params.head_weight, params.head_bias
+    elif cell is ARTICLE_CELL:
+        weight, bias = params.h2o_weight, params.h2o_bias
+    else:
+        return jax.vmap(cell.readout, in_axes=(None, 0))(params, kept)
+    return jnp.einsum("tbh,oh->tbo", kept, weight) + bias[None, None, :]
 
 
 def check_hoist(hoist_input: object, cell: Cell) -> bool:
