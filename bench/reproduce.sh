@@ -119,6 +119,17 @@ wait_idle
   --json "$OUT/cpu_checkpoints.json" --plot "$OUT/cpu_checkpoints.png" > "$OUT/cpu_checkpoints.txt"
 fi
 
+# --- Flax NNX: this library's loops beside nnx.RNN, nnx.scan and loops over a module ------
+if wanted cpu_flax; then
+flaxing=()
+if ((${#SMOKE[@]})); then
+  flaxing=(--length 6 --sizes article --cells article,lstm --repeats 3 --min-time 0)
+fi
+wait_idle
+"${NICE_CMD[@]}" python -m loopgrad_jax.bench.flax_peers "${flaxing[@]}" \
+  --json "$OUT/cpu_flax.json" > "$OUT/cpu_flax.txt"
+fi
+
 # The same loop kinds through loopgrad-bench: compile and run time from T=10 to 10000.
 bench cpu_checkpoints_lengths --scenarios stack,rnn_loss \
   --loops scan,remat,remat:checkpoints=8,remat:checkpoints=32 --lengths 10,1000,10000 \

@@ -932,6 +932,49 @@ def test_checkpoints_bad_arguments_exit_2(argv, match, capsys):
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_flax_peers_put_every_loop_beside_nnx_rnn_on_the_same_numbers(tmp_path, capsys):
+    from loopgrad_jax.bench import flax_peers
+
+    flax = pytest.importorskip("flax")
+    path = tmp_path / "flax.json"
+    argv = ["--length", "5", "--sizes", "article", "--cells", "article,gru", "--unroll", "2"]
+    argv += ["--repeats", "3", "--min-time", "0", "--json", str(path)]
+    assert flax_peers.main(argv) == 0
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["flax"] == flax.__version__
+    for cell in ("article", "gru"):
+        rows = {r["setting"]: r for r in doc["records"] if r["cell"] == cell}
+        assert list(rows) == [
+            "lg:scan", "lg:scan:unroll=2", "lg:remat", "lg:nnx_scan", "nnx.RNN",
+            "nnx.RNN:unroll=2", "module:scan", "module:nnx_scan", "module:python",
+        ]  # fmt: skip
+        assert rows["nnx.RNN"]["vs_nnx_rnn"][0] == 1.0
+        for r in rows.values():
+            # float32: the same loss and gradient (the GRU's b_hn zeroed for Flax's cell)
+            assert r["max_rel_diff"] < 1e-5, r["setting"]
+            assert r["run_s_median"] > 0 and r["run_samples"] >= 3
+            value, low, high = r["vs_nnx_rnn"]
+            assert 0 < low <= value <= high
+    assert "module:nnx_scan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--cells", "rnn_relu"], "--cells takes article, rnn_tanh, lstm, gru .*'rnn_relu'"),
+        (["--sizes", "huge"], "--sizes takes article, large; got 'huge'"),
+        (["--unroll", "0"], "--unroll must be >= 1, got 0"),
+    ],
+)
+def test_flax_peers_bad_arguments_exit_2(argv, match, capsys):
+    from loopgrad_jax.bench import flax_peers
+
+    with pytest.raises(SystemExit) as exit_:
+        flax_peers.main(argv)
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
 def test_table_flags_records_timed_on_a_busy_machine():
     record = dict.fromkeys(run.RECORD_KEYS)
     record.update(scenario="stack", length=5, framework="jax", loop="scan", run_s_median=1e-3)
