@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,9 +40,6 @@ from loopgrad_jax.bench.run import max_rel_diff
 
 #: Format of the JSON file.
 FORMAT_VERSION = 1
-
-#: ``--sizes`` presets: (input, hidden, batch).
-SIZES = {"article": (10, 5, 1), "large": (64, 256, 32)}
 
 
 def checkpoint_counts(text: str, length: int) -> tuple[int, ...]:
@@ -171,17 +167,7 @@ def measure(
                 "setting": name,
                 "framework": framework,
                 "checkpoints": checkpoints,
-                "length": sizes.length,
-                "batch": sizes.batch,
-                "input": sizes.input,
-                "hidden": sizes.hidden,
-                "run_s_median": stats.median_s,
-                "run_s_q1": stats.q1_s,
-                "run_s_q3": stats.q3_s,
-                "run_s_ci": list(stats.ci_s),
-                "run_samples": stats.samples,
-                "compile_s": compiled[name].compile_s,
-                "temp_bytes": compiled[name].temp_bytes,
+                **report.sweep_row(sizes, stats, compiled[name]),
                 "evaluations": count,
                 "recompute": count / sizes.length,
                 "optimal_evaluations": (
@@ -278,31 +264,17 @@ def collect_meta(argv: Sequence[str]) -> dict[str, Any]:
         equinox_version = equinox.__version__
     except ImportError:
         equinox_version = None
-    return {
-        "format_version": FORMAT_VERSION,
-        **report.machine_meta(jax.devices()[0]),
-        "equinox": equinox_version,
-        "command": shlex.join(["python", "-m", "loopgrad_jax.bench.checkpoints", *argv]),
-    }
+    return report.tool_meta("checkpoints", argv, FORMAT_VERSION, equinox=equinox_version)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = report.tool_parser("checkpoints", __doc__)
-    parser.add_argument("--length", type=int, default=1000, help="T (default: 1000)")
-    parser.add_argument(
-        "--sizes",
-        default="article,large",
-        help="comma-separated presets: article (I=10, H=5, B=1), large (I=64, H=256, B=32)",
-    )
+    report.add_sweep_arguments(parser)
     parser.add_argument(
         "--checkpoints",
         default="8,32,sqrt",
         help="C values, 'sqrt' for ceil(sqrt(2T)) (default: 8,32,sqrt)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="samples each (default: 20)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="draw temp bytes against run time")
     return parser
 
@@ -311,24 +283,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.length < 1:
-        parser.error(f"--length must be >= 1, got {args.length}")
+    every_size = report.sweep_sizes(parser, args)
     try:
         counts = checkpoint_counts(args.checkpoints, args.length)
     except ValueError as error:
         parser.error(str(error))
-    presets = [s.strip() for s in args.sizes.split(",")]
-    for name in presets:
-        if name not in SIZES:
-            parser.error(f"--sizes takes {', '.join(SIZES)}; got {name!r}")
     if _equinox_scan() is None:
         print("equinox is not installed: its rows are left out", file=sys.stderr)
     rows = []
-    for name in presets:
-        i, h, b = SIZES[name]
-        sizes = cases.Sizes(args.length, b, i, h, 1)
+    for sizes in every_size:
         rows += measure(sizes, counts, repeats=args.repeats, min_time=args.min_time, seed=args.seed)
-        print(format_rows([r for r in rows if (r["input"], r["hidden"]) == (i, h)]))
+        print(
+            format_rows(
+                [r for r in rows if (r["input"], r["hidden"]) == (sizes.input, sizes.hidden)]
+            )
+        )
         print()
         if args.json:
             report.write_json(args.json, collect_meta(argv), rows)

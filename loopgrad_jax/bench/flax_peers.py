@@ -27,7 +27,6 @@ of the library's core.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,8 +40,6 @@ from loopgrad_jax.bench.run import max_rel_diff
 
 #: Format of the JSON file.
 FORMAT_VERSION = 1
-#: ``--sizes`` presets: (input, hidden, batch).
-SIZES = {"article": (10, 5, 1), "large": (64, 256, 32)}
 #: The kinds Flax has a built-in cell for.
 KINDS = ("article", "rnn_tanh", "lstm", "gru")
 #: The setting every ratio is taken against.
@@ -152,18 +149,7 @@ def measure(
                 "cell": kind,
                 "setting": name,
                 "framework": "jax" if name.startswith("lg:") else "flax",
-                "length": sizes.length,
-                "batch": sizes.batch,
-                "input": sizes.input,
-                "hidden": sizes.hidden,
-                "run_s_median": stats.median_s,
-                "run_s_q1": stats.q1_s,
-                "run_s_q3": stats.q3_s,
-                "run_s_ci": list(stats.ci_s),
-                "run_samples": stats.samples,
-                "compile_s": c.compile_s,
-                "lower_s": c.lower_s,
-                "temp_bytes": c.temp_bytes,
+                **report.sweep_row(sizes, stats, c),
                 "vs_nnx_rnn": list(timing.ratio(measured.samples[name], reference)),
                 "max_rel_diff": max_rel_diff(_comparable(name, measured.outputs[name]), want),
                 "other_cores": measured.other_cores,
@@ -194,22 +180,12 @@ def collect_meta(argv: Sequence[str]) -> dict[str, Any]:
     """The machine, versions and settings of a run."""
     import flax
 
-    return {
-        "format_version": FORMAT_VERSION,
-        **report.machine_meta(jax.devices()[0]),
-        "flax": flax.__version__,
-        "command": shlex.join(["python", "-m", "loopgrad_jax.bench.flax_peers", *argv]),
-    }
+    return report.tool_meta("flax_peers", argv, FORMAT_VERSION, flax=flax.__version__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = report.tool_parser("flax_peers", __doc__)
-    parser.add_argument("--length", type=int, default=1000, help="T (default: 1000)")
-    parser.add_argument(
-        "--sizes",
-        default="article,large",
-        help="comma-separated presets: article (I=10, H=5, B=1), large (I=64, H=256, B=32)",
-    )
+    report.add_sweep_arguments(parser)
     parser.add_argument(
         "--cells", default=",".join(KINDS), help=f"comma-separated (default: {','.join(KINDS)})"
     )
@@ -220,10 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="run the Python loop over the module only up to this T (default: 100)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="samples each (default: 20)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
     return parser
 
 
@@ -231,14 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, value in (("--length", args.length), ("--unroll", args.unroll)):
-        if value < 1:
-            parser.error(f"{name} must be >= 1, got {value}")
-    presets = [s.strip() for s in args.sizes.split(",")]
+    every_size = report.sweep_sizes(parser, args)
+    if args.unroll < 1:
+        parser.error(f"--unroll must be >= 1, got {args.unroll}")
     kinds = [s.strip() for s in args.cells.split(",")]
-    for name in presets:
-        if name not in SIZES:
-            parser.error(f"--sizes takes {', '.join(SIZES)}; got {name!r}")
     for kind in kinds:
         if kind not in KINDS:
             parser.error(f"--cells takes {', '.join(KINDS)} (Flax's cells); got {kind!r}")
@@ -247,9 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         parser.error("Flax is not installed: pip install 'loopgrad_jax[bench]'")
     rows = []
-    for name in presets:
-        i, h, b = SIZES[name]
-        sizes = cases.Sizes(args.length, b, i, h, 1)
+    for sizes in every_size:
         for kind in kinds:
             new = measure(
                 kind,

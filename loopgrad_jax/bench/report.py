@@ -79,6 +79,66 @@ def tool_parser(module: str, doc: str, *, epilog: bool = True) -> argparse.Argum
     )
 
 
+#: ``--sizes`` presets of the comparison tools (``checkpoints``, ``flax_peers``):
+#: ``(input, hidden, batch)``.
+SIZE_PRESETS = {"article": (10, 5, 1), "large": (64, 256, 32)}
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The comparison tools' common options: length, size presets, sampling, output."""
+    parser.add_argument("--length", type=int, default=1000, help="T (default: 1000)")
+    parser.add_argument(
+        "--sizes",
+        default="article,large",
+        help="comma-separated presets: article (I=10, H=5, B=1), large (I=64, H=256, B=32)",
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="samples each (default: 20)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
+
+
+def sweep_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """The ``cases.Sizes`` of ``--sizes`` at ``--length``; exits naming a bad option."""
+    from loopgrad_jax.bench import cases
+
+    if args.length < 1:
+        parser.error(f"--length must be >= 1, got {args.length}")
+    presets = [s.strip() for s in args.sizes.split(",")]
+    for name in presets:
+        if name not in SIZE_PRESETS:
+            parser.error(f"--sizes takes {', '.join(SIZE_PRESETS)}; got {name!r}")
+    return [cases.Sizes(args.length, b, i, h, 1) for i, h, b in map(SIZE_PRESETS.get, presets)]
+
+
+def sweep_row(sizes, stats, compiled) -> dict:
+    """A comparison tool's row: the sizes, the run time's spread and the compiled figures."""
+    return {
+        "length": sizes.length,
+        "batch": sizes.batch,
+        "input": sizes.input,
+        "hidden": sizes.hidden,
+        "run_s_median": stats.median_s,
+        "run_s_q1": stats.q1_s,
+        "run_s_q3": stats.q3_s,
+        "run_s_ci": list(stats.ci_s),
+        "run_samples": stats.samples,
+        "compile_s": compiled.compile_s,
+        "lower_s": compiled.lower_s,
+        "temp_bytes": compiled.temp_bytes,
+    }
+
+
+def tool_meta(module: str, argv: Sequence[str], format_version: int, **versions) -> dict:
+    """A comparison tool's ``meta``: the machine, the peers' versions, the command."""
+    return {
+        "format_version": format_version,
+        **machine_meta(jax.devices()[0]),
+        **versions,
+        "command": shlex.join(["python", "-m", f"loopgrad_jax.bench.{module}", *argv]),
+    }
+
+
 def machine_meta(device: jax.Device) -> dict:
     """What every benchmark file records first: versions, the machine, its load, the date."""
     return {
