@@ -80,8 +80,11 @@ def rnn_cell(params: RNNParams, hidden: jax.Array, x: jax.Array) -> jax.Array:
 
     ``tanh(i2h(concat([x, hidden], axis=1)))`` for ``x (B, I)``, ``hidden (B, H)``.
     """
-    combined = jnp.concatenate([x, hidden], axis=1)
-    return jnp.tanh(combined @ params.i2h_weight.T + params.i2h_bias[None, :])
+    # i2h(concat([x, h])) = x W_x^T + h W_h^T + b, with W = [W_x, W_h]: the same sum
+    # without building the concatenation, which at the article's size (B=1, I=10, H=5)
+    # cost most of a scan step's time (its gradient at T=1000: 1.75 ms against 0.66 ms).
+    w_x, w_h = params.i2h_weight[:, : x.shape[1]], params.i2h_weight[:, x.shape[1] :]
+    return jnp.tanh(x @ w_x.T + hidden @ w_h.T + params.i2h_bias[None, :])
 
 
 def step_loss(params: RNNParams, hidden: jax.Array, target: jax.Array) -> jax.Array:
