@@ -126,7 +126,7 @@ if ((${#SMOKE[@]})); then
   flaxing=(--length 6 --sizes article --cells article,lstm --repeats 3 --min-time 0)
 fi
 wait_idle
-"${NICE_CMD[@]}" python -m loopgrad_jax.bench.flax_peers "${flaxing[@]}" \
+"${NICE_CMD[@]}" python -m loopgrad_jax.bench.flax_peers --min-time 5 "${flaxing[@]}" \
   --json "$OUT/cpu_flax.json" > "$OUT/cpu_flax.txt"
 fi
 
