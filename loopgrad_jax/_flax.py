@@ -327,10 +327,7 @@ def from_flax(model: FlaxRNN) -> CellParams | RNNParams:
       TypeError: ``model`` is not a :class:`FlaxRNN`, or one of its cells is not a
         cell this library maps.
     """
-    if not isinstance(model, FlaxRNN):
-        raise TypeError(
-            f"model must be a loopgrad_jax.FlaxRNN (lg.to_flax), got {type(model).__name__}."
-        )
+    _check_model(model)
     head_w, head_b = _t(model.head.kernel[...]), model.head.bias[...]
     if model.kind == "article":
         cell = model.layers[0].cell
