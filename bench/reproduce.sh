@@ -130,6 +130,15 @@ wait_idle
   --json "$OUT/cpu_flax.json" > "$OUT/cpu_flax.txt"
 fi
 
+# --- PyTorch's own loops: eager, torch.compile, the functional scan, beside lax.scan -----
+if wanted cpu_torch_loops; then
+torching=(--lengths 10,100,1000)
+if ((${#SMOKE[@]})); then torching=(--lengths 3 --max-unroll 1 --repeats 3 --min-time 0); fi
+wait_idle
+"${NICE_CMD[@]}" python -m loopgrad_jax.bench.torch_loops "${torching[@]}" \
+  --json "$OUT/cpu_torch_loops.json" > "$OUT/cpu_torch_loops.txt"
+fi
+
 # The same loop kinds through loopgrad-bench: compile and run time from T=10 to 10000.
 bench cpu_checkpoints_lengths --scenarios stack,rnn_loss \
   --loops scan,remat,remat:checkpoints=8,remat:checkpoints=32 --lengths 10,1000,10000 \
