@@ -227,10 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
             )
             rows += new
-            print(format_rows(new), flush=True)
-            print()
-            if args.json:
-                report.write_json(args.json, collect_meta(argv), rows)
+            report.emit(rows, format_rows(new), args.json, lambda: collect_meta(argv))
     return 0
 
 

@@ -84,6 +84,14 @@ def tool_parser(module: str, doc: str, *, epilog: bool = True) -> argparse.Argum
 SIZE_PRESETS = {"article": (10, 5, 1), "large": (64, 256, 32)}
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The comparison tools' sampling and output options."""
+    parser.add_argument("--repeats", type=int, default=20, help="samples each (default: 20)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     """The comparison tools' common options: length, size presets, sampling, output."""
     parser.add_argument("--length", type=int, default=1000, help="T (default: 1000)")
@@ -92,10 +100,16 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         default="article,large",
         help="comma-separated presets: article (I=10, H=5, B=1), large (I=64, H=256, B=32)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="samples each (default: 20)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
+    add_sampling_arguments(parser)
+
+
+def emit(rows: Sequence[Mapping], table: str, path: str | None, meta) -> None:
+    """Prints one group's ``table``; rewrites ``path`` (if any) with every row so far,
+    under ``meta()``, so that an interrupted run keeps what it measured."""
+    print(table, flush=True)
+    print()
+    if path:
+        write_json(path, meta(), rows)
 
 
 def sweep_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:

@@ -203,10 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="compile the Python loop with torch.compile only up to this T (default: 100)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="samples each (default: 20)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per length")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
+    report.add_sampling_arguments(parser)
     return parser
 
 
@@ -235,10 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
         rows += new
-        print(format_rows(new), flush=True)
-        print()
-        if args.json:
-            report.write_json(args.json, collect_meta(argv, threads), rows)
+        report.emit(rows, format_rows(new), args.json, lambda: collect_meta(argv, threads))
     return 0
 
 
