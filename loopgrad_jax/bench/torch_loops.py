@@ -73,12 +73,9 @@ def _torch_call(setting: str, d: cases.Data, sizes: cases.Sizes) -> Callable[[],
         _, losses = scan(step, torch.zeros(sizes.batch, sizes.hidden), (inputs, targets))
         return losses.sum()
 
-    loss_fn = {
-        "torch:eager": loop_loss,
-        "torch:compile": torch.compile(loop_loss),
-        "torch:scan": scan_loss,
-        "torch:scan+compile": torch.compile(scan_loss),
-    }[setting]
+    loss_fn = scan_loss if setting.startswith("torch:scan") else loop_loss
+    if setting.endswith("compile"):
+        loss_fn = torch.compile(loss_fn)
 
     def call():
         w = torch_peers._leaves(d.params)
@@ -99,9 +96,15 @@ def _skip_reason(setting: str, sizes: cases.Sizes, max_unroll: int) -> str | Non
 
 
 def measure(
-    sizes: cases.Sizes, *, max_unroll: int, repeats: int, min_time: float, seed: int
+    sizes: cases.Sizes,
+    *,
+    settings: Sequence[str] = SETTINGS[1:],
+    max_unroll: int,
+    repeats: int,
+    min_time: float,
+    seed: int,
 ) -> list[dict[str, Any]]:
-    """One row per setting, those that run timed interleaved."""
+    """One row for ``lg:scan`` and each of ``settings``, those that run timed interleaved."""
     data = cases.make_data(sizes, seed)
     torch_data = torch_peers._tensors(data, sizes, "cpu")
     args = jax.device_put((data.params, data.inputs, data.targets))
@@ -109,7 +112,7 @@ def measure(
     calls: dict[str, Callable[[], Any]] = {"lg:scan": lambda: compiled.compiled(*args)}
     first_call_s: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    for setting in SETTINGS[1:]:
+    for setting in settings:
         reason = _skip_reason(setting, sizes, max_unroll)
         if reason is None:
             call = _torch_call(setting, torch_data, sizes)
@@ -126,7 +129,7 @@ def measure(
     measured = timing.time_interleaved(calls, warmup=1, min_samples=repeats, min_time=min_time)
     outputs = {name: _arrays(out) for name, out in measured.outputs.items()}
     rows = []
-    for setting in SETTINGS:
+    for setting in ("lg:scan", *settings):
         row: dict[str, Any] = {
             "setting": setting,
             "framework": setting.partition(":")[0],
@@ -203,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="compile the Python loop with torch.compile only up to this T (default: 100)",
     )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS[1:]),
+        help=f"comma-separated PyTorch settings beside lg:scan (default: all: "
+        f"{','.join(SETTINGS[1:])})",
+    )
     report.add_sampling_arguments(parser)
     return parser
 
@@ -217,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--lengths takes comma-separated integers, got {args.lengths!r}")
     if not lengths or min(lengths) < 1:
         parser.error(f"--lengths must all be >= 1, got {args.lengths!r}")
+    settings = tuple(v.strip() for v in args.settings.split(","))
+    for setting in settings:
+        if setting not in SETTINGS[1:]:
+            parser.error(f"--settings takes {', '.join(SETTINGS[1:])}; got {setting!r}")
     if not torch_peers.available():
         parser.error("PyTorch is not installed: pip install 'loopgrad_jax[torch]'")
     threads = torch_peers.setup("cpu", report.usable_cores()).threads
@@ -226,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = cases.Sizes(length, b, i, h, 1)
         new = measure(
             sizes,
+            settings=settings,
             max_unroll=args.max_unroll,
             repeats=args.repeats,
             min_time=args.min_time,
