@@ -415,7 +415,10 @@ def flax_loss(
     _check_model(model)
     inputs, targets = _sequences(model, inputs, targets)
     if loop is None:
-        out = model(inputs, hidden0)
+        # nnx.RNN runs Flax's lifted nnx.scan, which refuses a module made at another
+        # trace level: one closed over by jax.grad or jax.vmap. A copy made here holds the
+        # same values (tracers included), so gradients still reach the model's weights.
+        out = nnx.merge(*nnx.split(model), copy=True)(inputs, hidden0)
     else:
         loop = check_loop(loop)
 

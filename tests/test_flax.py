@@ -304,6 +304,25 @@ def test_flax_train_with_pytorch_optimizer_state_across_two_calls():
     )
 
 
+def test_model_closed_over_by_jax_transforms():
+    # nnx.RNN's lifted scan refuses a module from an outer trace level; flax_loss copies
+    # it. The input gradient and a vmap over sequences must equal the lax.scan path's.
+    c = _loss_case("gru")
+    model = lg.to_flax(_params_of(c))
+    x, y = jnp.asarray(c["inputs"]), jnp.asarray(c["targets"])
+
+    def input_grad(loop):
+        return jax.grad(lambda x: lg.flax_loss(model, x, y, loop=loop))(x)
+
+    assert_close(input_grad(None), input_grad("scan"), F64, "jax.grad closed over")
+    per_seq = jax.vmap(lambda x, y: lg.flax_loss(model, x[:, None], y[:, None]), (1, 1))(x, y)
+    expected = [
+        lg.flax_loss(model, x[:, b : b + 1], y[:, b : b + 1], loop="scan")
+        for b in range(x.shape[1])
+    ]
+    assert_close(per_seq, jnp.stack(expected), F64, "jax.vmap closed over")
+
+
 # ------------------------------------------------------------------- the nnx_* loop kinds
 
 
