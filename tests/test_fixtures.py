@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import DTYPES, FIXTURES
+from helpers import DTYPES, FIXTURES, TOL
 
 from loopgrad_jax import fixtures as fx
 
@@ -129,7 +129,7 @@ SLOW_CASES = {"train_as_written": ("long",)}
 
 
 @pytest.mark.torch
-def test_regenerated_fixtures_equal_committed(tmp_path):
+def test_regenerated_fixtures_agree_with_committed(tmp_path):
     pytest.importorskip("torch")
     from loopgrad_jax import torch_reference
 
@@ -148,28 +148,37 @@ def test_regenerated_fixtures_equal_committed(tmp_path):
             assert n.keys() == o.keys()
             for key in n:
                 if isinstance(o[key], np.ndarray | dict | list):
-                    _assert_same(n[key], o[key], f"{path.name}:{n['name']}:{key}")
+                    what = f"{path.name}:{n['name']}:{key}"
+                    _assert_same(n[key], o[key], TOL[new.header["dtype"]] / 2, what)
                 else:
                     assert n[key] == o[key], (path.name, n["name"], key)
 
 
-def _assert_same(new, old, what):
-    # Bit for bit on the machine that wrote them: one thread, fixed seeds, same torch.
+def _assert_same(new, old, tol, what):
+    # PyTorch's CPU kernels pick their code path (and so their summation order) by the
+    # machine's vector instructions: regenerated on another CPU, the values move in the last
+    # bits (measured: up to 1.8e-6 in float32 and 3.2e-15 in float64, as the parity suite
+    # measures error, |new - old| / (1 + |old|)). What the fixtures promise is that this
+    # movement cannot decide a parity check: it stays under half the tolerance the parity
+    # suite grants, ``tol``. Integers, shapes and dtypes must match exactly.
     if isinstance(old, dict):
         assert new.keys() == old.keys(), what
         for k in old:
-            _assert_same(new[k], old[k], f"{what}.{k}")
+            _assert_same(new[k], old[k], tol, f"{what}.{k}")
         return
     if isinstance(old, list):  # an LSTM's [h, c]
         assert isinstance(new, list) and len(new) == len(old), what
         for i, (n, o) in enumerate(zip(new, old, strict=True)):
-            _assert_same(n, o, f"{what}[{i}]")
+            _assert_same(n, o, tol, f"{what}[{i}]")
         return
     if not isinstance(old, np.ndarray):
         assert new == old, what
         return
     assert new.dtype == old.dtype and new.shape == old.shape, what
-    np.testing.assert_array_equal(new, old, err_msg=what)
+    if old.dtype.kind == "f":
+        np.testing.assert_allclose(new, old, rtol=tol, atol=tol, err_msg=what)
+    else:
+        np.testing.assert_array_equal(new, old, err_msg=what)
 
 
 @pytest.mark.torch
