@@ -947,8 +947,11 @@ def test_flax_peers_put_every_loop_beside_nnx_rnn_on_the_same_numbers(tmp_path, 
     assert list(rows) == [
         "lg:scan", "lg:scan:unroll=2", "lg:remat", "lg:nnx_scan", "nnx.RNN",
         "nnx.RNN:unroll=2", "module:scan", "module:nnx_scan", "module:python",
+        "nnx.RNN (again)",
     ]  # fmt: skip
     assert rows["nnx.RNN"]["vs_nnx_rnn"][0] == 1.0
+    again, reference = rows["nnx.RNN (again)"], rows["nnx.RNN"]
+    assert again["max_rel_diff"] == reference["max_rel_diff"]  # the same program
     for r in rows.values():
         # float32: the same loss and gradient (the GRU's b_hn zeroed for Flax's cell)
         assert r["max_rel_diff"] < 1e-5, r["setting"]
