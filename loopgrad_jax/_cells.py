@@ -53,7 +53,7 @@ class LayerParams:
     weight_ih: jax.Array  # (G*H, I) for the first layer, (G*H, H) after
     weight_hh: jax.Array  # (G*H, H)
     bias_ih: jax.Array  # (G*H,)
-    bias_hh: jax.Array  # (G*H,)
+    bias_hh: jax.Array  # (G*H,); None only inside a loop, after fold_biases
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,7 +90,8 @@ def _layer_step(
     """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``.
 
     ``b_hh`` is ``(1, G*H)``, or ``(B, G*H)`` when :func:`_layer_sequence`'s rule adds
-    a per-step term to the recurrent pre-activation. Returns ``(new state, new h)``.
+    a per-step term to the recurrent pre-activation, or ``None`` where :func:`fold_biases`
+    moved it into ``gi``. Returns ``(new state, new h)``.
     """
     if kind == "lstm":
         h, c = _lstm(w_hh, b_hh, state[0], state[1], gi)
@@ -98,8 +99,31 @@ def _layer_step(
     if kind == "gru":
         h = _gru(w_hh, b_hh, state, gi)
         return h, h
-    h = (jnp.tanh if kind == "rnn_tanh" else jax.nn.relu)(gi + state @ w_hh.T + b_hh)
+    h = (jnp.tanh if kind == "rnn_tanh" else jax.nn.relu)(_plus(gi + state @ w_hh.T, b_hh))
     return h, h
+
+
+def _plus(a: jax.Array, b: jax.Array | None) -> jax.Array:
+    """``a + b``, or ``a`` where a folded bias is ``None``."""
+    return a if b is None else a + b
+
+
+def fold_biases(params: CellParams) -> CellParams:
+    """``params`` with each layer's ``bias_hh`` added into its ``bias_ih`` (and ``None``).
+
+    The same pre-activation for every kind but the GRU, whose ``b_hn`` sits inside
+    ``r * (h W_hn^T + b_hn)`` (its params come back unchanged). Done once before a
+    loop, the loop's reverse pass accumulates one bias gradient per layer and step
+    where it would accumulate two (Flax's cells keep one bias); the sum's gradient
+    reaches both of PyTorch's biases after the loop.
+    """
+    if params.kind == "gru":
+        return params
+    layers = tuple(
+        dataclasses.replace(layer, bias_ih=layer.bias_ih + layer.bias_hh, bias_hh=None)
+        for layer in params.layers
+    )
+    return dataclasses.replace(params, layers=layers)
 
 
 # The LSTM and GRU steps below carry their own JVP rules. JAX's rules, op by op, make
@@ -115,7 +139,7 @@ def _layer_step(
 
 @jax.custom_jvp
 def _lstm(w_hh, b_hh, h, c, gi):
-    i, f, g, o = jnp.split(gi + h @ w_hh.T + b_hh, 4, axis=-1)
+    i, f, g, o = jnp.split(_plus(gi + h @ w_hh.T, b_hh), 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
@@ -124,7 +148,7 @@ def _lstm(w_hh, b_hh, h, c, gi):
 def _lstm_jvp(primals, tangents):
     w_hh, b_hh, h, c, gi = primals
     dw_hh, db_hh, dh, dc, dgi = tangents
-    i, f, g, o = jnp.split(gi + h @ w_hh.T + b_hh, 4, axis=-1)
+    i, f, g, o = jnp.split(_plus(gi + h @ w_hh.T, b_hh), 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c_new = f * c + i * g
     tanh_c = jnp.tanh(c_new)
@@ -133,7 +157,7 @@ def _lstm_jvp(primals, tangents):
     coef = jnp.concatenate(
         [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-1
     )
-    dpre = dgi + dh @ w_hh.T + h @ dw_hh.T + db_hh
+    dpre = _plus(dgi + dh @ w_hh.T + h @ dw_hh.T, db_hh)
     di, df, dg, do = jnp.split(dpre * coef, 4, axis=-1)
     dc_new = f * dc + di + df + dg
     return (h_new, c_new), (do + o * (1 - tanh_c * tanh_c) * dc_new, dc_new)
@@ -170,7 +194,7 @@ def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = Fals
     new = []
     for k, layer in enumerate(params.layers):
         gi = x if (k == 0 and projected) else x @ layer.weight_ih.T + layer.bias_ih[None, :]
-        b_hh = layer.bias_hh[None, :]
+        b_hh = None if layer.bias_hh is None else layer.bias_hh[None, :]
         state, x = _layer_step(params.kind, layer.weight_hh, b_hh, carry[k], gi)
         new.append(state)
     return tuple(new)

@@ -600,3 +600,19 @@ def test_own_cell_tbptt_window_T_is_one_gradient_step():
 def test_own_cell_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(*_gated_problem())
+
+
+@pytest.mark.parametrize("kind", [k for k in lg.CELLS if k != "article"])
+def test_fold_biases_keeps_every_step_and_leaves_the_gru_alone(kind):
+    from loopgrad_jax import _cells
+
+    p = lg.init_cell(jax.random.key(3), kind, input_size=3, hidden_size=4, dtype=jnp.float64)
+    folded = _cells.fold_biases(p)
+    if kind == "gru":  # its b_hn sits inside r * (h W_hn^T + b_hn): nothing to fold
+        assert folded is p
+        return
+    assert all(layer.bias_hh is None for layer in folded.layers)
+    x = jax.random.normal(jax.random.key(4), (2, 3), jnp.float64)
+    h = jax.random.normal(jax.random.key(5), (1, 2, 4), jnp.float64)
+    carry = _cells.to_carry(kind, (h, jnp.cos(h)) if kind == "lstm" else h)
+    assert_close(_cells.torch_step(folded, carry, x), _cells.torch_step(p, carry, x), 1e-15)
