@@ -176,7 +176,7 @@ def compiled(*static_argnames: str) -> Callable[[Callable], Callable]:
         # rnn_forward's one bias per layer). Called eagerly, jax.grad included, it stays
         # one cached compiled call: inlined there, the backward pass would run op by op
         # and compile its loop again on every call.
-        inlined = jax.jit(fn, static_argnames=static_argnames, inline=True)
+        inlined = jax.jit(fn, static_argnames=static_argnames, inline=_INLINE)
 
         @functools.wraps(fn)
         def call(*args: Any, loop: Loop, **kwargs: Any) -> Any:
@@ -188,6 +188,11 @@ def compiled(*static_argnames: str) -> Callable[[Callable], Callable]:
         return call
 
     return decorate
+
+
+#: ``jax.jit``'s option to inline a function into the program tracing it: ``True``, or
+#: ``jax.Inline.JAX_EARLY`` (the same: inlined while tracing) where JAX has that enum.
+_INLINE: Any = jax.Inline.JAX_EARLY if hasattr(jax, "Inline") else True
 
 
 def _staging() -> bool:
