@@ -347,7 +347,7 @@ def test_entry_points_inline_into_a_callers_program_and_stay_one_call_eagerly():
 
     def probe(name):
         def f(x):
-            seen[name] = _staging()
+            seen[name] = _staging((x,))
             return x
 
         return f
