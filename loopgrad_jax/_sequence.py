@@ -201,9 +201,9 @@ def rnn_forward(
         losses.append(mean((cell.readout(params, carry) - targets[t]) ** 2))
       return carry, stack(losses)
 
-    With the loop kinds of :data:`_READOUT_AFTER` the loop runs the steps only and
-    the readout and loss run on every step's carry at once after it (the same
-    numbers, up to the order of floating-point sums).
+    With the loops of :func:`_readout_after` the loop runs the steps only and the
+    readout and loss run on every step's carry at once after it (the same numbers,
+    up to the order of floating-point sums).
 
     With ``hoist_input`` the cell's input-side work runs as one product before the
     loop (``cell.project``) and only ``cell.step_projected`` stays inside; the
@@ -218,16 +218,32 @@ def rnn_forward(
         out = jnp.einsum("tbh,oh->tbo", hs, params.head_weight) + params.head_bias[None, None, :]
         return final, jnp.mean((out - targets) ** 2, axis=(1, 2))
     loop = check_loop(loop)
+    # Where reverse mode stores every step (the loops that take the readout after),
+    # an nn.RNN layer runs as one product over [x, h] per step; the article's model is
+    # such a layer with one bias and its own head. Under remat and checkpoints they keep
+    # their two products: there, at the article's size, the joined one took twice as long.
+    join = _readout_after(loop) and not hoist_input
+    if cell is ARTICLE_CELL and join:
+        final, losses = _run(
+            TORCH_CELL,
+            _cells.article_loop_form(params),
+            inputs,
+            targets,
+            (carry0,),
+            loop,
+            hoist_input=False,
+        )
+        return final[0], losses
     if cell is TORCH_CELL:
-        # One bias per layer inside the loop (b_ih + b_hh summed once before it), as Flax's
-        # cells keep. With two, the loop's reverse pass accumulates both every step: the
-        # rnn_tanh gradient at the article's size took 0.62 ms against 0.30 (inlined body,
-        # see `compiled`; interleaved).
-        params = _cells.fold_biases(params)
+        params = _cells.loop_form(params, join=join)
+    return _run(cell, params, inputs, targets, carry0, loop, hoist_input)
+
+
+def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool):
     step, xs = cell.step, inputs
     if hoist_input:
         step, xs = cell.step_projected, cell.project(params, inputs)
-    if loop.kind in _READOUT_AFTER and loop.max_steps is None:
+    if _readout_after(loop):
 
         def step_only(carry, x):
             carry = step(params, carry, x)
@@ -245,14 +261,21 @@ def rnn_forward(
     return run_loop(body, carry0, (xs, targets), length=inputs.shape[0], loop=loop)
 
 
-#: The loop kinds after which :func:`rnn_forward` applies the readout and the loss to
-#: every step at once: the loop keeps only the cell (what reverse mode stores of it
-#: holds the readout's input already). Inside the loop, the readout and the loss were
-#: a third of the article's body's operations, and at its size each operation's fixed
-#: cost is most of a step's time. The remat kinds keep them inside, so as not to store
-#: every step's readout input where they store fewer carries; ``while`` too (forward
-#: mode stores nothing).
-_READOUT_AFTER = ("python", "scan", "fori", "nnx_scan", "nnx_fori")
+def _readout_after(loop: Loop) -> bool:
+    """Whether :func:`rnn_forward` applies the readout and the loss after ``loop``.
+
+    After the loop, on every step at once, wherever reverse mode stores every step
+    anyway: then the loop keeps only the cell (what it stores of it holds the
+    readout's input already). Inside the loop, the readout and the loss were a third
+    of the article's body's operations, and at its size each operation's fixed cost
+    is most of a step's time. The remat kinds and ``while`` with checkpoints keep them
+    inside, so as not to store every step's readout input where they store fewer
+    carries; so does ``while`` without ``max_steps`` (forward mode stores nothing).
+    ``while:max_steps=N`` runs here as a scan (the length is the inputs' static one).
+    """
+    if loop.kind == "while":
+        return loop.max_steps is not None and loop.checkpoints is None
+    return loop.kind in ("python", "scan", "fori", "nnx_scan", "nnx_fori")
 
 
 def _readout_input(cell: Cell, carry: PyTree) -> PyTree:

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import TOL, assert_close, has_reverse_mode
+from jax.test_util import check_grads
 
 import loopgrad_jax as lg
 from loopgrad_jax import _as_written
@@ -398,17 +399,18 @@ def _dots_inside_loops(jaxpr, inside=False):
 @pytest.mark.parametrize("kind", TORCH_KINDS)
 def test_hoisted_gradient_of_the_recurrent_weights_is_one_product_after_the_loop(kind):
     # Without the hoist, reverse mode adds a (G*H, H) product into dW_hh at every step
-    # inside the loop; hoisted, every product inside the loop is (B, .)-shaped and dW_hh
-    # is one product outside.
+    # inside the loop (for nn.RNN, a product into the joined (I + H, H) kernel); hoisted,
+    # every product inside the loop is (B, .)-shaped and dW_hh is one product outside.
     p, x, y = _problem(kind, layers=1, t=5)
     g = GATES[kind] * 4
     weight_shaped = {(g, 4), (4, g)}
+    joined = {(3 + 4, g), (g, 3 + 4)} if kind in ("rnn_tanh", "rnn_relu") else set()
 
     def dots(hoist):
         grad = jax.grad(lambda p: lg.rnn_loss(p, x, y, hoist_input=hoist))
         return _dots_inside_loops(jax.make_jaxpr(grad)(p).jaxpr)
 
-    assert any(shape in weight_shaped and inside for shape, inside in dots(False))
+    assert any(shape in weight_shaped | joined and inside for shape, inside in dots(False))
     hoisted = dots(True)
     assert not any(shape in weight_shaped and inside for shape, inside in hoisted)
     assert any(shape in weight_shaped and not inside for shape, inside in hoisted)
@@ -603,16 +605,57 @@ def test_own_cell_bad_input(call, error, match):
 
 
 @pytest.mark.parametrize("kind", [k for k in lg.CELLS if k != "article"])
-def test_fold_biases_keeps_every_step_and_leaves_the_gru_alone(kind):
+def test_loop_form_keeps_every_step_and_leaves_the_gru_alone(kind):
     from loopgrad_jax import _cells
 
-    p = lg.init_cell(jax.random.key(3), kind, input_size=3, hidden_size=4, dtype=jnp.float64)
-    folded = _cells.fold_biases(p)
+    p = lg.init_cell(
+        jax.random.key(3), kind, input_size=3, hidden_size=4, num_layers=2, dtype=jnp.float64
+    )
+    built = _cells.loop_form(p)
     if kind == "gru":  # its b_hn sits inside r * (h W_hn^T + b_hn): nothing to fold
-        assert folded is p
+        assert built is p
         return
-    assert all(layer.bias_hh is None for layer in folded.layers)
+    if kind == "lstm":
+        assert all(layer.bias_hh is None for layer in built.layers)
+    else:  # one (I_k + H, H) kernel and one bias per layer
+        assert [layer.kernel.shape for layer in built.layers] == [(3 + 4, 4), (4 + 4, 4)]
+        assert all(layer.bias.shape == (4,) for layer in built.layers)
     x = jax.random.normal(jax.random.key(4), (2, 3), jnp.float64)
-    h = jax.random.normal(jax.random.key(5), (1, 2, 4), jnp.float64)
+    h = jax.random.normal(jax.random.key(5), (2, 2, 4), jnp.float64)
     carry = _cells.to_carry(kind, (h, jnp.cos(h)) if kind == "lstm" else h)
-    assert_close(_cells.torch_step(folded, carry, x), _cells.torch_step(p, carry, x), 1e-15)
+    assert_close(_cells.torch_step(built, carry, x), _cells.torch_step(p, carry, x), 1e-15)
+
+
+def test_article_loop_form_is_the_articles_step():
+    from loopgrad_jax import _cells
+    from loopgrad_jax._rnn import article_readout
+
+    p = lg.init_rnn(jax.random.key(6), input_size=3, hidden_size=4, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(7), (2, 3), jnp.float64)
+    h = jax.random.normal(jax.random.key(8), (2, 4), jnp.float64)
+    built = _cells.article_loop_form(p)
+    (new,) = _cells.torch_step(built, (h,), x)
+    assert_close(new, lg.rnn_cell(p, h, x), 1e-15)
+    assert_close(_cells.torch_readout(built, (new,)), article_readout(p, new), 1e-15)
+
+
+def test_tanh_derivative_is_jaxs_own():
+    from loopgrad_jax import _cells
+
+    x = jnp.linspace(-20.0, 20.0, 401, dtype=jnp.float64)
+    assert_close(_cells._tanh(x), jnp.tanh(x), 0.0)
+    # Up to rounding: JAX's rule evaluates (1 + y) * (1 - y) in another order.
+    assert_close(jax.vmap(jax.grad(_cells._tanh))(x), jax.vmap(jax.grad(jnp.tanh))(x), 1e-15)
+    check_grads(_cells._tanh, (x,), order=2, modes=("fwd", "rev"))
+
+
+def test_tanh_leaves_reverse_mode_one_array_to_store():
+    from loopgrad_jax import _cells
+
+    def stored(f, x):
+        pullback = jax.eval_shape(lambda x: jax.vjp(f, x)[1], x)
+        return [leaf.shape for leaf in jax.tree.leaves(pullback)]
+
+    x = jnp.ones((5, 3))
+    assert stored(jnp.tanh, x) == [(5, 3), (5, 3)]  # y and 1 - y
+    assert stored(_cells._tanh, x) == [(5, 3)]  # (1 - y) * (1 + y)
