@@ -63,3 +63,26 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The test tiers. The README's test command runs the quick tier; `pytest --full` also runs
+# the tests marked `slow` (the full grids: every case of a parametrised grid the quick tier
+# samples), and `pytest --full -m slow` runs those alone, as .ci/run does after the quick
+# tier.
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="also run the tests marked slow (the full grids); the quick tier skips them",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="slow tier: run with --full")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

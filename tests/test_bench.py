@@ -878,38 +878,47 @@ def test_cell_profile_times_each_part_on_both_sides(tmp_path, capsys):
     assert "dW in one" in capsys.readouterr().out
 
 
+# The quick tier runs T=12 with 3 checkpoints; the full tier the grid it samples: T=20 with
+# 3 and sqrt (ceil(sqrt(2 * 20)) = 7) checkpoints.
+@pytest.mark.parametrize(
+    ("length", "option", "counts"),
+    [(12, "3", (3,)), pytest.param(20, "3,sqrt", (3, 7), marks=pytest.mark.slow)],
+)
 def test_checkpoints_beside_equinox_count_evaluations_and_draw_memory_against_time(
-    tmp_path, capsys
+    tmp_path, capsys, length, option, counts
 ):
     from loopgrad_jax.bench import checkpoints
 
     equinox = pytest.importorskip("equinox")
     path, picture = tmp_path / "checkpoints.json", tmp_path / "checkpoints.png"
-    argv = ["--length", "12", "--sizes", "article", "--checkpoints", "3"]
+    argv = ["--length", str(length), "--sizes", "article", "--checkpoints", option]
     argv += ["--repeats", "3", "--min-time", "0", "--json", str(path), "--plot", str(picture)]
     assert checkpoints.main(argv) == 0
     doc = json.loads(path.read_text())
     assert doc["meta"]["equinox"] == equinox.__version__
     rows = {r["setting"]: r for r in doc["records"]}
-    # chunk: round(sqrt(12)) = 3 steps.
+    chunk = round(length**0.5)  # steps per checkpoint of remat:chunk, about sqrt(T)
     assert list(rows) == [
-        "scan", "remat", "remat:chunk=3", "remat:checkpoints=3", "equinox:checkpoints=3",
-    ]  # fmt: skip
-    assert rows["scan"]["evaluations"] == 12  # the forward pass; backward replays residuals
-    assert rows["remat"]["evaluations"] == 24  # once more inside each step's VJP
-    c = 3
-    ours, theirs = rows[f"remat:checkpoints={c}"], rows[f"equinox:checkpoints={c}"]
-    assert ours["evaluations"] == ours["optimal_evaluations"]
-    assert ours["optimal_evaluations"] == lg.checkpointed_evaluations(12, c)
-    assert theirs["evaluations"] >= ours["optimal_evaluations"]  # nobody beats the optimum
-    assert ours["recompute"] == ours["evaluations"] / 12
-    value, low, high = ours["vs_equinox"]
-    assert 0 < low <= value <= high and ours["temp_vs_equinox"] > 0
+        "scan",
+        "remat",
+        f"remat:chunk={chunk}",
+        *(f"{ours}:checkpoints={c}" for c in counts for ours in ("remat", "equinox")),
+    ]
+    assert rows["scan"]["evaluations"] == length  # the forward pass; backward replays residuals
+    assert rows["remat"]["evaluations"] == 2 * length  # once more inside each step's VJP
+    for c in counts:
+        ours, theirs = rows[f"remat:checkpoints={c}"], rows[f"equinox:checkpoints={c}"]
+        assert ours["evaluations"] == ours["optimal_evaluations"]
+        assert ours["optimal_evaluations"] == lg.checkpointed_evaluations(length, c)
+        assert theirs["evaluations"] >= ours["optimal_evaluations"]  # nobody beats the optimum
+        assert ours["recompute"] == ours["evaluations"] / length
+        value, low, high = ours["vs_equinox"]
+        assert 0 < low <= value <= high and ours["temp_vs_equinox"] > 0
     for r in rows.values():
         assert r["max_rel_diff"] < 1e-5  # float32: the same computation
         assert r["run_s_median"] > 0 and r["temp_bytes"] > 0 and r["run_samples"] >= 3
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "equinox:checkpoints=3" in capsys.readouterr().out
+    assert f"equinox:checkpoints={counts[-1]}" in capsys.readouterr().out
     # --checkpoints sqrt is ceil(sqrt(2T)), the count past which more memory buys little.
     assert checkpoints.checkpoint_counts("8,sqrt,8", 1000) == (8, 45)
 
