@@ -146,7 +146,8 @@ def train_rnn(
       lr: the learning rate of the default optimizer ``optax.sgd(lr)``, PyTorch's
         ``optim.SGD(lr=lr)``: a number or a scalar array, ``>= 0``; default
         ``0.01``. A traced ``lr`` cannot be checked when it is traced: a negative
-        or non-finite one makes every output that depends on it NaN. Give either
+        or non-finite one makes every output that depends on it NaN, and every
+        derivative of such an output (with respect to ``lr`` too). Give either
         ``lr`` or ``optimizer``, not both.
       mode: one of :data:`MODES`.
       window: steps per update in ``mode="tbptt"``, ``1 <= window <= T``.
@@ -309,8 +310,9 @@ def _train(
     def local(params, inputs, targets, hidden0, lr, opt_state):
         nonlocal optimizer
         if optimizer is None:
-            # A negative or non-finite traced lr could not be refused when traced: poison it.
-            lr = jnp.where(jnp.isfinite(lr) & (lr >= 0), lr, jnp.nan)
+            # A negative or non-finite traced lr could not be refused when traced: poison it
+            # by a factor, so its derivatives are NaN too (a where would drop its cotangent).
+            lr = lr * jnp.where(jnp.isfinite(lr) & (lr >= 0), 1, jnp.nan).astype(lr.dtype)
             optimizer = optax.sgd(lr)
         if opt_state is None:
             opt_state = optimizer.init(params)

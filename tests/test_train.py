@@ -369,6 +369,24 @@ def test_traced_negative_lr_poisons_the_run():
     assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(run(-0.1)))
 
 
+@pytest.mark.parametrize("mode", lg.MODES)
+@pytest.mark.parametrize("lr", [-0.1, float("inf"), float("nan")])
+def test_traced_bad_lr_poisons_the_gradients(mode, lr):
+    # A poisoned value with a finite gradient (d/d lr was 0.0) stalls a meta-learner
+    # silently: every derivative of the poisoned weights must be NaN as well.
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(11), 4, 1, 2, 3, 1)
+    window = {"tbptt": {"window": 2}, "as_written": {}}[mode]
+
+    def final_weights(lr, params, inputs):
+        r = lg.train_rnn(params, inputs, targets, hidden0=hidden0, lr=lr, mode=mode, **window)
+        return sum(leaf.sum() for leaf in jax.tree.leaves(r.params))
+
+    grads = jax.grad(final_weights, argnums=(0, 1, 2))(jnp.float64(lr), params, inputs)
+    assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(grads))
+    finite = jax.grad(final_weights, argnums=(0, 1, 2))(jnp.float64(0.1), params, inputs)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(finite))
+
+
 @pytest.mark.parametrize("lr", [np.float32(0.25), np.float64(0.25), jnp.float32(0.25), 1])
 def test_lr_takes_numpy_and_jax_scalars(lr):
     problem = random_rnn_problem(jax.random.key(12), 4, 1, 2, 3, 1)
