@@ -38,7 +38,7 @@ from flax import nnx
 from loopgrad_jax import _cells, _checks
 from loopgrad_jax._cell import Cell
 from loopgrad_jax._cells import TORCH_CELLS, CellParams, LayerParams
-from loopgrad_jax._loops import Loop, check_loop, run_loop
+from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._result import TrainResult
 from loopgrad_jax._rnn import RNNParams
 from loopgrad_jax._train import train_rnn
@@ -139,12 +139,7 @@ class FlaxRNN(nnx.Module):
         return self.layers[0].cell.hidden_features
 
     def __call__(self, inputs: jax.Array, hidden0: Any = None) -> jax.Array:
-        x = inputs
-        # initial_carry is given explicitly: without it nnx.RNN draws its carry from an
-        # RNG stream, which this model does not keep.
-        for layer, carry in zip(self.layers, self.carries(inputs, hidden0), strict=True):
-            _, x = layer(x, initial_carry=carry)
-        return self.head(x)
+        return _run_layers(self, inputs, self.carries(inputs, hidden0))
 
     def carries(self, inputs: jax.Array, hidden0: Any = None) -> tuple:
         """The per-layer carries of ``hidden0`` (library layout), each in its cell's layout."""
@@ -174,6 +169,16 @@ class FlaxRNN(nnx.Module):
             ]
             return jnp.stack([h for h, _ in pairs]), jnp.stack([c for _, c in pairs])
         return jnp.stack(carries)
+
+
+def _run_layers(model: FlaxRNN, inputs: jax.Array, carries: tuple) -> jax.Array:
+    """The model's output ``(T, B, O)``, each layer run over the sequence by its ``nnx.RNN``."""
+    x = inputs
+    # initial_carry is given explicitly: without it nnx.RNN draws its carry from an
+    # RNG stream, which this model does not keep.
+    for layer, carry in zip(model.layers, carries, strict=True):
+        _, x = layer(x, initial_carry=carry)
+    return model.head(x)
 
 
 def _lstm_carry(cell: nnx.Module, h: jax.Array, c: jax.Array) -> tuple:
@@ -399,7 +404,10 @@ def flax_loss(
     kind (one of :data:`loopgrad_jax.LOOPS`, :data:`loopgrad_jax.NNX_LOOPS`, or its
     text form) that loop steps every layer's cell once per step, and the head reads
     the stacked outputs after it. ``nnx.grad`` of it with respect to the model is
-    full backpropagation through time.
+    full backpropagation through time. It runs as one ``jax.jit``-compiled function
+    per shapes, model structure and loop (``loop="python"`` excepted), as
+    :func:`loopgrad_jax.rnn_loss` does: repeated eager calls, ``nnx.grad`` and
+    ``jax.grad`` included, do not recompile.
 
     Examples:
       >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
@@ -414,18 +422,29 @@ def flax_loss(
     """
     _check_model(model)
     inputs, targets = _sequences(model, inputs, targets)
-    if loop is None:
-        # nnx.RNN runs Flax's lifted nnx.scan, which refuses a module made at another
-        # trace level: one closed over by jax.grad or jax.vmap. A copy made here holds the
-        # same values (tracers included), so gradients still reach the model's weights.
-        out = nnx.merge(*nnx.split(model), copy=True)(inputs, hidden0)
+    carries = model.carries(inputs, hidden0)
+    graphdef, state = nnx.split(model)
+    # loop=None runs nnx.RNN's own nnx.scan: compiled as a scan is.
+    as_is = loop is None
+    loop = Loop("scan") if as_is else check_loop(loop)
+    return _loss(
+        nnx.as_pure(state), inputs, targets, carries, graphdef=graphdef, loop=loop, as_is=as_is
+    )
+
+
+@compiled("graphdef", "loop", "as_is")
+def _loss(state, inputs, targets, carries, *, graphdef, loop, as_is) -> jax.Array:
+    """:func:`flax_loss` after its checks: one compiled function per shapes and model graph."""
+    # A model merged here is made at this trace level, as nnx.RNN's lifted nnx.scan
+    # requires (it refuses one closed over by an outer jax.grad or jax.vmap).
+    model = nnx.merge(graphdef, state)
+    if as_is:
+        out = _run_layers(model, inputs, carries)
     else:
-        loop = check_loop(loop)
 
         def body(carry, x):
             return _step_layers(model, carry, x)
 
-        carries = model.carries(inputs, hidden0)
         _, hs = run_loop(body, carries, inputs, length=inputs.shape[0], loop=loop)
         out = model.head(hs)
     return jnp.mean((out - targets) ** 2, axis=(1, 2)).sum()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TOL, assert_close, fixture
+from helpers import TOL, assert_close, count_compilations, fixture
 
 import loopgrad_jax as lg
 
@@ -321,6 +321,46 @@ def test_model_closed_over_by_jax_transforms():
         for b in range(x.shape[1])
     ]
     assert_close(per_seq, jnp.stack(expected), F64, "jax.vmap closed over")
+
+
+def _grad_by_nnx(model, x, y, loop):
+    return nnx.grad(lambda m: lg.flax_loss(m, x, y, loop=loop))(model)
+
+
+def _grad_by_jax(model, x, y, loop):
+    graphdef, state = nnx.split(model)
+    return jax.grad(lambda s: lg.flax_loss(nnx.merge(graphdef, s), x, y, loop=loop))(state)
+
+
+_EAGER_CALLS = {
+    "loss": lambda model, x, y, loop: lg.flax_loss(model, x, y, loop=loop),
+    "nnx.grad": _grad_by_nnx,
+    "jax.grad": _grad_by_jax,
+}
+
+
+@pytest.mark.parametrize("call", _EAGER_CALLS)
+@pytest.mark.parametrize("loop", [None, "scan"], ids=str)
+def test_repeated_eager_flax_loss_compiles_once(call, loop):
+    # flax_loss ran op by op and compiled nnx.RNN's scan again on every call (110-210 ms
+    # per loss, 711 ms per gradient for an LSTM at T=50, against 0.7 / 3.2 ms for rnn_loss).
+    # Sizes no other test uses, so the first call compiles.
+    t = 9 + list(_EAGER_CALLS).index(call)
+    h = {None: 6, "scan": 7}[loop]
+    model, other = (
+        lg.to_flax(lg.init_cell(jax.random.key(k), "lstm", input_size=3, hidden_size=h))
+        for k in (0, 1)
+    )
+    x, y = jnp.ones((t, 2, 3), jnp.float32), jnp.zeros((t, 2, 1), jnp.float32)
+    x2 = jnp.full_like(x, 2.0)
+    call = _EAGER_CALLS[call]
+    with count_compilations() as lowered:
+        first = call(model, x, y, loop)
+    assert lowered
+    with count_compilations() as lowered:
+        second = call(other, x2, y, loop)  # another model and inputs of the same shapes
+    assert lowered == []
+    assert not np.allclose(jax.tree.leaves(first)[0], jax.tree.leaves(second)[0])
 
 
 # ------------------------------------------------------------------- the nnx_* loop kinds
