@@ -31,9 +31,20 @@ class Cell(NamedTuple):
 
     The as-written ``"forward"`` method differentiates each example on its own, so
     it needs row ``b`` of the new carry to depend on row ``b`` of ``carry`` and
-    ``x`` alone (true of every cell without batch statistics). Give the same
-    ``Cell`` object (or one built from the same functions) to repeated calls: it
-    is a static argument of the compiled functions, compared by its functions.
+    ``x`` alone (true of every cell without batch statistics).
+
+    A ``Cell`` is a static argument of the compiled functions, compared by its
+    functions: ``Cell(f, g) == Cell(f, g)`` for the same ``f`` and ``g``, but two
+    lambdas are never equal, even with the same body. Define the functions once
+    (at module level, as below) or build the ``Cell`` once, and repeated calls with
+    the same shapes reuse one compiled function; a ``Cell`` of fresh lambdas per
+    call compiles again on every call::
+
+      for batch in data:                              # compiles every call
+        lg.train_rnn(p, *batch, cell=lg.Cell(lambda p, h, x: ..., lambda p, h: ...))
+      elman = lg.Cell(step, readout)                  # once
+      for batch in data:                              # compiles once
+        lg.train_rnn(p, *batch, cell=elman)
 
     Examples:
       A minimal Elman cell, ``h' = tanh(W [x, h])``, read out by ``V h``:

@@ -21,6 +21,7 @@ PyTorch's ``dampening`` and ``amsgrad`` have no counterpart here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import optax
@@ -46,7 +47,9 @@ def torch_optimizer(name: str, lr: float, **hyperparams: Any) -> optax.GradientT
         ``weight_decay`` for Adam and AdamW), with PyTorch's defaults.
 
     Returns:
-      An ``optax.GradientTransformation`` for ``train_rnn(optimizer=...)``.
+      An ``optax.GradientTransformation`` for ``train_rnn(optimizer=...)``. Equal
+      arguments give the same object (hashable ones: numbers, tuples), so runs
+      given optimizers built separately from one spec share one compiled function.
 
     Examples:
       >>> import loopgrad_jax as lg
@@ -65,7 +68,24 @@ def torch_optimizer(name: str, lr: float, **hyperparams: Any) -> optax.GradientT
             f"torch_optimizer({name!r}) takes {', '.join(sorted(_DEFAULTS[key]))}; got "
             f"unsupported {', '.join(unknown)}."
         )
-    hp = {**_DEFAULTS[key], **hyperparams}
+    spec = (key, lr, tuple(sorted({**_DEFAULTS[key], **hyperparams}.items())))
+    try:
+        hash(spec)
+    except TypeError:  # an array lr or list betas: nothing to look it up by
+        return _build.__wrapped__(*spec)
+    return _build(*spec)
+
+
+@functools.lru_cache(maxsize=128)
+def _build(
+    key: str, lr: Any, hyperparams: tuple[tuple[str, Any], ...]
+) -> optax.GradientTransformation:
+    """:func:`torch_optimizer` after its checks: one object per spec.
+
+    ``train_rnn``'s compiled functions take the optimizer as a static argument,
+    compared by its functions, which every new ``optax`` transformation makes anew.
+    """
+    hp = dict(hyperparams)
     if key == "sgd":
         if hp["nesterov"] and hp["momentum"] <= 0:
             raise ValueError(

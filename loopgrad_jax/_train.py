@@ -137,7 +137,9 @@ def train_rnn(
     a sweep over ``lr`` values compiles once. ``optimizer`` is a static option:
     pass the same object to reuse the compiled function (a new ``optax.adam(lr)``
     per ``lr`` compiles again; put the learning rate in ``opt_state`` with
-    ``optax.inject_hyperparams`` instead).
+    ``optax.inject_hyperparams`` instead). :func:`loopgrad_jax.torch_optimizer`
+    returns the same object for equal arguments. ``cell`` is static too: see
+    :class:`Cell`.
 
     Args:
       params: initial :class:`RNNParams`.

@@ -461,6 +461,59 @@ def test_repeated_eager_calls_compile_once(call):
     assert lowered == []
 
 
+def test_equal_torch_optimizer_specs_compile_once():
+    # torch_optimizer built a new object per call, and train_rnn compiled again for each.
+    first = random_rnn_problem(jax.random.key(17), 5, 2, 4, 6, 1)
+    second = random_rnn_problem(jax.random.key(18), 5, 2, 4, 6, 1)
+
+    def train(problem):
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int32 and float
+            return _train(*problem, mode="tbptt", optimizer=lg.torch_optimizer("adam", lr=1e-3))
+
+    with count_compilations() as lowered:
+        train(first)
+    assert lowered
+    with count_compilations() as lowered:
+        train(second)
+    assert lowered == []
+
+
+def _elman_step(p, h, x):
+    return jnp.tanh(jnp.concatenate([x, h], axis=1) @ p["w"].T)
+
+
+def _elman_readout(p, h):
+    return h @ p["v"].T
+
+
+def test_a_cell_of_fresh_lambdas_compiles_again_and_a_reused_one_does_not():
+    # What the Cell docstring tells users: a Cell is compared by its functions.
+    key = jax.random.split(jax.random.key(19), 3)
+    params = {
+        "w": jax.random.normal(key[0], (5, 8), jnp.float64),
+        "v": jax.random.normal(key[1], (1, 5), jnp.float64),
+    }
+    x = jax.random.normal(key[2], (6, 2, 3), jnp.float64)
+    y, h0 = jnp.zeros((6, 2, 1), jnp.float64), jnp.zeros((2, 5), jnp.float64)
+
+    def fresh():
+        return lg.Cell(lambda p, h, x: _elman_step(p, h, x), lambda p, h: _elman_readout(p, h))
+
+    def train(cell):
+        return lg.train_rnn(params, x, y, hidden0=h0, cell=cell)
+
+    runs = {}
+    for name, make in [("module", lambda: lg.Cell(_elman_step, _elman_readout)), ("fresh", fresh)]:
+        with count_compilations() as lowered:
+            result = train(make())
+        assert lowered, name
+        with count_compilations() as lowered:
+            runs[name] = train(make())  # a new Cell of the same shapes
+        assert bool(lowered) == (name == "fresh"), name
+        assert_close(runs[name], result, 0.0, name)
+    assert_close(runs["fresh"], runs["module"], 0.0)
+
+
 def test_line_search_is_refused_in_as_written_mode():
     problem = random_rnn_problem(jax.random.key(0), 4, 1, 2, 3, 1)
     want = r"optimizer's update needs 'value_fn', which mode='as_written' cannot give.*tbptt"
