@@ -159,7 +159,10 @@ def train_rnn(
         history) uses it. ``mode="tbptt"`` differentiates through its window
         loop, so it needs a kind in :data:`loopgrad_jax.REVERSE_LOOPS` (or a
         bounded ``"while:max_steps=N"``); ``mode="as_written"`` differentiates
-        single cells only and takes every kind.
+        single cells only and takes every kind. ``"while:max_steps=N"`` bounds
+        each window's loop in ``mode="tbptt"`` (``window <= N``; the loop over
+        the windows runs as many as there are) and the loop over the ``T`` steps
+        in ``mode="as_written"`` (``T <= N``).
       as_written_method: ``"auto"``, ``"forward"`` or ``"reverse"``.
       optimizer: any ``optax.GradientTransformation``; its state is carried
         through the loop. Transformations that take extra arguments get
@@ -236,6 +239,7 @@ def train_rnn(
             "every step, so the input projection cannot be computed before the loop."
         )
     loop = require_reverse(loop, "train_rnn(mode='tbptt')") if mode == "tbptt" else check_loop(loop)
+    _check_bound(loop, mode, window, length)
     if optimizer is None:
         lr = _check_lr(DEFAULT_LR if lr is None else lr, inputs.dtype)
         reference_optimizer = optax.sgd(DEFAULT_LR)  # the default's state structure
@@ -405,9 +409,12 @@ def _train_tbptt(
     def windows(a):
         return a[:cut].reshape(full, window, *a.shape[1:])
 
+    # A bound on the trip count (while:max_steps=N) bounds each window's loop; the loop
+    # over the windows runs once per window, however many there are.
+    outer = loop if loop.max_steps is None else loop._replace(max_steps=full)
     carry = (params, opt_state, hidden0, keep_init(keep_grads, params))
     carry, (losses, grads) = run_loop(
-        window_update, carry, (windows(inputs), windows(targets)), length=full, loop=loop
+        window_update, carry, (windows(inputs), windows(targets)), length=full, loop=outer
     )
     losses = losses.reshape(cut)
     if rest:  # the shorter last window also updates
@@ -419,6 +426,22 @@ def _train_tbptt(
             )
     params, opt_state, hidden, kept = carry
     return TrainResult(params, losses, keep_result(keep_grads, kept, grads), hidden, opt_state)
+
+
+def _check_bound(loop: Loop, mode: str, window: int, length: int) -> None:
+    """Refuses, naming the user's argument, a run longer than ``loop``'s ``max_steps``."""
+    if loop.max_steps is None:
+        return
+    if mode == "tbptt":
+        name, steps, bounded = "window", window, "each window's loop"
+    else:
+        name, steps, bounded = "T", length, "the loop over the T time steps"
+    if steps > loop.max_steps:
+        raise ValueError(
+            f"{name}={steps} exceeds the loop's max_steps={loop.max_steps} (loop="
+            f"{str(loop)!r}), which bounds {bounded} in {mode=}; raise max_steps or "
+            f"lower {name}."
+        )
 
 
 def _check_lr(lr: object, dtype: jnp.dtype) -> jax.Array:

@@ -98,6 +98,39 @@ def test_tbptt_windows(seed, t, window, loop):
     assert_close(result.params, p, TOL["float64"])
 
 
+def _tbptt_over_four_windows(loop, lr=0.1, params=None, inputs=None):
+    problem = random_rnn_problem(jax.random.key(20), 7, 2, 2, 3, 1)
+    params = problem[0] if params is None else params
+    inputs = problem[1] if inputs is None else inputs
+    return lg.train_rnn(
+        params, inputs, problem[2], hidden0=problem[3], lr=lr, mode="tbptt", window=2, loop=loop
+    )
+
+
+@pytest.mark.parametrize("loop", ["while:max_steps=2", "while:max_steps=2:checkpoints=2"])
+def test_tbptt_bounded_while_bounds_each_window_not_their_number(loop):
+    # max_steps bounded the loop over the windows too: windows of 2, 2, 2 and 1 steps
+    # (T=7; the loop runs the three full ones) were refused with "length=3 exceeds the
+    # loop's max_steps=2".
+    expected = _tbptt_over_four_windows("scan")
+    assert_close(_tbptt_over_four_windows(loop), expected, TOL["float64"])
+
+
+def test_tbptt_bounded_while_run_differentiates_as_scan():
+    # (A loop with checkpoints has no reverse mode of its reverse mode: Loop's docstring.)
+    params, inputs = random_rnn_problem(jax.random.key(20), 7, 2, 2, 3, 1)[:2]
+
+    def run(lr, params, inputs, loop):
+        r = _tbptt_over_four_windows(loop, lr, params, inputs)
+        return r.losses.sum() + sum(leaf.sum() for leaf in jax.tree.leaves(r.params))
+
+    grads = jax.grad(run, argnums=(0, 1, 2))
+    expected = grads(jnp.float64(0.1), params, inputs, "scan")
+    assert_close(
+        grads(jnp.float64(0.1), params, inputs, "while:max_steps=2"), expected, TOL["float64"]
+    )
+
+
 def test_window_T_is_one_backward_over_the_sequence():
     params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(1), 9, 2, 3, 4, 2)
     result = _train(params, inputs, targets, hidden0, mode="tbptt", window=9)
@@ -189,6 +222,12 @@ def test_custom_optimizer_state_is_carried():
             r"train_rnn\(mode='tbptt'\).*static memory bounds.*'python', 'scan', 'fori', 'remat'",
         ),
         ({"hoist_input": True}, ValueError, r"hoist_input applies only to mode='tbptt'"),
+        (
+            {"mode": "tbptt", "window": 3, "loop": "while:max_steps=2"},
+            ValueError,
+            r"window=3 exceeds the loop's max_steps=2 .* bounds each window's loop",
+        ),
+        ({"loop": "while:max_steps=2"}, ValueError, r"T=4 exceeds the loop's max_steps=2"),
     ],
 )
 def test_bad_input(kwargs, error, match):
