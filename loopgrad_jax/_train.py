@@ -21,6 +21,7 @@ fix.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -72,7 +73,7 @@ def train_rnn(
     hidden0: jax.typing.ArrayLike | None = None,
     loop: str | Loop = "scan",
     as_written_method: str = "auto",
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: optax.GradientTransformation | optax.MultiSteps | None = None,
     opt_state: optax.OptState | None = None,
     hoist_input: bool = False,
     keep_grads: str = "all",
@@ -164,8 +165,10 @@ def train_rnn(
         the windows runs as many as there are) and the loop over the ``T`` steps
         in ``mode="as_written"`` (``T <= N``).
       as_written_method: ``"auto"``, ``"forward"`` or ``"reverse"``.
-      optimizer: any ``optax.GradientTransformation``; its state is carried
-        through the loop. Transformations that take extra arguments get
+      optimizer: any ``optax.GradientTransformation``, or an object with methods
+        ``init(params)`` and ``update(updates, state, params)`` as
+        ``optax.MultiSteps`` has; its state is carried through the loop.
+        Transformations that take extra arguments get
         ``value`` (the loss of the update's gradient) and ``grad``, so
         ``optax.contrib.reduce_on_plateau`` works; in ``mode="tbptt"`` they also
         get ``value_fn`` (the window's loss as a function of the weights), so
@@ -248,12 +251,8 @@ def train_rnn(
             "lr sets the learning rate of the default optimizer, optax.sgd(lr); with "
             "optimizer= given, set the learning rate on that optimizer instead."
         )
-    elif not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
-        )
     else:
-        reference_optimizer = optimizer
+        optimizer = reference_optimizer = _check_optimizer(optimizer)
     if opt_state is not None:
         opt_state = _check_opt_state(opt_state, jax.eval_shape(reference_optimizer.init, params))
     shards = check_mesh(mesh, bound.dims.batch)
@@ -442,6 +441,27 @@ def _check_bound(loop: Loop, mode: str, window: int, length: int) -> None:
             f"{str(loop)!r}), which bounds {bounded} in {mode=}; raise max_steps or "
             f"lower {name}."
         )
+
+
+def _check_optimizer(optimizer: object) -> optax.GradientTransformation:
+    """``optimizer`` as an optax transformation: one already, or an object with ``init``
+    and ``update`` methods (``optax.MultiSteps``), whose ``update`` gets the extra
+    arguments if it takes ``**kwargs``."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    init, update = (getattr(optimizer, name, None) for name in ("init", "update"))
+    if not (callable(init) and callable(update)):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation, or an object with methods "
+            "init(params) and update(updates, state, params) as optax.MultiSteps has, got "
+            f"{type(optimizer).__name__}."
+        )
+    takes_extra = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in inspect.signature(update).parameters.values()
+    )
+    kind = optax.GradientTransformationExtraArgs if takes_extra else optax.GradientTransformation
+    return kind(init, update)  # bound methods: equal for the same object, so no recompiling
 
 
 def _check_lr(lr: object, dtype: jnp.dtype) -> jax.Array:

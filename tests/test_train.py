@@ -187,6 +187,49 @@ def test_custom_optimizer_state_is_carried():
     np.testing.assert_allclose(two.params.i2h_weight, after_two, rtol=TOL["float64"])
 
 
+def test_multi_steps_is_accepted_and_accumulates_as_optax_documents():
+    # optax.MultiSteps has init and update but is no GradientTransformation: it was refused.
+    # Its semantics, written out: each update's gradient is accumulated, and every
+    # second one applies SGD to the mean of the two; between, the weights stay.
+    params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(21), 5, 2, 3, 4, 1)
+    # (MultiSteps accumulates in float32 unless told; float64 keeps the comparison exact.)
+    optimizer = optax.MultiSteps(optax.sgd(0.3), every_k_schedule=2, accumulator_dtype=jnp.float64)
+    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (parity._promotion)
+        result = _train(params, inputs, targets, hidden0, mode="tbptt", optimizer=optimizer)
+
+    def step(p, h, x, y):
+        h = lg.rnn_cell(p, h, x)
+        return lg.step_loss(p, h, y), h
+
+    p, h, pending, losses = params, hidden0, None, []
+    for t in range(5):
+        (loss, new_h), g = jax.value_and_grad(step, has_aux=True)(p, h, inputs[t], targets[t])
+        losses.append(loss)
+        h = new_h
+        if pending is None:
+            pending = g
+        else:
+            p = jax.tree.map(lambda w, a, b: w - 0.3 * (a + b) / 2, p, pending, g)
+            pending = None
+    assert_close(result.params, p, TOL["float64"], "params")
+    assert_close(result.losses, jnp.stack(losses), TOL["float64"], "losses")
+    assert_close(result.hidden, h, TOL["float64"], "hidden")
+
+
+def test_an_optimizer_without_init_and_update_is_refused():
+    problem = random_rnn_problem(jax.random.key(0), 4, 1, 2, 3, 1)
+
+    class InitOnly:
+        def init(self, params):
+            return ()
+
+    want = (
+        r"optimizer must be an optax.GradientTransformation, or an object with methods .*InitOnly"
+    )
+    with pytest.raises(TypeError, match=want):
+        _train(*problem, optimizer=InitOnly())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
