@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from loopgrad_jax._cells import CellParams
 from loopgrad_jax._rnn import RNNParams
 
 PyTree = Any
@@ -18,19 +19,30 @@ KEEP_GRADS: tuple[str, ...] = ("all", "last", "none")
 
 
 class TrainResult(NamedTuple):
-    """What :func:`train_rnn` returns.
+    """What :func:`train_rnn` and :func:`flax_train` return.
 
     ``params``, ``opt_state`` and ``hidden`` are what a following call takes as
     ``params``, ``opt_state=`` and ``hidden0=`` to continue the run.
+
+    Attributes:
+      params: the weights after the last update, of the type given: an
+        :class:`RNNParams`, a :class:`CellParams`, a user :class:`Cell`'s pytree
+        (``flax_train``: the model's ``nnx.State``).
+      losses: ``(T,)``, the loss of each step at the weights used for it.
+      grads: ``keep_grads="all"``: ``params``' structure with leaves ``(U, ...)``,
+        the gradient of each of the ``U`` updates; ``"last"``: the last update's
+        gradient, shaped like ``params``; ``"none"``: ``None``.
+      hidden: the final hidden state, in ``hidden0``'s layout: ``(B, H)`` for the
+        article's model, ``(num_layers, B, H)`` for a :class:`CellParams` (for an
+        LSTM the pair ``(h, c)`` of two), a user cell's carry.
+      opt_state: the optimizer's state after the last update.
     """
 
-    params: RNNParams  # the weights after the last update
-    losses: jax.Array  # (T,): the loss of each step, at the weights used for it
-    # keep_grads="all": leaves (U, ...), the gradient of each of the U updates;
-    # "last": the last update's gradient (leaves shaped like params); "none": None.
-    grads: RNNParams | None
-    hidden: jax.Array  # (B, H): the final hidden state
-    opt_state: optax.OptState  # the optimizer's state after the last update
+    params: CellParams | RNNParams | PyTree
+    losses: jax.Array
+    grads: CellParams | RNNParams | PyTree | None
+    hidden: jax.Array | tuple[jax.Array, jax.Array] | PyTree
+    opt_state: optax.OptState
 
 
 def apply_optimizer(

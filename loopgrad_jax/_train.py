@@ -143,7 +143,8 @@ def train_rnn(
     :class:`Cell`.
 
     Args:
-      params: initial :class:`RNNParams`.
+      params: the initial weights: the article's :class:`RNNParams`, a
+        :class:`CellParams`, or, with ``cell``, any pytree of float arrays.
       inputs: ``(T, B, I)``.
       targets: ``(T, B, O)``.
       lr: the learning rate of the default optimizer ``optax.sgd(lr)``, PyTorch's
@@ -154,7 +155,10 @@ def train_rnn(
         ``lr`` or ``optimizer``, not both.
       mode: one of :data:`MODES`.
       window: steps per update in ``mode="tbptt"``, ``1 <= window <= T``.
-      hidden0: ``(B, H)``; zeros when ``None``.
+      hidden0: the initial state; zeros when ``None``. ``(B, H)`` for
+        :class:`RNNParams`; PyTorch's ``(num_layers, B, H)`` for a
+        :class:`CellParams`, and for an LSTM the pair ``(h0, c0)`` of two; with
+        ``cell``, required, the cell's carry.
       loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its
         text form; every loop (over time steps, windows and the reverse method's
         history) uses it. ``mode="tbptt"`` differentiates through its window
