@@ -9,8 +9,11 @@ fixed number of times whatever the length, so compile time does not grow with it
 it is evaluated ``T + forward_steps(T, C)`` times, the offline optimum.
 
 Reverse mode only: ``jax.jvp`` / ``jax.jacfwd`` through it raise JAX's error for a
-``custom_vjp`` function, and the backward pass, whose loops have run-time trip counts,
-cannot be reverse-differentiated again (no ``jax.hessian``).
+``custom_vjp`` function. The backward pass is ordinary JAX code, so forward mode runs
+through it: ``jax.jvp`` of ``jax.grad``, ``jax.jacfwd(jax.jacrev(f))`` and
+``jax.hessian`` work. Reverse mode does not (``jax.grad`` of ``jax.grad``,
+``jax.jacrev(jax.jacrev(f))``): the loops that move carries forward have run-time trip
+counts, and their outputs are marked so that it raises :data:`REVERSE_TWICE`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
 
 from loopgrad_jax import _checks, _revolve
+from loopgrad_jax._forward_only import forward_only
 
 PyTree = Any
+
+#: The error reverse mode of the backward pass raises.
+REVERSE_TWICE = (
+    "Reverse mode of reverse mode (jax.grad of jax.grad, jax.jacrev of jax.jacrev, or "
+    "jax.grad of a train_rnn(mode='tbptt') run) does not run through a loop with "
+    "checkpoints=C: its backward pass moves stored carries forward with loops whose trip "
+    "counts are known only at run time, and reverse mode needs static trip counts. "
+    "Forward over reverse works (jax.hessian, jax.jacfwd(jax.jacrev(f)), jax.jvp of "
+    "jax.grad); for reverse over reverse, use 'remat' or 'remat:chunk=k'."
+)
 
 
 def checkpointed_scan(
@@ -36,25 +51,55 @@ def checkpointed_scan(
     stores at most ``checkpoints`` carries (the initial one included)."""
     if length == 0:
         return lax.scan(body, init, xs, length=0, reverse=reverse)
-    closed, consts = jax.closure_convert(body, init, _row(xs, 0))
+    closed, consts = closure_convert(body, init, _row(xs, 0))
     # Only floating-point leaves are differentiated; the others ride along unchanged.
+    consts_d, consts_n, consts_tree = _split(consts)
     init_d, init_n, init_tree = _split(init)
     xs_d, xs_n, xs_tree = _split(xs)
-    static = _Static(closed, length, reverse, checkpoints, init_tree, xs_tree)
-    return _scan(static, list(consts), init_d, xs_d, init_n, xs_n)
+    trees = (consts_tree, init_tree, xs_tree)
+    static = _Static(closed, length, reverse, checkpoints, trees)
+    return _scan(static, consts_d, init_d, xs_d, consts_n, init_n, xs_n)
+
+
+def closure_convert(fn: Callable, *example_args: PyTree) -> tuple[Callable, list]:
+    """``(converted, consts)`` with ``converted(*args, *consts) == fn(*args)``.
+
+    ``consts`` are all the tracers ``fn`` closes over, integer ones included, so that
+    a custom derivative rule can take them as arguments. ``jax.closure_convert``
+    hoists only the values that can carry a tangent: an integer tracer (an enclosing
+    loop's step index) stayed inside the converted function and was used after its
+    trace had ended (``jax.grad`` of a ``train_rnn`` run, or of a ``lax.scan`` whose
+    body runs a ``fori`` loop reading the scan's index, failed).
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+    hoist = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+    n = len(example_args)
+
+    def converted(*args_and_consts):
+        new = iter(args_and_consts[n:])
+        consts = [next(new) if h else c for c, h in zip(closed.consts, hoist, strict=True)]
+        run = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(closed.jaxpr, consts))
+        out = run(*jax.tree.leaves(args_and_consts[:n]))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return converted, [c for c, h in zip(closed.consts, hoist, strict=True) if h]
 
 
 class _Static:
     """What the custom VJP holds fixed: the body and the loop's shape (hashed by identity)."""
 
-    def __init__(self, body, length, reverse, checkpoints, init_tree, xs_tree):
+    def __init__(self, body, length, reverse, checkpoints, trees):
         self.body, self.length, self.reverse = body, length, reverse
         self.checkpoints = min(checkpoints, length)  # more slots than steps are never used
-        self.init_tree, self.xs_tree = init_tree, xs_tree
+        self.consts_tree, self.init_tree, self.xs_tree = trees
 
     def step(self, consts, carry, x):
         """The body, on full carries and rows."""
         return self.body(carry, x, *consts)
+
+    def consts(self, consts_d, consts_n):
+        """The body's constants, merged from floating-point and other leaves."""
+        return _merge(consts_d, consts_n, self.consts_tree)
 
     def row(self, k):
         """The row of ``xs`` that step ``k`` reads."""
@@ -82,27 +127,28 @@ def _row(tree: PyTree, i) -> PyTree:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(static: _Static, consts, init_d, xs_d, init_n, xs_n):
+def _scan(static: _Static, consts_d, init_d, xs_d, consts_n, init_n, xs_n):
     init = _merge(init_d, init_n, static.init_tree)
     xs = _merge(xs_d, xs_n, static.xs_tree)
-    step = functools.partial(static.step, consts)
+    step = functools.partial(static.step, static.consts(consts_d, consts_n))
     return lax.scan(step, init, xs, length=static.length, reverse=static.reverse)
 
 
-def _pullback(static: _Static, consts, carry, x):
+def _pullback(static: _Static, consts_d, consts_n, carry, x):
     """``(new carry, y), pullback`` of one step, differentiating floating-point leaves only.
 
     The pullback maps the cotangents of the new carry's and ``y``'s floating-point
-    leaves to those of ``consts``, of ``carry``'s and of ``x``'s floating-point leaves.
+    leaves to those of ``consts_d``, of ``carry``'s and of ``x``'s floating-point leaves.
     """
     carry_d, carry_n, carry_how = _split(carry)
     x_d, x_n, x_how = _split(x)
 
-    def step(consts, carry_d, x_d):
+    def step(consts_d, carry_d, x_d):
+        consts = static.consts(consts_d, consts_n)
         new, y = static.step(consts, _merge(carry_d, carry_n, carry_how), _merge(x_d, x_n, x_how))
         return (_split(new)[0], _split(y)[0]), (new, y)
 
-    _, pull, out = jax.vjp(step, consts, carry_d, x_d, has_aux=True)
+    _, pull, out = jax.vjp(step, consts_d, carry_d, x_d, has_aux=True)
     return out, pull
 
 
@@ -114,7 +160,7 @@ def _store(bank, carry, slot):
     )
 
 
-def _scan_fwd(static: _Static, consts, init_d, xs_d, init_n, xs_n):
+def _scan_fwd(static: _Static, consts_d, init_d, xs_d, consts_n, init_n, xs_n):
     table = _revolve.schedule(static.length, static.checkpoints)
     first = _revolve.first_turn(table)
     # The first sweep stores each step's entering carry where the schedule's rows before
@@ -124,6 +170,7 @@ def _scan_fwd(static: _Static, consts, init_d, xs_d, init_n, xs_n):
     for _, start, advance, store, _ in table[:first]:
         if store >= 0:
             slots[start + advance] = store
+    consts = static.consts(consts_d, consts_n)
     init = _merge(init_d, init_n, static.init_tree)
     xs = _merge(xs_d, xs_n, static.xs_tree)
     n = static.length
@@ -141,13 +188,14 @@ def _scan_fwd(static: _Static, consts, init_d, xs_d, init_n, xs_n):
     state = _typed_like_outputs((init, bank, ys), functools.partial(sweep, 0))
     carry, bank, ys = lax.fori_loop(0, n - 1, sweep, state)
     last = static.row(n - 1)  # the first turn: the last step, its pullback kept
-    (carry, y), pull = _pullback(static, consts, carry, _row(xs, last))
+    (carry, y), pull = _pullback(static, consts_d, consts_n, carry, _row(xs, last))
     ys = jax.tree.map(lambda buf, leaf: buf.at[last].set(leaf), ys, y)
-    return (carry, ys), (consts, xs_d, xs_n, init_n, bank, pull)
+    return (carry, ys), (consts_d, consts_n, xs_d, xs_n, init_n, bank, pull)
 
 
 def _scan_bwd(static: _Static, residuals, cts):
-    consts, xs_d, xs_n, init_n, bank, pull = residuals
+    consts_d, consts_n, xs_d, xs_n, init_n, bank, pull = residuals
+    consts = static.consts(consts_d, consts_n)
     xs = _merge(xs_d, xs_n, static.xs_tree)
     ct_carry, ct_ys = _split(cts[0])[0], _split(cts[1])[0]  # float0 (integer) leaves drop
     table = _revolve.schedule(static.length, static.checkpoints)
@@ -161,7 +209,7 @@ def _scan_bwd(static: _Static, residuals, cts):
 
     def turn(k, carry, ct_carry, g_consts, ct_xs):
         i = static.row(k)
-        _, pull = _pullback(static, consts, carry, _row(xs, i))
+        _, pull = _pullback(static, consts_d, consts_n, carry, _row(xs, i))
         g_c, ct_carry, g_x = pull((ct_carry, _row(ct_ys, i)))
         g_consts = jax.tree.map(jnp.add, g_consts, g_c)
         ct_xs = [buf.at[i].set(g) for buf, g in zip(ct_xs, g_x, strict=True)]
@@ -172,6 +220,7 @@ def _scan_bwd(static: _Static, residuals, cts):
         restore, start, steps, store, is_turn = (row[c] for c in range(5))
         carry = jax.tree.map(lambda b: b[restore], bank)
         carry = lax.fori_loop(start, start + steps, advance, carry)
+        carry = forward_only(carry, REVERSE_TWICE)  # before JAX's while_loop error
         bank = _store(bank, carry, store)
         ct_carry, g_consts, ct_xs = lax.cond(
             is_turn > 0,
@@ -188,8 +237,11 @@ def _scan_bwd(static: _Static, residuals, cts):
     if len(rows):
         state = _typed_like_outputs(state, lambda state: run_row(state, rows[0])[0])
     (_, ct_init, g_consts, ct_xs), _ = lax.scan(run_row, state, rows)
-    zeros = [np.zeros(np.shape(a), jax.dtypes.float0) for a in (*init_n, *xs_n)]
-    return g_consts, ct_init, ct_xs, zeros[: len(init_n)], zeros[len(init_n) :]
+
+    def zeros(leaves):
+        return [np.zeros(np.shape(a), jax.dtypes.float0) for a in leaves]
+
+    return g_consts, ct_init, ct_xs, zeros(consts_n), zeros(init_n), zeros(xs_n)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from loopgrad_jax import _checks
-from loopgrad_jax._checkpointed import checkpointed_scan
+from loopgrad_jax._checkpointed import checkpointed_scan, closure_convert
 from loopgrad_jax._forward_only import forward_only
 from loopgrad_jax._parallel import LOCAL
 
@@ -374,9 +374,9 @@ def run_loop(
         return carry, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
 
     if spec.kind == "fori":
-        # The body's closed-over values (the weights) become explicit arguments, so that
-        # the rule below differentiates with respect to them.
-        closed, consts = jax.closure_convert(body, init, _index(xs, 0))
+        # The body's closed-over tracers (the weights, an enclosing loop's index) become
+        # explicit arguments, so that the rule below differentiates with respect to them.
+        closed, consts = closure_convert(body, init, _index(xs, 0))
         return _fori(closed, length, reverse, spec.unroll, consts, init, xs)
     _, carry, ys = lax.while_loop(
         lambda s: s[0] < length,

@@ -165,3 +165,29 @@ def test_forward_mode_is_refused_by_jax():
         jax.jvp(lambda w: loss(w, init, xs, "remat:checkpoints=2"), (weights,), (weights,))
     assert not lg.Loop.parse("remat:checkpoints=2").forward_mode
     assert lg.Loop.parse("remat:checkpoints=2").reverse_mode
+
+
+def test_forward_over_reverse_is_scans():
+    # jax.hessian is jax.jacfwd of jax.jacrev: forward mode through the backward pass.
+    weights, init, xs = problem(9)
+
+    def hessian(loop):
+        return jax.jit(jax.hessian(lambda w: loss(w, init, xs, loop)))(weights)
+
+    assert_close(hessian("remat:checkpoints=2"), hessian("scan"), TOL["float64"])
+
+    def jvp_of_grad(loop):
+        grad = jax.grad(lambda w: loss(w, init, xs, loop))
+        return jax.jvp(grad, (weights,), (jnp.ones_like(weights),))
+
+    assert_close(
+        jvp_of_grad("while:max_steps=9:checkpoints=3"), jvp_of_grad("scan"), TOL["float64"]
+    )
+
+
+@pytest.mark.parametrize("loop", ["remat:checkpoints=2", "while:max_steps=9:checkpoints=3"])
+def test_reverse_over_reverse_is_refused_with_our_message(loop):
+    weights, init, xs = problem(9)
+    grad = jax.grad(lambda w: loss(w, init, xs, loop))
+    with pytest.raises(ValueError, match=r"Reverse mode of reverse mode .* checkpoints=C.*'remat'"):
+        jax.jacrev(grad)(weights)
