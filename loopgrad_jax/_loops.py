@@ -336,7 +336,8 @@ def run_loop(
         ``N`` rows, of which the first ``length`` are read, and ``ys`` come back with
         ``N`` rows, zero from row ``length`` on. A ``length`` outside ``[0, N]``
         cannot raise inside a compiled function, so every floating-point leaf of
-        the result is NaN instead (a static one raises a ``ValueError``).
+        the result is NaN instead, and so are its derivatives (a static one raises
+        a ``ValueError``).
       loop: one of :data:`LOOPS`, a :class:`Loop`, or its text form.
       reverse: run from the last step to the first.
 
@@ -497,13 +498,18 @@ def _bounded_while(body, init, xs, length: int | jax.Array, reverse: bool, spec:
 
 
 def _poison(carry, ys, length: jax.Array, max_steps: int):
-    """NaN in every floating-point leaf when the traced trip count is outside [0, N]."""
+    """NaN in every floating-point leaf, and in every derivative of it, when the traced
+    trip count is outside [0, N].
+
+    The leaf is multiplied by NaN or 1: ``jnp.where(bad, nan, leaf)`` would give NaN
+    values but zero derivatives, which an optimizer would take without a sign.
+    """
     bad = (length < 0) | (length > max_steps)
 
     def poison(leaf):
         if not _checks.inexact(leaf):
             return leaf
-        return jnp.where(bad, jnp.asarray(jnp.nan, jnp.result_type(leaf)), leaf)
+        return leaf * jnp.where(bad, jnp.nan, 1).astype(jnp.result_type(leaf))
 
     return jax.tree.map(poison, (carry, ys))
 

@@ -206,15 +206,24 @@ def test_bounded_while_with_a_traced_length_is_the_loop_of_that_length(reverse):
         assert_close(got[n], want, TOL["float64"], f"n={n}")
 
 
+@pytest.mark.parametrize("loop", [f"while:max_steps={N}", f"while:max_steps={N}:checkpoints=2"])
 @pytest.mark.parametrize("n", [-1, N + 1])
-def test_bounded_while_poisons_a_traced_length_out_of_range(n):
-    # A compiled function cannot raise on a value: every floating-point leaf is NaN.
-    carry, ys = jax.jit(
-        lambda n: lg.run_loop(
-            body, (jnp.zeros(3), jnp.ones(3)), _padded(), length=n, loop=f"while:max_steps={N}"
-        )
-    )(n)
-    assert all(bool(jnp.isnan(leaf).all()) for leaf in jax.tree.leaves((carry, ys)))
+def test_bounded_while_poisons_a_traced_length_out_of_range(n, loop):
+    # A compiled function cannot raise on a value: every floating-point leaf is NaN, and
+    # so is every derivative (a finite zero gradient would stall an optimizer silently).
+    def run(scale, n):
+        init = (jnp.zeros(3), scale * jnp.ones(3))
+        return lg.run_loop(body, init, _padded(), length=n, loop=loop)
+
+    def total(scale, n):
+        return sum(leaf.sum() for leaf in jax.tree.leaves(run(scale, n)))
+
+    assert all(bool(jnp.isnan(leaf).all()) for leaf in jax.tree.leaves(jax.jit(run)(1.5, n)))
+    assert jnp.isnan(jax.jit(jax.grad(total))(1.5, n))
+    assert jnp.isfinite(jax.jit(jax.grad(total))(1.5, N))
+    if lg.Loop.parse(loop).forward_mode:
+        _, tangents = jax.jit(lambda n: jax.jvp(lambda s: run(s, n), (1.5,), (1.0,)))(n)
+        assert all(bool(jnp.isnan(leaf).all()) for leaf in jax.tree.leaves(tangents))
 
 
 def test_bounded_while_with_a_static_length_runs_every_step():
