@@ -41,7 +41,9 @@ PyTree = Any
 #:   loop has no static trip count, so reverse mode cannot size its stored residuals;
 #:   ``jax.grad`` or ``jax.vjp`` through it raises a ``ValueError`` that says so.
 #:   ``"while:max_steps=N"`` bounds the trip count by ``N``: reverse mode works, and
-#:   ``length`` may be a traced integer (see :func:`run_loop`).
+#:   ``length`` may be a traced integer (see :func:`run_loop`). The outputs then have
+#:   ``N`` rows (zero from row ``length`` on) for a traced ``length``, and ``length``
+#:   rows for a static one.
 LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
 
 #: Flax NNX's lifted loop transforms as loop kinds (they need Flax installed:
@@ -54,8 +56,10 @@ LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
 #: - ``"nnx_remat"``: ``flax.nnx.scan`` over ``flax.nnx.remat(body)``; takes ``policy``.
 NNX_LOOPS: tuple[str, ...] = ("nnx_scan", "nnx_fori", "nnx_remat")
 
-#: The loop kinds reverse-mode differentiation can run through (and ``"while"`` given
-#: ``max_steps``: :attr:`Loop.reverse_mode`).
+#: The kinds in :data:`LOOPS` that reverse-mode differentiation runs through with any
+#: options. ``"while"`` is not among them, yet runs reverse mode given ``max_steps``
+#: (``"while:max_steps=N"``), and every kind in :data:`NNX_LOOPS` does too: whether a
+#: given loop does is ``Loop.parse(loop).reverse_mode``.
 REVERSE_LOOPS: tuple[str, ...] = tuple(k for k in LOOPS if k != "while")
 _REVERSE_KINDS = (*REVERSE_LOOPS, *NNX_LOOPS)
 
@@ -94,6 +98,9 @@ class Loop(NamedTuple):
         then runs ``N`` steps of a ``lax.scan`` at most, each past the trip count
         a ``lax.cond`` that skips the body, so reverse mode works and the trip
         count may be a traced integer; ``None``: no bound (forward mode only).
+        With a traced trip count ``xs`` lead with ``N`` rows and the outputs come
+        back with ``N`` rows, zero from the trip count on; with a static one both
+        have as many rows as the trip count.
       checkpoints: for ``remat``, and ``while`` given ``max_steps``, the most
         carries reverse mode stores, ``C >= 1``
         (the initial carry among them), placed on Griewank's binomial schedule
@@ -102,8 +109,12 @@ class Loop(NamedTuple):
         steps, about ``(r + 1) * T`` for the smallest ``r`` with
         ``comb(C + r, C) >= T`` (``remat``: ``2 * T``, storing ``T`` carries). The
         primal is ``lax.scan``; reverse mode is a custom VJP, so forward mode
-        (``jax.jvp``) does not run through it (:attr:`forward_mode`), nor does
-        reverse mode of its reverse mode. Not combined with ``unroll``, ``policy``
+        (``jax.jvp``) does not run through the loop (:attr:`forward_mode`). It
+        runs through the loop's reverse mode: ``jax.hessian``,
+        ``jax.jacfwd(jax.jacrev(f))`` and ``jax.jvp`` of ``jax.grad`` work.
+        Reverse mode of reverse mode (``jax.grad`` of ``jax.grad``, and so
+        ``jax.grad`` of a ``train_rnn(mode="tbptt")`` run) raises a
+        ``ValueError`` saying so. Not combined with ``unroll``, ``policy``
         or ``chunk``; ``None``: checkpoint every step. With ``while:max_steps=N``
         the schedule covers the N steps of the bounded loop, skipped ones included.
     """
@@ -222,6 +233,8 @@ def check_loop(loop: object) -> Loop:
                     f"':max_steps=<int>' and ':checkpoints=<int>', got {option!r} in "
                     f"loop={loop!r}."
                 )
+            if key in fields:
+                raise ValueError(f"loop option {key!r} is given twice in loop={loop!r}.")
             is_int = key != "policy" and value.lstrip("-").isdigit()
             fields[key] = int(value) if is_int else value
         loop = Loop(**fields)

@@ -270,6 +270,8 @@ def test_while_refuses_reverse_mode_with_a_reason():
     assert lg._loops.require_reverse("remat:chunk=2", "f()") == lg.Loop("remat", chunk=2)
     bounded = lg._loops.require_reverse("while:max_steps=8", "f()")
     assert bounded == lg.Loop("while", max_steps=8) and bounded.reverse_mode
+    # REVERSE_LOOPS lists the kinds of LOOPS that run reverse mode with any options.
+    assert lg.REVERSE_LOOPS == tuple(k for k in lg.LOOPS if lg.Loop(k).reverse_mode)
 
 
 def test_while_forward_mode_works():
@@ -290,6 +292,7 @@ def test_while_forward_mode_works():
         ("remat:chunk=0", ValueError, r"loop chunk must be an int >= 1, got 0"),
         ("remat:chunk=x", TypeError, r"loop chunk must be a Python int, got str 'x'"),
         ("scan:unroll", ValueError, r"loop options are ':unroll=<int>'"),
+        ("scan:unroll=2:unroll=4", ValueError, r"loop option 'unroll' is given twice in loop="),
         ("remat:checkpoints=0", ValueError, r"loop checkpoints must be an int >= 1, got 0"),
         ("remat:checkpoints=x", TypeError, r"loop checkpoints must be a Python int, got str 'x'"),
         ("scan:checkpoints=4", ValueError, r"checkpoints applies to 'remat' and to a bounded"),
