@@ -458,14 +458,25 @@ def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
 
 
 def check_hidden0(
-    kind: str, hidden0: Any, num_layers: int, batch: int, hidden: int, dtype: jnp.dtype
+    kind: str,
+    hidden0: Any,
+    num_layers: int,
+    batch: int,
+    hidden: int,
+    dtype: jnp.dtype,
+    inputs: jax.Array | None = None,
 ) -> Any:
-    """``hidden0`` in PyTorch's layout, zeros when ``None``; raises naming what is wrong."""
+    """``hidden0`` in PyTorch's layout; raises naming what is wrong.
+
+    Zeros when ``None``, their batch axis split as that of ``inputs`` (``(T, B, I)``),
+    if given, is (:func:`loopgrad_jax._checks.batch_zeros`).
+    """
     shape = (num_layers, batch, hidden)
     meaning = f"(num_layers, B, H) with num_layers={num_layers}, B={batch}, H={hidden}"
     if kind == "lstm":
         if hidden0 is None:
-            return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            zeros = _checks.batch_zeros(shape, dtype, inputs)
+            return (zeros, zeros)
         if not isinstance(hidden0, tuple | list) or len(hidden0) != 2:
             raise ValueError(
                 f"hidden0 of an LSTM must be the pair (h0, c0) of two {meaning} arrays, as "
@@ -478,7 +489,7 @@ def check_hidden0(
             pair.append(arr)
         return tuple(pair)
     if hidden0 is None:
-        return jnp.zeros(shape, dtype)
+        return _checks.batch_zeros(shape, dtype, inputs)
     if isinstance(hidden0, tuple | list):
         raise ValueError(
             f"hidden0 of a {kind} cell must be one {meaning} array, got a {type(hidden0).__name__}."

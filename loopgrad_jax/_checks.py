@@ -67,6 +67,21 @@ def float_array(name: str, value: object) -> jax.Array:
     return arr
 
 
+def batch_zeros(shape: tuple[int, ...], dtype: jnp.dtype, inputs: jax.Array | None) -> jax.Array:
+    """``jnp.zeros(shape, dtype)`` with its batch axis, ``shape[-2]``, split as ``inputs``' is.
+
+    ``inputs`` is ``(T, B, I)``. Under an Explicit mesh an array's sharding is part
+    of its type, so zeros made without it are replicated, and a step that joins them
+    with batch-split inputs (a concatenation, a loop's carry) refuses the mix. Zeros
+    broadcast from ``inputs[0, :, :1]`` take its sharding; elsewhere (no ``inputs``, or
+    a batch axis that no Explicit mesh splits) they are plain zeros, one operation.
+    """
+    spec = () if inputs is None else jax.typeof(inputs).sharding.spec
+    if len(spec) < 2 or spec[1] is None:
+        return jnp.zeros(shape, dtype)
+    return jnp.broadcast_to(jnp.zeros_like(inputs[0, :, :1], dtype=dtype), shape)
+
+
 def shape(name: str, arr: jax.Array, expected: Sequence[int | None], meaning: str) -> None:
     """Raises unless ``arr.shape`` matches ``expected`` (``None`` matches any size)."""
     ok = arr.ndim == len(expected) and all(

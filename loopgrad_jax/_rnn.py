@@ -154,7 +154,7 @@ def check_article_args(
         )
     _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b} from inputs, O={o}")
     if hidden0 is None:
-        hidden0 = jnp.zeros((b, h), inputs.dtype)
+        hidden0 = _checks.batch_zeros((b, h), inputs.dtype, inputs)
     hidden0 = _checks.float_array("hidden0", hidden0)
     _checks.shape("hidden0", hidden0, (b, h), f"(B, H) with B={b} from inputs, H={h} from params")
     _checks.same_dtype(

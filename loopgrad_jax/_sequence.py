@@ -82,7 +82,9 @@ def _bind_torch(params: CellParams, inputs, targets, hidden0) -> Bound:
     )
     t, b = inputs.shape[:2]
     kind = params.kind
-    hidden0 = _cells.check_hidden0(kind, hidden0, sizes["layers"], b, sizes["hidden"], inputs.dtype)
+    hidden0 = _cells.check_hidden0(
+        kind, hidden0, sizes["layers"], b, sizes["hidden"], inputs.dtype, inputs
+    )
     _checks.same_dtype(
         [
             *((f"params{jax.tree_util.keystr(p)}", v) for p, v in _leaves(params)),

@@ -215,6 +215,28 @@ def test_meshes_of_either_axis_type_with_inputs_already_sharded(axis_type):
         assert_close(lg.rnn_loss(params, x, y, mesh=mesh), lg.rnn_loss(params, x0, y0), 1e-11)
 
 
+@pytest.mark.parametrize("kind", lg.CELLS)
+def test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument(kind):
+    """Under ``jax.set_mesh`` of an Explicit mesh, the sharding is part of each array's
+    type: the default zero ``hidden0`` must be split like the inputs' batch, or the
+    step's concatenation and the loop's carry refuse the mix (issue 23)."""
+    params, x0, y0 = _problem(kind, layers=1 if kind == "article" else 2)
+    mesh = _mesh(2)
+    split = NamedSharding(mesh, P(None, "batch", None))
+    x, y = jax.device_put(x0, split), jax.device_put(y0, split)
+    runs = {
+        "scan": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y),
+        "hoisted": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, hoist_input=True),
+        "python": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, loop="python"),
+        "tbptt": lambda x, y: lg.train_rnn(params, x, y, mode="tbptt", window=2),
+    }
+    for name, run in runs.items():
+        expected = run(x0, y0)
+        with jax.set_mesh(mesh):
+            actual = run(x, y)
+        assert_close(actual, expected, TOL[jnp.float64], name)
+
+
 def _collectives_in_loops(jaxpr, inside: bool = False) -> list[str]:
     """Names of the cross-device reductions found inside a loop's body, at any depth."""
     found = []
