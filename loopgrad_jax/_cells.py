@@ -52,8 +52,8 @@ class LayerParams:
 
     weight_ih: jax.Array  # (G*H, I) for the first layer, (G*H, H) after
     weight_hh: jax.Array  # (G*H, H)
-    bias_ih: jax.Array  # (G*H,)
-    bias_hh: jax.Array  # (G*H,); None only inside a loop, after loop_form
+    bias_ih: jax.Array | None  # (G*H,); None in a module built with bias=False
+    bias_hh: jax.Array | None  # (G*H,); None then too, and inside a loop after loop_form
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,7 +62,9 @@ class CellParams:
 
     A pytree whose leaves are the arrays; ``kind`` (one of :data:`TORCH_CELLS`) is
     static, so ``jax.grad`` returns a ``CellParams`` of the same kind, which
-    :func:`to_torch` names as PyTorch does.
+    :func:`to_torch` names as PyTorch does. A module built with ``bias=False`` has
+    no layer biases: every layer's ``bias_ih`` and ``bias_hh`` are ``None`` (no
+    leaves, so no gradients and no updates either); the head keeps its bias.
     """
 
     layers: tuple[LayerParams, ...]
@@ -142,12 +144,24 @@ jax.tree_util.register_dataclass(JoinedLayer, data_fields=["kernel", "bias"], me
 
 
 def _joined_step(kind: str, layer: JoinedLayer, h: jax.Array, x: jax.Array) -> jax.Array:
-    return _ACTIVATION[kind](jnp.concatenate([x, h], axis=-1) @ layer.kernel + layer.bias[None, :])
+    return _ACTIVATION[kind](
+        _plus(jnp.concatenate([x, h], axis=-1) @ layer.kernel, _row(layer.bias))
+    )
 
 
 def _plus(a: jax.Array, b: jax.Array | None) -> jax.Array:
-    """``a + b``, or ``a`` where a folded bias is ``None``."""
+    """``a + b``, or ``a`` where a bias is ``None`` (folded, or a module without biases)."""
     return a if b is None else a + b
+
+
+def _row(bias: jax.Array | None, lead: int = 1) -> jax.Array | None:
+    """``bias`` behind ``lead`` axes of size 1 (``bias[None, :]`` for one), or ``None``."""
+    return None if bias is None else bias[(None,) * lead]
+
+
+def _biases(layer: LayerParams) -> jax.Array | None:
+    """``bias_ih + bias_hh``, or ``None`` for a layer without biases."""
+    return None if layer.bias_ih is None else layer.bias_ih + layer.bias_hh
 
 
 def loop_form(params: CellParams, *, join: bool = True) -> CellParams:
@@ -169,14 +183,13 @@ def loop_form(params: CellParams, *, join: bool = True) -> CellParams:
         return params
     if params.kind == "lstm" or not join:
         layers = tuple(
-            dataclasses.replace(layer, bias_ih=layer.bias_ih + layer.bias_hh, bias_hh=None)
+            dataclasses.replace(layer, bias_ih=_biases(layer), bias_hh=None)
             for layer in params.layers
         )
     else:
         layers = tuple(
             JoinedLayer(
-                jnp.concatenate([layer.weight_ih, layer.weight_hh], axis=1).T,
-                layer.bias_ih + layer.bias_hh,
+                jnp.concatenate([layer.weight_ih, layer.weight_hh], axis=1).T, _biases(layer)
             )
             for layer in params.layers
         )
@@ -233,7 +246,7 @@ def _lstm_jvp(primals, tangents):
 @jax.custom_jvp
 def _gru(w_hh, b_hh, h, gi):
     xr, xz, xn = jnp.split(gi, 3, axis=-1)
-    hr, hz, hn = jnp.split(h @ w_hh.T + b_hh, 3, axis=-1)
+    hr, hz, hn = jnp.split(_plus(h @ w_hh.T, b_hh), 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     return (1 - z) * jnp.tanh(xn + r * hn) + z * h
 
@@ -243,7 +256,7 @@ def _gru_jvp(primals, tangents):
     w_hh, b_hh, h, gi = primals
     dw_hh, db_hh, dh, dgi = tangents
     xr, xz, xn = jnp.split(gi, 3, axis=-1)
-    hr, hz, hn = jnp.split(h @ w_hh.T + b_hh, 3, axis=-1)
+    hr, hz, hn = jnp.split(_plus(h @ w_hh.T, b_hh), 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     h_new = (1 - z) * n + z * h
@@ -251,7 +264,7 @@ def _gru_jvp(primals, tangents):
     dn = (1 - z) * (1 - n * n)
     coef = jnp.concatenate([dn * hn * r * (1 - r), (h - n) * z * (1 - z), dn, dn * r, z], axis=-1)
     dxr, dxz, dxn = jnp.split(dgi, 3, axis=-1)
-    dhr, dhz, dhn = jnp.split(dh @ w_hh.T + h @ dw_hh.T + db_hh, 3, axis=-1)
+    dhr, dhz, dhn = jnp.split(_plus(dh @ w_hh.T + h @ dw_hh.T, db_hh), 3, axis=-1)
     terms = jnp.concatenate([dxr + dhr, dxz + dhz, dxn, dhn, dh], axis=-1) * coef
     dr, dz, dxn_term, dhn_term, dh_term = jnp.split(terms, 5, axis=-1)
     return h_new, dr + dz + dxn_term + dhn_term + dh_term
@@ -264,9 +277,8 @@ def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = Fals
             x = _joined_step(params.kind, layer, carry[k], x)
             new.append(x)
             continue
-        gi = x if (k == 0 and projected) else x @ layer.weight_ih.T + layer.bias_ih[None, :]
-        b_hh = None if layer.bias_hh is None else layer.bias_hh[None, :]
-        state, x = _layer_step(params.kind, layer.weight_hh, b_hh, carry[k], gi)
+        gi = x if (k == 0 and projected) else _plus(x @ layer.weight_ih.T, _row(layer.bias_ih))
+        state, x = _layer_step(params.kind, layer.weight_hh, _row(layer.bias_hh), carry[k], gi)
         new.append(state)
     return tuple(new)
 
@@ -289,7 +301,7 @@ def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:
 
 def _project(layer: LayerParams, xs: jax.Array) -> jax.Array:
     """``layer``'s input side for every step at once: ``(T, B, I_k) -> (T, B, G*H)``."""
-    return jnp.einsum("tbi,gi->tbg", xs, layer.weight_ih) + layer.bias_ih[None, None, :]
+    return _plus(jnp.einsum("tbi,gi->tbg", xs, layer.weight_ih), _row(layer.bias_ih, 2))
 
 
 def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array) -> tuple:
@@ -345,7 +357,7 @@ def _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0):
 
     def body(state, xs):
         g, e = xs
-        b = b_hh[None, :] if e is None else b_hh[None, :] + e
+        b = _row(b_hh) if e is None else _plus(e, _row(b_hh))
         return _layer_step(kind, w_hh, b, state, g)
 
     return run_loop(body, state0, (gi, extra), length=gi.shape[0], loop=loop)
@@ -376,7 +388,7 @@ def _layer_sequence_jvp(kind, loop, primals, tangents):
     )
     h0 = state0[0] if kind == "lstm" else state0
     h_prev = jnp.concatenate([h0[None], out[1][:-1]], axis=0)
-    dextra = jnp.einsum("tbh,gh->tbg", h_prev, dw_hh) + db_hh[None, None, :]
+    dextra = _plus(jnp.einsum("tbh,gh->tbg", h_prev, dw_hh), _row(db_hh, 2))
     return out, linear(dgi, dextra, dstate0)
 
 
@@ -414,17 +426,27 @@ def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
             f"params.layers must be a non-empty tuple of LayerParams, got {params.layers!r}."
         )
     gates = GATES[params.kind]
-    layers = []
     for k, layer in enumerate(params.layers):
         if not isinstance(layer, LayerParams):
             raise TypeError(
                 f"params.layers[{k}] must be a LayerParams, got {type(layer).__name__}."
             )
+    bias = params.layers[0].bias_ih is not None
+    layers = []
+    for k, layer in enumerate(params.layers):
+        for f in _LAYER_FIELDS[2:]:
+            value = getattr(layer, f)
+            if (value is None) == bias:
+                raise ValueError(
+                    f"params.layers[{k}].{f} must be {'an array' if bias else 'None'} as "
+                    "params.layers[0].bias_ih is: every layer has both biases (PyTorch's "
+                    f"bias=True) or none (bias=False: both None), got {_describe(value)}."
+                )
         leaves = {
             f: _checks.float_array(f"params.layers[{k}].{f}", getattr(layer, f))
-            for f in _LAYER_FIELDS
+            for f in _fields(bias)
         }
-        layers.append(LayerParams(**leaves))
+        layers.append(LayerParams(**{f: None for f in _LAYER_FIELDS} | leaves))
     head_w = _checks.float_array("params.head_weight", params.head_weight)
     head_b = _checks.float_array("params.head_bias", params.head_bias)
     first = layers[0]
@@ -447,8 +469,8 @@ def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
         _checks.shape(
             f"{name}.weight_hh", layer.weight_hh, (g, h), f"(G*H, H) with G={gates}, H={h}"
         )
-        _checks.shape(f"{name}.bias_ih", layer.bias_ih, (g,), f"(G*H,) with G={gates}, H={h}")
-        _checks.shape(f"{name}.bias_hh", layer.bias_hh, (g,), f"(G*H,) with G={gates}, H={h}")
+        for f in _fields(bias)[2:]:
+            _checks.shape(f"{name}.{f}", getattr(layer, f), (g,), f"(G*H,) with G={gates}, H={h}")
     _checks.shape("params.head_weight", head_w, (None, h), f"(O, H) with H={h}")
     o = head_w.shape[0]
     _checks.shape("params.head_bias", head_b, (o,), f"(O,) with O={o}")
@@ -499,7 +521,14 @@ def check_hidden0(
     return arr
 
 
+def _fields(bias: bool) -> tuple[str, ...]:
+    """The fields of a layer that hold arrays: the weights, and the biases if it has them."""
+    return _LAYER_FIELDS if bias else _LAYER_FIELDS[:2]
+
+
 def _describe(value: Any) -> str:
+    if value is None:
+        return "None"
     if isinstance(value, tuple | list):
         return f"a {type(value).__name__} of {len(value)}"
     shape = getattr(value, "shape", None)
@@ -512,11 +541,12 @@ def _describe(value: Any) -> str:
 def init_cell(
     key: jax.Array,
     kind: str,
-    *,
     input_size: int,
     hidden_size: int,
     output_size: int = 1,
     num_layers: int = 1,
+    *,
+    bias: bool = True,
     dtype: jnp.dtype = jnp.float32,
 ) -> CellParams | RNNParams:
     """Draws weights from the distributions PyTorch's modules use.
@@ -524,7 +554,9 @@ def init_cell(
     ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` draw every weight and bias uniformly on
     ``[-1/sqrt(H), 1/sqrt(H)]``; the head ``nn.Linear(H, O)`` draws on the same
     interval (its ``fan_in`` is ``H``). ``kind="article"`` is :func:`init_rnn`
-    (one layer only).
+    (one layer only). The sizes may be given by position or by name, as for
+    :func:`init_rnn`. ``bias=False`` is PyTorch's: the layers have no biases (each
+    ``bias_ih`` and ``bias_hh`` is ``None``); the head keeps its own.
 
     Examples:
       >>> import jax, loopgrad_jax as lg
@@ -543,9 +575,15 @@ def init_cell(
     i, h, o, layers = (_checks.static_length(n, v, minimum=1) for n, v in sizes.items())
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}.")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}.")
     if kind == "article":
         if layers != 1:
             raise ValueError(f"the article's SimpleRNN has one layer, got num_layers={layers}.")
+        if not bias:
+            raise ValueError(
+                "the article's SimpleRNN has biases (its nn.Linear layers'), got bias=False."
+            )
         return init_rnn(key, i, h, o, dtype=dtype)
     bound = 1.0 / math.sqrt(h)
     g = GATES[kind] * h
@@ -554,8 +592,11 @@ def init_cell(
     def uniform(shape):
         return jax.random.uniform(next(keys), shape, dtype, minval=-bound, maxval=bound)
 
+    def biases():
+        return (uniform((g,)), uniform((g,))) if bias else (None, None)
+
     stack = tuple(
-        LayerParams(uniform((g, i if k == 0 else h)), uniform((g, h)), uniform((g,)), uniform((g,)))
+        LayerParams(uniform((g, i if k == 0 else h)), uniform((g, h)), *biases())
         for k in range(layers)
     )
     return CellParams(stack, uniform((o, h)), uniform((o,)), kind)
@@ -575,9 +616,10 @@ def from_torch(rnn: Any, head: Any, *, kind: str | None = None) -> CellParams:
 
     Only the layout this library computes in is accepted: time-major inputs
     ``(T, B, I)`` (``batch_first=False``; for ``batch_first=True`` data, pass
-    ``inputs.transpose(1, 0, 2)``), one direction, biases on, no LSTM
-    projection (``proj_size=0``) and no dropout between layers. Anything else is
-    refused with a ``ValueError`` that says so.
+    ``inputs.transpose(1, 0, 2)``), one direction, no LSTM projection
+    (``proj_size=0``) and no dropout between layers. Anything else is refused with
+    a ``ValueError`` that says so. A module built with ``bias=False`` (a state dict
+    without ``bias_*`` keys) gives layers without biases (``None``), as in PyTorch.
 
     Examples:
       >>> import numpy as np, loopgrad_jax as lg
@@ -639,7 +681,7 @@ def to_torch(params: CellParams | RNNParams) -> tuple[dict[str, np.ndarray], dic
     rnn_state = {
         f"{f}_l{k}": np.asarray(getattr(layer, f))
         for k, layer in enumerate(params.layers)
-        for f in _LAYER_FIELDS
+        for f in _fields(layer.bias_ih is not None)
     }
     head_state = {"weight": np.asarray(params.head_weight), "bias": np.asarray(params.head_bias)}
     return rnn_state, head_state
@@ -663,11 +705,6 @@ def _module_kind(rnn: Any, kind: str | None) -> str:
             getattr(rnn, "batch_first", False),
             "batch_first=True is not supported: this library is time-major, inputs "
             "(T, B, I); pass inputs.transpose(1, 0, 2) and keep the module's weights",
-        ),
-        "bias": (
-            not getattr(rnn, "bias", True),
-            "bias=False is not supported: the cells keep PyTorch's two biases; set "
-            "both to zero instead",
         ),
         "dropout": (
             getattr(rnn, "dropout", 0.0),
@@ -721,16 +758,14 @@ def _layers_from_state(state: dict[str, Any], kind: str) -> list[LayerParams]:
     found = [pattern.match(k) for k in keys]
     indices = {int(m.group(2)) for m in found if m}
     layers = max(indices) + 1 if indices else 0
-    expected = {f"{f}_l{k}" for k in range(layers) for f in _LAYER_FIELDS}
+    fields = _fields(any(m.group(1).startswith("bias") for m in found if m))
+    expected = {f"{f}_l{k}" for k in range(layers) for f in fields}
     missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
     if layers == 0 or missing or extra:
-        hint = ""
-        if missing and all(k.startswith("bias") for k in missing):
-            hint = " (a module built with bias=False: not supported; set both biases to zero)"
         raise ValueError(
-            "rnn's state dict must hold weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k} and "
-            f"bias_hh_l{{k}} for every layer k = 0..L-1, got missing {missing}, unexpected "
-            f"{extra}{hint}."
+            "rnn's state dict must hold weight_ih_l{k} and weight_hh_l{k} for every layer "
+            "k = 0..L-1, and bias_ih_l{k} and bias_hh_l{k} for every layer or none (a module "
+            f"built with bias=False), got missing {missing}, unexpected {extra}."
         )
     gates = GATES[kind]
     whh = _array("rnn['weight_hh_l0']", state["weight_hh_l0"])
@@ -742,21 +777,22 @@ def _layers_from_state(state: dict[str, Any], kind: str) -> list[LayerParams]:
     h = whh.shape[1]
     result = []
     for k in range(layers):
-        leaves = {f: _array(f"rnn['{f}_l{k}']", state[f"{f}_l{k}"]) for f in _LAYER_FIELDS}
+        leaves = {f: _array(f"rnn['{f}_l{k}']", state[f"{f}_l{k}"]) for f in fields}
         expected_shapes = {
             "weight_ih": ((gates * h, None if k == 0 else h), "(G*H, I)" if k == 0 else "(G*H, H)"),
             "weight_hh": ((gates * h, h), "(G*H, H)"),
             "bias_ih": ((gates * h,), "(G*H,)"),
             "bias_hh": ((gates * h,), "(G*H,)"),
         }
-        for f, (want, meaning) in expected_shapes.items():
+        for f in fields:
+            want, meaning = expected_shapes[f]
             _checks.shape(
                 f"rnn['{f}_l{k}']",
                 leaves[f],
                 want,
                 f"{meaning} with G={gates} gates for kind={kind!r} and H={h}",
             )
-        result.append(LayerParams(**leaves))
+        result.append(LayerParams(**{f: None for f in _LAYER_FIELDS} | leaves))
     return result
 
 

@@ -311,7 +311,7 @@ GRIDS: tuple[str, ...] = ("full", "suite")
 OPTIONS: tuple[str, ...] = tuple(v for v in LOOP_VARIANTS if v not in lg.LOOPS)
 
 _CELL_METHODS = {
-    "cell_loss": ("plain",),
+    "cell_loss": ("plain", "hoisted"),
     "cell_as_written": ("forward", "reverse"),
     "cell_tbptt": ("plain", "hoisted"),
 }
@@ -322,20 +322,22 @@ def _cell_plan(scenario: str, names: list[str], grid: str) -> list[tuple[str, st
 
     Each kind (rnn_tanh, rnn_relu, lstm, gru) has two cases: one layer from a zero state
     with plain SGD (``{kind}_l1*``), and two layers from a random state with momentum or
-    Adam (``{kind}_l2h*``). ``while`` has no reverse mode: ``cell_loss`` takes its
+    Adam (``{kind}_l2h*``); ``cell_loss`` has both again for modules built with
+    ``bias=False`` (``*_nobias``). ``while`` has no reverse mode: ``cell_loss`` takes its
     gradient in forward mode and ``cell_as_written`` runs it (the as-written mode
     differentiates single cells), ``cell_tbptt`` cannot. The jit rule is
     :func:`_grid`'s: python under jit, and every loop under jit on the first case.
 
-    ``"full"``: on the one-layer case every loop kind and option, on the two-layer case
+    ``"full"``: on the one-layer cases every loop kind and option, on the two-layer cases
     every loop kind, with the first method (the loss, the forward as-written method,
     tbptt without hoisting); then the reverse as-written method with every loop kind,
-    and the hoisted tbptt with scan and remat, on both cases.
+    and the hoisted loss and tbptt with scan and remat, on every case.
 
     ``"suite"``: fewer combinations, so that compiling them (1-2 s of CPU each) stays a
     small part of the test suite. ``cell_loss`` runs every kind with every loop kind on
     the one-layer case, and each option on one kind (in turn: the first kind takes the
-    fifth option too).
+    fifth option too); without biases, every reverse-capable loop kind on the one-layer
+    case, and the two-layer case plain and hoisted with scan, hoisted with remat too.
     ``cell_as_written`` runs each kind's one-layer case with the forward method and its
     two-layer case with the reverse method, and ``while`` on the first case;
     ``cell_tbptt`` the one-layer case plain and the two-layer case hoisted; with scan.
@@ -361,7 +363,14 @@ def _cell_plan(scenario: str, names: list[str], grid: str) -> list[tuple[str, st
             ]
         elif scenario == "cell_loss":
             options = OPTIONS[index :: len(kinds)]
-            plan += _grid(one, methods, (*lg.LOOPS, *options), first)
+            bare = [n for n in mine if n.endswith("_nobias")]
+            two_bare = [n for n in two if n in bare]
+            plan += _grid(
+                [n for n in one if n not in bare], methods[:1], (*lg.LOOPS, *options), first
+            )
+            plan += _grid([n for n in one if n in bare], methods[:1], lg.REVERSE_LOOPS, first)
+            plan += _grid(two_bare, methods, ("scan",), first)
+            plan += _grid(two_bare, methods[1:], ("remat",), first)
         else:
             plan += _grid(one, methods[:1], ("scan",), first)
             plan += _grid(two, methods[1:], ("scan",), first)

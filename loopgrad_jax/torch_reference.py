@@ -24,6 +24,7 @@ own recurrent modules instead of the article's ``SimpleRNN``: ``nn.RNN`` (tanh
 and relu), ``nn.LSTM`` and ``nn.GRU``, time-major, one layer from a zero state
 (``hx=None``) and two layers from a random one, each with an ``nn.Linear`` head
 on the last layer's output. One optimizer updates the module and the head.
+``cell_loss`` runs both again with modules built with ``bias=False`` (``*_nobias``).
 """
 
 from __future__ import annotations
@@ -105,14 +106,27 @@ TBPTT_CASES = (
 )
 
 
-# torch.nn recurrent modules (time-major, bias, unidirectional) with an nn.Linear head.
+# torch.nn recurrent modules (time-major, unidirectional) with an nn.Linear head.
 CELL_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # input, hidden, output, batch, T
 CELL_SIZES = (3, 4, 2, 2, 5)
-# name: (num_layers, random hidden0); without one the module is called with hx=None.
-CELL_CONFIGS = {"l1": (1, False), "l2h": (2, True)}
-# name, kind, configuration (and optimizer, and window for tbptt)
-CELL_LOSS_CASES = tuple((f"{kind}_{c}", kind, c) for kind in CELL_KINDS for c in CELL_CONFIGS)
+# name: (num_layers, random hidden0, bias); without hidden0 the module is called with
+# hx=None; bias=False builds the module without its layers' biases (the head keeps its).
+CELL_CONFIGS = {
+    "l1": (1, False, True),
+    "l2h": (2, True, True),
+    "l1_nobias": (1, False, False),
+    "l2h_nobias": (2, True, False),
+}
+# name, kind, configuration (and optimizer, and window for tbptt). The modules without
+# biases come after the others, so that each case keeps its seed (the base seed plus its
+# index).
+CELL_LOSS_CASES = tuple(
+    (f"{kind}_{c}", kind, c)
+    for configs in (("l1", "l2h"), ("l1_nobias", "l2h_nobias"))
+    for kind in CELL_KINDS
+    for c in configs
+)
 CELL_AS_WRITTEN_CASES = tuple(
     case
     for kind in CELL_KINDS
@@ -421,9 +435,11 @@ def article_literal_cases(seed: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- torch.nn cells
 
 
-def cell_module(kind: str, input_size: int, hidden_size: int, num_layers: int) -> Any:
-    """``nn.RNN`` (tanh or relu), ``nn.LSTM`` or ``nn.GRU``: time-major, with biases."""
-    options = {"num_layers": num_layers, "bias": True, "batch_first": False}
+def cell_module(
+    kind: str, input_size: int, hidden_size: int, num_layers: int, bias: bool = True
+) -> Any:
+    """``nn.RNN`` (tanh or relu), ``nn.LSTM`` or ``nn.GRU``: time-major, ``bias`` as given."""
+    options = {"num_layers": num_layers, "bias": bias, "batch_first": False}
     if kind in ("rnn_tanh", "rnn_relu"):
         return nn.RNN(input_size, hidden_size, nonlinearity=kind[4:], **options)
     cls = {"lstm": nn.LSTM, "gru": nn.GRU}[kind]
@@ -432,9 +448,9 @@ def cell_module(kind: str, input_size: int, hidden_size: int, num_layers: int) -
 
 def _cell_problem(kind: str, config: str, seed: int) -> dict[str, Any]:
     i, h, o, b, t = CELL_SIZES
-    num_layers, random_hidden = CELL_CONFIGS[config]
+    num_layers, random_hidden, bias = CELL_CONFIGS[config]
     torch.manual_seed(seed)
-    rnn = cell_module(kind, i, h, num_layers)
+    rnn = cell_module(kind, i, h, num_layers, bias)
     head = nn.Linear(h, o)
     inputs = torch.randn(t, b, i)
     targets = torch.randn(t, b, o)

@@ -5,6 +5,7 @@ checks the API around the cells, and a user's own cell against ``jax.grad`` of a
 Python loop.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TOL, assert_close, has_reverse_mode
+from helpers import TOL, assert_close, fixture, has_reverse_mode
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
@@ -91,12 +92,23 @@ def test_init_cell_shapes_equal_pytorchs(kind):
         ({"num_layers": 0}, ValueError, r"num_layers must be an int >= 1, got 0"),
         ({"kind": "article", "num_layers": 2}, ValueError, r"SimpleRNN has one layer"),
         ({"dtype": jnp.int32}, TypeError, r"dtype must be a floating-point dtype, got int32"),
+        ({"bias": 0}, TypeError, r"bias must be a bool, got int 0"),
+        ({"kind": "article", "bias": False}, ValueError, r"SimpleRNN has biases.*bias=False"),
     ],
 )
 def test_init_cell_bad_input(kwargs, error, match):
     args = {"kind": "gru", "input_size": 3, "hidden_size": 4, **kwargs}
     with pytest.raises(error, match=match):
         lg.init_cell(jax.random.key(0), args.pop("kind"), **args)
+
+
+def test_init_cell_and_init_rnn_take_the_sizes_by_position_or_by_name():
+    key = jax.random.key(0)
+    by_name = lg.init_cell(key, "lstm", input_size=3, hidden_size=4, output_size=2, num_layers=2)
+    assert_close(lg.init_cell(key, "lstm", 3, 4, 2, 2), by_name, 0.0)
+    article = lg.init_rnn(key, input_size=3, hidden_size=4, output_size=2)
+    assert_close(lg.init_rnn(key, 3, 4, 2), article, 0.0)
+    assert_close(lg.init_cell(key, "article", 3, 4, 2), article, 0.0)
 
 
 # ------------------------------------------------------------------- from_torch / to_torch
@@ -139,8 +151,8 @@ def test_to_torch_of_the_article_names_the_simple_rnns_weights():
         (lambda r, h: r.pop("bias_hh_l1"), r"missing \['bias_hh_l1'\], unexpected \[\]"),
         (lambda r, h: r.update(extra_l0=r["bias_ih_l0"]), r"unexpected \['extra_l0'\]"),
         (
-            lambda r, h: [r.pop(k) for k in list(r) if k.startswith("bias")],
-            r"a module built with bias=False: not supported",
+            lambda r, h: [r.pop(k) for k in ("bias_ih_l1", "bias_hh_l1")],
+            r"bias_hh_l\{k\} for every layer or none .* missing \['bias_hh_l1', 'bias_ih_l1'\]",
         ),
         (
             lambda r, h: r.update(weight_ih_l0_reverse=r["weight_ih_l0"]),
@@ -204,7 +216,6 @@ def test_from_torch_refuses_other_objects():
             lambda nn: nn.GRU(3, 4, batch_first=True),
             r"batch_first=True.*inputs.transpose\(1, 0, 2\)",
         ),
-        (lambda nn: nn.RNN(3, 4, bias=False), r"rnn.bias=False: bias=False is not supported"),
         (lambda nn: nn.GRU(3, 4, num_layers=2, dropout=0.5), r"rnn.dropout=0.5: dropout"),
     ],
 )
@@ -235,6 +246,99 @@ def test_from_torch_reads_the_kind_off_a_module(kind):
     other = "gru" if kind != "gru" else "lstm"
     with pytest.raises(ValueError, match=f"kind='{other}' does not match the module"):
         lg.from_torch(module, head, kind=other)
+
+
+# ------------------------------------------------------------------- bias=False
+
+
+def _torch_module(nn, kind, *args, **kwargs):
+    if kind.startswith("rnn_"):
+        return nn.RNN(*args, nonlinearity=kind[4:], **kwargs)
+    return {"lstm": nn.LSTM, "gru": nn.GRU}[kind](*args, **kwargs)
+
+
+def _has_no_layer_bias(params):
+    """No bias in any layer: ``None``, so no leaves (head: weight and bias)."""
+    layers = params.layers
+    return (
+        all(layer.bias_ih is None and layer.bias_hh is None for layer in layers)
+        and len(jax.tree.leaves(params)) == 2 * len(layers) + 2
+    )
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_bias_false_modules_come_and_go_without_bias_keys(kind):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = _torch_module(torch.nn, kind, 3, 4, num_layers=2, bias=False)
+    head = torch.nn.Linear(4, 2)
+    state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    for p in (lg.from_torch(module, head), lg.from_torch(state, head.state_dict(), kind=kind)):
+        assert _has_no_layer_bias(p)
+        back, _ = lg.to_torch(p)
+        module.load_state_dict({k: torch.tensor(v) for k, v in back.items()}, strict=True)
+        assert back.keys() == state.keys()
+        for k in state:
+            np.testing.assert_array_equal(back[k], state[k])
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_bias_false_params_train_and_differentiate_without_biases(kind):
+    p = lg.init_cell(jax.random.key(0), kind, 3, 4, 2, num_layers=2, bias=False, dtype=jnp.float64)
+    assert _has_no_layer_bias(p)
+    assert set(lg.to_torch(p)[0]) == {f"weight_{w}_l{k}" for w in ("ih", "hh") for k in (0, 1)}
+    x = jax.random.normal(jax.random.key(1), (4, 2, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (4, 2, 2), jnp.float64)
+    assert _has_no_layer_bias(jax.grad(lg.rnn_loss)(p, x, y))
+    runs = [
+        {"mode": "tbptt", "window": 2},
+        {"mode": "tbptt", "window": 2, "hoist_input": True},
+        {"as_written_method": "forward"},
+        {"as_written_method": "reverse"},
+    ]
+    for kw in runs:
+        result = lg.train_rnn(p, x, y, **kw)
+        assert _has_no_layer_bias(result.params) and _has_no_layer_bias(result.grads), kw
+
+
+@pytest.mark.parametrize("hoist_input", [False, True])
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_bias_false_training_steps_by_pytorchs_gradient(kind, hoist_input):
+    """tbptt with one window of T is one step of SGD along PyTorch's gradient of the loss."""
+    c = fixture("cell_loss", "float64").case(f"{kind}_l2h_nobias")
+    p = lg.from_torch(c["rnn_state"], c["head_state"], kind=kind)
+    hidden0 = tuple(c["hidden0"]) if kind == "lstm" else c["hidden0"]
+    t, lr = c["inputs"].shape[0], 0.5
+    result = lg.train_rnn(
+        p,
+        c["inputs"],
+        c["targets"],
+        hidden0=hidden0,
+        mode="tbptt",
+        window=t,
+        lr=lr,
+        hoist_input=hoist_input,
+    )
+    tol = TOL["float64"]
+    assert_close(result.losses.sum(), c["loss"], tol)
+    grads, head_grads = lg.to_torch(jax.tree.map(lambda g: g[0], result.grads))
+    final, final_head = lg.to_torch(result.params)
+    assert_close(grads, c["grads_rnn"], tol)
+    assert_close(head_grads, c["grads_head"], tol)
+    stepped = {k: c["rnn_state"][k] - lr * c["grads_rnn"][k] for k in c["rnn_state"]}
+    assert_close(final, stepped, tol)
+
+
+def test_params_with_biases_in_some_layers_only_are_refused():
+    p, x, y = _problem("gru")
+    bare = dataclasses.replace(p.layers[1], bias_ih=None, bias_hh=None)
+    mixed = dataclasses.replace(p, layers=(p.layers[0], bare))
+    with pytest.raises(ValueError, match=r"params.layers\[1\].bias_ih must be an array as "):
+        lg.rnn_loss(mixed, x, y)
+    half = dataclasses.replace(p, layers=(dataclasses.replace(p.layers[0], bias_ih=None), bare))
+    with pytest.raises(ValueError, match=r"layers\[0\].bias_hh must be None .* got shape \(12,\)"):
+        lg.rnn_loss(half, x, y)
 
 
 # ------------------------------------------------------------------- hidden0
