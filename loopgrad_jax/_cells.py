@@ -797,12 +797,7 @@ def _layers_from_state(state: dict[str, Any], kind: str) -> list[LayerParams]:
 
 
 def _array(name: str, value: Any) -> jax.Array:
-    """A PyTorch tensor, NumPy or JAX array as a JAX array; floating point only."""
+    """A PyTorch tensor, NumPy or JAX array as a JAX array of its own floating dtype."""
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch.Tensor
         value = value.detach().cpu().numpy()
-    arr = np.asarray(value) if not isinstance(value, jax.Array) else value
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must have a floating-point dtype (float32 or float64), got {arr.dtype}."
-        )
-    return jnp.asarray(arr)
+    return _checks.float_array(name, value)

@@ -55,14 +55,19 @@ def int_scalar(name: str, value: jax.Array) -> jax.Array:
 
 
 def float_array(name: str, value: object) -> jax.Array:
-    """Returns ``value`` as a floating-point JAX array, or raises naming ``name``."""
+    """Returns ``value`` as a floating-point JAX array, or raises naming ``name``.
+
+    Any floating dtype passes: the entry points then require one dtype for every array
+    (:func:`same_dtype`) and compute in it, without casting.
+    """
     if value is None:
         raise TypeError(f"{name} must be a floating-point array, got None.")
     arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise TypeError(
-            f"{name} must have a floating-point dtype (float32 or float64), got {arr.dtype}; "
-            f"cast it first, e.g. {name}.astype(jnp.float32)."
+            f"{name} must have a floating-point dtype, got {arr.dtype}: any JAX float type "
+            "(bfloat16, float16, float32, float64, ...), the same for every array, which the "
+            f"model then computes in, nothing cast; cast it first, e.g. {name}.astype(jnp.float32)."
         )
     return arr
 

@@ -152,3 +152,19 @@ def test_repeated_eager_gradients_compile_once(loop):
     with count_compilations() as lowered:
         grad(*second)
     assert lowered == []
+
+
+def test_the_dtype_message_says_which_dtypes_pass_and_what_happens_to_them():
+    params, inputs, targets, hidden0 = _good()
+    message = (
+        "inputs must have a floating-point dtype, got int32: any JAX float type (bfloat16, "
+        "float16, float32, float64, ...), the same for every array, which the model then "
+        "computes in, nothing cast; cast it first, e.g. inputs.astype(jnp.float32)."
+    )
+    with pytest.raises(TypeError) as raised:
+        lg.rnn_loss(params, inputs.astype(jnp.int32), targets, hidden0=hidden0)
+    assert str(raised.value) == message
+    for dtype in (jnp.bfloat16, jnp.float16):  # as the message says: accepted, computed in
+        cast = jax.tree.map(lambda a, dtype=dtype: a.astype(dtype), (params, inputs, targets))
+        loss, grads = jax.value_and_grad(lg.rnn_loss)(*cast)
+        assert {leaf.dtype for leaf in [loss, *jax.tree.leaves(grads)]} == {jnp.dtype(dtype)}
