@@ -67,13 +67,17 @@ class TorchCell(nnx.RNNCellBase):
         self.hidden_features = layer.weight_hh.shape[1]
         self.weight_ih = nnx.Param(jnp.asarray(layer.weight_ih))
         self.weight_hh = nnx.Param(jnp.asarray(layer.weight_hh))
-        self.bias_ih = nnx.Param(jnp.asarray(layer.bias_ih))
-        self.bias_hh = nnx.Param(jnp.asarray(layer.bias_hh))
+        # A bias-free layer (PyTorch's bias=False) holds no bias parameter at all.
+        self.bias_ih = _param_or_none(layer.bias_ih)
+        self.bias_hh = _param_or_none(layer.bias_hh)
 
     def __call__(self, carry: Any, inputs: jax.Array) -> tuple[Any, jax.Array]:
         lead = tuple(range(inputs.ndim - 1))  # the batch axes
-        gi = inputs @ self.weight_ih[...].T + jnp.expand_dims(self.bias_ih[...], lead)
-        b_hh = jnp.expand_dims(self.bias_hh[...], lead)
+        gi = inputs @ self.weight_ih[...].T
+        b_hh = None
+        if self.bias_ih is not None:
+            gi = gi + jnp.expand_dims(self.bias_ih[...], lead)
+            b_hh = jnp.expand_dims(self.bias_hh[...], lead)
         return _cells._layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi)
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> Any:
@@ -83,6 +87,14 @@ class TorchCell(nnx.RNNCellBase):
     @property
     def num_feature_axes(self) -> int:
         return 1
+
+
+def _param_or_none(value: jax.Array | None) -> nnx.Param | None:
+    return None if value is None else nnx.Param(jnp.asarray(value))
+
+
+def _value_or_none(variable: nnx.Param | None) -> jax.Array | None:
+    return None if variable is None else variable[...]
 
 
 class FlaxRNN(nnx.Module):
@@ -277,6 +289,12 @@ def _simple_cell(w_ih, w_hh, bias, activation) -> nnx.SimpleCell:
 
 def _builtin_cell(kind: str, k: int, layer: LayerParams) -> nnx.RNNCellBase:
     """Flax's built-in cell with ``layer``'s forward pass; raises where none has it."""
+    if layer.bias_ih is None:
+        raise ValueError(
+            f"params.layers[{k}] has no biases (PyTorch's bias=False), which Flax's built-in "
+            "cells always have: zero biases there would be trained. Use cells='torch' "
+            "(TorchCell holds no bias for such a layer)."
+        )
     w_ih, w_hh = jnp.asarray(layer.weight_ih), jnp.asarray(layer.weight_hh)
     b_ih, b_hh = jnp.asarray(layer.bias_ih), jnp.asarray(layer.bias_hh)
     if kind in ("rnn_tanh", "rnn_relu"):
@@ -345,7 +363,10 @@ def from_flax(model: FlaxRNN) -> CellParams | RNNParams:
 def _layer_of(kind: str, k: int, cell: nnx.Module) -> LayerParams:
     if isinstance(cell, TorchCell):
         return LayerParams(
-            cell.weight_ih[...], cell.weight_hh[...], cell.bias_ih[...], cell.bias_hh[...]
+            cell.weight_ih[...],
+            cell.weight_hh[...],
+            _value_or_none(cell.bias_ih),
+            _value_or_none(cell.bias_hh),
         )
     if kind in ("rnn_tanh", "rnn_relu") and isinstance(cell, nnx.SimpleCell):
         b = cell.dense_i.bias[...]

@@ -176,6 +176,30 @@ def test_two_layers_from_a_random_state_match_pytorch(kind):
 
 
 @pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_bias_free_layers_match_pytorch_and_hold_no_bias(kind):
+    # PyTorch's bias=False: TorchCell holds no bias parameter, so nothing is trained there,
+    # and the loss and gradient are the bias-free module's.
+    c = _case("cell_loss", f"{kind}_l2h_nobias")
+    params = _params_of(c)
+    model = lg.to_flax(params)
+    assert all(layer.cell.bias_ih is None and layer.cell.bias_hh is None for layer in model.layers)
+    back = lg.from_flax(model)
+    assert all(layer.bias_ih is None and layer.bias_hh is None for layer in back.layers)
+    loss, grads = _grads_of(
+        model, lambda m: lg.flax_loss(m, c["inputs"], c["targets"], hidden0=_hidden0(c))
+    )
+    assert not any("bias" in name for name in lg.to_torch(grads)[0])
+    assert_close(
+        {"loss": loss, **_as_torch(grads, kind)},
+        _expected(c, ("loss", "grads_rnn", "grads_head")),
+        F64,
+        kind,
+    )
+    with pytest.raises(ValueError, match=r"params.layers\[0\] has no biases .*cells='torch'"):
+        lg.to_flax(params, cells="flax")
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
 def test_builtin_cells_give_pytorch_forward_pass_and_bias_gradient(kind):
     # Flax's cells: the same loss; the one bias's gradient is either PyTorch bias's.
     c = _loss_case(kind)
