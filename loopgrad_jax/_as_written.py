@@ -461,7 +461,9 @@ class _Reverse:
 
     def init(self, params, hidden0: Any, steps: int):
         def history(a):
-            return jnp.zeros((steps, *a.shape), a.dtype)
+            # Broadcast from zeros of a's own type: under an Explicit mesh they keep a
+            # batch-split hidden state's sharding, which the loop's carry must match.
+            return jnp.broadcast_to(jnp.zeros_like(a), (steps, *a.shape))
 
         return jax.tree.map(history, params), jax.tree.map(history, hidden0)
 

@@ -587,9 +587,13 @@ def _index(xs: PyTree, i: int | jax.Array) -> PyTree:
 def _empty_outputs(body: Callable, init: PyTree, xs: PyTree, length: int) -> PyTree:
     """Zeros shaped like ``length`` stacked outputs of ``body``.
 
-    ``zeros_like`` of the outputs' abstract values keeps what ``shard_map`` knows of
-    them (per-device or replicated), so the buffer's type matches what is written in.
+    Zeros of the outputs' abstract values, broadcast along the new leading axis, keep
+    their type: what ``shard_map`` knows of them (per-device or replicated), and under
+    an Explicit mesh their sharding (a batch split stays split), so the buffer's type
+    matches what is written in.
     """
-    x0 = jax.tree.map(lambda a: jnp.zeros_like(a, shape=a.shape[1:]), xs)  # length 0 too
+    x0 = jax.tree.map(
+        lambda a: jnp.zeros_like(a[0]) if len(a) else jnp.zeros(a.shape[1:], a.dtype), xs
+    )
     _, y = jax.eval_shape(body, init, x0)
-    return jax.tree.map(lambda s: jnp.zeros_like(s, shape=(length, *s.shape)), y)
+    return jax.tree.map(lambda s: jnp.broadcast_to(jnp.zeros_like(s), (length, *s.shape)), y)

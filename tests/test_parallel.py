@@ -228,7 +228,11 @@ def test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument(kind):
         "scan": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y),
         "hoisted": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, hoist_input=True),
         "python": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, loop="python"),
+        "fori": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, loop="fori"),
         "tbptt": lambda x, y: lg.train_rnn(params, x, y, mode="tbptt", window=2),
+        "reverse": lambda x, y: lg.train_rnn(
+            params, x, y, mode="as_written", as_written_method="reverse"
+        ),
     }
     for name, run in runs.items():
         expected = run(x0, y0)
