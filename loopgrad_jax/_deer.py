@@ -162,10 +162,12 @@ def parallel_scan_info(
     init = jax.tree.map(jnp.asarray, init)
     s0, unravel = _flat_carry(init)
     tol = _tolerance(tol, s0.dtype)
+    none = ParallelScanInfo(jnp.asarray(0, jnp.int32), jnp.asarray(True))
     if length == 0:
         carry, ys = lax.scan(body, init, xs, length=0, reverse=reverse)
-        none = ParallelScanInfo(jnp.asarray(0, jnp.int32), jnp.asarray(True))
         return carry, ys, none
+    if s0.size == 0:  # no carry to solve for: every step at once
+        return init, jax.vmap(body, (None, 0))(init, xs)[1], none
     if reverse:
         xs = jax.tree.map(lambda a: jnp.flip(a, 0), xs)
     x0 = jax.tree.map(lambda a: a[0], xs)
