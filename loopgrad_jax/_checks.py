@@ -72,6 +72,12 @@ def float_array(name: str, value: object) -> jax.Array:
     return arr
 
 
+def batch_split(inputs: jax.Array) -> bool:
+    """Whether an Explicit mesh splits the batch axis of ``inputs`` ``(T, B, I)``."""
+    spec = jax.typeof(inputs).sharding.spec
+    return len(spec) >= 2 and spec[1] is not None
+
+
 def batch_zeros(shape: tuple[int, ...], dtype: jnp.dtype, inputs: jax.Array | None) -> jax.Array:
     """``jnp.zeros(shape, dtype)`` with its batch axis, ``shape[-2]``, split as ``inputs``' is.
 
@@ -81,8 +87,7 @@ def batch_zeros(shape: tuple[int, ...], dtype: jnp.dtype, inputs: jax.Array | No
     broadcast from ``inputs[0, :, :1]`` take its sharding; elsewhere (no ``inputs``, or
     a batch axis that no Explicit mesh splits) they are plain zeros, one operation.
     """
-    spec = () if inputs is None else jax.typeof(inputs).sharding.spec
-    if len(spec) < 2 or spec[1] is None:
+    if inputs is None or not batch_split(inputs):
         return jnp.zeros(shape, dtype)
     return jnp.broadcast_to(jnp.zeros_like(inputs[0, :, :1], dtype=dtype), shape)
 

@@ -260,9 +260,17 @@ def train_rnn(
     if opt_state is not None:
         opt_state = _check_opt_state(opt_state, jax.eval_shape(reference_optimizer.init, params))
     shards = check_mesh(mesh, bound.dims.batch)
+    split = shards.axis is None and _checks.batch_split(inputs)
     if mode == "as_written" and method == "auto":
         local = bound.dims._replace(batch=bound.dims.batch // shards.size)
-        method = _as_written.choose_method(local, inputs.dtype)
+        method = "reverse" if split else _as_written.choose_method(local, inputs.dtype)
+    if mode == "as_written" and method == "forward" and split:
+        raise ValueError(
+            "as_written_method='forward' differentiates each example on its own, which a "
+            "batch split over an Explicit mesh cannot give it without mesh=: pass "
+            "mesh=<that mesh> (each device then runs its own examples), or "
+            "as_written_method='reverse'."
+        )
     return _train(
         params,
         inputs,

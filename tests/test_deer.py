@@ -51,7 +51,7 @@ KINDS = ("rnn_tanh", "lstm", "gru")
 ITERS = {"full": 60, "diag": 200}
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("reverse", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("jacobian", ["full", "diag"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_scan_at_the_articles_size(kind, jacobian, reverse):
@@ -68,7 +68,7 @@ def test_matches_scan_at_the_articles_size(kind, jacobian, reverse):
     assert_rel((carry, ys), want)
 
 
-@pytest.mark.parametrize("jacobian", ["full", "diag"])
+@pytest.mark.parametrize("jacobian", ["full", pytest.param("diag", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm"])
 def test_matches_scan_with_64_hidden_units(kind, jacobian):
     body, params, init, xs = cell(kind, hidden=64, length=12)
@@ -82,8 +82,14 @@ def loss(run, body, params, init, xs):
     return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(carry)) + jnp.sum(ys**2)
 
 
-@pytest.mark.parametrize("jacobian", ["full", "diag"])
-@pytest.mark.parametrize("kind", KINDS)
+# The gradient rule uses the full Jacobians whatever the solve used: the quick tier runs
+# diag's gradient on one kind.
+@pytest.mark.parametrize(
+    ("kind", "jacobian"),
+    [(k, "full") for k in KINDS]
+    + [(KINDS[0], "diag")]
+    + [pytest.param(k, "diag", marks=pytest.mark.slow) for k in KINDS[1:]],
+)
 def test_gradients_match_scan(kind, jacobian):
     body, params, init, xs = cell(kind, hidden=5, seed=1, length=50)
     reverse = kind == "gru"  # one cell runs backwards in time
@@ -98,6 +104,7 @@ def test_gradients_match_scan(kind, jacobian):
     assert_rel(grad(deer, body, params, init, xs), grad(scan, body, params, init, xs))
 
 
+@pytest.mark.slow
 def test_eager_gradients_match_scan():
     w = jnp.array([[0.5, -0.3], [0.2, 0.4]])
     xs = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)

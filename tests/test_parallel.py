@@ -233,12 +233,15 @@ def test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument(kind):
         "reverse": lambda x, y: lg.train_rnn(
             params, x, y, mode="as_written", as_written_method="reverse"
         ),
+        "auto": lambda x, y: lg.train_rnn(params, x, y, mode="as_written"),  # picks reverse
     }
     for name, run in runs.items():
         expected = run(x0, y0)
         with jax.set_mesh(mesh):
             actual = run(x, y)
         assert_close(actual, expected, TOL[jnp.float64], name)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"each example on its own.*mesh="):
+        lg.train_rnn(params, x, y, mode="as_written", as_written_method="forward")
 
 
 def _collectives_in_loops(jaxpr, inside: bool = False) -> list[str]:
