@@ -461,8 +461,11 @@ class _Reverse:
 
     def init(self, params, hidden0: Any, steps: int):
         def history(a):
-            # Broadcast from zeros of a's own type: under an Explicit mesh they keep a
-            # batch-split hidden state's sharding, which the loop's carry must match.
+            # Replicated zeros (train() marks them per-device under mesh=), except for a
+            # value an Explicit mesh splits: zeros broadcast from its own type keep the
+            # split, which the loop's carry must match.
+            if all(axis is None for axis in jax.typeof(a).sharding.spec):
+                return jnp.zeros((steps, *a.shape), a.dtype)
             return jnp.broadcast_to(jnp.zeros_like(a), (steps, *a.shape))
 
         return jax.tree.map(history, params), jax.tree.map(history, hidden0)
