@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from loopgrad_jax import _checks
-from loopgrad_jax._cell import Cell, cell_step_loss
+from loopgrad_jax._cell import Cell, LossFn, cell_step_loss
 from loopgrad_jax._cells import CELLS, GATES, carry_per_example
 from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._parallel import LOCAL, Shards
@@ -333,8 +333,13 @@ def train(
     keep_grads,
     cell: Cell,
     shards: Shards = LOCAL,
+    loss_fn: LossFn | None = None,
+    weights: jax.Array | None = None,
 ) -> TrainResult:
     """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``).
+
+    Step ``t``'s loss is :func:`~loopgrad_jax._cell.step_loss` of the readout,
+    ``targets[t]`` and ``weights[t]`` (``(T, B)`` or ``None``), with ``loss_fn``.
 
     ``cell`` is the model (``hidden0`` its carry, ``TrainResult.hidden`` too);
     ``forward`` assumes it treats the rows of the carry and ``x`` independently.
@@ -351,12 +356,12 @@ def train(
 
     def body(carry, xyt):
         params, opt_state, hidden, state, kept = carry
-        x, y, t = xyt
+        x, y, w, t = xyt
         local = shards.vary(params)  # this device's gradient, averaged once below
         new_hidden = cell.step(local, hidden, x)
         # dL_t/dp_t (this step's own use of the head and cell) and a_t = dL_t/dh_t.
         loss, (grad_now, adjoint) = jax.value_and_grad(
-            lambda p, h: cell_step_loss(cell, p, h, y), argnums=(0, 1)
+            lambda p, h: cell_step_loss(cell, p, h, y, loss_fn, w), argnums=(0, 1)
         )(local, new_hidden)
         grads, state = gradient.step(state, local, hidden, x, t, adjoint, grad_now)
         loss, grads = shards.mean((loss, grads))
@@ -366,7 +371,7 @@ def train(
 
     state = shards.vary(gradient.init(params, hidden0, steps))
     carry = (params, opt_state, hidden0, state, keep_init(keep_grads, params))
-    xs = (inputs, targets, jnp.arange(steps))
+    xs = (inputs, targets, weights, jnp.arange(steps))
     (params, opt_state, hidden, _, kept), (losses, grads) = run_loop(
         body, carry, xs, length=steps, loop=loop
     )

@@ -69,9 +69,50 @@ class Cell(NamedTuple):
     step_projected: Callable[[PyTree, PyTree, Any], PyTree] | None = None
 
 
-def cell_step_loss(cell: Cell, params: PyTree, carry: PyTree, target: jax.Array) -> jax.Array:
-    """The article's per-step loss for any cell: ``mean((readout - target) ** 2)``."""
-    return jnp.mean((cell.readout(params, carry) - target) ** 2)
+#: A per-step loss, ``loss_fn(prediction_t, target_t) -> scalar``: ``prediction_t`` is
+#: the readout's ``(B, O)`` output at step ``t``, ``target_t`` is ``targets[t]``.
+LossFn = Callable[[jax.Array, Any], jax.Array]
+
+
+def squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """The article's per-step loss, ``mean((prediction - target) ** 2)`` (``nn.MSELoss()``)."""
+    return jnp.mean((prediction - target) ** 2)
+
+
+def step_loss(
+    loss_fn: LossFn | None, prediction: jax.Array, target: Any, weight: jax.Array | None
+) -> jax.Array:
+    """One step's loss: ``loss_fn`` (:func:`squared_error` when ``None``), weighted per example.
+
+    Plain-Python semantics::
+
+      fn = squared_error if loss_fn is None else loss_fn
+      if weight is None:
+        return fn(prediction, target)
+      B = prediction.shape[0]              # each example alone, as a batch of one
+      return sum(weight[b] * fn(prediction[b:b+1], target[b:b+1]) for b in range(B)) / B
+
+    With ``weight`` 1 for every example this is ``fn(prediction, target)`` for any
+    ``fn`` that is a mean over the batch of per-example losses (``nn.MSELoss()``,
+    ``nn.CrossEntropyLoss()``); a weight of 0 (a padded step) drops the example.
+    """
+    fn = squared_error if loss_fn is None else loss_fn
+    if weight is None:
+        return fn(prediction, target)
+    alone = jax.vmap(lambda p, y: fn(p[None], jax.tree.map(lambda a: a[None], y)))
+    return jnp.mean(weight * alone(prediction, target))
+
+
+def cell_step_loss(
+    cell: Cell,
+    params: PyTree,
+    carry: PyTree,
+    target: Any,
+    loss_fn: LossFn | None = None,
+    weight: jax.Array | None = None,
+) -> jax.Array:
+    """A step's loss for any cell: :func:`step_loss` of ``cell.readout(params, carry)``."""
+    return step_loss(loss_fn, cell.readout(params, carry), target, weight)
 
 
 def check_cell(cell: object) -> Cell:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from loopgrad_jax import _cells, _checks
-from loopgrad_jax._cell import Cell
+from loopgrad_jax._cell import Cell, LossFn
 from loopgrad_jax._cells import TORCH_CELLS, CellParams, LayerParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._result import TrainResult
@@ -488,12 +488,15 @@ def _check_model(model: object) -> FlaxRNN:
     return model
 
 
-def _sequences(model: FlaxRNN, inputs, targets) -> tuple[jax.Array, jax.Array]:
+def _sequences(model: FlaxRNN, inputs, targets, checked: bool = True) -> tuple[jax.Array, Any]:
+    """``inputs`` checked against the model; ``targets`` too unless a ``loss_fn`` takes them."""
     inputs = _checks.float_array("inputs", inputs)
-    targets = _checks.float_array("targets", targets)
     i = model.layers[0].cell.in_features
     o = model.head.out_features
     _checks.shape("inputs", inputs, (None, None, i), f"(T, B, I) with I={i}, time-major")
+    if not checked:  # train_rnn checks them against loss_fn
+        return inputs, targets
+    targets = _checks.float_array("targets", targets)
     t, b = inputs.shape[:2]
     _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b}, O={o}")
     _checks.same_dtype(
@@ -532,30 +535,32 @@ def flax_train(
     targets: jax.typing.ArrayLike,
     *,
     mode: str = "as_written",
-    window: int = 1,
+    window: int | None = None,
     hidden0: Any = None,
     loop: str | Loop = "scan",
     as_written_method: str = "auto",
     keep_grads: str = "all",
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """Trains a :class:`FlaxRNN` over one sequence, in place, as :func:`train_rnn` does.
 
     The same modes, loop kinds and methods as :func:`loopgrad_jax.train_rnn`
-    (``mode="as_written"``: an update after every step, each gradient summing every
-    past use of the weights at the values they had then; ``"tbptt"``: one update per
-    window), run on the model's own parameterisation: ``optimizer.tx`` steps the
-    model's ``nnx.Param`` variables, so a model of :class:`TorchCell`\\ s follows
-    PyTorch's trajectory and one of Flax's built-in cells Flax's. Afterwards the
-    model holds the new weights and ``optimizer`` the new optimizer state, its
-    ``step`` advanced by the number of updates, as ``optimizer.update`` would leave
-    them.
+    (``mode="tbptt"``, the default: one update per window, by default one over the
+    whole sequence; ``"as_written"``: an update after every step, each gradient
+    summing every past use of the weights at the values they had then), run on the
+    model's own parameterisation: ``optimizer.tx`` steps the model's ``nnx.Param``
+    variables, so a model of :class:`TorchCell`\\ s follows PyTorch's trajectory and
+    one of Flax's built-in cells Flax's. Afterwards the model holds the new weights
+    and ``optimizer`` the new optimizer state, its ``step`` advanced by the number of
+    updates, as ``optimizer.update`` would leave them.
 
     Args:
       model: a :class:`FlaxRNN`.
       optimizer: an ``nnx.Optimizer`` of ``model`` with ``wrt=nnx.Param``.
-      inputs, targets: ``(T, B, I)`` and ``(T, B, O)``.
-      mode, window, loop, as_written_method, keep_grads: as :func:`train_rnn` takes
-        them; ``loop`` also takes :data:`loopgrad_jax.NNX_LOOPS`.
+      inputs, targets: ``(T, B, I)`` and ``(T, B, O)`` (with ``loss_fn``, any array
+        ``(T, B, ...)`` it takes).
+      mode, window, loop, as_written_method, keep_grads, loss_fn: as :func:`train_rnn`
+        takes them; ``loop`` also takes :data:`loopgrad_jax.NNX_LOOPS`.
       hidden0: the initial state in the library's layout (see :class:`FlaxRNN`).
 
     Returns:
@@ -583,7 +588,7 @@ def flax_train(
             f"optimizer must step the model's nnx.Param variables (wrt=nnx.Param), got "
             f"wrt={optimizer.wrt!r}."
         )
-    inputs, targets = _sequences(model, inputs, targets)
+    inputs, targets = _sequences(model, inputs, targets, checked=loss_fn is None)
     graphdef, state = nnx.split(model)
     params = nnx.as_pure(state)
     opt_state = nnx.as_pure(optimizer.opt_state)
@@ -606,10 +611,12 @@ def flax_train(
         opt_state=opt_state,
         keep_grads=keep_grads,
         cell=_cell_of_graph(graphdef),
+        loss_fn=loss_fn,
     )
     # What optimizer.update does with its new state and weights, once for the whole run.
     nnx.update(model, result.params)
     nnx.update(optimizer.opt_state, nnx.state(result.opt_state, graph=optimizer.graph))
-    updates = result.losses.shape[0] if mode == "as_written" else -(-inputs.shape[0] // window)
+    steps = inputs.shape[0]
+    updates = steps if mode == "as_written" else -(-steps // (window or steps))
     optimizer.step[...] += updates
     return result._replace(hidden=model.hidden_of(result.hidden))

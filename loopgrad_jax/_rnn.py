@@ -120,10 +120,13 @@ ARTICLE_CELL = Cell(rnn_cell, article_readout, input_projection, hoisted_cell)
 def check_article_args(
     params: RNNParams,
     inputs: jax.typing.ArrayLike,
-    targets: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike | None,
     hidden0: jax.typing.ArrayLike | None,
-) -> tuple[RNNParams, jax.Array, jax.Array, jax.Array, RNNSizes]:
-    """Validates the RNN arguments against each other; fills in ``hidden0``."""
+) -> tuple[RNNParams, jax.Array, jax.Array | None, jax.Array, RNNSizes]:
+    """Validates the RNN arguments against each other; fills in ``hidden0``.
+
+    ``targets=None`` skips the targets (a ``loss_fn`` checks its own).
+    """
     if not isinstance(params, RNNParams):
         raise TypeError(
             f"params must be an RNNParams(i2h_weight, i2h_bias, h2o_weight, h2o_bias), "
@@ -133,7 +136,6 @@ def check_article_args(
         *(_checks.float_array(f"params.{f}", v) for f, v in params._asdict().items())
     )
     inputs = _checks.float_array("inputs", inputs)
-    targets = _checks.float_array("targets", targets)
     _checks.shape("params.i2h_bias", params.i2h_bias, (None,), "(H,)")
     h = params.i2h_bias.shape[0]
     _checks.shape("params.i2h_weight", params.i2h_weight, (h, None), f"(H, I + H) with H={h}")
@@ -152,7 +154,10 @@ def check_article_args(
         raise ValueError(
             f"inputs must hold at least one time step (T >= 1), got shape {inputs.shape}."
         )
-    _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b} from inputs, O={o}")
+    if targets is not None:
+        targets = _checks.float_array("targets", targets)
+        meaning = f"(T, B, O) with T={t}, B={b} from inputs, O={o}"
+        _checks.shape("targets", targets, (t, b, o), meaning)
     if hidden0 is None:
         hidden0 = _checks.batch_zeros((b, h), inputs.dtype, inputs)
     hidden0 = _checks.float_array("hidden0", hidden0)
@@ -161,7 +166,7 @@ def check_article_args(
         [
             *((f"params.{f}", v) for f, v in params._asdict().items()),
             ("inputs", inputs),
-            ("targets", targets),
+            *([] if targets is None else [("targets", targets)]),
             ("hidden0", hidden0),
         ]
     )

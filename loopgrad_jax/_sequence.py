@@ -11,18 +11,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from loopgrad_jax import _cells, _checks
 from loopgrad_jax._as_written import Dims
-from loopgrad_jax._cell import Cell, cell_step_loss, check_cell
+from loopgrad_jax._cell import Cell, LossFn, cell_step_loss, check_cell, step_loss
 from loopgrad_jax._cells import TORCH_CELL, CellParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._parallel import Shards, batch_spec, check_mesh
 from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
 
 PyTree = Any
+
+#: Values of ``rnn_loss(reduction=...)``: the step losses summed, or averaged over the steps.
+REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
 class Bound(NamedTuple):
@@ -35,6 +39,7 @@ class Bound(NamedTuple):
     targets: jax.Array
     hidden0: PyTree  # in the API's layout (PyTorch's for CellParams)
     dims: Dims
+    prediction: jax.ShapeDtypeStruct  # the readout's (B, O) output at one step
 
 
 def bind(
@@ -43,15 +48,29 @@ def bind(
     targets: jax.typing.ArrayLike,
     hidden0: PyTree | None,
     cell: Cell | None,
+    loss_fn: LossFn | None = None,
 ) -> Bound:
-    """Validates a model's arguments against each other; fills in a zero ``hidden0``."""
+    """Validates a model's arguments against each other; fills in a zero ``hidden0``.
+
+    Without ``loss_fn`` the targets must be float ``(T, B, O)``, like the readout's
+    outputs; with it, any array ``(T, B, ...)`` that ``loss_fn`` takes (:func:`check_loss_fn`).
+    """
+    if loss_fn is None:
+        return _bind_model(params, inputs, targets, hidden0, cell)
+    bound = _bind_model(params, inputs, None, hidden0, cell)
+    targets = check_loss_fn(loss_fn, targets, bound)
+    return bound._replace(targets=targets)
+
+
+def _bind_model(params, inputs, targets, hidden0, cell) -> Bound:
     if cell is not None:
         return _bind_custom(check_cell(cell), params, inputs, targets, hidden0)
     if isinstance(params, RNNParams):
         params, inputs, targets, hidden0, sizes = check_article_args(
             params, inputs, targets, hidden0
         )
-        return Bound(ARTICLE_CELL, "article", params, inputs, targets, hidden0, Dims.of(sizes))
+        out = jax.ShapeDtypeStruct((sizes.batch, sizes.output), inputs.dtype)
+        return Bound(ARTICLE_CELL, "article", params, inputs, targets, hidden0, Dims.of(sizes), out)
     if isinstance(params, CellParams):
         return _bind_torch(params, inputs, targets, hidden0)
     raise TypeError(
@@ -61,17 +80,23 @@ def bind(
     )
 
 
-def _sequence_args(inputs, targets, o: int | None) -> tuple[jax.Array, jax.Array]:
+def _sequence_args(inputs, targets, o: int | None) -> tuple[jax.Array, jax.Array | None]:
     inputs = _checks.float_array("inputs", inputs)
-    targets = _checks.float_array("targets", targets)
     if inputs.ndim != 3 or inputs.shape[0] < 1:
         raise ValueError(
             f"inputs must have shape (T, B, I) with T >= 1 (time-major), got shape "
             f"{tuple(inputs.shape)}."
         )
-    t, b = inputs.shape[:2]
-    _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b} from inputs")
+    if targets is not None:
+        targets = _checks.float_array("targets", targets)
+        t, b = inputs.shape[:2]
+        _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b} from inputs")
     return inputs, targets
+
+
+def _named_targets(targets: jax.Array | None) -> list[tuple[str, jax.Array]]:
+    """``targets`` for :func:`_checks.same_dtype`: none when a ``loss_fn`` takes them."""
+    return [] if targets is None else [("targets", targets)]
 
 
 def _bind_torch(params: CellParams, inputs, targets, hidden0) -> Bound:
@@ -89,14 +114,15 @@ def _bind_torch(params: CellParams, inputs, targets, hidden0) -> Bound:
         [
             *((f"params{jax.tree_util.keystr(p)}", v) for p, v in _leaves(params)),
             ("inputs", inputs),
-            ("targets", targets),
+            *_named_targets(targets),
             *((f"hidden0{jax.tree_util.keystr(p)}", v) for p, v in _leaves(hidden0)),
         ]
     )
     dims = Dims.of_cell(
         kind, t, b, sizes["input"], sizes["hidden"], sizes["output"], sizes["layers"]
     )
-    return Bound(TORCH_CELL, kind, params, inputs, targets, hidden0, dims)
+    out = jax.ShapeDtypeStruct((b, sizes["output"]), inputs.dtype)
+    return Bound(TORCH_CELL, kind, params, inputs, targets, hidden0, dims, out)
 
 
 def _bind_custom(cell: Cell, params, inputs, targets, hidden0) -> Bound:
@@ -136,7 +162,12 @@ def _bind_custom(cell: Cell, params, inputs, targets, hidden0) -> Bound:
         raise ValueError(
             f"cell.step must return a carry shaped like hidden0, {_spec(want)}, got {_spec(new)}."
         )
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != (b, targets.shape[2]):
+    if targets is None:
+        if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2 or out.shape[0] != b:
+            raise ValueError(
+                f"cell.readout must return (B, O) with B={b} (from inputs), got {_spec(out)}."
+            )
+    elif not isinstance(out, jax.ShapeDtypeStruct) or out.shape != (b, targets.shape[2]):
         raise ValueError(
             f"cell.readout must return (B, O) = {(b, targets.shape[2])} (B from inputs, O from "
             f"targets), got {_spec(out)}."
@@ -145,14 +176,92 @@ def _bind_custom(cell: Cell, params, inputs, targets, hidden0) -> Bound:
         [
             *((f"params{jax.tree_util.keystr(p)}", v) for p, v in _leaves(params)),
             ("inputs", inputs),
-            ("targets", targets),
+            *_named_targets(targets),
             *((f"hidden0{jax.tree_util.keystr(p)}", v) for p, v in _leaves(hidden0)),
         ]
     )
     size = sum(leaf.size for leaf in jax.tree.leaves(params))
     carry = sum(leaf.size for leaf in jax.tree.leaves(hidden0)) // b
     dims = Dims(t, b, inputs.shape[2], carry, size, size, 0)
-    return Bound(cell, None, params, inputs, targets, hidden0, dims)
+    return Bound(cell, None, params, inputs, targets, hidden0, dims, out)
+
+
+def check_loss_fn(loss_fn: object, targets: object, bound: Bound) -> jax.Array:
+    """``targets`` as an array ``(T, B, ...)``; refuses a ``loss_fn`` that does not map
+    one step's ``(prediction_t, targets[t])`` to a floating-point scalar."""
+    if not callable(loss_fn):
+        raise TypeError(
+            "loss_fn must be a function loss_fn(prediction_t, target_t) -> scalar, got "
+            f"{type(loss_fn).__name__} {loss_fn!r}."
+        )
+    if targets is None:
+        raise TypeError("targets must be an array (T, B, ...) that loss_fn takes, got None.")
+    targets = targets if isinstance(targets, jax.Array) else jnp.asarray(targets)
+    t, b = bound.dims.length, bound.dims.batch
+    if targets.ndim < 2 or targets.shape[:2] != (t, b):
+        raise ValueError(
+            f"targets must have shape (T, B, ...) with T={t}, B={b} from inputs, got shape "
+            f"{tuple(targets.shape)}."
+        )
+    target = jax.ShapeDtypeStruct(targets.shape[1:], targets.dtype)
+    given = f"prediction_t {_spec(bound.prediction)} and target_t {_spec(target)}"
+    try:
+        out = jax.eval_shape(loss_fn, bound.prediction, target)
+    except Exception as err:  # noqa: BLE001 - the user's function; say where it failed
+        raise ValueError(
+            f"calling loss_fn on one step ({given}) failed: {type(err).__name__}: {err}"
+        ) from err
+    if not (
+        isinstance(out, jax.ShapeDtypeStruct)
+        and out.shape == ()
+        and jnp.issubdtype(out.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"loss_fn must return a floating-point scalar (one step's loss), got {_spec(out)} "
+            f"for {given}."
+        )
+    return targets
+
+
+def check_lengths(lengths: object, length: int, batch: int) -> jax.Array | None:
+    """``lengths`` as a ``(B,)`` integer array; refuses a concrete one outside ``1..T``.
+
+    A traced one cannot be checked: :func:`step_weights` poisons it instead.
+    """
+    if lengths is None:
+        return None
+    arr = lengths if isinstance(lengths, jax.Array) else jnp.asarray(lengths)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(
+            f"lengths must be integers (each example's number of real steps), got dtype "
+            f"{arr.dtype}."
+        )
+    _checks.shape("lengths", arr, (batch,), f"(B,) with B={batch} from inputs")
+    if not isinstance(arr, jax.core.Tracer):
+        values = np.asarray(arr)
+        bad = (values < 1) | (values > length)
+        if bad.any():
+            raise ValueError(
+                f"lengths must be between 1 and T={length} (the number of time steps), got "
+                f"{values[bad].tolist()} at examples {np.flatnonzero(bad).tolist()}."
+            )
+    return arr
+
+
+def step_weights(lengths: jax.Array, length: int, dtype: jnp.dtype) -> jax.Array:
+    """``(T, B)`` weights of every step's examples: which steps are real.
+
+    Plain-Python semantics::
+
+      w[t][b] = nan if not 1 <= lengths[b] <= T else (1 if t < lengths[b] else 0)
+
+    NaN marks a length that was traced, so could not be refused: every step's loss is
+    multiplied by its weights, so the loss and every derivative of it are NaN.
+    """
+    bad = (lengths < 1) | (lengths > length)
+    real = jnp.arange(length, dtype=lengths.dtype)[:, None] < lengths[None, :]
+    # A where, not a product: XLA rewrites (0/1 from a bool) * nan as a select, giving 0.
+    return jnp.where(bad[None, :], jnp.nan, real.astype(dtype)).astype(dtype)
 
 
 def _leaves(tree: PyTree) -> list[tuple[Any, Any]]:
@@ -187,20 +296,24 @@ def rnn_forward(
     cell: Cell,
     params: PyTree,
     inputs: jax.Array,
-    targets: jax.Array,
+    targets: Any,
     carry0: PyTree,
     *,
     loop: str | Loop,
     hoist_input: bool = False,
+    loss_fn: LossFn | None = None,
+    weights: jax.Array | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Runs ``cell`` over the sequence: ``(final_carry, losses (T,))``.
 
-    Plain-Python semantics::
+    Plain-Python semantics (:func:`loopgrad_jax._cell.step_loss`; by default
+    ``mean((prediction - target) ** 2)``, every example weighted 1)::
 
       carry, losses = carry0, []
       for t in range(T):
         carry = cell.step(params, carry, inputs[t])
-        losses.append(mean((cell.readout(params, carry) - targets[t]) ** 2))
+        prediction = cell.readout(params, carry)
+        losses.append(step_loss(loss_fn, prediction, targets[t], weights[t]))
       return carry, stack(losses)
 
     With the loops of :func:`_readout_after` the loop runs the steps only and the
@@ -218,7 +331,7 @@ def rnn_forward(
     if hoist_input and cell is TORCH_CELL:
         final, hs = _cells.hoisted_forward(params, inputs, carry0, check_loop(loop))
         out = jnp.einsum("tbh,oh->tbo", hs, params.head_weight) + params.head_bias[None, None, :]
-        return final, jnp.mean((out - targets) ** 2, axis=(1, 2))
+        return final, _every_step_loss(loss_fn, out, targets, weights)
     loop = check_loop(loop)
     # Where reverse mode stores every step (the loops that take the readout after),
     # an nn.RNN layer runs as one product over [x, h] per step; the article's model is
@@ -233,15 +346,17 @@ def rnn_forward(
             targets,
             (carry0,),
             loop,
-            hoist_input=False,
+            False,
+            loss_fn,
+            weights,
         )
         return final[0], losses
     if cell is TORCH_CELL:
         params = _cells.loop_form(params, join=join)
-    return _run(cell, params, inputs, targets, carry0, loop, hoist_input)
+    return _run(cell, params, inputs, targets, carry0, loop, hoist_input, loss_fn, weights)
 
 
-def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool):
+def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool, loss_fn, weights):
     step, xs = cell.step, inputs
     if hoist_input:
         step, xs = cell.step_projected, cell.project(params, inputs)
@@ -253,14 +368,19 @@ def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool):
 
         final, kept = run_loop(step_only, carry0, xs, length=inputs.shape[0], loop=loop)
         out = _readout_every_step(cell, params, kept)
-        return final, jnp.mean((out - targets) ** 2, axis=(1, 2))
+        return final, _every_step_loss(loss_fn, out, targets, weights)
 
-    def body(carry, xy):
-        x, y = xy
+    def body(carry, xyw):
+        x, y, w = xyw
         carry = step(params, carry, x)
-        return carry, cell_step_loss(cell, params, carry, y)
+        return carry, cell_step_loss(cell, params, carry, y, loss_fn, w)
 
-    return run_loop(body, carry0, (xs, targets), length=inputs.shape[0], loop=loop)
+    return run_loop(body, carry0, (xs, targets, weights), length=inputs.shape[0], loop=loop)
+
+
+def _every_step_loss(loss_fn, out, targets, weights) -> jax.Array:
+    """:func:`step_loss` of every step at once: ``(T,)`` from the readouts ``(T, B, O)``."""
+    return jax.vmap(lambda o, y, w: step_loss(loss_fn, o, y, w))(out, targets, weights)
 
 
 def _readout_after(loop: Loop) -> bool:
@@ -321,16 +441,29 @@ def rnn_loss(
     hoist_input: bool = False,
     cell: Cell | None = None,
     mesh: Mesh | None = None,
+    reduction: str = "sum",
+    loss_fn: LossFn | None = None,
+    lengths: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
-    """The summed per-step loss over a whole sequence, for any cell.
+    """The per-step losses over a whole sequence, summed or averaged, for any cell.
 
     Plain-Python semantics::
 
       hidden, total = hidden0, 0
       for t in range(T):
         hidden = cell(params, hidden, inputs[t])         # every layer
-        total += mean((head(last layer's hidden) - targets[t]) ** 2)
-      return total
+        total += loss_fn(head(last layer's hidden), targets[t])
+      return total if reduction == "sum" else total / T
+
+    ``loss_fn`` is ``mean((prediction - target) ** 2)`` by default, so
+    ``reduction="mean"`` is ``nn.MSELoss()`` over the whole ``(T, B, O)`` output.
+    With ``lengths`` step ``t`` of example ``b`` counts only if ``t < lengths[b]``::
+
+      total = sum over t of  sum over b with t < lengths[b] of
+              loss_fn(prediction_t[b:b+1], targets[t][b:b+1]) / B
+      return total if reduction == "sum" else total * B / sum(lengths)
+
+    (each example alone, as a batch of one; ``"mean"`` is the mean over the real steps).
 
     ``jax.grad`` of it is full backpropagation through time: what PyTorch's
     single ``loss.backward()`` after the loop computes. It runs as one
@@ -364,6 +497,20 @@ def rnn_loss(
         after the loop (as PyTorch's ``DistributedDataParallel`` averages). Equal to
         the single-device result up to the order of floating-point sums. Your own
         ``cell`` must treat the examples independently (no batch statistics).
+      reduction: one of :data:`REDUCTIONS`: ``"sum"`` of the step losses, or their
+        ``"mean"`` over the steps.
+      loss_fn: ``loss_fn(prediction_t, target_t) -> scalar``, one step's loss of the
+        readout's ``(B, O)`` output and ``targets[t]``; it replaces the squared error,
+        and ``targets`` may then be any array ``(T, B, ...)`` it takes, e.g. integer
+        classes ``(T, B)`` with
+        ``lambda p, y: optax.softmax_cross_entropy_with_integer_labels(p, y).mean()``
+        (``nn.CrossEntropyLoss()``). A static option: pass the same function to reuse
+        the compiled one. It must be a mean over the batch for ``lengths`` to drop
+        padded examples as PyTorch's masked losses do.
+      lengths: ``(B,)`` integers in ``1..T``, each example's number of real steps;
+        the padded steps after them do not count (their targets must still give a
+        finite loss). A traced length outside ``1..T`` cannot be refused: it makes
+        the loss and its derivatives NaN.
 
     Returns:
       A scalar.
@@ -379,30 +526,50 @@ def rnn_loss(
       >>> jax.grad(lg.rnn_loss)(lstm, x, y).layers[0].weight_hh.shape
       (16, 4)
     """
-    bound = bind(params, inputs, targets, hidden0, cell)
+    bound = bind(params, inputs, targets, hidden0, cell, loss_fn)
     hoist_input = check_hoist(hoist_input, bound.cell)
     loop = check_loop(loop)
+    reduction = _checks.one_of("reduction", reduction, REDUCTIONS)
+    lengths = check_lengths(lengths, bound.dims.length, bound.dims.batch)
     shards = check_mesh(mesh, bound.dims.batch)
     return _rnn_loss(
         bound.params,
         bound.inputs,
         bound.targets,
         bound.hidden0,
+        lengths,
         cell=bound.cell,
         kind=bound.kind,
         loop=loop,
         hoist_input=hoist_input,
         shards=shards,
+        reduction=reduction,
+        loss_fn=loss_fn,
     )
 
 
-@compiled("cell", "kind", "loop", "hoist_input", "shards")
+@compiled("cell", "kind", "loop", "hoist_input", "shards", "reduction", "loss_fn")
 def _rnn_loss(
-    params, inputs, targets, hidden0, *, cell, kind, loop, hoist_input, shards: Shards
+    params,
+    inputs,
+    targets,
+    hidden0,
+    lengths,
+    *,
+    cell,
+    kind,
+    loop,
+    hoist_input,
+    shards: Shards,
+    reduction,
+    loss_fn,
 ) -> jax.Array:
     """:func:`rnn_loss` after its checks: one compiled function per shapes and options."""
+    steps, batch = inputs.shape[:2]
+    weights = None if lengths is None else step_weights(lengths, steps, inputs.dtype)
 
-    def local(params, inputs, targets, hidden0):
+    def local(params, inputs, ys, hidden0):
+        targets, weights = ys
         _, losses = rnn_forward(
             cell,
             shards.vary(params),
@@ -411,8 +578,15 @@ def _rnn_loss(
             to_carry(kind, hidden0),
             loop=loop,
             hoist_input=hoist_input,
+            loss_fn=loss_fn,
+            weights=weights,
         )
         return shards.mean(losses.sum())
 
     specs = (P(), *sequence_specs(kind, hidden0, shards.axis))
-    return shards.run(local, (params, inputs, targets, hidden0), specs, P())
+    total = shards.run(local, (params, inputs, (targets, weights), hidden0), specs, P())
+    if reduction == "sum":
+        return total
+    # Each step's loss is already a mean over the batch: a mean over the real steps
+    # divides by their number per example.
+    return total / steps if weights is None else total * batch / weights.sum()

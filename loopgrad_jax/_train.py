@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from loopgrad_jax import _as_written, _checks
-from loopgrad_jax._cell import Cell
+from loopgrad_jax._cell import Cell, LossFn
 from loopgrad_jax._loops import Loop, check_loop, compiled, require_reverse, run_loop
 from loopgrad_jax._parallel import Shards, check_mesh
 from loopgrad_jax._result import (
@@ -49,8 +49,10 @@ from loopgrad_jax._result import (
 from loopgrad_jax._sequence import (
     bind,
     check_hoist,
+    check_lengths,
     rnn_forward,
     sequence_specs,
+    step_weights,
     to_carry,
     to_public,
 )
@@ -69,7 +71,7 @@ def train_rnn(
     *,
     lr: jax.typing.ArrayLike | None = None,
     mode: str = "as_written",
-    window: int = 1,
+    window: int | None = None,
     hidden0: jax.typing.ArrayLike | None = None,
     loop: str | Loop = "scan",
     as_written_method: str = "auto",
@@ -79,11 +81,25 @@ def train_rnn(
     keep_grads: str = "all",
     cell: Cell | None = None,
     mesh: Mesh | None = None,
+    loss_fn: LossFn | None = None,
+    lengths: jax.typing.ArrayLike | None = None,
 ) -> TrainResult:
-    """Trains the RNN over one sequence, updating the weights inside the loop.
+    """Trains the RNN over one sequence: by default one update over the whole of it.
 
-    ``mode="as_written"`` (``T`` updates) is the article's loop under PyTorch's
-    ``allow_mutation_on_saved_tensors``::
+    ``mode="tbptt"`` (the default; truncated backpropagation through time,
+    ``ceil(T/window)`` updates)::
+
+      for each window of `window` steps (the last may be shorter):
+        loss_w = sum of step losses over the window, starting at `hidden`
+        params = params - lr * grad(loss_w)(params)   # `hidden` held constant
+        hidden = the window's last hidden state
+
+    ``window=None`` (the default) is ``window=T``: PyTorch's ordinary training step,
+    one backward pass over the whole sequence and one update. ``window=1`` is the
+    usual "detach the hidden state" fix.
+
+    ``mode="as_written"`` (``T`` updates, the weights updated inside the loop) is the
+    article's loop under PyTorch's ``allow_mutation_on_saved_tensors``::
 
       for t in range(T):
         hidden = cell(params, hidden, inputs[t])      # params_t: the weights now
@@ -106,16 +122,9 @@ def train_rnn(
       times over a grid of sizes, finds faster; never ``"forward"`` when its
       memory (:func:`as_written_cost`) would exceed 1 GiB.
 
-    ``mode="tbptt"`` (truncated backpropagation through time, ``ceil(T/window)``
-    updates)::
-
-      for each window of `window` steps (the last may be shorter):
-        loss_w = sum of step losses over the window, starting at `hidden`
-        params = params - lr * grad(loss_w)(params)   # `hidden` held constant
-        hidden = the window's last hidden state
-
-    ``window=1`` is the usual "detach the hidden state" fix; ``window=T`` is one
-    backward pass over the whole sequence.
+    A step's loss is ``loss_fn(prediction_t, targets[t])`` (by default
+    ``mean((prediction_t - targets[t]) ** 2)``); with ``lengths`` only the real
+    steps of each example count, as in :func:`rnn_loss` (``reduction="sum"``).
 
     Continuing a run: pass a result's ``params``, ``opt_state`` and ``hidden`` as
     ``params``, ``opt_state=`` and ``hidden0=`` of the next call. In
@@ -146,15 +155,17 @@ def train_rnn(
       params: the initial weights: the article's :class:`RNNParams`, a
         :class:`CellParams`, or, with ``cell``, any pytree of float arrays.
       inputs: ``(T, B, I)``.
-      targets: ``(T, B, O)``.
+      targets: ``(T, B, O)``; with ``loss_fn``, any array ``(T, B, ...)`` it takes.
       lr: the learning rate of the default optimizer ``optax.sgd(lr)``, PyTorch's
         ``optim.SGD(lr=lr)``: a number or a scalar array, ``>= 0``; default
         ``0.01``. A traced ``lr`` cannot be checked when it is traced: a negative
         or non-finite one makes every output that depends on it NaN, and every
         derivative of such an output (with respect to ``lr`` too). Give either
         ``lr`` or ``optimizer``, not both.
-      mode: one of :data:`MODES`.
-      window: steps per update in ``mode="tbptt"``, ``1 <= window <= T``.
+      mode: one of :data:`MODES`: ``"tbptt"`` (default), or ``"as_written"``, the
+        article's update after every step.
+      window: steps per update in ``mode="tbptt"``, ``1 <= window <= T``; ``None``
+        (default) is ``T``, one update over the whole sequence.
       hidden0: the initial state; zeros when ``None``. ``(B, H)`` for
         :class:`RNNParams`; PyTorch's ``(num_layers, B, H)`` for a
         :class:`CellParams`, and for an LSTM the pair ``(h0, c0)`` of two; with
@@ -196,6 +207,13 @@ def train_rnn(
         applies the same update. ``as_written_method="auto"`` decides for the
         ``B/n`` examples one device holds. ``hidden`` comes back split over the
         mesh like ``inputs``; the weights, losses and gradients replicated.
+      loss_fn: one step's loss, ``loss_fn(prediction_t, target_t) -> scalar``, as in
+        :func:`rnn_loss`; in ``mode="as_written"`` step ``t``'s update uses it too.
+      lengths: ``(B,)`` integers in ``1..T``: step ``t`` of example ``b`` counts only
+        if ``t < lengths[b]``, as in :func:`rnn_loss`, in both modes (a window or
+        step with no real steps has zero loss and gradient; the optimizer still
+        steps). A traced length outside ``1..T`` makes the losses, the gradients
+        and the weights NaN.
 
     Returns:
       A :class:`TrainResult`.
@@ -217,7 +235,7 @@ def train_rnn(
       ...     p, x, y, mode="tbptt", window=3).params.i2h_weight))
       True
     """
-    bound = bind(params, inputs, targets, hidden0, cell)
+    bound = bind(params, inputs, targets, hidden0, cell, loss_fn)
     params, inputs, targets, hidden0, length = (
         bound.params,
         bound.inputs,
@@ -228,13 +246,14 @@ def train_rnn(
     mode = _checks.one_of("mode", mode, MODES)
     method = _checks.one_of("as_written_method", as_written_method, _as_written.METHODS)
     keep_grads = _checks.one_of("keep_grads", keep_grads, KEEP_GRADS)
-    window = _checks.static_length("window", window, minimum=1)
+    if mode == "as_written" and window is not None:
+        raise ValueError(f"window applies only to mode='tbptt', got window={window} with {mode=}.")
+    window = length if window is None else _checks.static_length("window", window, minimum=1)
     if mode == "tbptt" and window > length:
         raise ValueError(
             f"window must be between 1 and T={length} (the number of time steps), got {window}."
         )
-    if mode == "as_written" and window != 1:
-        raise ValueError(f"window applies only to mode='tbptt', got window={window} with {mode=}.")
+    lengths = check_lengths(lengths, length, bound.dims.batch)
     if mode == "tbptt" and method != "auto":
         raise ValueError(
             f"as_written_method applies only to mode='as_written', got {method!r} with {mode=}."
@@ -278,6 +297,7 @@ def train_rnn(
         hidden0,
         lr,
         opt_state,
+        lengths,
         mode=mode,
         window=window,
         loop=loop,
@@ -288,6 +308,7 @@ def train_rnn(
         cell=bound.cell,
         kind=bound.kind,
         shards=shards,
+        loss_fn=loss_fn,
     )
 
 
@@ -302,6 +323,7 @@ def train_rnn(
     "cell",
     "kind",
     "shards",
+    "loss_fn",
 )
 def _train(
     params,
@@ -310,6 +332,7 @@ def _train(
     hidden0,
     lr,
     opt_state,
+    lengths,
     *,
     mode,
     window,
@@ -321,10 +344,13 @@ def _train(
     cell,
     kind,
     shards: Shards,
+    loss_fn,
 ) -> TrainResult:
     """:func:`train_rnn` after its checks: one compiled function per shapes and options."""
+    weights = None if lengths is None else step_weights(lengths, inputs.shape[0], inputs.dtype)
 
-    def local(params, inputs, targets, hidden0, lr, opt_state):
+    def local(params, inputs, ys, hidden0, lr, opt_state):
+        targets, weights = ys
         nonlocal optimizer
         if optimizer is None:
             # A negative or non-finite traced lr could not be refused when traced: poison it
@@ -339,7 +365,7 @@ def _train(
                 cell,
                 params,
                 inputs,
-                targets,
+                (targets, weights),
                 carry0,
                 window,
                 loop,
@@ -348,6 +374,7 @@ def _train(
                 hoist_input,
                 keep_grads,
                 shards,
+                loss_fn,
             )
         else:
             _check_update_arguments(optimizer, opt_state, params)
@@ -363,13 +390,15 @@ def _train(
                 keep_grads=keep_grads,
                 cell=cell,
                 shards=shards,
+                loss_fn=loss_fn,
+                weights=weights,
             )
         return result._replace(hidden=to_public(kind, result.hidden))
 
     _, _, hidden_spec = specs = sequence_specs(kind, hidden0, shards.axis)
     return shards.run(
         local,
-        (params, inputs, targets, hidden0, lr, opt_state),
+        (params, inputs, (targets, weights), hidden0, lr, opt_state),
         (P(), *specs, P(), P()),
         TrainResult(P(), P(), P(), hidden_spec, P()),
     )
@@ -388,18 +417,28 @@ def _train_tbptt(
     hoist_input,
     keep_grads,
     shards,
+    loss_fn,
 ) -> TrainResult:
+    """``targets`` is the pair ``(targets, weights)``; ``weights`` ``(T, B)`` or ``None``."""
     steps = inputs.shape[0]
 
     def window_update(carry, xy):
         params, opt_state, hidden, kept = carry
-        x, y = xy
+        x, (y, w) = xy
 
         def window_loss(p):
             # With a mesh: this device's examples, then one average over the devices
             # (whose backward pass sums the weights' gradient once, where p is varied).
             hidden_end, losses = rnn_forward(
-                cell, shards.vary(p), x, y, hidden, loop=loop, hoist_input=hoist_input
+                cell,
+                shards.vary(p),
+                x,
+                y,
+                hidden,
+                loop=loop,
+                hoist_input=hoist_input,
+                loss_fn=loss_fn,
+                weights=w,
             )
             losses = shards.mean(losses)
             return losses.sum(), (hidden_end, losses)
@@ -417,8 +456,8 @@ def _train_tbptt(
     full, rest = divmod(steps, window)
     cut = full * window
 
-    def windows(a):
-        return a[:cut].reshape(full, window, *a.shape[1:])
+    def windows(tree):
+        return jax.tree.map(lambda a: a[:cut].reshape(full, window, *a.shape[1:]), tree)
 
     # A bound on the trip count (while:max_steps=N) bounds each window's loop; the loop
     # over the windows runs once per window, however many there are.
@@ -429,7 +468,8 @@ def _train_tbptt(
     )
     losses = losses.reshape(cut)
     if rest:  # the shorter last window also updates
-        carry, (last_losses, last_grads) = window_update(carry, (inputs[cut:], targets[cut:]))
+        rest_of = (inputs[cut:], jax.tree.map(lambda a: a[cut:], targets))
+        carry, (last_losses, last_grads) = window_update(carry, rest_of)
         losses = jnp.concatenate([losses, last_losses])
         if keep_grads == "all":
             grads = jax.tree.map(
