@@ -534,7 +534,7 @@ def flax_train(
     inputs: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
     *,
-    mode: str = "as_written",
+    mode: str = "tbptt",
     window: int | None = None,
     hidden0: Any = None,
     loop: str | Loop = "scan",
@@ -576,7 +576,7 @@ def flax_train(
       >>> model = lg.to_flax(lg.init_rnn(jax.random.key(0), 3, 4))
       >>> opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
       >>> x, y = jnp.ones((5, 2, 3), jnp.float32), jnp.zeros((5, 2, 1), jnp.float32)
-      >>> result = lg.flax_train(model, opt, x, y, mode="tbptt", window=5)
+      >>> result = lg.flax_train(model, opt, x, y)  # one update over the whole sequence
       >>> result.losses.shape, int(opt.step[...])
       ((5,), 1)
     """

@@ -70,7 +70,7 @@ def train_rnn(
     targets: jax.typing.ArrayLike,
     *,
     lr: jax.typing.ArrayLike | None = None,
-    mode: str = "as_written",
+    mode: str = "tbptt",
     window: int | None = None,
     hidden0: jax.typing.ArrayLike | None = None,
     loop: str | Loop = "scan",
@@ -226,6 +226,8 @@ def train_rnn(
       >>> res = lg.train_rnn(p, x, y, lr=0.01, mode="as_written")
       >>> res.losses.shape, res.grads.i2h_weight.shape
       ((10,), (10, 5, 15))
+      >>> lg.train_rnn(p, x, y, lr=0.01).grads.i2h_weight.shape  # one update over T
+      (1, 5, 15)
       >>> lg.train_rnn(p, x, y, mode="tbptt", window=3).grads.i2h_bias.shape
       (4, 5)
       >>> first = lg.train_rnn(p, x[:6], y[:6], mode="tbptt", window=3)

@@ -66,7 +66,7 @@ compare(
 )
 runs = {  # both modes (the as-written methods differ from each other only locally)
     "tbptt": {"mode": "tbptt", "window": 2},
-    "as_written_forward": {"as_written_method": "forward"},
+    "as_written_forward": {"mode": "as_written", "as_written_method": "forward"},
 }
 for name, kw in runs.items():
     whole = lg.train_rnn(params, x, y, **kw)

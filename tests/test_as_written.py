@@ -107,7 +107,9 @@ def _temp_bytes(sizes, method, dtype):
     shapes = [jax.ShapeDtypeStruct(s, dtype) for s in ((t, b, i), (t, b, o), (b, h))]
 
     def run(params, inputs, targets, hidden0):
-        return lg.train_rnn(params, inputs, targets, hidden0=hidden0, as_written_method=method)
+        return lg.train_rnn(
+            params, inputs, targets, hidden0=hidden0, mode="as_written", as_written_method=method
+        )
 
     compiled = jax.jit(run).lower(params, *shapes).compile()  # compiled only, never run
     return compiled.memory_analysis().temp_size_in_bytes

@@ -550,7 +550,7 @@ def _temp_bytes(kind, layers, method, t=20, b=2, i=5, h=8):
     y = jax.ShapeDtypeStruct((t, b, 1), jnp.float32)
 
     def run(p, x, y):
-        return lg.train_rnn(p, x, y, as_written_method=method, keep_grads="none")
+        return lg.train_rnn(p, x, y, mode="as_written", as_written_method=method, keep_grads="none")
 
     compiled = jax.jit(run).lower(p, x, y).compile()  # compiled only, never run
     return compiled.memory_analysis().temp_size_in_bytes
@@ -624,7 +624,9 @@ def test_own_cell_as_written_equals_a_plain_loop(method):
     # respect to a separate copy of the weights per step, summed over the copies.
     p, x, y, h0 = _gated_problem()
     lr, steps = 0.1, x.shape[0]
-    result = lg.train_rnn(p, x, y, hidden0=h0, cell=GATED, lr=lr, as_written_method=method)
+    result = lg.train_rnn(
+        p, x, y, hidden0=h0, cell=GATED, lr=lr, mode="as_written", as_written_method=method
+    )
     history, weights, carry = [], p, h0
     for t in range(steps):
         history.append(weights)

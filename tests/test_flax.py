@@ -317,8 +317,9 @@ def test_flax_train_with_pytorch_optimizer_state_across_two_calls():
     opt = nnx.Optimizer(model, lg.torch_optimizer(**c["optimizer"]), wrt=nnx.Param)
     cut = c["resume_at"]
     x, y = jnp.asarray(c["inputs"]), jnp.asarray(c["targets"])
-    first = lg.flax_train(model, opt, x[:cut], y[:cut], hidden0=_hidden0(c))
-    second = lg.flax_train(model, opt, x[cut:], y[cut:], hidden0=first.hidden)
+    mode = "as_written"  # the case's mode
+    first = lg.flax_train(model, opt, x[:cut], y[:cut], hidden0=_hidden0(c), mode=mode)
+    second = lg.flax_train(model, opt, x[cut:], y[cut:], hidden0=first.hidden, mode=mode)
     losses = jnp.concatenate([first.losses, second.losses])
     assert_close(
         {"losses": losses, "final_params": lg.from_flax(model)._asdict()},

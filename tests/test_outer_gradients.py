@@ -33,8 +33,8 @@ OUTER_LOOPS = (
 )
 
 RUNS = {
-    "as_written_forward": {"as_written_method": "forward"},
-    "as_written_reverse": {"as_written_method": "reverse"},
+    "as_written_forward": {"mode": "as_written", "as_written_method": "forward"},
+    "as_written_reverse": {"mode": "as_written", "as_written_method": "reverse"},
     "tbptt": {"mode": "tbptt", "window": 2},  # a window of 2 and a last one of 1
 }
 

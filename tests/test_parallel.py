@@ -75,10 +75,10 @@ MODES = {
     "loss_and_grad": lambda p, x, y, **kw: jax.value_and_grad(lg.rnn_loss)(p, x, y, **kw),
     "tbptt": lambda p, x, y, **kw: lg.train_rnn(p, x, y, mode="tbptt", window=2, **kw),
     "as_written_forward": lambda p, x, y, **kw: lg.train_rnn(
-        p, x, y, as_written_method="forward", **kw
+        p, x, y, mode="as_written", as_written_method="forward", **kw
     ),
     "as_written_reverse": lambda p, x, y, **kw: lg.train_rnn(
-        p, x, y, as_written_method="reverse", **kw
+        p, x, y, mode="as_written", as_written_method="reverse", **kw
     ),
 }
 
@@ -210,7 +210,12 @@ def test_meshes_of_either_axis_type_with_inputs_already_sharded(axis_type):
     y = jax.device_put(y0, NamedSharding(mesh, P(None, "data")))
     grads = jax.jit(jax.grad(lambda p, x, y: lg.rnn_loss(p, x, y, mesh=mesh)))(params, x, y)
     assert_close(grads, jax.grad(lg.rnn_loss)(params, x0, y0), 1e-11)
-    assert_close(lg.train_rnn(params, x, y, mesh=mesh), lg.train_rnn(params, x0, y0), 1e-11)
+    as_written = {"mode": "as_written"}
+    assert_close(
+        lg.train_rnn(params, x, y, mesh=mesh, **as_written),
+        lg.train_rnn(params, x0, y0, **as_written),
+        1e-11,
+    )
     with jax.set_mesh(mesh):  # inside the mesh's context too
         assert_close(lg.rnn_loss(params, x, y, mesh=mesh), lg.rnn_loss(params, x0, y0), 1e-11)
 

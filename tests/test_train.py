@@ -72,8 +72,8 @@ def test_article_literal_raises_at_step_two(dtype):
 )
 def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
     problem = random_rnn_problem(jax.random.key(seed), t, b, i, h, o)
-    fwd = _train(*problem, lr=0.1, as_written_method="forward")
-    rev = _train(*problem, lr=0.1, as_written_method="reverse", loop="fori")
+    fwd = _train(*problem, lr=0.1, mode="as_written", as_written_method="forward")
+    rev = _train(*problem, lr=0.1, mode="as_written", as_written_method="reverse", loop="fori")
     assert_close(fwd, rev, TOL["float64"])
 
 
@@ -131,6 +131,15 @@ def test_tbptt_bounded_while_run_differentiates_as_scan():
     )
 
 
+def test_default_is_one_update_over_the_whole_sequence():
+    # The default was the article's per-step loop (mode="as_written"): T updates.
+    problem = random_rnn_problem(jax.random.key(1), 9, 2, 3, 4, 2)
+    default = _train(*problem)
+    assert default.grads.i2h_bias.shape[0] == 1
+    assert_close(default, _train(*problem, mode="tbptt", window=9), 0.0)
+    assert_close(_train(*problem, mode="tbptt"), default, 0.0)
+
+
 def test_window_T_is_one_backward_over_the_sequence():
     params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(1), 9, 2, 3, 4, 2)
     result = _train(params, inputs, targets, hidden0, mode="tbptt", window=9)
@@ -143,7 +152,9 @@ def test_first_as_written_step_is_plain_gradient():
     # At t=0 there is no history: the gradient is that of the first step's loss alone.
     params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(2), 5, 2, 3, 4, 1)
     for method in ("forward", "reverse"):
-        result = _train(params, inputs, targets, hidden0, as_written_method=method)
+        result = _train(
+            params, inputs, targets, hidden0, mode="as_written", as_written_method=method
+        )
         first = jax.grad(lg.rnn_loss)(params, inputs[:1], targets[:1], hidden0=hidden0)
         assert_close(jax.tree.map(lambda g: g[0], result.grads), first, TOL["float64"])
 
@@ -195,7 +206,9 @@ def test_multi_steps_is_accepted_and_accumulates_as_optax_documents():
     # (MultiSteps accumulates in float32 unless told; float64 keeps the comparison exact.)
     optimizer = optax.MultiSteps(optax.sgd(0.3), every_k_schedule=2, accumulator_dtype=jnp.float64)
     with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (parity._promotion)
-        result = _train(params, inputs, targets, hidden0, mode="tbptt", optimizer=optimizer)
+        result = _train(
+            params, inputs, targets, hidden0, mode="tbptt", window=1, optimizer=optimizer
+        )
 
     def step(p, h, x, y):
         h = lg.rnn_cell(p, h, x)
@@ -238,7 +251,7 @@ def test_an_optimizer_without_init_and_update_is_refused():
         ({"mode": "tbptt", "window": 0}, ValueError, r"window must be an int >= 1, got 0"),
         ({"mode": "tbptt", "window": 5}, ValueError, r"window must be between 1 and T=4"),
         ({"mode": "tbptt", "window": 1.5}, TypeError, r"window must be a Python int"),
-        ({"window": 2}, ValueError, r"window applies only to mode='tbptt'"),
+        ({"mode": "as_written", "window": 2}, ValueError, r"window applies only to mode='tbptt'"),
         ({"mode": "tbptt", "as_written_method": "forward"}, ValueError, r"applies only to"),
         ({"lr": -0.1}, ValueError, r"lr must be a finite number >= 0 .*, got -0.1"),
         ({"lr": float("nan")}, ValueError, r"lr must be a finite number >= 0 .*, got nan"),
@@ -264,13 +277,21 @@ def test_an_optimizer_without_init_and_update_is_refused():
             r"loop='while' cannot be used with "
             r"train_rnn\(mode='tbptt'\).*static memory bounds.*'python', 'scan', 'fori', 'remat'",
         ),
-        ({"hoist_input": True}, ValueError, r"hoist_input applies only to mode='tbptt'"),
+        (
+            {"mode": "as_written", "hoist_input": True},
+            ValueError,
+            r"hoist_input applies only to mode='tbptt'",
+        ),
         (
             {"mode": "tbptt", "window": 3, "loop": "while:max_steps=2"},
             ValueError,
             r"window=3 exceeds the loop's max_steps=2 .* bounds each window's loop",
         ),
-        ({"loop": "while:max_steps=2"}, ValueError, r"T=4 exceeds the loop's max_steps=2"),
+        (
+            {"mode": "as_written", "loop": "while:max_steps=2"},
+            ValueError,
+            r"T=4 exceeds the loop's max_steps=2",
+        ),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -320,7 +341,8 @@ def test_as_written_second_call_starts_a_new_history_as_pytorch_does(check):
     # One call keeps the history across the cut: its gradient there differs.
     c = fixture(check.scenario, check.dtype).case(check.case)
     opt = lg.torch_optimizer(**c["optimizer"])
-    kwargs = {"optimizer": opt, "as_written_method": check.method, "loop": check.loop}
+    kwargs = {"optimizer": opt, "mode": "as_written", "as_written_method": check.method}
+    kwargs["loop"] = check.loop
     params, x, y = params_of(c["params"]), c["inputs"], c["targets"]
     one = lg.train_rnn(params, x, y, hidden0=c["hidden0"], **kwargs)
     cut = c["resume_at"]
@@ -409,7 +431,7 @@ def test_as_written_passes_each_step_loss_as_value():
     problem = random_rnn_problem(jax.random.key(9), 8, 2, 3, 4, 1)
     optimizer = RESUMABLE_OPTIMIZERS["plateau"]()
     with jax.numpy_dtype_promotion("standard"):
-        result = _train(*problem, optimizer=optimizer)
+        result = _train(*problem, mode="as_written", optimizer=optimizer)
         params, state = problem[0], optimizer.init(problem[0])
         for t in range(8):
             grad = jax.tree.map(lambda g, t=t: g[t], result.grads)
@@ -424,8 +446,8 @@ def test_as_written_passes_each_step_loss_as_value():
 OUTER_RUNS = {
     "tbptt_w2": {"mode": "tbptt", "window": 2},  # two windows of 2 and a last one of 1
     "tbptt_wT": {"mode": "tbptt", "window": 5},  # d hidden / d hidden0 is not zero
-    "as_written_forward": {"as_written_method": "forward"},
-    "as_written_reverse": {"as_written_method": "reverse"},
+    "as_written_forward": {"mode": "as_written", "as_written_method": "forward"},
+    "as_written_reverse": {"mode": "as_written", "as_written_method": "reverse"},
 }
 
 
@@ -472,8 +494,8 @@ def test_traced_bad_lr_poisons_the_gradients(mode, lr):
 @pytest.mark.parametrize("lr", [np.float32(0.25), np.float64(0.25), jnp.float32(0.25), 1])
 def test_lr_takes_numpy_and_jax_scalars(lr):
     problem = random_rnn_problem(jax.random.key(12), 4, 1, 2, 3, 1)
-    expected = _train(*problem, lr=float(lr))
-    assert_close(_train(*problem, lr=lr), expected, TOL["float64"])
+    expected = _train(*problem, lr=float(lr), mode="as_written")
+    assert_close(_train(*problem, lr=lr, mode="as_written"), expected, TOL["float64"])
 
 
 def test_opt_state_of_other_shapes_is_refused():
@@ -490,7 +512,7 @@ def test_opt_state_of_other_shapes_is_refused():
 @pytest.mark.parametrize("mode", lg.MODES)
 def test_keep_grads(mode):
     params, x, y, h0 = random_rnn_problem(jax.random.key(14), 7, 2, 3, 4, 1, dtype=jnp.float32)
-    kwargs = {"mode": mode, "window": 3} if mode == "tbptt" else {}
+    kwargs = {"mode": mode, "window": 3} if mode == "tbptt" else {"mode": mode}
     compiled = {
         k: jax.jit(lambda *a, k=k: lg.train_rnn(*a, keep_grads=k, **kwargs))
         .lower(params, x, y)
@@ -517,13 +539,13 @@ def test_keep_grads(mode):
 
 
 TRAIN_CALLS = {
-    "as_written": lambda p, x, y, h, lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr),
+    "as_written": lambda p, x, y, h, lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="as_written"),
     "reverse": lambda p, x, y, h, lr: lg.train_rnn(
-        p, x, y, hidden0=h, lr=lr, as_written_method="reverse"
+        p, x, y, hidden0=h, lr=lr, mode="as_written", as_written_method="reverse"
     ),
-    "tbptt": lambda p, x, y, h, lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="tbptt"),
+    "tbptt": lambda p, x, y, h, lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="tbptt", window=1),
     "grad_lr": lambda p, x, y, h, lr: jax.grad(
-        lambda lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="tbptt").losses.sum()
+        lambda lr: lg.train_rnn(p, x, y, hidden0=h, lr=lr, mode="tbptt", window=1).losses.sum()
     )(lr),
 }
 
@@ -550,7 +572,8 @@ def test_equal_torch_optimizer_specs_compile_once():
 
     def train(problem):
         with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int32 and float
-            return _train(*problem, mode="tbptt", optimizer=lg.torch_optimizer("adam", lr=1e-3))
+            adam = lg.torch_optimizer("adam", lr=1e-3)
+            return _train(*problem, mode="tbptt", window=1, optimizer=adam)
 
     with count_compilations() as lowered:
         train(first)
@@ -582,7 +605,7 @@ def test_a_cell_of_fresh_lambdas_compiles_again_and_a_reused_one_does_not():
         return lg.Cell(lambda p, h, x: _elman_step(p, h, x), lambda p, h: _elman_readout(p, h))
 
     def train(cell):
-        return lg.train_rnn(params, x, y, hidden0=h0, cell=cell)
+        return lg.train_rnn(params, x, y, hidden0=h0, cell=cell, mode="as_written")
 
     runs = {}
     for name, make in [("module", lambda: lg.Cell(_elman_step, _elman_readout)), ("fresh", fresh)]:
@@ -600,4 +623,4 @@ def test_line_search_is_refused_in_as_written_mode():
     problem = random_rnn_problem(jax.random.key(0), 4, 1, 2, 3, 1)
     want = r"optimizer's update needs 'value_fn', which mode='as_written' cannot give.*tbptt"
     with jax.numpy_dtype_promotion("standard"), pytest.raises(ValueError, match=want):
-        _train(*problem, optimizer=optax.lbfgs())
+        _train(*problem, mode="as_written", optimizer=optax.lbfgs())

@@ -175,7 +175,7 @@ def _train(mode: str) -> Callable[..., Callable]:
     def build(
         loop: str, sizes: Sizes, method: str | None = None, mesh: Mesh | None = None
     ) -> Callable:
-        window = sizes.window if mode == "tbptt" else 1
+        window = sizes.window if mode == "tbptt" else None
         options = {"as_written_method": method} if mode == "as_written" else {}
 
         def f(params, inputs, targets):
