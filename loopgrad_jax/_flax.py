@@ -56,7 +56,7 @@ class TorchCell(nnx.RNNCellBase):
 
     ``weight_ih`` ``(G*H, I)``, ``weight_hh`` ``(G*H, H)``, ``bias_ih`` and ``bias_hh``
     ``(G*H,)``, named and laid out as in PyTorch's state dict, each an ``nnx.Param``.
-    One step is PyTorch's (see :mod:`loopgrad_jax._cells`); the carry is ``h`` ``(B, H)``,
+    One step is PyTorch's (see :mod:`loopgrad_jax._cells.equations`); the carry is ``h`` ``(B, H)``,
     or for an LSTM the pair ``(h, c)`` in PyTorch's order (Flax's LSTM cells carry
     ``(c, h)``). ``__call__(carry, x)`` returns ``(new carry, new h)``, as Flax's cells do.
     """
@@ -78,7 +78,7 @@ class TorchCell(nnx.RNNCellBase):
         if self.bias_ih is not None:
             gi = gi + jnp.expand_dims(self.bias_ih[...], lead)
             b_hh = jnp.expand_dims(self.bias_hh[...], lead)
-        return _cells._layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi)
+        return _cells.layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi)
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> Any:
         zeros = jnp.zeros((*input_shape[:-1], self.hidden_features), self.weight_hh.dtype)

@@ -23,7 +23,19 @@ from loopgrad_jax import (
 README = Path(__file__).parent.parent / "README.md"
 
 
-MODULES = [_as_written, _cell, _cells, _flax, _loops, _rnn, _scalar, _sequence, _train, parity]
+MODULES = [
+    _as_written,
+    _cell,
+    _cells.params,
+    _cells.torch_io,
+    _flax,
+    _loops,
+    _rnn,
+    _scalar,
+    _sequence,
+    _train,
+    parity,
+]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
