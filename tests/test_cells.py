@@ -294,8 +294,8 @@ def test_bias_false_params_train_and_differentiate_without_biases(kind):
     runs = [
         {"mode": "tbptt", "window": 2},
         {"mode": "tbptt", "window": 2, "hoist_input": True},
-        {"as_written_method": "forward"},
-        {"as_written_method": "reverse"},
+        {"mode": "as_written", "as_written_method": "forward"},
+        {"mode": "as_written", "as_written_method": "reverse"},
     ]
     for kw in runs:
         result = lg.train_rnn(p, x, y, **kw)
