@@ -16,6 +16,7 @@ from loopgrad_jax._cells import (
     init_cell,
     to_torch,
 )
+from loopgrad_jax._deer import ParallelScanInfo, parallel_scan_info
 from loopgrad_jax._loops import LOOPS, NNX_LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
 from loopgrad_jax._result import KEEP_GRADS, TrainResult
@@ -60,6 +61,7 @@ __all__ = [
     "POLICIES",
     "REVERSE_LOOPS",
     "Loop",
+    "ParallelScanInfo",
     "MODES",
     "Cost",
     "KEEP_GRADS",
@@ -73,6 +75,7 @@ __all__ = [
     "from_torch",
     "init_cell",
     "init_rnn",
+    "parallel_scan_info",
     "rnn_cell",
     "rnn_loss",
     "run_loop",

@@ -45,6 +45,9 @@ PyTree = Any
 #: The Jacobians ``parallel_scan`` linearises each step with.
 JACOBIANS: tuple[str, ...] = ("full", "diag")
 
+#: The default ``iters``: the most Newton iterations.
+ITERS = 50
+
 #: The default ``tol`` in units of the carry dtype's machine epsilon (see :func:`parallel_scan`).
 TOL_EPS = 1000
 
@@ -69,7 +72,7 @@ def parallel_scan(
     length: int,
     reverse: bool = False,
     *,
-    iters: int = 50,
+    iters: int = ITERS,
     tol: float | None = None,
     jacobian: str = "full",
 ) -> tuple[PyTree, PyTree]:
@@ -143,7 +146,7 @@ def parallel_scan_info(
     length: int,
     reverse: bool = False,
     *,
-    iters: int = 50,
+    iters: int = ITERS,
     tol: float | None = None,
     jacobian: str = "full",
 ) -> tuple[PyTree, PyTree, ParallelScanInfo]:
@@ -297,10 +300,15 @@ def _tolerance(tol: object, dtype: Any) -> float:
     """``tol`` checked, or the default ``TOL_EPS * eps`` of ``dtype``."""
     if tol is None:
         return TOL_EPS * float(jnp.finfo(dtype).eps)
+    return check_tol(tol)
+
+
+def check_tol(tol: object, name: str = "tol") -> float:
+    """``tol`` as a finite float ``>= 0``; raises naming ``name`` otherwise."""
     if isinstance(tol, bool) or not isinstance(tol, int | float | np.floating | np.integer):
-        raise TypeError(f"tol must be a Python float or None, got {type(tol).__name__} {tol!r}.")
+        raise TypeError(f"{name} must be a Python float or None, got {type(tol).__name__} {tol!r}.")
     if not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite float >= 0 or None, got {tol!r}.")
+        raise ValueError(f"{name} must be a finite float >= 0 or None, got {tol!r}.")
     return float(tol)
 
 

@@ -18,6 +18,7 @@ from jax import lax
 
 from loopgrad_jax import _checks
 from loopgrad_jax._checkpointed import checkpointed_scan, closure_convert
+from loopgrad_jax._deer import ITERS, JACOBIANS, check_tol, parallel_scan
 from loopgrad_jax._forward_only import forward_only
 from loopgrad_jax._parallel import LOCAL
 
@@ -44,7 +45,21 @@ PyTree = Any
 #:   ``length`` may be a traced integer (see :func:`run_loop`). The outputs then have
 #:   ``N`` rows (zero from row ``length`` on) for a traced ``length``, and ``length``
 #:   rows for a static one.
-LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while")
+#: - ``"parallel"``: DEER (:func:`loopgrad_jax._deer.parallel_scan`): Newton's method on
+#:   the whole trajectory of carries, each iteration one ``lax.associative_scan`` over
+#:   the steps' linearisations (``O(log T)`` sequential depth), then every step's
+#:   output at once. Converged, it is ``lax.scan``'s result up to rounding: iteration
+#:   ``k`` makes steps ``1..k`` exact, so full DEER converges in at most ``T``
+#:   iterations (usually far fewer). Options ``iters=K`` (the most iterations, 50),
+#:   ``tol=<float>`` and ``jacobian=full|diag`` (``diag``: quasi-DEER, the Jacobians'
+#:   diagonals, cheaper iterations, more of them), see :class:`Loop`. Not converged
+#:   within ``iters``, every floating-point output, and its derivatives, is NaN; the
+#:   iteration count is :func:`loopgrad_jax.parallel_scan_info`'s. Derivatives (reverse
+#:   and forward mode) are a custom JVP at the solution, exact either way. Memory:
+#:   ``T * n**2`` Jacobian entries per iteration for a carry of ``n`` numbers
+#:   (``diag``: ``T * n``). The carry's leaves must share one floating-point dtype. On
+#:   CPUs it is slower than ``scan`` (``bench/README.md``); it is meant for GPUs.
+LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while", "parallel")
 
 #: Flax NNX's lifted loop transforms as loop kinds (they need Flax installed:
 #: ``pip install loopgrad_jax[flax]``), each the counterpart of a kind in :data:`LOOPS`:
@@ -80,7 +95,7 @@ class Loop(NamedTuple):
 
     The text form is the kind followed by ``:option=value`` pairs, as
     ``str(Loop(...))`` writes it: ``"scan"``, ``"scan:unroll=8"``,
-    ``"remat:policy=dots_saveable"``.
+    ``"remat:policy=dots_saveable"``, ``"parallel:jacobian=diag:iters=200"``.
 
     Attributes:
       kind: one of :data:`LOOPS` or :data:`NNX_LOOPS`.
@@ -117,6 +132,19 @@ class Loop(NamedTuple):
         ``ValueError`` saying so. Not combined with ``unroll``, ``policy``
         or ``chunk``; ``None``: checkpoint every step. With ``while:max_steps=N``
         the schedule covers the N steps of the bounded loop, skipped ones included.
+      iters: for ``parallel``, the most Newton iterations, ``>= 1`` (default 50).
+        Full DEER is exact after ``T`` iterations whatever the body, so
+        ``iters >= T`` always converges. Not converged, the loop's floating-point
+        outputs and their derivatives are NaN: ``lg.parallel_scan_info`` on the same
+        body reports the iterations run and whether they converged.
+      tol: for ``parallel``, the convergence test: the largest change of a carry
+        element in an iteration at most ``tol * max(1, largest |carry element|)``;
+        ``None``: 1000 machine epsilons of the carry's dtype.
+      jacobian: for ``parallel``, ``"full"`` (DEER: each step's ``n x n`` Jacobian,
+        ``T * n**2`` numbers per iteration for a carry of ``n`` numbers) or
+        ``"diag"`` (quasi-DEER: its diagonal, ``T * n``; more iterations, and linear
+        convergence, so the result is within a few ``tol`` of ``scan``'s).
+        Derivatives use full Jacobians either way.
     """
 
     kind: str = "scan"
@@ -125,6 +153,9 @@ class Loop(NamedTuple):
     chunk: int = 1
     max_steps: int | None = None
     checkpoints: int | None = None
+    iters: int = ITERS
+    tol: float | None = None
+    jacobian: str = "full"
 
     @property
     def reverse_mode(self) -> bool:
@@ -144,7 +175,7 @@ class Loop(NamedTuple):
           >>> import loopgrad_jax as lg
           >>> lg.Loop.parse("scan:unroll=8")
           Loop(kind='scan', unroll=8, policy='nothing_saveable', chunk=1, max_steps=None, \
-checkpoints=None)
+checkpoints=None, iters=50, tol=None, jacobian='full')
           >>> str(lg.Loop("remat", policy="dots_saveable"))
           'remat:policy=dots_saveable'
         """
@@ -162,6 +193,12 @@ checkpoints=None)
             text += f":max_steps={self.max_steps}"
         if self.checkpoints is not None:
             text += f":checkpoints={self.checkpoints}"
+        if self.jacobian != "full":
+            text += f":jacobian={self.jacobian}"
+        if self.iters != ITERS:
+            text += f":iters={self.iters}"
+        if self.tol is not None:
+            text += f":tol={self.tol!r}"
         return text
 
 
@@ -230,13 +267,13 @@ def check_loop(loop: object) -> Loop:
             if not sep or key not in Loop._fields[1:]:
                 raise ValueError(
                     "loop options are ':unroll=<int>', ':policy=<name>', ':chunk=<int>', "
-                    f"':max_steps=<int>' and ':checkpoints=<int>', got {option!r} in "
+                    "':max_steps=<int>', ':checkpoints=<int>', ':iters=<int>', "
+                    f"':tol=<float>' and ':jacobian=full|diag', got {option!r} in "
                     f"loop={loop!r}."
                 )
             if key in fields:
                 raise ValueError(f"loop option {key!r} is given twice in loop={loop!r}.")
-            is_int = key != "policy" and value.lstrip("-").isdigit()
-            fields[key] = int(value) if is_int else value
+            fields[key] = _option_value(key, value)
         loop = Loop(**fields)
     if not isinstance(loop, Loop):
         raise TypeError(
@@ -281,7 +318,32 @@ def check_loop(loop: object) -> Loop:
                 f"loop checkpoints={checkpoints} places every checkpoint itself: it does not "
                 f"combine with {name} (loop={str(loop)!r})."
             )
-    return loop._replace(unroll=unroll, chunk=chunk, max_steps=max_steps, checkpoints=checkpoints)
+    iters = _checks.static_length("loop iters", loop.iters, minimum=1)
+    tol = None if loop.tol is None else check_tol(loop.tol, "loop tol")
+    _checks.one_of("loop jacobian", loop.jacobian, JACOBIANS)
+    changed = {"iters": iters != ITERS, "tol": tol is not None, "jacobian": loop.jacobian != "full"}
+    for name in (name for name, on in changed.items() if on and loop.kind != "parallel"):
+        raise ValueError(f"loop {name} applies to 'parallel' only, got kind {loop.kind!r}.")
+    return loop._replace(
+        unroll=unroll,
+        chunk=chunk,
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+        iters=iters,
+        tol=tol,
+    )
+
+
+def _option_value(key: str, value: str) -> Any:
+    """An option's text as ``check_loop`` takes it: ints and ``tol``'s float parsed."""
+    if key in ("policy", "jacobian"):
+        return value
+    if key == "tol":
+        try:
+            return float(value)
+        except ValueError:
+            return value  # check_loop names it
+    return int(value) if value.lstrip("-").isdigit() else value
 
 
 def require_reverse(loop: object, needed_by: str) -> Loop:
@@ -375,6 +437,9 @@ def run_loop(
         return _nnx_loop(body, init, xs, length, reverse, spec)
     if spec.kind == "scan":
         return lax.scan(body, init, xs, length=length, reverse=reverse, unroll=spec.unroll)
+    if spec.kind == "parallel":
+        options = {"iters": spec.iters, "tol": spec.tol, "jacobian": spec.jacobian}
+        return parallel_scan(body, init, xs, length, reverse, **options)
     if spec.checkpoints is not None:
         return checkpointed_scan(body, init, xs, length, reverse, spec.checkpoints)
     if spec.kind == "remat":

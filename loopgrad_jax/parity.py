@@ -63,7 +63,7 @@ SCENARIOS: tuple[str, ...] = (
 #: The kinds of the core grid, which runs every fixture case of the article's scenarios.
 BASE_LOOPS: tuple[str, ...] = ("python", "scan", "fori")
 #: Every loop kind, plus options: unrolled scan and fori, remat with another policy and
-#: in chunks, and a while loop bounded so that reverse mode runs through it.
+#: in chunks, a while loop bounded so that reverse mode runs through it, and quasi-DEER.
 LOOP_VARIANTS: tuple[str, ...] = (
     *lg.LOOPS,
     "scan:unroll=3",
@@ -72,6 +72,7 @@ LOOP_VARIANTS: tuple[str, ...] = (
     "remat:chunk=4",
     "remat:checkpoints=3",
     "while:max_steps=128",
+    "parallel:jacobian=diag",
 )
 #: What the loop kinds beyond the base ones add; they run on fewer cases.
 NEW_LOOPS: tuple[str, ...] = tuple(v for v in LOOP_VARIANTS if v not in BASE_LOOPS)

@@ -76,6 +76,9 @@ def test_reverse_mode_matches_oracle(loop):
         "while:max_steps=64",
         "remat:checkpoints=8",
         "while:max_steps=64:checkpoints=8",
+        "parallel",
+        "parallel:jacobian=diag:iters=200",
+        "parallel:iters=7:tol=1e-08",
     ],
 )
 def test_text_form_round_trips(text):
@@ -305,6 +308,14 @@ def test_while_forward_mode_works():
         ("remat:unroll=2:checkpoints=4", ValueError, r"does not combine with unroll"),
         ("remat:policy=dots_saveable:checkpoints=2", ValueError, r"does not combine with policy"),
         (lg.Loop("python", unroll=4), ValueError, r"unroll applies to 'scan', 'fori', 'remat'"),
+        ("scan:iters=3", ValueError, r"loop iters applies to 'parallel' only, got kind 'scan'"),
+        ("remat:jacobian=diag", ValueError, r"loop jacobian applies to 'parallel' only"),
+        ("while:tol=0.1", ValueError, r"loop tol applies to 'parallel' only, got kind 'while'"),
+        ("parallel:iters=0", ValueError, r"loop iters must be an int >= 1, got 0"),
+        ("parallel:jacobian=lu", ValueError, r"loop jacobian must be one of 'full', 'diag'"),
+        ("parallel:tol=x", TypeError, r"loop tol must be a Python float or None, got str 'x'"),
+        ("parallel:tol=-1", ValueError, r"loop tol must be a finite float >= 0 or None, got -1"),
+        ("parallel:unroll=2", ValueError, r"unroll applies to .* with kind 'parallel'"),
     ],
 )
 def test_bad_loop(loop, error, match):
@@ -381,3 +392,45 @@ def test_entry_points_inline_into_a_callers_program_and_stay_one_call_eagerly():
     staged = jax.make_jaxpr(jax.grad(lambda p: lg.rnn_loss(p, x, y, loop="scan")))(p)
     assert [e.primitive.name for e in staged.eqns if e.primitive.name in ("jit", "pjit")] == []
     assert "scan" in {e.primitive.name for e in staged.eqns}
+
+
+def test_existing_loops_keep_their_value_and_text():
+    # The parallel kind's fields default so that no other Loop changes.
+    assert lg.Loop("scan", 8) == lg.Loop.parse("scan:unroll=8") and str(lg.Loop("remat")) == "remat"
+    assert lg.Loop.parse("parallel:jacobian=diag") == lg.Loop("parallel", jacobian="diag")
+
+
+@pytest.mark.parametrize("loop", ["parallel", "parallel:jacobian=diag:iters=200"])
+def test_parallel_forward_mode_matches_scan(loop):
+    xs = {"a": jnp.linspace(-1, 1, 21).reshape(7, 3), "b": jnp.linspace(0, 2, 21).reshape(7, 3)}
+
+    def run(scale, loop):
+        return lg.run_loop(body, (jnp.zeros(3), scale * jnp.ones(3)), xs, length=7, loop=loop)
+
+    got = jax.jvp(lambda s: run(s, loop), (1.5,), (1.0,))
+    assert_close(got, jax.jvp(lambda s: run(s, "scan"), (1.5,), (1.0,)), TOL["float64"], loop)
+
+
+def test_parallel_not_converged_is_nan_and_info_counts():
+    xs = {"a": jnp.linspace(-1, 1, 60).reshape(20, 3), "b": jnp.ones((20, 3))}
+    init = (jnp.zeros(3), jnp.ones(3))
+    carry, ys = lg.run_loop(body, init, xs, length=20, loop="parallel:iters=1")
+    assert all(bool(jnp.isnan(leaf).all()) for leaf in jax.tree.leaves((carry, ys)))
+    *_, info = lg.parallel_scan_info(body, init, xs, 20, iters=1)
+    assert isinstance(info, lg.ParallelScanInfo) and (
+        int(info.iterations),
+        bool(info.converged),
+    ) == (1, False)
+    *_, info = lg.parallel_scan_info(body, init, xs, 20)
+    assert bool(info.converged) and 1 < int(info.iterations) <= 20
+
+
+def test_parallel_refuses_an_integer_carry():
+    def count(carry, x):
+        i, total = carry
+        return (i + 1, total + x), total
+
+    with pytest.raises(
+        TypeError, match=r"carry must have real floating-point leaves only .*init\[0\] of dtype int"
+    ):
+        lg.run_loop(count, (jnp.int32(0), jnp.float64(0)), jnp.ones(4), length=4, loop="parallel")
