@@ -333,8 +333,9 @@ def _flat_carry(init: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]
 def _check_body_carry(body: Callable, init: PyTree, x0: PyTree) -> None:
     """Raises unless ``body`` returns a carry of ``init``'s structure, shapes and dtypes."""
     given = jax.eval_shape(body, init, x0)[0]
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), init)
-    got = jax.tree.map(lambda a: (a.shape, a.dtype), given)
+    # Leaves compared as lists: a pytree node class may not compare by value (CellParams).
+    want = [(a.shape, a.dtype) for a in jax.tree.leaves(init)]
+    got = [(a.shape, a.dtype) for a in jax.tree.leaves(given)]
     if jax.tree.structure(init) != jax.tree.structure(given) or want != got:
         raise TypeError(
             "body must return a carry of init's structure, shapes and dtypes, got "

@@ -35,13 +35,19 @@ def parity_params(checks: list[parity.Check], scenario_in_id: bool = False) -> l
     """``pytest.param(check)`` for each check, with ids ``dtype-case[-method]-loop-jit``.
 
     ``scenario_in_id`` appends the scenario (where one test covers several).
+    The ``parallel`` kinds (DEER) compile slowly: the quick tier runs the first such
+    check of each scenario, the slow tier the rest.
     """
-    params = []
+    params, seen = [], set()
     for check in checks:
         parts = [check.dtype, check.case, check.method, check.loop]
         parts += ["jit" if check.jit else "eager"]
         parts += [check.scenario] if scenario_in_id else []
-        params.append(pytest.param(check, id="-".join(filter(None, parts))))
+        parallel = lg.Loop.parse(check.loop).kind == "parallel"
+        slow = parallel and check.scenario in seen
+        seen |= {check.scenario} if parallel else set()
+        marks = [pytest.mark.slow] if slow else []
+        params.append(pytest.param(check, id="-".join(filter(None, parts)), marks=marks))
     return params
 
 

@@ -262,3 +262,24 @@ def test_integer_carry_and_bad_xs_raise():
 def test_docstring_examples():
     result = doctest.testmod(_deer, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+# The training entry points run their loops over the weights and the optimizer state
+# (as written: every step; tbptt: every window), so loop="parallel" solves for those too.
+# Floating-point state runs (the PyTorch fixtures check SGD, tests/test_train.py); an
+# integer in it, Adam's step count, is refused with DEER's error naming the leaf.
+def test_training_with_an_integer_optimizer_state_is_refused():
+    params, inputs, targets, _ = random_problem()
+    with pytest.raises(TypeError, match=r"carry must have real floating-point leaves only .*int"):
+        lg.train_rnn(
+            params, inputs, targets, mode="tbptt", window=2, loop="parallel",
+            optimizer=lg.torch_optimizer("adam", 1e-2),
+        )  # fmt: skip
+
+
+def random_problem(t=6):
+    keys = jax.random.split(jax.random.key(3), 3)
+    params = lg.init_rnn(keys[0], 3, 4, 2, dtype=jnp.float64)
+    inputs = jax.random.normal(keys[1], (t, 1, 3), jnp.float64)
+    targets = jax.random.normal(keys[2], (t, 1, 2), jnp.float64)
+    return params, inputs, targets, None
