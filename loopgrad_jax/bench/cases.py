@@ -361,6 +361,24 @@ def saved_bytes(
         return None
 
 
+def parallel_iterations(scenario: str, loop: str, data: Data) -> int | None:
+    """The Newton iterations a ``parallel`` loop runs for the article cell's hidden states
+    in ``rnn_loss`` (from a zero state, as there); ``None`` for any other case."""
+    spec = lg.Loop.parse(loop)
+    if spec.kind != "parallel" or not scenario.startswith("rnn_loss"):
+        return None
+    if not isinstance(data.params, lg.RNNParams):
+        return None
+    hidden0 = np.zeros((data.inputs.shape[1], data.params.i2h_weight.shape[0]), np.float32)
+
+    def step(hidden, x):
+        return lg.rnn_cell(data.params, hidden, x), None
+
+    options = {"iters": spec.iters, "tol": spec.tol, "jacobian": spec.jacobian}
+    run = jax.jit(lambda h, xs: lg.parallel_scan_info(step, h, xs, len(xs), **options)[2])
+    return int(run(hidden0, data.inputs).iterations)
+
+
 def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
     """The arguments the scenario's function takes."""
     return SCENARIOS[scenario].args(data)

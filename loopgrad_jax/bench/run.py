@@ -63,6 +63,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "vs_torch",  # JAX: {peer: [torch time / JAX time, low, high]} for the group's peers
     "max_rel_diff",  # PyTorch vs JAX outputs: max |torch - jax| / max |jax|, per output
     "other_cores",  # cores other processes kept busy during the group's timed rounds
+    "parallel_iterations",  # parallel kinds, article cell's rnn_loss: Newton iterations run
     "skipped",  # why the case was not run, or None
 )
 
@@ -185,6 +186,7 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                     if task.devices == 1
                     else None  # residuals split over devices: not one figure to compare
                 ),
+                parallel_iterations=cases.parallel_iterations(task.scenario, task.name, data),
             )
         else:
             setup = plan.torch
