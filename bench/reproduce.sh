@@ -154,6 +154,12 @@ bench cpu_parallel_run3 "${parallel[@]}"      # cpu_parallel_run3.json
 bench cpu_parallel_weak --scenarios rnn_loss --loops scan --lengths 1000 --input 64 \
   --hidden 256 --sweep batch=32,64,128 --devices 2,4 --no-torch  # cpu_parallel_weak.json .png
 
+# --- DEER (loop="parallel") beside scan: the full-sequence gradient -------------------------
+deer=(--scenarios rnn_loss --loops parallel,parallel:jacobian=diag,scan,scan:unroll=8 --input 10
+      --batch 1 --repeats 5 --min-time 0.2 --no-torch)
+bench cpu_deer "${deer[@]}" --hidden 5 --lengths 100,1000,10000   # cpu_deer.json .png
+bench cpu_deer_h64 "${deer[@]}" --hidden 64 --lengths 100,1000    # cpu_deer_h64.json .png
+
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
 if ((${#SMOKE[@]} == 0)) && wanted cpu_as_written_grid; then  # each takes tens of minutes: no smoke version
   wait_idle
