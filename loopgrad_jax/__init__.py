@@ -14,6 +14,7 @@ from loopgrad_jax._cells import (
     LayerParams,
     from_torch,
     init_cell,
+    rnn,
     to_torch,
 )
 from loopgrad_jax._deer import ParallelScanInfo, parallel_scan_info
@@ -76,6 +77,7 @@ __all__ = [
     "init_cell",
     "init_rnn",
     "parallel_scan_info",
+    "rnn",
     "rnn_cell",
     "rnn_loss",
     "run_loop",

@@ -122,3 +122,29 @@ def one_of(name: str, value: object, choices: Sequence[str]) -> str:
 
 def _describe(arr: jax.Array) -> str:
     return f"of shape {tuple(arr.shape)} and dtype {arr.dtype}"
+
+
+def check_lengths(lengths: object, length: int, batch: int) -> jax.Array | None:
+    """``lengths`` as a ``(B,)`` integer array; refuses a concrete one outside ``1..T``.
+
+    A traced one cannot be checked: ``loopgrad_jax._sequence.step_weights`` and
+    :func:`loopgrad_jax.rnn` poison their results instead.
+    """
+    if lengths is None:
+        return None
+    arr = lengths if isinstance(lengths, jax.Array) else jnp.asarray(lengths)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(
+            f"lengths must be integers (each example's number of real steps), got dtype "
+            f"{arr.dtype}."
+        )
+    shape("lengths", arr, (batch,), f"(B,) with B={batch} from inputs")
+    if not isinstance(arr, jax.core.Tracer):
+        values = np.asarray(arr)
+        bad = (values < 1) | (values > length)
+        if bad.any():
+            raise ValueError(
+                f"lengths must be between 1 and T={length} (the number of time steps), got "
+                f"{values[bad].tolist()} at examples {np.flatnonzero(bad).tolist()}."
+            )
+    return arr

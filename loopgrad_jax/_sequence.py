@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -221,31 +220,6 @@ def check_loss_fn(loss_fn: object, targets: object, bound: Bound) -> jax.Array:
             f"for {given}."
         )
     return targets
-
-
-def check_lengths(lengths: object, length: int, batch: int) -> jax.Array | None:
-    """``lengths`` as a ``(B,)`` integer array; refuses a concrete one outside ``1..T``.
-
-    A traced one cannot be checked: :func:`step_weights` poisons it instead.
-    """
-    if lengths is None:
-        return None
-    arr = lengths if isinstance(lengths, jax.Array) else jnp.asarray(lengths)
-    if not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise TypeError(
-            f"lengths must be integers (each example's number of real steps), got dtype "
-            f"{arr.dtype}."
-        )
-    _checks.shape("lengths", arr, (batch,), f"(B,) with B={batch} from inputs")
-    if not isinstance(arr, jax.core.Tracer):
-        values = np.asarray(arr)
-        bad = (values < 1) | (values > length)
-        if bad.any():
-            raise ValueError(
-                f"lengths must be between 1 and T={length} (the number of time steps), got "
-                f"{values[bad].tolist()} at examples {np.flatnonzero(bad).tolist()}."
-            )
-    return arr
 
 
 def step_weights(lengths: jax.Array, length: int, dtype: jnp.dtype) -> jax.Array:
@@ -530,7 +504,7 @@ def rnn_loss(
     hoist_input = check_hoist(hoist_input, bound.cell)
     loop = check_loop(loop)
     reduction = _checks.one_of("reduction", reduction, REDUCTIONS)
-    lengths = check_lengths(lengths, bound.dims.length, bound.dims.batch)
+    lengths = _checks.check_lengths(lengths, bound.dims.length, bound.dims.batch)
     shards = check_mesh(mesh, bound.dims.batch)
     return _rnn_loss(
         bound.params,

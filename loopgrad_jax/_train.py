@@ -49,7 +49,6 @@ from loopgrad_jax._result import (
 from loopgrad_jax._sequence import (
     bind,
     check_hoist,
-    check_lengths,
     rnn_forward,
     sequence_specs,
     step_weights,
@@ -255,7 +254,7 @@ def train_rnn(
         raise ValueError(
             f"window must be between 1 and T={length} (the number of time steps), got {window}."
         )
-    lengths = check_lengths(lengths, length, bound.dims.batch)
+    lengths = _checks.check_lengths(lengths, length, bound.dims.batch)
     if mode == "tbptt" and method != "auto":
         raise ValueError(
             f"as_written_method applies only to mode='as_written', got {method!r} with {mode=}."

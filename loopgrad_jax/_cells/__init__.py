@@ -7,7 +7,9 @@ One module per concern:
   hidden state's layouts, :func:`init_cell`.
 - :mod:`.equations`: one step of each kind, the only copy of the cell equations,
   shared by every loop kind, direction and mode.
-- :mod:`.layers`: every layer over the whole sequence in turn (``hoist_input``).
+- :mod:`.layers`: every layer over the whole sequence in turn (``hoist_input``), and
+  the module's forward: both directions, packed lengths, dropout between layers.
+- :mod:`.module`: the module's call, :func:`rnn`: layouts, lengths, directions.
 - :mod:`.torch_io`: :func:`from_torch` and :func:`to_torch`.
 """
 
@@ -23,7 +25,8 @@ from loopgrad_jax._cells.equations import (
     torch_step_projected,
 )
 from loopgrad_jax._cells.kinds import CELLS, GATES, TORCH_CELLS
-from loopgrad_jax._cells.layers import hoisted_forward
+from loopgrad_jax._cells.layers import hoisted_forward, module_forward
+from loopgrad_jax._cells.module import bind_module, rnn
 from loopgrad_jax._cells.params import (
     CellParams,
     LayerParams,
@@ -45,6 +48,7 @@ __all__ = [
     "JoinedLayer",
     "LayerParams",
     "article_loop_form",
+    "bind_module",
     "carry_per_example",
     "check_hidden0",
     "check_params",
@@ -53,6 +57,8 @@ __all__ = [
     "init_cell",
     "layer_step",
     "loop_form",
+    "module_forward",
+    "rnn",
     "to_carry",
     "to_public",
     "to_torch",

@@ -30,16 +30,24 @@ from loopgrad_jax._rnn import RNNParams
 
 
 def layer_step(
-    kind: str, w_hh: jax.Array, b_hh: jax.Array, state: Any, gi: jax.Array
+    kind: str,
+    w_hh: jax.Array,
+    b_hh: jax.Array,
+    state: Any,
+    gi: jax.Array,
+    w_hr: jax.Array | None = None,
 ) -> tuple[Any, jax.Array]:
     """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``.
 
     ``b_hh`` is ``(1, G*H)``, or ``(B, G*H)`` when :func:`_layer_sequence`'s rule adds
     a per-step term to the recurrent pre-activation, or ``None`` where :func:`loop_form`
-    moved it into ``gi``. Returns ``(new state, new h)``.
+    moved it into ``gi``. An LSTM with ``proj_size`` projects its new ``h`` by ``w_hr``
+    ``(P, H)``: ``h' = (sigmoid(o) * tanh(c')) W_hr^T``. Returns ``(new state, new h)``.
     """
     if kind == "lstm":
         h, c = _lstm(w_hh, b_hh, state[0], state[1], gi)
+        if w_hr is not None:
+            h = h @ w_hr.T
         return (h, c), h
     if kind == "gru":
         h = _gru(w_hh, b_hh, state, gi)
@@ -221,7 +229,9 @@ def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = Fals
             new.append(x)
             continue
         gi = x if (k == 0 and projected) else _plus(x @ layer.weight_ih.T, _row(layer.bias_ih))
-        state, x = layer_step(params.kind, layer.weight_hh, _row(layer.bias_hh), carry[k], gi)
+        state, x = layer_step(
+            params.kind, layer.weight_hh, _row(layer.bias_hh), carry[k], gi, layer.weight_hr
+        )
         new.append(state)
     return tuple(new)
 

@@ -88,3 +88,80 @@ def _layer_sequence_jvp(kind, loop, primals, tangents):
     h_prev = jnp.concatenate([h0[None], out[1][:-1]], axis=0)
     dextra = _plus(jnp.einsum("tbh,gh->tbg", h_prev, dw_hh), _row(db_hh, 2))
     return out, linear(dgi, dextra, dstate0)
+
+
+# ------------------------------------------- the module's forward: directions, lengths
+
+
+def module_forward(
+    params: CellParams,
+    inputs: jax.Array,
+    carry0: tuple,
+    loop: Loop,
+    *,
+    lengths: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[tuple, jax.Array]:
+    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``'s forward: ``(final states, outputs)``.
+
+    ``inputs`` is ``(T, B, I)``; ``carry0`` holds one state per layer and direction,
+    layer ``l``'s direction ``d`` at ``l * D + d``; ``outputs`` is ``(T, B, D * H_out)``.
+    Plain-Python semantics, with ``lengths`` (``(B,)``, in ``1..T``) the packed batch::
+
+      x = inputs
+      for l in range(num_layers):
+        if l > 0 and dropout_key is not None: x = dropout(x, rate=params.dropout)
+        for d in range(D):                              # d = 1 runs from t = T-1 down
+          state, hs = carry0[l*D + d], zeros(T, B, H_out)
+          for t in (range(T) if d == 0 else reversed(range(T))):
+            for b in range(B):
+              if t < lengths[b]:                        # padded steps: skipped, output 0
+                state[b], hs[t, b] = step(layer[l*D + d], state[b], x[t, b])
+          finals[l*D + d] = state
+        x = concatenate([hs of each direction], axis=-1)
+      return finals, x
+
+    The reverse direction of example ``b`` starts at its last real step,
+    ``lengths[b] - 1``, from ``carry0``, as PyTorch's packed sequences run it; the
+    forward direction's final state is the one after step ``lengths[b] - 1``. Each
+    layer's input side is one product over every step before its loop.
+    """
+    d = params.directions
+    t = inputs.shape[0]
+    live = None if lengths is None else jnp.arange(t)[:, None] < lengths[None, :]  # (T, B)
+    finals, x = [], inputs
+    for layer_index in range(params.num_layers):
+        if layer_index and dropout_key is not None and params.dropout:
+            key = jax.random.fold_in(dropout_key, layer_index)
+            x = _dropout(key, x, params.dropout)
+        outputs = []
+        for direction in range(d):
+            k = layer_index * d + direction
+            state, hs = _direction(params, params.layers[k], x, carry0[k], live, direction, loop)
+            finals.append(state)
+            outputs.append(hs)
+        x = outputs[0] if d == 1 else jnp.concatenate(outputs, axis=-1)
+    return tuple(finals), x
+
+
+def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
+    """One layer in one direction over the sequence: ``(final state, h of every step)``."""
+    gi = _project(layer, x)
+    b_hh = _row(layer.bias_hh)
+
+    def body(state, xs):
+        g, keep = xs
+        new, h = layer_step(params.kind, layer.weight_hh, b_hh, state, g, layer.weight_hr)
+        if keep is None:
+            return new, h
+        new = jax.tree.map(lambda n, o: jnp.where(keep[:, None], n, o), new, state)
+        return new, jnp.where(keep[:, None], h, jnp.zeros_like(h))
+
+    return run_loop(body, state0, (gi, live), length=x.shape[0], loop=loop, reverse=direction == 1)
+
+
+def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout, as ``nn.Dropout`` in training mode: zero with probability
+    ``rate``, the rest scaled by ``1 / (1 - rate)``."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

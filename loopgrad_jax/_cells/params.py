@@ -25,10 +25,11 @@ from loopgrad_jax._rnn import RNNParams, init_rnn
 class LayerParams:
     """One layer's weights, as PyTorch names them without the ``_l{k}`` suffix."""
 
-    weight_ih: jax.Array  # (G*H, I) for the first layer, (G*H, H) after
-    weight_hh: jax.Array  # (G*H, H)
+    weight_ih: jax.Array  # (G*H, I) for the first layer, (G*H, D*H_out) after
+    weight_hh: jax.Array  # (G*H, H_out)
     bias_ih: jax.Array | None  # (G*H,); None in a module built with bias=False
     bias_hh: jax.Array | None  # (G*H,); None then too, and inside a loop after loop_form
+    weight_hr: jax.Array | None = None  # (P, H): an LSTM's projection (proj_size=P), or None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,21 +41,42 @@ class CellParams:
     :func:`to_torch` names as PyTorch does. A module built with ``bias=False`` has
     no layer biases: every layer's ``bias_ih`` and ``bias_hh`` are ``None`` (no
     leaves, so no gradients and no updates either); the head keeps its bias.
+
+    The module's options are static fields, as PyTorch keeps them: ``bidirectional``
+    (``layers`` then holds layer ``l``'s forward direction at ``2*l`` and its reverse
+    at ``2*l + 1``, PyTorch's order of ``h_n``), an LSTM's ``proj_size`` (every layer's
+    ``weight_hr``), ``batch_first`` and ``dropout`` (the defaults
+    :func:`loopgrad_jax.rnn` takes for them), and ``cell_module``: imported from an
+    ``nn.RNNCell`` / ``nn.LSTMCell`` / ``nn.GRUCell`` (one layer, whose state dict
+    keys have no ``_l0``). ``head_weight`` and ``head_bias`` are ``None`` without a head.
     """
 
     layers: tuple[LayerParams, ...]
-    head_weight: jax.Array  # (O, H)
-    head_bias: jax.Array  # (O,)
+    head_weight: jax.Array | None  # (O, D*H_out), or None without a head
+    head_bias: jax.Array | None  # (O,)
     kind: str = "rnn_tanh"
+    bidirectional: bool = False
+    batch_first: bool = False
+    dropout: float = 0.0
+    cell_module: bool = False
+
+    @property
+    def directions(self) -> int:
+        """``D``: 2 for a bidirectional module, else 1."""
+        return 2 if self.bidirectional else 1
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return len(self.layers) // self.directions
 
 
-jax.tree_util.register_dataclass(LayerParams, data_fields=list(LAYER_FIELDS), meta_fields=[])
 jax.tree_util.register_dataclass(
-    CellParams, data_fields=["layers", "head_weight", "head_bias"], meta_fields=["kind"]
+    LayerParams, data_fields=[*LAYER_FIELDS, "weight_hr"], meta_fields=[]
+)
+jax.tree_util.register_dataclass(
+    CellParams,
+    data_fields=["layers", "head_weight", "head_bias"],
+    meta_fields=["kind", "bidirectional", "batch_first", "dropout", "cell_module"],
 )
 
 
@@ -82,7 +104,12 @@ def carry_per_example(kind: str, hidden: int, num_layers: int = 1) -> int:
 
 
 def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
-    """``params`` with float array leaves, and its sizes; raises naming the wrong leaf."""
+    """``params`` with float array leaves, and its sizes; raises naming the wrong leaf.
+
+    The sizes: ``input`` (I), ``hidden`` (H), ``proj`` (an LSTM's proj_size P, or 0),
+    ``state`` (H_out: P, or H without a projection), ``output`` (O, or 0 without a
+    head), ``layers`` (L) and ``directions`` (D).
+    """
     if params.kind not in TORCH_CELLS:
         raise ValueError(
             f"params.kind must be one of {', '.join(map(repr, TORCH_CELLS))}, got {params.kind!r}."
@@ -91,6 +118,14 @@ def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
         raise ValueError(
             f"params.layers must be a non-empty tuple of LayerParams, got {params.layers!r}."
         )
+    d = params.directions
+    if len(params.layers) % d:
+        raise ValueError(
+            f"params.layers of a bidirectional module holds two layers (both directions) per "
+            f"layer, so an even number, got {len(params.layers)}."
+        )
+    if not isinstance(params.dropout, int | float) or not 0 <= params.dropout < 1:
+        raise ValueError(f"params.dropout must be a number in [0, 1), got {params.dropout!r}.")
     gates = GATES[params.kind]
     for k, layer in enumerate(params.layers):
         if not isinstance(layer, LayerParams):
@@ -98,50 +133,85 @@ def check_params(params: CellParams) -> tuple[CellParams, dict[str, int]]:
                 f"params.layers[{k}] must be a LayerParams, got {type(layer).__name__}."
             )
     bias = params.layers[0].bias_ih is not None
+    proj = params.layers[0].weight_hr is not None
+    if proj and params.kind != "lstm":
+        raise ValueError(
+            f"params.layers[0].weight_hr is an LSTM's projection (proj_size), got one with "
+            f"kind={params.kind!r}."
+        )
     layers = []
     for k, layer in enumerate(params.layers):
-        for f in LAYER_FIELDS[2:]:
+        for f, present, meaning in (
+            *((f, bias, "both biases (bias=True) or none (bias=False)") for f in LAYER_FIELDS[2:]),
+            ("weight_hr", proj, "a projection (proj_size > 0) or none"),
+        ):
             value = getattr(layer, f)
-            if (value is None) == bias:
+            if (value is None) == present:
                 raise ValueError(
-                    f"params.layers[{k}].{f} must be {'an array' if bias else 'None'} as "
-                    "params.layers[0].bias_ih is: every layer has both biases (PyTorch's "
-                    f"bias=True) or none (bias=False: both None), got {_describe(value)}."
+                    f"params.layers[{k}].{f} must be {'an array' if present else 'None'} as "
+                    f"params.layers[0]'s is: every layer has {meaning}, got {_describe(value)}."
                 )
         leaves = {
             f: _checks.float_array(f"params.layers[{k}].{f}", getattr(layer, f))
-            for f in _fields(bias)
+            for f in (*_fields(bias), *(("weight_hr",) if proj else ()))
         }
         layers.append(LayerParams(**{f: None for f in LAYER_FIELDS} | leaves))
-    head_w = _checks.float_array("params.head_weight", params.head_weight)
-    head_b = _checks.float_array("params.head_bias", params.head_bias)
     first = layers[0]
-    _checks.shape("params.layers[0].weight_hh", first.weight_hh, (None, None), "(G*H, H)")
-    h = first.weight_hh.shape[1]
-    g = gates * h
+    _checks.shape("params.layers[0].weight_hh", first.weight_hh, (None, None), "(G*H, H_out)")
+    g = first.weight_hh.shape[0]
+    if g % gates:
+        raise ValueError(
+            f"params.layers[0].weight_hh must have shape (G*H, H_out) with G={gates} gates for "
+            f"kind={params.kind!r}, got shape {tuple(first.weight_hh.shape)}."
+        )
+    h, h_out = g // gates, first.weight_hh.shape[1]
     _checks.shape(
         "params.layers[0].weight_ih", first.weight_ih, (g, None), f"(G*H, I) with G*H={g}"
     )
     i = first.weight_ih.shape[1]
+    sizes = f"G={gates}, H={h}, H_out={h_out}, D={d}"
     for k, layer in enumerate(layers):
         name = f"params.layers[{k}]"
-        width = i if k == 0 else h
+        width, meaning = (i, "I") if k < d else (d * h_out, "D*H_out")
         _checks.shape(
-            f"{name}.weight_ih",
-            layer.weight_ih,
-            (g, width),
-            f"(G*H, {'I' if k == 0 else 'H'}) with G={gates}, H={h}",
+            f"{name}.weight_ih", layer.weight_ih, (g, width), f"(G*H, {meaning}) with {sizes}"
         )
         _checks.shape(
-            f"{name}.weight_hh", layer.weight_hh, (g, h), f"(G*H, H) with G={gates}, H={h}"
+            f"{name}.weight_hh", layer.weight_hh, (g, h_out), f"(G*H, H_out) with {sizes}"
         )
         for f in _fields(bias)[2:]:
-            _checks.shape(f"{name}.{f}", getattr(layer, f), (g,), f"(G*H,) with G={gates}, H={h}")
-    _checks.shape("params.head_weight", head_w, (None, h), f"(O, H) with H={h}")
-    o = head_w.shape[0]
-    _checks.shape("params.head_bias", head_b, (o,), f"(O,) with O={o}")
-    checked = CellParams(tuple(layers), head_w, head_b, params.kind)
-    sizes = {"input": i, "hidden": h, "output": o, "layers": len(layers)}
+            _checks.shape(f"{name}.{f}", getattr(layer, f), (g,), f"(G*H,) with {sizes}")
+        if proj:
+            _checks.shape(f"{name}.weight_hr", layer.weight_hr, (h_out, h), f"(P, H) with {sizes}")
+    head_w, head_b, o = params.head_weight, params.head_bias, 0
+    if (head_w is None) != (head_b is None):
+        raise ValueError(
+            "params.head_weight and params.head_bias come together (a head) or are both None "
+            f"(no head), got {_describe(head_w)} and {_describe(head_b)}."
+        )
+    if head_w is not None:
+        head_w = _checks.float_array("params.head_weight", head_w)
+        head_b = _checks.float_array("params.head_bias", head_b)
+        _checks.shape(
+            "params.head_weight",
+            head_w,
+            (None, d * h_out),
+            f"(O, D*H_out) with D*H_out={d * h_out}: the head reads the last layer's output",
+        )
+        o = head_w.shape[0]
+        _checks.shape("params.head_bias", head_b, (o,), f"(O,) with O={o}")
+    checked = dataclasses.replace(
+        params, layers=tuple(layers), head_weight=head_w, head_bias=head_b
+    )
+    sizes = {
+        "input": i,
+        "hidden": h,
+        "proj": h_out if proj else 0,
+        "state": h_out,
+        "output": o,
+        "layers": len(layers) // d,
+        "directions": d,
+    }
     return checked, sizes
 
 
@@ -153,29 +223,42 @@ def check_hidden0(
     hidden: int,
     dtype: jnp.dtype,
     inputs: jax.Array | None = None,
+    *,
+    state: int | None = None,
 ) -> Any:
     """``hidden0`` in PyTorch's layout; raises naming what is wrong.
 
-    Zeros when ``None``, their batch axis split as that of ``inputs`` (``(T, B, I)``),
-    if given, is (:func:`loopgrad_jax._checks.batch_zeros`).
+    ``num_layers`` counts the states, ``D * num_layers`` for a bidirectional module;
+    ``h`` has ``state`` units (an LSTM's ``proj_size``, if it has one; else
+    ``hidden``), an LSTM's ``c`` has ``hidden``. Zeros when ``None``, their batch axis
+    split as that of ``inputs`` (``(T, B, I)``), if given, is
+    (:func:`loopgrad_jax._checks.batch_zeros`).
     """
-    shape = (num_layers, batch, hidden)
-    meaning = f"(num_layers, B, H) with num_layers={num_layers}, B={batch}, H={hidden}"
+    state = hidden if state is None else state
+    shape = (num_layers, batch, state)
+    meaning = f"(D*num_layers, B, H_out) with D*num_layers={num_layers}, B={batch}, H_out={state}"
     if kind == "lstm":
+        c_shape = (num_layers, batch, hidden)
+        c_meaning = f"(D*num_layers, B, H) with D*num_layers={num_layers}, B={batch}, H={hidden}"
         if hidden0 is None:
-            zeros = _checks.batch_zeros(shape, dtype, inputs)
-            return (zeros, zeros)
+            return tuple(_checks.batch_zeros(s, dtype, inputs) for s in (shape, c_shape))
         if not isinstance(hidden0, tuple | list) or len(hidden0) != 2:
             raise ValueError(
-                f"hidden0 of an LSTM must be the pair (h0, c0) of two {meaning} arrays, as "
-                f"nn.LSTM takes it, got {_describe(hidden0)}."
+                f"hidden0 of an LSTM must be the pair (h0, c0) of a {meaning} and a "
+                f"{c_meaning} array, as nn.LSTM takes it, got {_describe(hidden0)}."
             )
-        pair = []
-        for name, value in zip(("hidden0[0] (h0)", "hidden0[1] (c0)"), hidden0, strict=True):
-            arr = _checks.float_array(name, value)
-            _checks.shape(name, arr, shape, meaning)
-            pair.append(arr)
-        return tuple(pair)
+        h0, c0 = (
+            _checks.float_array(n, v)
+            for n, v in zip(("hidden0[0] (h0)", "hidden0[1] (c0)"), hidden0, strict=True)
+        )
+        if state != hidden and (h0.shape, c0.shape) == (c_shape, shape):
+            raise ValueError(
+                f"hidden0 of an LSTM is the pair (h0, c0), h0 {meaning} and c0 {c_meaning}, "
+                f"got them the other way round (shapes {tuple(h0.shape)} and {tuple(c0.shape)})."
+            )
+        _checks.shape("hidden0[0] (h0)", h0, shape, meaning)
+        _checks.shape("hidden0[1] (c0)", c0, c_shape, c_meaning)
+        return (h0, c0)
     if hidden0 is None:
         return _checks.batch_zeros(shape, dtype, inputs)
     if isinstance(hidden0, tuple | list):
