@@ -243,6 +243,18 @@ def to_flax(params: CellParams | RNNParams, *, cells: str = "torch", unroll: int
             f"lg.from_torch), got {type(params).__name__}."
         )
     params, _ = _cells.check_params(params)
+    unsupported = {
+        "bidirectional=True": params.bidirectional,
+        "an LSTM projection (proj_size > 0)": params.layers[0].weight_hr is not None,
+        "no head": params.head_weight is None,
+    }
+    for what, present in unsupported.items():
+        if present:
+            raise ValueError(
+                f"to_flax builds one nnx.RNN per layer and an nnx.Linear head; params has "
+                f"{what}, which it does not build yet: run the model with lg.rnn (every loop "
+                "kind, nnx_scan included) instead."
+            )
     if cells == "torch":
         stack = [TorchCell(params.kind, layer) for layer in params.layers]
     else:

@@ -106,8 +106,15 @@ def _bind_torch(params: CellParams, inputs, targets, hidden0) -> Bound:
     )
     t, b = inputs.shape[:2]
     kind = params.kind
+    if params.head_weight is None:
+        raise ValueError(
+            "params has no head (head_weight is None), and the loss compares the head's output "
+            "with targets: pass the head to lg.from_torch(rnn, head), or run the module with "
+            "lg.rnn and apply your own head and loss to its outputs."
+        )
+    states = sizes["layers"] * sizes["directions"]
     hidden0 = _cells.check_hidden0(
-        kind, hidden0, sizes["layers"], b, sizes["hidden"], inputs.dtype, inputs
+        kind, hidden0, states, b, sizes["hidden"], inputs.dtype, inputs, state=sizes["state"]
     )
     _checks.same_dtype(
         [
@@ -302,8 +309,13 @@ def rnn_forward(
     input projection before its loop, its recurrent weights' gradient as one
     product after it, and the head on every step at once.
     """
-    if hoist_input and cell is TORCH_CELL:
-        final, hs = _cells.hoisted_forward(params, inputs, carry0, check_loop(loop))
+    if cell is TORCH_CELL and (hoist_input or _whole_module(params, weights)):
+        loop = check_loop(loop)
+        if _whole_module(params, weights):
+            live = None if weights is None else weights != 0  # NaN: poisoned below anyway
+            final, hs = _cells.module_forward(params, inputs, carry0, loop, live=live)
+        else:
+            final, hs = _cells.hoisted_forward(params, inputs, carry0, loop)
         out = jnp.einsum("tbh,oh->tbo", hs, params.head_weight) + params.head_bias[None, None, :]
         return final, _every_step_loss(loss_fn, out, targets, weights)
     loop = check_loop(loop)
@@ -328,6 +340,14 @@ def rnn_forward(
     if cell is TORCH_CELL:
         params = _cells.loop_form(params, join=join)
     return _run(cell, params, inputs, targets, carry0, loop, hoist_input, loss_fn, weights)
+
+
+def _whole_module(params: CellParams, weights: jax.Array | None) -> bool:
+    """Whether PyTorch's module runs as a whole, layer by layer (:func:`_cells.module_forward`):
+    both directions, a packed batch (``weights``: the step weights of ``lengths``, so the
+    final states are those after each example's last real step, as PyTorch's), or an
+    LSTM's projection. Otherwise every layer runs within each step."""
+    return params.bidirectional or weights is not None or params.layers[0].weight_hr is not None
 
 
 def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool, loss_fn, weights):

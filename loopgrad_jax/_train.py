@@ -254,6 +254,20 @@ def train_rnn(
         raise ValueError(
             f"window must be between 1 and T={length} (the number of time steps), got {window}."
         )
+    if getattr(params, "bidirectional", False):
+        if mode == "as_written":
+            raise ValueError(
+                "mode='as_written' updates the weights after every step t from the loss of "
+                "steps up to t, but a bidirectional model's output at step t reads the reverse "
+                "direction, which starts from the last step: step t cannot see that future. "
+                "Train it with mode='tbptt' and window=None (one update over the sequence)."
+            )
+        if window != length:
+            raise ValueError(
+                f"a bidirectional model's reverse direction reads the whole sequence, so it "
+                f"trains on one window of all T={length} steps (window=None), got "
+                f"window={window}."
+            )
     lengths = _checks.check_lengths(lengths, length, bound.dims.batch)
     if mode == "tbptt" and method != "auto":
         raise ValueError(

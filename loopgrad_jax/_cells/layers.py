@@ -99,14 +99,15 @@ def module_forward(
     carry0: tuple,
     loop: Loop,
     *,
-    lengths: jax.Array | None = None,
+    live: jax.Array | None = None,
     dropout_key: jax.Array | None = None,
 ) -> tuple[tuple, jax.Array]:
     """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``'s forward: ``(final states, outputs)``.
 
     ``inputs`` is ``(T, B, I)``; ``carry0`` holds one state per layer and direction,
     layer ``l``'s direction ``d`` at ``l * D + d``; ``outputs`` is ``(T, B, D * H_out)``.
-    Plain-Python semantics, with ``lengths`` (``(B,)``, in ``1..T``) the packed batch::
+    Plain-Python semantics, with ``live[t, b] = t < lengths[b]`` (``(T, B)``; ``None``:
+    every step real) the packed batch of ``lengths`` in ``1..T``::
 
       x = inputs
       for l in range(num_layers):
@@ -127,8 +128,6 @@ def module_forward(
     layer's input side is one product over every step before its loop.
     """
     d = params.directions
-    t = inputs.shape[0]
-    live = None if lengths is None else jnp.arange(t)[:, None] < lengths[None, :]  # (T, B)
     finals, x = [], inputs
     for layer_index in range(params.num_layers):
         if layer_index and dropout_key is not None and params.dropout:

@@ -213,8 +213,9 @@ def rnn(
 @compiled("loop", "batch_first", "unbatched")
 def _rnn(params, inputs, hidden0, lengths, dropout_key, *, loop, batch_first, unbatched):
     carry0 = to_carry(params.kind, hidden0)
+    live = None if lengths is None else jnp.arange(inputs.shape[0])[:, None] < lengths[None, :]
     finals, outputs = module_forward(
-        params, inputs, carry0, loop, lengths=lengths, dropout_key=dropout_key
+        params, inputs, carry0, loop, live=live, dropout_key=dropout_key
     )
     h_n = to_public(params.kind, finals)
     if lengths is not None:  # a traced length outside 1..T: every result NaN
