@@ -100,18 +100,18 @@ def _named_targets(targets: jax.Array | None) -> list[tuple[str, jax.Array]]:
 
 def _bind_torch(params: CellParams, inputs, targets, hidden0) -> Bound:
     params, sizes = _cells.check_params(params)
-    inputs, targets = _sequence_args(inputs, targets, sizes["output"])
-    _checks.shape(
-        "inputs", inputs, (None, None, sizes["input"]), f"(T, B, I) with I={sizes['input']}"
-    )
-    t, b = inputs.shape[:2]
-    kind = params.kind
     if params.head_weight is None:
         raise ValueError(
             "params has no head (head_weight is None), and the loss compares the head's output "
             "with targets: pass the head to lg.from_torch(rnn, head), or run the module with "
             "lg.rnn and apply your own head and loss to its outputs."
         )
+    inputs, targets = _sequence_args(inputs, targets, sizes["output"])
+    _checks.shape(
+        "inputs", inputs, (None, None, sizes["input"]), f"(T, B, I) with I={sizes['input']}"
+    )
+    t, b = inputs.shape[:2]
+    kind = params.kind
     states = sizes["layers"] * sizes["directions"]
     hidden0 = _cells.check_hidden0(
         kind, hidden0, states, b, sizes["hidden"], inputs.dtype, inputs, state=sizes["state"]
