@@ -90,16 +90,41 @@ def test_init_cell_shapes_equal_pytorchs(kind):
     [
         ({"kind": "rnn"}, ValueError, r"kind must be one of 'article', 'rnn_tanh'.*got 'rnn'"),
         ({"num_layers": 0}, ValueError, r"num_layers must be an int >= 1, got 0"),
-        ({"kind": "article", "num_layers": 2}, ValueError, r"SimpleRNN has one layer"),
+        ({"kind": "article", "num_layers": 2}, ValueError, r"num_layers must be 1, got 2"),
         ({"dtype": jnp.int32}, TypeError, r"dtype must be a floating-point dtype, got int32"),
         ({"bias": 0}, TypeError, r"bias must be a bool, got int 0"),
-        ({"kind": "article", "bias": False}, ValueError, r"SimpleRNN has biases.*bias=False"),
+        ({"kind": "article", "bias": False}, ValueError, r"SimpleRNN is .*bias must be True"),
+        ({"kind": "article", "bidirectional": True}, ValueError, r"bidirectional must be False"),
+        ({"kind": "article", "output_size": None}, ValueError, r"has a head .*output_size=None"),
+        ({"proj_size": 2}, ValueError, r"proj_size is an LSTM's.*got proj_size=2 with kind='gru'"),
+        ({"kind": "lstm", "proj_size": 4}, ValueError, r"below hidden_size=4, got proj_size=4"),
+        ({"dropout": 1.0}, ValueError, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"bidirectional": 1}, TypeError, r"bidirectional must be a bool, got int 1"),
     ],
 )
 def test_init_cell_bad_input(kwargs, error, match):
     args = {"kind": "gru", "input_size": 3, "hidden_size": 4, **kwargs}
     with pytest.raises(error, match=match):
         lg.init_cell(jax.random.key(0), args.pop("kind"), **args)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_init_cell_draws_pytorchs_module_with_its_options(kind):
+    torch = pytest.importorskip("torch")
+    options = {
+        "bidirectional": True,
+        "num_layers": 3,
+        **({"proj_size": 2} if kind == "lstm" else {}),
+    }
+    cls = {"rnn_tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    module = cls(3, 4, **options)
+    p = lg.init_cell(jax.random.key(0), kind, 3, 4, None, **options)
+    assert p.head_weight is None and p.num_layers == 3 and p.directions == 2
+    # The same keys and shapes as the module's (to_torch's names): it loads strictly.
+    ours = {k: tuple(v.shape) for k, v in lg.to_torch(p)[0].items()}
+    assert ours == {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    bound = 1 / 4**0.5  # every weight uniform on [-1/sqrt(H), 1/sqrt(H)], as PyTorch draws
+    assert all(float(jnp.max(jnp.abs(a))) <= bound for a in jax.tree.leaves(p))
 
 
 def test_init_cell_and_init_rnn_take_the_sizes_by_position_or_by_name():

@@ -292,20 +292,26 @@ def init_cell(
     kind: str,
     input_size: int,
     hidden_size: int,
-    output_size: int = 1,
+    output_size: int | None = 1,
     num_layers: int = 1,
     *,
     bias: bool = True,
+    bidirectional: bool = False,
+    proj_size: int = 0,
+    batch_first: bool = False,
+    dropout: float = 0.0,
     dtype: jnp.dtype = jnp.float32,
 ) -> CellParams | RNNParams:
     """Draws weights from the distributions PyTorch's modules use.
 
     ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` draw every weight and bias uniformly on
-    ``[-1/sqrt(H), 1/sqrt(H)]``; the head ``nn.Linear(H, O)`` draws on the same
-    interval (its ``fan_in`` is ``H``). ``kind="article"`` is :func:`init_rnn`
-    (one layer only). The sizes may be given by position or by name, as for
-    :func:`init_rnn`. ``bias=False`` is PyTorch's: the layers have no biases (each
-    ``bias_ih`` and ``bias_hh`` is ``None``); the head keeps its own.
+    ``[-1/sqrt(H), 1/sqrt(H)]``; the head ``nn.Linear(D * H_out, O)`` draws on the same
+    interval. ``kind="article"`` is :func:`init_rnn` (one layer only). The sizes may be
+    given by position or by name, as for :func:`init_rnn`. The module's options are
+    PyTorch's: ``bias=False`` (no layer biases: each ``bias_ih`` and ``bias_hh`` is
+    ``None``; the head keeps its own), ``bidirectional``, an LSTM's ``proj_size``,
+    ``batch_first`` and ``dropout`` (the defaults :func:`loopgrad_jax.rnn` uses);
+    ``output_size=None``: no head.
 
     Examples:
       >>> import jax, loopgrad_jax as lg
@@ -313,39 +319,65 @@ def init_cell(
       ...                  num_layers=2)
       >>> p.layers[1].weight_ih.shape, p.head_weight.shape
       ((16, 4), (1, 4))
+      >>> b = lg.init_cell(jax.random.key(0), "gru", 3, 4, None, 2, bidirectional=True)
+      >>> len(b.layers), b.layers[2].weight_ih.shape, b.head_weight
+      (4, (12, 8), None)
     """
     kind = _checks.one_of("kind", kind, CELLS)
-    sizes = {
-        "input_size": input_size,
-        "hidden_size": hidden_size,
-        "output_size": output_size,
-        "num_layers": num_layers,
-    }
-    i, h, o, layers = (_checks.static_length(n, v, minimum=1) for n, v in sizes.items())
+    sizes = {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}
+    i, h, layers = (_checks.static_length(n, v, minimum=1) for n, v in sizes.items())
+    o = (
+        None
+        if output_size is None
+        else _checks.static_length("output_size", output_size, minimum=1)
+    )
+    p = _checks.static_length("proj_size", proj_size)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}.")
-    if not isinstance(bias, bool):
-        raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}.")
+    for name, flag in (
+        ("bias", bias),
+        ("bidirectional", bidirectional),
+        ("batch_first", batch_first),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}.")
+    if p and (kind != "lstm" or p >= h):
+        raise ValueError(
+            f"proj_size is an LSTM's, below hidden_size={h}, got proj_size={p} with kind={kind!r}."
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")
     if kind == "article":
-        if layers != 1:
-            raise ValueError(f"the article's SimpleRNN has one layer, got num_layers={layers}.")
-        if not bias:
-            raise ValueError(
-                "the article's SimpleRNN has biases (its nn.Linear layers'), got bias=False."
-            )
+        plain = {
+            "num_layers": (layers, 1),
+            "bias": (bias, True),
+            "bidirectional": (bidirectional, False),
+            "batch_first": (batch_first, False),
+            "dropout": (dropout, 0.0),
+        }
+        for name, (given, only) in plain.items():
+            if given != only:
+                raise ValueError(
+                    f"the article's SimpleRNN is one time-major layer with biases and a head: "
+                    f"{name} must be {only!r}, got {given!r}."
+                )
+        if o is None:
+            raise ValueError("the article's SimpleRNN has a head (h2o): got output_size=None.")
         return init_rnn(key, i, h, o, dtype=dtype)
     bound = 1.0 / math.sqrt(h)
-    g = GATES[kind] * h
-    keys = iter(jax.random.split(key, 4 * layers + 2))
+    g, h_out, d = GATES[kind] * h, p or h, 2 if bidirectional else 1
+    keys = iter(jax.random.split(key, (5 if p else 4) * layers * d + 2))
 
     def uniform(shape):
         return jax.random.uniform(next(keys), shape, dtype, minval=-bound, maxval=bound)
 
-    def biases():
-        return (uniform((g,)), uniform((g,))) if bias else (None, None)
+    def layer(width: int) -> LayerParams:
+        w_ih, w_hh = uniform((g, width)), uniform((g, h_out))
+        b_ih, b_hh = (uniform((g,)), uniform((g,))) if bias else (None, None)
+        return LayerParams(w_ih, w_hh, b_ih, b_hh, uniform((p, h)) if p else None)
 
-    stack = tuple(
-        LayerParams(uniform((g, i if k == 0 else h)), uniform((g, h)), *biases())
-        for k in range(layers)
+    stack = tuple(layer(i if k == 0 else d * h_out) for k in range(layers) for _ in range(d))
+    head = (None, None) if o is None else (uniform((o, d * h_out)), uniform((o,)))
+    return CellParams(
+        stack, *head, kind, bidirectional=bidirectional, batch_first=batch_first, dropout=dropout
     )
-    return CellParams(stack, uniform((o, h)), uniform((o,)), kind)
