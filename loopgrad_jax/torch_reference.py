@@ -25,6 +25,13 @@ and relu), ``nn.LSTM`` and ``nn.GRU``, time-major, one layer from a zero state
 (``hx=None``) and two layers from a random one, each with an ``nn.Linear`` head
 on the last layer's output. One optimizer updates the module and the head.
 ``cell_loss`` runs both again with modules built with ``bias=False`` (``*_nobias``).
+
+The ``module`` scenario is the modules' own forward with every option, no head: for
+each kind, bidirectional modules of 1 to 3 layers, packed batches of unsorted
+lengths (1 and ``T`` among them), ``batch_first``, ``bias=False``, unbatched inputs
+and an LSTM's ``proj_size``; and ``nn.RNNCell`` / ``nn.LSTMCell`` / ``nn.GRUCell``
+looped over the steps in Python. Each case records the outputs, the final states and
+the gradients (weights, inputs, ``hidden0``) of a probe of random weights.
 """
 
 from __future__ import annotations
@@ -608,6 +615,189 @@ def cell_tbptt_cases(seed: int) -> list[dict[str, Any]]:
     ]
 
 
+# ---------------------------------------------------------------- whole modules, as they are
+
+#: Sizes of the module cases: input, hidden, projection (LSTM proj_size), batch, steps.
+MODULE_SIZES = (3, 4, 2, 3, 5)
+_T = MODULE_SIZES[4]
+#: name suffix -> module options and the call's: layers, bidirectional, proj (LSTM only),
+#: bias, batch_first, lengths (packed, unsorted; None: a plain batch), unbatched input,
+#: a random hidden0 (else None, zeros).
+MODULE_CONFIGS = {
+    "bi1": dict(layers=1, bidirectional=True, lengths=None, hidden0=True),
+    "bi2_packed": dict(layers=2, bidirectional=True, lengths=[_T, 1, 3], hidden0=False),
+    "bi3_batch_first_packed": dict(
+        layers=3, bidirectional=True, batch_first=True, lengths=[2, _T, 4], hidden0=True
+    ),
+    "l2_packed": dict(layers=2, lengths=[3, _T, 1], hidden0=True),
+    "bi2_no_bias": dict(layers=2, bidirectional=True, bias=False, lengths=[4, 2, _T], hidden0=True),
+    "bi2_unbatched": dict(layers=2, bidirectional=True, unbatched=True, hidden0=True),
+    "proj_bi2_packed": dict(
+        layers=2, bidirectional=True, proj=True, lengths=[_T, 2, 1], hidden0=True
+    ),
+}
+MODULE_CASES = tuple(
+    (f"{kind}_{suffix}", kind, suffix)
+    for kind in CELL_KINDS
+    for suffix in MODULE_CONFIGS
+    if kind == "lstm" or not MODULE_CONFIGS[suffix].get("proj")
+)
+#: The cell modules, looped over the sequence in Python: nn.RNNCell, nn.LSTMCell, nn.GRUCell.
+CELL_MODULE_CASES = tuple((f"{kind}_cell", kind) for kind in CELL_KINDS)
+
+
+def torch_module(kind: str, config: dict[str, Any]) -> Any:
+    """The ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` of a module case, with its options."""
+    i, h, p, _, _ = MODULE_SIZES
+    options = {
+        "num_layers": config["layers"],
+        "bias": config.get("bias", True),
+        "batch_first": config.get("batch_first", False),
+        "bidirectional": config.get("bidirectional", False),
+    }
+    if kind in ("rnn_tanh", "rnn_relu"):
+        return nn.RNN(i, h, nonlinearity=kind[4:], **options)
+    if kind == "lstm":
+        return nn.LSTM(i, h, proj_size=p if config.get("proj") else 0, **options)
+    return nn.GRU(i, h, **options)
+
+
+def torch_cell_module(kind: str) -> Any:
+    """``nn.RNNCell`` (tanh or relu), ``nn.LSTMCell`` or ``nn.GRUCell``."""
+    i, h, _, _, _ = MODULE_SIZES
+    if kind in ("rnn_tanh", "rnn_relu"):
+        return nn.RNNCell(i, h, nonlinearity=kind[4:])
+    return {"lstm": nn.LSTMCell, "gru": nn.GRUCell}[kind](i, h)
+
+
+def _probe(outputs: Any, final: Any) -> tuple[Any, dict[str, Any]]:
+    """A fixed scalar of a module's results, ``sum(outputs * r_out) + sum(h_n * r_h)``
+    (``+ sum(c_n * r_c)`` for an LSTM), its random ``r`` drawn here and recorded: its
+    gradient is the module's VJP of those random cotangents."""
+    finals = final if isinstance(final, tuple) else (final,)
+    weights = {"r_out": torch.randn(outputs.shape)}
+    total = (outputs * weights["r_out"]).sum()
+    for name, state in zip(("r_h", "r_c"), finals, strict=False):
+        weights[name] = torch.randn(state.shape)
+        total = total + (state * weights[name]).sum()
+    return total, weights
+
+
+def _leaf_grad(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return [v.grad.detach().clone() for v in value]
+    return value.grad.detach().clone()
+
+
+def _requiring_grad(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(v.clone().requires_grad_(True) for v in value)
+    return value.clone().requires_grad_(True)
+
+
+def module_cases(seed: int) -> list[dict[str, Any]]:
+    """Each module's forward as PyTorch runs it, and the gradient of :func:`_probe`.
+
+    A packed case is ``pack_padded_sequence(inputs, lengths, batch_first=...,
+    enforce_sorted=False)``, the module, then ``pad_packed_sequence(...,
+    total_length=T)``. Cell-module cases loop the cell over the steps in Python.
+    """
+    i, h, p, b, t = MODULE_SIZES
+    cases = []
+    for k, (name, kind, suffix) in enumerate(MODULE_CASES):
+        config = MODULE_CONFIGS[suffix]
+        torch.manual_seed(seed + k)
+        module = torch_module(kind, config)
+        batch_first, unbatched = config.get("batch_first", False), config.get("unbatched", False)
+        directions = 2 if config.get("bidirectional") else 1
+        shape = (t, i) if unbatched else ((b, t, i) if batch_first else (t, b, i))
+        inputs = torch.randn(shape, requires_grad=True)
+        states = directions * config["layers"]
+        lead = (states,) if unbatched else (states, b)
+        hidden0 = None
+        if config["hidden0"]:
+            h_out = p if config.get("proj") else h
+            hidden0 = torch.randn(*lead, h_out)
+            if kind == "lstm":
+                hidden0 = (hidden0, torch.randn(*lead, h))
+        hidden0 = _requiring_grad(hidden0)
+        lengths = config.get("lengths")
+        x = inputs
+        if lengths is not None:
+            x = nn.utils.rnn.pack_padded_sequence(
+                inputs, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
+            )
+        outputs, final = module(x, hidden0)
+        if lengths is not None:
+            outputs, _ = nn.utils.rnn.pad_packed_sequence(
+                outputs, batch_first=batch_first, total_length=t
+            )
+        total, probe = _probe(outputs, final)
+        total.backward()
+        cases.append(
+            {
+                "name": name,
+                "kind": kind,
+                "seed": seed + k,
+                "num_layers": config["layers"],
+                "bidirectional": directions == 2,
+                "proj_size": p if config.get("proj") else 0,
+                "bias": config.get("bias", True),
+                "batch_first": batch_first,
+                "unbatched": unbatched,
+                "lengths": lengths,
+                "rnn_state": _state(module),
+                "inputs": inputs.detach().clone(),
+                "hidden0": _stored(hidden0),
+                **probe,
+                "outputs": outputs.detach().clone(),
+                "hidden": _stored(final),
+                "value": total.item(),
+                "grads_rnn": _module_grads(module),
+                "grad_inputs": inputs.grad.detach().clone(),
+                "grad_hidden0": _leaf_grad(hidden0),
+            }
+        )
+    for k, (name, kind) in enumerate(CELL_MODULE_CASES, start=len(MODULE_CASES)):
+        torch.manual_seed(seed + k)
+        cell = torch_cell_module(kind)
+        inputs = torch.randn(t, b, i, requires_grad=True)
+        hidden0 = torch.randn(b, h)
+        if kind == "lstm":
+            hidden0 = (hidden0, torch.randn(b, h))
+        hidden0 = _requiring_grad(hidden0)
+        state, outs = hidden0, []
+        for step in range(t):
+            state = cell(inputs[step], state)
+            outs.append(state[0] if kind == "lstm" else state)
+        outputs = torch.stack(outs)
+        total, probe = _probe(outputs, state)
+        total.backward()
+        cases.append(
+            {
+                "name": name,
+                "kind": kind,
+                "seed": seed + k,
+                "cell_module": True,
+                "rnn_state": _state(cell),
+                "inputs": inputs.detach().clone(),
+                "hidden0": _stored(hidden0),
+                **probe,
+                "outputs": outputs.detach().clone(),
+                "hidden": _stored(state),
+                "value": total.item(),
+                "grads_rnn": _module_grads(cell),
+                "grad_inputs": inputs.grad.detach().clone(),
+                "grad_hidden0": _leaf_grad(hidden0),
+            }
+        )
+    return cases
+
+
 SCENARIOS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "accumulate": lambda seed: scalar_cases("accumulate", seed),
     "stack": lambda seed: scalar_cases("stack", seed),
@@ -618,6 +808,7 @@ SCENARIOS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "cell_loss": cell_loss_cases,
     "cell_as_written": cell_as_written_cases,
     "cell_tbptt": cell_tbptt_cases,
+    "module": module_cases,
 }
 
 
