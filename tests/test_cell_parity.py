@@ -70,5 +70,5 @@ def test_to_torch_inverts_from_torch(kind, layers):
         for ours, theirs in ((back, state), (back_head, head_state)):
             assert ours.keys() == theirs.keys()
             for k in theirs:
-                assert ours[k].dtype == theirs[k].dtype, k
+                assert np.asarray(ours[k]).dtype == theirs[k].dtype, k
                 np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)

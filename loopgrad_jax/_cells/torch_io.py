@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -11,39 +11,59 @@ import numpy as np
 
 from loopgrad_jax import _checks
 from loopgrad_jax._cells.kinds import GATES, LAYER_FIELDS, MODULES, TORCH_CELLS
-from loopgrad_jax._cells.params import CellParams, LayerParams, _fields, check_params
+from loopgrad_jax._cells.params import CellParams, LayerParams, check_params
 from loopgrad_jax._rnn import RNNParams
 
+#: PyTorch's recurrent modules and cell modules, by class name, and the kinds each can be.
+_MODULES = {**MODULES, **{f"{name}Cell": kinds for name, kinds in MODULES.items()}}
+#: A layer's fields as PyTorch names them, in the order of its state dict.
+_FIELDS = (*LAYER_FIELDS, "weight_hr")
+#: A module's key (``weight_ih_l1_reverse``) or a cell module's (``weight_ih``).
+_KEY = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)(?:_l(\d+)(_reverse)?)?")
 
-def from_torch(rnn: Any, head: Any, *, kind: str | None = None) -> CellParams:
-    """The weights of a PyTorch ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` and its ``nn.Linear`` head.
+
+def from_torch(
+    rnn: Any,
+    head: Any = None,
+    *,
+    kind: str | None = None,
+    batch_first: bool | None = None,
+    dropout: float | None = None,
+) -> CellParams:
+    """The weights of a PyTorch recurrent module (and of its ``nn.Linear`` head, if any).
+
+    Every option of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` is taken: any ``num_layers``,
+    ``bidirectional``, an LSTM's ``proj_size``, ``bias=False``, ``batch_first`` and
+    ``dropout`` (these two become ``params.batch_first`` and ``params.dropout``, the
+    defaults :func:`loopgrad_jax.rnn` uses); and ``nn.RNNCell`` / ``nn.LSTMCell`` /
+    ``nn.GRUCell``, one-layer models with ``params.cell_module`` set.
 
     Args:
       rnn: the module, or its state dict: a mapping of PyTorch's key names
-        (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``)
-        to array-likes (tensors, NumPy or JAX arrays). The number of layers
-        comes from the keys. torch is not imported for a state dict of arrays.
-      head: the ``nn.Linear(H, O)`` head, or its state dict (``weight``, ``bias``).
-      kind: one of :data:`TORCH_CELLS`; required for a state dict, read off a
-        module (and checked against it if given).
-
-    Only the layout this library computes in is accepted: time-major inputs
-    ``(T, B, I)`` (``batch_first=False``; for ``batch_first=True`` data, pass
-    ``inputs.transpose(1, 0, 2)``), one direction, no LSTM projection
-    (``proj_size=0``) and no dropout between layers. Anything else is refused with
-    a ``ValueError`` that says so. A module built with ``bias=False`` (a state dict
-    without ``bias_*`` keys) gives layers without biases (``None``), as in PyTorch.
+        (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``,
+        ``weight_hr_l{k}``, each with ``_reverse`` for a second direction; a cell
+        module's ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``) to array-likes
+        (tensors, NumPy or JAX arrays). The structure (layers, directions, projection,
+        biases, cell module) is read from the keys; torch is not imported for a state
+        dict of arrays. A whole model's state dict (``lstm.weight_ih_l0``, ``fc.weight``)
+        is refused with the way to select the module's keys.
+      head: ``None`` (no head), or an ``nn.Linear(D*H_out, O)`` or its state dict
+        (``weight``, ``bias``), applied to the last layer's outputs by the losses.
+      kind: one of :data:`TORCH_CELLS`; required for a state dict, read off a module
+        (and checked against it if given).
+      batch_first, dropout: the module's options, which a state dict does not hold
+        (default ``False`` and ``0.0``); read off a module that has them (and checked
+        against it if given).
 
     Examples:
       >>> import numpy as np, loopgrad_jax as lg
       >>> rng = np.random.default_rng(0)
-      >>> state = {f"{w}_l0": rng.normal(size=s).astype(np.float32) for w, s in
-      ...          [("weight_ih", (12, 3)), ("weight_hh", (12, 4)),
-      ...           ("bias_ih", (12,)), ("bias_hh", (12,))]}
-      >>> head = {"weight": np.ones((1, 4), np.float32), "bias": np.zeros(1, np.float32)}
-      >>> p = lg.from_torch(state, head, kind="gru")
-      >>> p.kind, p.num_layers
-      ('gru', 1)
+      >>> state = {f"{w}_l0{d}": rng.normal(size=s).astype(np.float32)
+      ...          for w, s in [("weight_ih", (12, 3)), ("weight_hh", (12, 4))]
+      ...          for d in ("", "_reverse")}
+      >>> p = lg.from_torch(state, kind="gru", batch_first=True)
+      >>> p.kind, p.num_layers, p.bidirectional, p.batch_first, p.layers[0].bias_ih
+      ('gru', 1, True, True, None)
     """
     if isinstance(rnn, Mapping):
         if kind is None:
@@ -54,159 +74,241 @@ def from_torch(rnn: Any, head: Any, *, kind: str | None = None) -> CellParams:
         kind = _checks.one_of("kind", kind, TORCH_CELLS)
         state = dict(rnn)
     else:
-        kind = _module_kind(rnn, kind)
+        kind, batch_first, dropout = _module_options(rnn, kind, batch_first, dropout)
         state = dict(rnn.state_dict())
-    head_state = _head_state(head)
-    layers = _layers_from_state(state, kind)
-    head_w = _array("head['weight']", head_state["weight"])
-    head_b = _array("head['bias']", head_state["bias"])
-    h = layers[0].weight_hh.shape[-1] if layers[0].weight_hh.ndim == 2 else None
-    if head_w.ndim != 2 or head_w.shape[1] != h:
-        raise ValueError(
-            f"head['weight'] must have shape (O, H) with H={h}, the rnn's hidden size (the "
-            f"head reads the last layer's hidden state), got shape {tuple(head_w.shape)}."
-        )
-    params = CellParams(tuple(layers), head_w, head_b, kind)
+    if not isinstance(batch_first, bool | None):
+        raise TypeError(f"batch_first must be a bool, got {batch_first!r}.")
+    layers, directions, cell_module = _layers_from_state(state, kind)
+    width = directions * layers[0].weight_hh.shape[1]
+    head_w, head_b = _head(head, width)
+    params = CellParams(
+        tuple(layers),
+        head_w,
+        head_b,
+        kind,
+        bidirectional=directions == 2,
+        batch_first=bool(batch_first),
+        dropout=0.0 if dropout is None else dropout,
+        cell_module=cell_module,
+    )
     return check_params(params)[0]
 
 
-def to_torch(params: CellParams | RNNParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(rnn_state, head_state)``: NumPy arrays under PyTorch's key names.
+def to_torch(params: CellParams | RNNParams) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``(rnn_state, head_state)``: the module's and the head's state dicts.
+
+    Exactly the module's keys, in its order (``_reverse`` for a second direction, an
+    LSTM's ``weight_hr_l{k}``, no bias keys for ``bias=False``, a cell module's own
+    ``weight_ih`` ... without ``_l0``), so ``rnn.load_state_dict(rnn_state)`` loads
+    them (strict) into a module of the same options. The values are ``torch.Tensor``
+    (on the CPU) when torch can be imported, NumPy arrays when it cannot.
+    ``head_state`` is ``None`` without a head.
 
     Works on anything shaped like the params, leaf for leaf: weights, a gradient
     from ``jax.grad``, one update's slice of :attr:`TrainResult.grads`
     (``jax.tree.map(lambda g: g[t], result.grads)``) or the whole stack (each
-    array then leads with the update axis). ``rnn.load_state_dict(rnn_state)``
-    loads weights into a module of the same shape. For the article's
-    :class:`RNNParams` the keys are the ``SimpleRNN``'s: ``i2h.weight``,
-    ``i2h.bias`` in the first dict and ``h2o``'s ``weight``, ``bias`` in the head's.
+    array then leads with the update axis). For the article's :class:`RNNParams` the
+    keys are the ``SimpleRNN``'s: ``i2h.weight``, ``i2h.bias`` in the first dict and
+    ``h2o``'s ``weight``, ``bias`` in the head's.
     """
+    out = _converter()
     if isinstance(params, RNNParams):
         return (
-            {"i2h.weight": np.asarray(params.i2h_weight), "i2h.bias": np.asarray(params.i2h_bias)},
-            {"weight": np.asarray(params.h2o_weight), "bias": np.asarray(params.h2o_bias)},
+            {"i2h.weight": out(params.i2h_weight), "i2h.bias": out(params.i2h_bias)},
+            {"weight": out(params.h2o_weight), "bias": out(params.h2o_bias)},
         )
     if not isinstance(params, CellParams):
         raise TypeError(
             f"params must be a CellParams or RNNParams (or a gradient of one), got "
             f"{type(params).__name__}."
         )
-    rnn_state = {
-        f"{f}_l{k}": np.asarray(getattr(layer, f))
-        for k, layer in enumerate(params.layers)
-        for f in _fields(layer.bias_ih is not None)
-    }
-    head_state = {"weight": np.asarray(params.head_weight), "bias": np.asarray(params.head_bias)}
-    return rnn_state, head_state
-
-
-def _module_kind(rnn: Any, kind: str | None) -> str:
-    name = type(rnn).__name__
-    if name not in MODULES or not hasattr(rnn, "state_dict"):
-        raise TypeError(
-            "rnn must be a torch.nn.RNN, LSTM or GRU module or its state dict (a mapping of "
-            f"'weight_ih_l0'-style keys to arrays), got {name}."
-        )
-    refusals = {
-        "bidirectional": (
-            getattr(rnn, "bidirectional", False),
-            "bidirectional modules are not supported: run two modules, one on the "
-            "reversed sequence",
-        ),
-        "proj_size": (getattr(rnn, "proj_size", 0), "an LSTM with proj_size > 0 is not supported"),
-        "batch_first": (
-            getattr(rnn, "batch_first", False),
-            "batch_first=True is not supported: this library is time-major, inputs "
-            "(T, B, I); pass inputs.transpose(1, 0, 2) and keep the module's weights",
-        ),
-        "dropout": (
-            getattr(rnn, "dropout", 0.0),
-            "dropout between layers is not supported: the cells are deterministic",
-        ),
-    }
-    for attr, (value, why) in refusals.items():
-        if value:
-            raise ValueError(f"rnn.{attr}={getattr(rnn, attr)!r}: {why}.")
-    found = MODULES[name][0]
-    if name == "RNN":
-        found = {"tanh": "rnn_tanh", "relu": "rnn_relu"}[rnn.nonlinearity]
-    if kind is not None and kind != found:
+    d = params.directions
+    if params.cell_module and len(params.layers) != 1:
         raise ValueError(
-            f"kind={kind!r} does not match the module, an nn.{name} of kind {found!r}."
+            "params of a cell module (cell_module=True: nn.RNNCell, nn.LSTMCell, nn.GRUCell) "
+            f"hold one layer in one direction, got {len(params.layers)} layers."
         )
-    return found
+    rnn_state = {
+        f + ("" if params.cell_module else _suffix(k // d, k % d)): out(getattr(layer, f))
+        for k, layer in enumerate(params.layers)
+        for f in _FIELDS
+        if getattr(layer, f) is not None
+    }
+    if params.head_weight is None:
+        return rnn_state, None
+    return rnn_state, {"weight": out(params.head_weight), "bias": out(params.head_bias)}
 
 
-def _head_state(head: Any) -> Mapping[str, Any]:
+def _converter() -> Callable[[Any], Any]:
+    """Array to ``torch.Tensor`` if torch imports, else to a NumPy array."""
+    try:
+        import torch
+    except ImportError:
+        return np.asarray
+    # np.array copies: a writable array, which torch.from_numpy takes without a warning.
+    return lambda a: torch.from_numpy(np.array(a))
+
+
+def _field(key: str) -> str:
+    """The field a state dict key names: ``weight_ih_l1_reverse`` -> ``weight_ih``."""
+    return _KEY.fullmatch(key).group(1)
+
+
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def _module_options(
+    rnn: Any, kind: str | None, batch_first: bool | None, dropout: float | None
+) -> tuple[str, bool | None, float | None]:
+    """The kind, ``batch_first`` and ``dropout`` of a module, checked against those given."""
+    name = next((c.__name__ for c in type(rnn).__mro__ if c.__name__ in _MODULES), None)
+    if name is None or not hasattr(rnn, "state_dict"):
+        raise TypeError(
+            "rnn must be a torch.nn.RNN, LSTM or GRU module, an nn.RNNCell, LSTMCell or "
+            "GRUCell, or the state dict of one (a mapping of 'weight_ih_l0'-style keys to "
+            f"arrays), got {type(rnn).__name__}."
+        )
+    found = _MODULES[name][0]
+    if name.startswith("RNN"):
+        found = {"tanh": "rnn_tanh", "relu": "rnn_relu"}[rnn.nonlinearity]
+    options = {"kind": (kind, found)}
+    if not name.endswith("Cell"):  # a cell module has neither option
+        options |= {
+            "batch_first": (batch_first, rnn.batch_first),
+            "dropout": (dropout, rnn.dropout),
+        }
+    for option, (given, own) in options.items():
+        if given is not None and given != own:
+            raise ValueError(
+                f"{option}={given!r} does not match the module, an nn.{name} with "
+                f"{option}={own!r}; leave {option} out to take the module's."
+            )
+    values = {option: own for option, (_, own) in options.items()}
+    return found, values.get("batch_first", batch_first), values.get("dropout", dropout)
+
+
+def _layers_from_state(state: dict[str, Any], kind: str) -> tuple[list[LayerParams], int, bool]:
+    """The layers a state dict holds, layer ``l``'s direction ``d`` at ``l*D + d``;
+    ``D``; and whether it is a cell module's."""
+    keys = [str(k) for k in state]
+    _refuse_whole_model(keys)
+    found = [m for m in map(_KEY.fullmatch, keys) if m]
+    cell_module = any(m.group(2) is None for m in found)
+    bias = any(m.group(1).startswith("bias") for m in found)
+    fields = [f for f in _FIELDS if (bias or not f.startswith("bias"))]
+    if cell_module:
+        layers, d, proj = 1, 1, False
+        names = [[f for f in fields if f != "weight_hr"]]
+    else:
+        layers = 1 + max((int(m.group(2)) for m in found), default=-1)
+        d = 2 if any(m.group(3) for m in found) else 1
+        proj = any(m.group(1) == "weight_hr" for m in found)
+        if proj and kind != "lstm":
+            raise ValueError(
+                f"rnn holds weight_hr_l{{l}} keys, an LSTM's projection (proj_size > 0), but "
+                f"kind={kind!r}: pass kind='lstm' for an nn.LSTM's state dict."
+            )
+        names = [
+            [f + _suffix(k // d, k % d) for f in fields if proj or f != "weight_hr"]
+            for k in range(layers * d)
+        ]
+    expected = {n for layer in names for n in layer}
+    missing = [n for layer in names for n in layer if n not in state]
+    extra = [k for k in keys if k not in expected]
+    if not layers or missing or extra:
+        raise ValueError(
+            "rnn's state dict must hold a module's weight_ih_l{l}, weight_hh_l{l}, and "
+            "bias_ih_l{l}, bias_hh_l{l} unless built with bias=False, and an LSTM's "
+            "weight_hr_l{l} if proj_size > 0, for every layer l = 0..L-1 (and the same with "
+            "'_reverse' for a bidirectional one); or a cell module's weight_ih, weight_hh (and "
+            f"bias_ih, bias_hh); got missing {missing}, unexpected {extra}."
+        )
+    arrays = [{n: _array(f"rnn['{n}']", state[n]) for n in layer} for layer in names]
+    _check_shapes(arrays, kind, d, proj)
+    result = [
+        LayerParams(**{f: None for f in LAYER_FIELDS} | {_field(n): v for n, v in a.items()})
+        for a in arrays
+    ]
+    return result, d, cell_module
+
+
+def _check_shapes(arrays: list[dict[str, jax.Array]], kind: str, d: int, proj: bool) -> None:
+    """Every array's shape against the first layer's ``weight_hh`` (and ``weight_hr``)."""
+    gates = GATES[kind]
+    (whh_name, whh), *_ = ((n, a) for n, a in arrays[0].items() if n.startswith("weight_hh"))
+    rows = whh.shape[0] if whh.ndim == 2 else 0
+    if not rows or rows % gates or (not proj and rows != gates * whh.shape[1]):
+        want = "(G*H, P) with P=proj_size" if proj else "(G*H, H)"
+        raise ValueError(
+            f"rnn['{whh_name}'] must have shape {want} with G={gates} gates for kind={kind!r}, "
+            f"got shape {tuple(whh.shape)}."
+        )
+    h, h_out = rows // gates, whh.shape[1]
+    sizes = f"G={gates} gates for kind={kind!r}, H={h}" + (f", P={h_out}" if proj else "")
+    shapes = {
+        "weight_hh": ((rows, h_out), "(G*H, P)" if proj else "(G*H, H)"),
+        "bias_ih": ((rows,), "(G*H,)"),
+        "bias_hh": ((rows,), "(G*H,)"),
+        "weight_hr": ((h_out, h), "(P, H)"),
+    }
+    for k, layer in enumerate(arrays):
+        first = k < d
+        width, meaning = (None, "I") if first else (d * h_out, "D*P" if proj else "D*H")
+        for name, arr in layer.items():
+            want, text = shapes.get(_field(name), ((rows, width), f"(G*H, {meaning})"))
+            extra = "" if first else f", D={d}"
+            _checks.shape(f"rnn['{name}']", arr, want, f"{text} with {sizes}{extra}")
+
+
+def _refuse_whole_model(keys: list[str]) -> None:
+    """Raises for a whole model's state dict (dotted keys: ``lstm.weight_ih_l0``)."""
+    dotted = [k for k in keys if "." in k]
+    if not dotted:
+        return
+    owners = [k.rpartition(".")[0] for k in dotted if _KEY.fullmatch(k.rpartition(".")[2])]
+    prefix = (owners[0] if owners else "lstm") + "."
+    shown = ", ".join(map(repr, keys[:12])) + (
+        f" and {len(keys) - 12} more" if len(keys) > 12 else ""
+    )
+    raise ValueError(
+        f"rnn must be the recurrent module's own state dict, got a whole model's (keys {shown}): "
+        f"select the module's keys, e.g. {{k.removeprefix({prefix!r}): v for k, v in "
+        f"sd.items() if k.startswith({prefix!r})}} (or pass the module itself, model."
+        f"{prefix[:-1]}); a head goes in head=, selected the same way."
+    )
+
+
+def _head(head: Any, width: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """The head's weight ``(O, width)`` and bias ``(O,)``, or ``(None, None)`` without one."""
+    if head is None:
+        return None, None
     if isinstance(head, Mapping):
         state = head
-    elif type(head).__name__ == "Linear" and hasattr(head, "state_dict"):
+    elif any(c.__name__ == "Linear" for c in type(head).__mro__) and hasattr(head, "state_dict"):
         state = head.state_dict()
     else:
         raise TypeError(
-            "head must be a torch.nn.Linear(H, O) or its state dict {'weight', 'bias'}, got "
-            f"{type(head).__name__}."
+            "head must be None, a torch.nn.Linear(D*H_out, O) or its state dict {'weight', "
+            f"'bias'}}, got {type(head).__name__}."
         )
     keys = set(state)
+    if keys == {"weight"}:
+        raise ValueError(
+            "head has no 'bias' (an nn.Linear built with bias=False); the head here always "
+            "adds one: pass {'weight': head.weight, 'bias': torch.zeros(O)}, the same map."
+        )
     if keys != {"weight", "bias"}:
         raise ValueError(
-            "head must hold exactly 'weight' (O, H) and 'bias' (O,) (nn.Linear with "
-            f"bias=True), got keys {sorted(keys)}."
+            "head must hold exactly 'weight' (O, D*H_out) and 'bias' (O,), got keys "
+            f"{sorted(keys)}."
         )
-    return state
-
-
-def _layers_from_state(state: dict[str, Any], kind: str) -> list[LayerParams]:
-    keys = sorted(state)
-    if any(k.endswith("_reverse") for k in keys):
-        raise ValueError(
-            "rnn holds '_reverse' keys, a bidirectional module: not supported; run two modules, "
-            "one on the reversed sequence."
-        )
-    if any(k.startswith("weight_hr_") for k in keys):
-        raise ValueError(
-            "rnn holds 'weight_hr_l*' keys, an LSTM with proj_size > 0: not supported."
-        )
-    pattern = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
-    found = [pattern.match(k) for k in keys]
-    indices = {int(m.group(2)) for m in found if m}
-    layers = max(indices) + 1 if indices else 0
-    fields = _fields(any(m.group(1).startswith("bias") for m in found if m))
-    expected = {f"{f}_l{k}" for k in range(layers) for f in fields}
-    missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
-    if layers == 0 or missing or extra:
-        raise ValueError(
-            "rnn's state dict must hold weight_ih_l{k} and weight_hh_l{k} for every layer "
-            "k = 0..L-1, and bias_ih_l{k} and bias_hh_l{k} for every layer or none (a module "
-            f"built with bias=False), got missing {missing}, unexpected {extra}."
-        )
-    gates = GATES[kind]
-    whh = _array("rnn['weight_hh_l0']", state["weight_hh_l0"])
-    if whh.ndim != 2 or whh.shape[0] != gates * whh.shape[1]:
-        raise ValueError(
-            f"rnn['weight_hh_l0'] must have shape (G*H, H) with G={gates} gates for "
-            f"kind={kind!r}, got shape {tuple(whh.shape)}."
-        )
-    h = whh.shape[1]
-    result = []
-    for k in range(layers):
-        leaves = {f: _array(f"rnn['{f}_l{k}']", state[f"{f}_l{k}"]) for f in fields}
-        expected_shapes = {
-            "weight_ih": ((gates * h, None if k == 0 else h), "(G*H, I)" if k == 0 else "(G*H, H)"),
-            "weight_hh": ((gates * h, h), "(G*H, H)"),
-            "bias_ih": ((gates * h,), "(G*H,)"),
-            "bias_hh": ((gates * h,), "(G*H,)"),
-        }
-        for f in fields:
-            want, meaning = expected_shapes[f]
-            _checks.shape(
-                f"rnn['{f}_l{k}']",
-                leaves[f],
-                want,
-                f"{meaning} with G={gates} gates for kind={kind!r} and H={h}",
-            )
-        result.append(LayerParams(**{f: None for f in LAYER_FIELDS} | leaves))
-    return result
+    weight = _array("head['weight']", state["weight"])
+    bias = _array("head['bias']", state["bias"])
+    meaning = f"(O, D*H_out) with D*H_out={width}: the head reads the last layer's outputs"
+    _checks.shape("head['weight']", weight, (None, width), meaning)
+    _checks.shape("head['bias']", bias, (weight.shape[0],), f"(O,) with O={weight.shape[0]}")
+    return weight, bias
 
 
 def _array(name: str, value: Any) -> jax.Array:
