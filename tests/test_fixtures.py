@@ -19,6 +19,7 @@ SCENARIOS = (
     "cell_loss",
     "cell_as_written",
     "cell_tbptt",
+    "module",
 )
 
 
