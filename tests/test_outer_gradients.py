@@ -30,6 +30,7 @@ OUTER_LOOPS = (
     "nnx_scan",
     "nnx_fori",
     "nnx_remat",
+    pytest.param("parallel", marks=pytest.mark.slow),  # DEER: a whole run is slow to trace
 )
 
 RUNS = {
