@@ -148,3 +148,20 @@ def check_lengths(lengths: object, length: int, batch: int) -> jax.Array | None:
                 f"{values[bad].tolist()} at examples {np.flatnonzero(bad).tolist()}."
             )
     return arr
+
+
+def leading_axis(xs: object, length: int) -> None:
+    """Raises unless every leaf of ``xs`` has leading axis ``length``.
+
+    Without this check the loop kinds would disagree on a mismatch: ``scan`` raises,
+    while indexing ``xs[i]`` past the end clamps (``fori``, ``while``) and a Python
+    loop reads only the first ``length`` rows.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
+        leaf_shape = jnp.shape(leaf)
+        if not leaf_shape or leaf_shape[0] != length:
+            where = f"xs{jax.tree_util.keystr(path)}" if path else "xs"
+            raise ValueError(
+                f"{where} must have leading axis length={length} (one row per step), "
+                f"got shape {tuple(leaf_shape)}."
+            )

@@ -161,7 +161,7 @@ def parallel_scan_info(
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__} {reverse!r}.")
     iters = _checks.static_length("iters", iters, minimum=1)
     _checks.one_of("jacobian", jacobian, JACOBIANS)
-    _check_leading_axis(xs, length)
+    _checks.leading_axis(xs, length)
     init = jax.tree.map(jnp.asarray, init)
     s0, unravel = _flat_carry(init)
     tol = _tolerance(tol, s0.dtype)
@@ -341,15 +341,3 @@ def _check_body_carry(body: Callable, init: PyTree, x0: PyTree) -> None:
             "body must return a carry of init's structure, shapes and dtypes, got "
             f"{got} for init {want}."
         )
-
-
-def _check_leading_axis(xs: PyTree, length: int) -> None:
-    """Raises unless every leaf of ``xs`` has leading axis ``length``."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
-        leaf_shape = jnp.shape(leaf)
-        if not leaf_shape or leaf_shape[0] != length:
-            where = f"xs{jax.tree_util.keystr(path)}" if path else "xs"
-            raise ValueError(
-                f"{where} must have leading axis length={length} (one row per step), "
-                f"got shape {tuple(leaf_shape)}."
-            )

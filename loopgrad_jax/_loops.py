@@ -432,7 +432,7 @@ def run_loop(
     length = check_length("length", length, spec)
     if spec.max_steps is not None:
         return _bounded_while(body, init, xs, length, reverse, spec)
-    _check_leading_axis(xs, length)
+    _checks.leading_axis(xs, length)
     if spec.kind in NNX_LOOPS:
         return _nnx_loop(body, init, xs, length, reverse, spec)
     if spec.kind == "scan":
@@ -554,7 +554,7 @@ def _bounded_while(body, init, xs, length: int | jax.Array, reverse: bool, spec:
 
     dynamic = isinstance(length, jax.Array)
     steps = max_steps if dynamic else length
-    _check_leading_axis(xs, steps)
+    _checks.leading_axis(xs, steps)
     if not dynamic or steps == 0:
         carry, ys = scan(body, init, xs, steps)
         return _poison(carry, ys, length, max_steps) if dynamic else (carry, ys)
@@ -626,23 +626,6 @@ def _remat_scan(body, init, xs, length: int, reverse: bool, spec: Loop):
     carry, ys_second = second(carry)
     head_ys, tail_ys = (ys_second, ys_first) if reverse else (ys_first, ys_second)
     return carry, jax.tree.map(lambda h, t: jnp.concatenate([h, t]), head_ys, tail_ys)
-
-
-def _check_leading_axis(xs: PyTree, length: int) -> None:
-    """Raises unless every leaf of ``xs`` has leading axis ``length``.
-
-    Without this check the loop kinds would disagree on a mismatch: ``scan`` raises,
-    while indexing ``xs[i]`` past the end clamps (``fori``, ``while``) and a Python
-    loop reads only the first ``length`` rows.
-    """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
-        leaf_shape = jnp.shape(leaf)
-        if not leaf_shape or leaf_shape[0] != length:
-            where = f"xs{jax.tree_util.keystr(path)}" if path else "xs"
-            raise ValueError(
-                f"{where} must have leading axis length={length} (one row per step), "
-                f"got shape {tuple(leaf_shape)}."
-            )
 
 
 def _index(xs: PyTree, i: int | jax.Array) -> PyTree:
