@@ -20,6 +20,7 @@ from loopgrad_jax._cells import (
 from loopgrad_jax._deer import ParallelScanInfo, parallel_scan_info
 from loopgrad_jax._loops import LOOPS, NNX_LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
+from loopgrad_jax._precision import PRECISIONS, Precision
 from loopgrad_jax._result import KEEP_GRADS, TrainResult
 from loopgrad_jax._revolve import checkpointed_evaluations
 from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, step_loss
@@ -60,6 +61,8 @@ __all__ = [
     "LOOPS",
     "NNX_LOOPS",
     "POLICIES",
+    "PRECISIONS",
+    "Precision",
     "REVERSE_LOOPS",
     "Loop",
     "ParallelScanInfo",

@@ -20,6 +20,7 @@ from loopgrad_jax._cell import Cell, LossFn, cell_step_loss, check_cell, step_lo
 from loopgrad_jax._cells import TORCH_CELL, CellParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._parallel import Shards, batch_spec, check_mesh
+from loopgrad_jax._precision import einsum
 from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
 
 PyTree = Any
@@ -316,7 +317,8 @@ def rnn_forward(
             final, hs = _cells.module_forward(params, inputs, carry0, loop, live=live)
         else:
             final, hs = _cells.hoisted_forward(params, inputs, carry0, loop)
-        out = jnp.einsum("tbh,oh->tbo", hs, params.head_weight) + params.head_bias[None, None, :]
+        head = einsum("tbh,oh->tbo", hs, params.head_weight, params.precision)
+        out = head + params.head_bias[None, None, :]
         return final, _every_step_loss(loss_fn, out, targets, weights)
     loop = check_loop(loop)
     # Where reverse mode stores every step (the loops that take the readout after),
@@ -404,13 +406,14 @@ def _readout_input(cell: Cell, carry: PyTree) -> PyTree:
 
 def _readout_every_step(cell: Cell, params: PyTree, kept: PyTree) -> jax.Array:
     """The readout of every step at once, ``(T, B, O)``, from the stacked ``kept``."""
+    policy = None
     if cell is TORCH_CELL:
-        weight, bias = params.head_weight, params.head_bias
+        weight, bias, policy = params.head_weight, params.head_bias, params.precision
     elif cell is ARTICLE_CELL:
         weight, bias = params.h2o_weight, params.h2o_bias
     else:
         return jax.vmap(cell.readout, in_axes=(None, 0))(params, kept)
-    return jnp.einsum("tbh,oh->tbo", kept, weight) + bias[None, None, :]
+    return einsum("tbh,oh->tbo", kept, weight, policy) + bias[None, None, :]
 
 
 def check_hoist(hoist_input: object, cell: Cell) -> bool:
@@ -438,6 +441,7 @@ def rnn_loss(
     reduction: str = "sum",
     loss_fn: LossFn | None = None,
     lengths: jax.typing.ArrayLike | None = None,
+    precision: object = None,
 ) -> jax.Array:
     """The per-step losses over a whole sequence, summed or averaged, for any cell.
 
@@ -505,6 +509,11 @@ def rnn_loss(
         the padded steps after them do not count (their targets must still give a
         finite loss). A traced length outside ``1..T`` cannot be refused: it makes
         the loss and its derivatives NaN.
+      precision: ``None`` (every operation in the parameters' dtype), ``"bf16"`` or a
+        :class:`loopgrad_jax.Precision`, for a :class:`CellParams`: float32
+        parameters, inputs and targets; every matrix product (the layers' and the
+        head's) with bfloat16 operands accumulated in float32; the state, the loss
+        and the gradients float32 (:func:`loopgrad_jax.rnn` has the details).
 
     Returns:
       A scalar.
@@ -520,6 +529,7 @@ def rnn_loss(
       >>> jax.grad(lg.rnn_loss)(lstm, x, y).layers[0].weight_hh.shape
       (16, 4)
     """
+    policy = _cells.bind_precision(precision, params)
     bound = bind(params, inputs, targets, hidden0, cell, loss_fn)
     hoist_input = check_hoist(hoist_input, bound.cell)
     loop = check_loop(loop)
@@ -527,7 +537,7 @@ def rnn_loss(
     lengths = _checks.check_lengths(lengths, bound.dims.length, bound.dims.batch)
     shards = check_mesh(mesh, bound.dims.batch)
     return _rnn_loss(
-        bound.params,
+        _cells.set_precision(bound.params, policy),
         bound.inputs,
         bound.targets,
         bound.hidden0,

@@ -34,7 +34,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from loopgrad_jax import _as_written, _checks
+from loopgrad_jax import _as_written, _cells, _checks
 from loopgrad_jax._cell import Cell, LossFn
 from loopgrad_jax._loops import Loop, check_loop, compiled, require_reverse, run_loop
 from loopgrad_jax._parallel import Shards, check_mesh
@@ -82,6 +82,7 @@ def train_rnn(
     mesh: Mesh | None = None,
     loss_fn: LossFn | None = None,
     lengths: jax.typing.ArrayLike | None = None,
+    precision: object = None,
 ) -> TrainResult:
     """Trains the RNN over one sequence: by default one update over the whole of it.
 
@@ -213,6 +214,11 @@ def train_rnn(
         step with no real steps has zero loss and gradient; the optimizer still
         steps). A traced length outside ``1..T`` makes the losses, the gradients
         and the weights NaN.
+      precision: ``None`` (every operation in the parameters' dtype), ``"bf16"`` or a
+        :class:`loopgrad_jax.Precision`, for a :class:`CellParams`: as in
+        :func:`rnn_loss`, every matrix product with bfloat16 operands accumulated
+        in float32, the rest float32; the weights, gradients and optimizer state
+        stay float32, and come back as the caller's structure.
 
     Returns:
       A :class:`TrainResult`.
@@ -236,9 +242,10 @@ def train_rnn(
       ...     p, x, y, mode="tbptt", window=3).params.i2h_weight))
       True
     """
+    policy = _cells.bind_precision(precision, params)
     bound = bind(params, inputs, targets, hidden0, cell, loss_fn)
     params, inputs, targets, hidden0, length = (
-        bound.params,
+        _cells.set_precision(bound.params, policy),
         bound.inputs,
         bound.targets,
         bound.hidden0,
@@ -292,6 +299,7 @@ def train_rnn(
     else:
         optimizer = reference_optimizer = _check_optimizer(optimizer)
     if opt_state is not None:
+        opt_state = _cells.set_precision(opt_state, policy)
         opt_state = _check_opt_state(opt_state, jax.eval_shape(reference_optimizer.init, params))
     shards = check_mesh(mesh, bound.dims.batch)
     split = shards.axis is None and _checks.batch_split(inputs)
@@ -305,7 +313,7 @@ def train_rnn(
             "mesh=<that mesh> (each device then runs its own examples), or "
             "as_written_method='reverse'."
         )
-    return _train(
+    result = _train(
         params,
         inputs,
         targets,
@@ -324,6 +332,14 @@ def train_rnn(
         kind=bound.kind,
         shards=shards,
         loss_fn=loss_fn,
+    )
+    if policy is None:
+        return result
+    # The policy is the run's, not the results': they keep the caller's structure.
+    return result._replace(
+        params=_cells.set_precision(result.params, None),
+        grads=_cells.set_precision(result.grads, None),
+        opt_state=_cells.set_precision(result.opt_state, None),
     )
 
 

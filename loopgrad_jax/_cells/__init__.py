@@ -30,10 +30,12 @@ from loopgrad_jax._cells.module import bind_module, rnn
 from loopgrad_jax._cells.params import (
     CellParams,
     LayerParams,
+    bind_precision,
     carry_per_example,
     check_hidden0,
     check_params,
     init_cell,
+    set_precision,
     to_carry,
     to_public,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "LayerParams",
     "article_loop_form",
     "bind_module",
+    "bind_precision",
     "carry_per_example",
     "check_hidden0",
     "check_params",
@@ -59,6 +62,7 @@ __all__ = [
     "loop_form",
     "module_forward",
     "rnn",
+    "set_precision",
     "to_carry",
     "to_public",
     "to_torch",

@@ -17,6 +17,7 @@ reads the last layer's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from loopgrad_jax._cell import Cell
 from loopgrad_jax._cells.params import CellParams, LayerParams
+from loopgrad_jax._precision import Precision, einsum, matmul
 from loopgrad_jax._rnn import RNNParams
 
 # ------------------------------------------------------------------- the cells
@@ -36,6 +38,7 @@ def layer_step(
     state: Any,
     gi: jax.Array,
     w_hr: jax.Array | None = None,
+    policy: Precision | None = None,
 ) -> tuple[Any, jax.Array]:
     """One layer's step given its input-side pre-activation ``gi = x W_ih^T + b_ih``.
 
@@ -43,17 +46,22 @@ def layer_step(
     a per-step term to the recurrent pre-activation, or ``None`` where :func:`loop_form`
     moved it into ``gi``. An LSTM with ``proj_size`` projects its new ``h`` by ``w_hr``
     ``(P, H)``: ``h' = (sigmoid(o) * tanh(c')) W_hr^T``. Returns ``(new state, new h)``.
+    Under ``policy`` each product is :func:`loopgrad_jax._precision.matmul`'s and the
+    new state is rounded to ``policy.state_dtype``.
     """
     if kind == "lstm":
-        h, c = _lstm(w_hh, b_hh, state[0], state[1], gi)
+        h, c = _lstm(policy, w_hh, b_hh, state[0], state[1], gi)
         if w_hr is not None:
-            h = h @ w_hr.T
-        return (h, c), h
-    if kind == "gru":
-        h = _gru(w_hh, b_hh, state, gi)
-        return h, h
-    h = _ACTIVATION[kind](_plus(gi + state @ w_hh.T, b_hh))
-    return h, h
+            h = matmul(h, w_hr.T, policy)
+        new = (h, c)
+    elif kind == "gru":
+        new = h = _gru(policy, w_hh, b_hh, state, gi)
+    else:
+        new = h = _ACTIVATION[kind](_plus(gi + matmul(state, w_hh.T, policy), b_hh))
+    if policy is not None:
+        new = policy.round_state(new)
+        h = new[0] if kind == "lstm" else new
+    return new, h
 
 
 @jax.custom_jvp
@@ -94,10 +102,10 @@ class JoinedLayer:
 jax.tree_util.register_dataclass(JoinedLayer, data_fields=["kernel", "bias"], meta_fields=[])
 
 
-def _joined_step(kind: str, layer: JoinedLayer, h: jax.Array, x: jax.Array) -> jax.Array:
-    return _ACTIVATION[kind](
-        _plus(jnp.concatenate([x, h], axis=-1) @ layer.kernel, _row(layer.bias))
-    )
+def _joined_step(kind: str, layer: JoinedLayer, h: jax.Array, x: jax.Array, policy) -> jax.Array:
+    pre = matmul(jnp.concatenate([x, h], axis=-1), layer.kernel, policy)
+    h = _ACTIVATION[kind](_plus(pre, _row(layer.bias)))
+    return h if policy is None else policy.round_state(h)
 
 
 def _plus(a: jax.Array, b: jax.Array | None) -> jax.Array:
@@ -168,18 +176,18 @@ def article_loop_form(params: RNNParams) -> CellParams:
 # jax.numpy code.
 
 
-@jax.custom_jvp
-def _lstm(w_hh, b_hh, h, c, gi):
-    i, f, g, o = jnp.split(_plus(gi + h @ w_hh.T, b_hh), 4, axis=-1)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _lstm(policy, w_hh, b_hh, h, c, gi):
+    i, f, g, o = jnp.split(_plus(gi + matmul(h, w_hh.T, policy), b_hh), 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
 @_lstm.defjvp
-def _lstm_jvp(primals, tangents):
+def _lstm_jvp(policy, primals, tangents):
     w_hh, b_hh, h, c, gi = primals
     dw_hh, db_hh, dh, dc, dgi = tangents
-    i, f, g, o = jnp.split(_plus(gi + h @ w_hh.T, b_hh), 4, axis=-1)
+    i, f, g, o = jnp.split(_plus(gi + matmul(h, w_hh.T, policy), b_hh), 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c_new = f * c + i * g
     tanh_c = jnp.tanh(c_new)
@@ -188,26 +196,26 @@ def _lstm_jvp(primals, tangents):
     coef = jnp.concatenate(
         [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-1
     )
-    dpre = _plus(dgi + dh @ w_hh.T + h @ dw_hh.T, db_hh)
+    dpre = _plus(dgi + matmul(dh, w_hh.T, policy) + matmul(h, dw_hh.T, policy), db_hh)
     di, df, dg, do = jnp.split(dpre * coef, 4, axis=-1)
     dc_new = f * dc + di + df + dg
     return (h_new, c_new), (do + o * (1 - tanh_c * tanh_c) * dc_new, dc_new)
 
 
-@jax.custom_jvp
-def _gru(w_hh, b_hh, h, gi):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _gru(policy, w_hh, b_hh, h, gi):
     xr, xz, xn = jnp.split(gi, 3, axis=-1)
-    hr, hz, hn = jnp.split(_plus(h @ w_hh.T, b_hh), 3, axis=-1)
+    hr, hz, hn = jnp.split(_plus(matmul(h, w_hh.T, policy), b_hh), 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     return (1 - z) * jnp.tanh(xn + r * hn) + z * h
 
 
 @_gru.defjvp
-def _gru_jvp(primals, tangents):
+def _gru_jvp(policy, primals, tangents):
     w_hh, b_hh, h, gi = primals
     dw_hh, db_hh, dh, dgi = tangents
     xr, xz, xn = jnp.split(gi, 3, axis=-1)
-    hr, hz, hn = jnp.split(_plus(h @ w_hh.T, b_hh), 3, axis=-1)
+    hr, hz, hn = jnp.split(_plus(matmul(h, w_hh.T, policy), b_hh), 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     h_new = (1 - z) * n + z * h
@@ -215,22 +223,25 @@ def _gru_jvp(primals, tangents):
     dn = (1 - z) * (1 - n * n)
     coef = jnp.concatenate([dn * hn * r * (1 - r), (h - n) * z * (1 - z), dn, dn * r, z], axis=-1)
     dxr, dxz, dxn = jnp.split(dgi, 3, axis=-1)
-    dhr, dhz, dhn = jnp.split(_plus(dh @ w_hh.T + h @ dw_hh.T, db_hh), 3, axis=-1)
+    dh_pre = matmul(dh, w_hh.T, policy) + matmul(h, dw_hh.T, policy)
+    dhr, dhz, dhn = jnp.split(_plus(dh_pre, db_hh), 3, axis=-1)
     terms = jnp.concatenate([dxr + dhr, dxz + dhz, dxn, dhn, dh], axis=-1) * coef
     dr, dz, dxn_term, dhn_term, dh_term = jnp.split(terms, 5, axis=-1)
     return h_new, dr + dz + dxn_term + dhn_term + dh_term
 
 
 def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = False) -> tuple:
-    new = []
+    new, policy = [], params.precision
     for k, layer in enumerate(params.layers):
         if isinstance(layer, JoinedLayer):
-            x = _joined_step(params.kind, layer, carry[k], x)
+            x = _joined_step(params.kind, layer, carry[k], x, policy)
             new.append(x)
             continue
-        gi = x if (k == 0 and projected) else _plus(x @ layer.weight_ih.T, _row(layer.bias_ih))
+        gi = x
+        if not (k == 0 and projected):
+            gi = _plus(matmul(x, layer.weight_ih.T, policy), _row(layer.bias_ih))
         state, x = layer_step(
-            params.kind, layer.weight_hh, _row(layer.bias_hh), carry[k], gi, layer.weight_hr
+            params.kind, layer.weight_hh, _row(layer.bias_hh), carry[k], gi, layer.weight_hr, policy
         )
         new.append(state)
     return tuple(new)
@@ -244,17 +255,17 @@ def torch_step(params: CellParams, carry: tuple, x: jax.Array) -> tuple:
 def torch_readout(params: CellParams, carry: tuple) -> jax.Array:
     """The head applied to the last layer's ``h``: ``(B, O)``."""
     last = carry[-1][0] if params.kind == "lstm" else carry[-1]
-    return last @ params.head_weight.T + params.head_bias[None, :]
+    return matmul(last, params.head_weight.T, params.precision) + params.head_bias[None, :]
 
 
 def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:
     """The first layer's ``x W_ih^T + b_ih`` for every step at once: ``(T, B, G*H)``."""
-    return _project(params.layers[0], inputs)
+    return _project(params.layers[0], inputs, params.precision)
 
 
-def _project(layer: LayerParams, xs: jax.Array) -> jax.Array:
+def _project(layer: LayerParams, xs: jax.Array, policy: Precision | None) -> jax.Array:
     """``layer``'s input side for every step at once: ``(T, B, I_k) -> (T, B, G*H)``."""
-    return _plus(jnp.einsum("tbi,gi->tbg", xs, layer.weight_ih), _row(layer.bias_ih, 2))
+    return _plus(einsum("tbi,gi->tbg", xs, layer.weight_ih, policy), _row(layer.bias_ih, 2))
 
 
 def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array) -> tuple:

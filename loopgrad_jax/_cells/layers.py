@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from loopgrad_jax._cells.equations import _plus, _project, _row, layer_step
 from loopgrad_jax._cells.params import CellParams
 from loopgrad_jax._loops import Loop, run_loop
+from loopgrad_jax._precision import einsum
 
 # ------------------------------------------------------- hoisted: layer by layer
 
@@ -38,37 +39,37 @@ def hoisted_forward(
     ``remat`` loops it does not: the rule's linearisation would store what the
     checkpoints recompute, so those keep JAX's own rule for the loop.
     """
-    finals, x = [], inputs
+    finals, x, policy = [], inputs, params.precision
     for layer, state0 in zip(params.layers, carry0, strict=True):
-        gi = _project(layer, x)
+        gi = _project(layer, x, policy)
         w_hh, b_hh = layer.weight_hh, layer.bias_hh
         if loop.kind == "remat":
-            state, x = _run_layer(params.kind, loop, w_hh, b_hh, gi, None, state0)
+            state, x = _run_layer(params.kind, loop, policy, w_hh, b_hh, gi, None, state0)
         else:
-            state, x = _layer_sequence(params.kind, loop, w_hh, b_hh, gi, state0)
+            state, x = _layer_sequence(params.kind, loop, policy, w_hh, b_hh, gi, state0)
         finals.append(state)
     return tuple(finals), x
 
 
-def _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0):
+def _run_layer(kind, loop, policy, w_hh, b_hh, gi, extra, state0):
     """One layer over the sequence; ``extra[t]`` (if given) joins the recurrent pre-activation."""
 
     def body(state, xs):
         g, e = xs
         b = _row(b_hh) if e is None else _plus(e, _row(b_hh))
-        return layer_step(kind, w_hh, b, state, g)
+        return layer_step(kind, w_hh, b, state, g, policy=policy)
 
     return run_loop(body, state0, (gi, extra), length=gi.shape[0], loop=loop)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _layer_sequence(kind, loop, w_hh, b_hh, gi, state0):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _layer_sequence(kind, loop, policy, w_hh, b_hh, gi, state0):
     """``(final state, h of every step (T, B, H))`` of one layer, given its ``gi`` (T, B, G*H)."""
-    return _run_layer(kind, loop, w_hh, b_hh, gi, None, state0)
+    return _run_layer(kind, loop, policy, w_hh, b_hh, gi, None, state0)
 
 
 @_layer_sequence.defjvp
-def _layer_sequence_jvp(kind, loop, primals, tangents):
+def _layer_sequence_jvp(kind, loop, policy, primals, tangents):
     # d(h W_hh^T + b_hh) = dh W_hh^T + (h dW_hh^T + db_hh). The first term is the
     # recurrence's own, with W_hh held fixed; the second, for every step at once, is
     # one product of the stored h_{t-1} (T, B, H) and dW_hh, fed in as the tangent of
@@ -79,14 +80,14 @@ def _layer_sequence_jvp(kind, loop, primals, tangents):
     w_hh, b_hh, gi, state0 = primals
     dw_hh, db_hh, dgi, dstate0 = tangents
     out, linear = jax.linearize(
-        lambda gi, extra, state0: _run_layer(kind, loop, w_hh, b_hh, gi, extra, state0),
+        lambda gi, extra, state0: _run_layer(kind, loop, policy, w_hh, b_hh, gi, extra, state0),
         gi,
         jnp.zeros_like(gi),
         state0,
     )
     h0 = state0[0] if kind == "lstm" else state0
     h_prev = jnp.concatenate([h0[None], out[1][:-1]], axis=0)
-    dextra = _plus(jnp.einsum("tbh,gh->tbg", h_prev, dw_hh), _row(db_hh, 2))
+    dextra = _plus(einsum("tbh,gh->tbg", h_prev, dw_hh, policy), _row(db_hh, 2))
     return out, linear(dgi, dextra, dstate0)
 
 
@@ -145,12 +146,14 @@ def module_forward(
 
 def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
     """One layer in one direction over the sequence: ``(final state, h of every step)``."""
-    gi = _project(layer, x)
+    gi = _project(layer, x, params.precision)
     b_hh = _row(layer.bias_hh)
 
     def body(state, xs):
         g, keep = xs
-        new, h = layer_step(params.kind, layer.weight_hh, b_hh, state, g, layer.weight_hr)
+        new, h = layer_step(
+            params.kind, layer.weight_hh, b_hh, state, g, layer.weight_hr, params.precision
+        )
         if keep is None:
             return new, h
         new = jax.tree.map(lambda n, o: jnp.where(keep[:, None], n, o), new, state)

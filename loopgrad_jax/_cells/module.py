@@ -14,7 +14,15 @@ import jax.numpy as jnp
 
 from loopgrad_jax import _checks
 from loopgrad_jax._cells.layers import module_forward
-from loopgrad_jax._cells.params import CellParams, check_hidden0, check_params, to_carry, to_public
+from loopgrad_jax._cells.params import (
+    CellParams,
+    bind_precision,
+    check_hidden0,
+    check_params,
+    set_precision,
+    to_carry,
+    to_public,
+)
 from loopgrad_jax._loops import Loop, compiled, require_reverse
 
 PyTree = Any
@@ -147,6 +155,7 @@ def rnn(
     batch_first: bool | None = None,
     loop: str | Loop = "scan",
     dropout_key: jax.Array | None = None,
+    precision: object = None,
 ) -> tuple[jax.Array, PyTree]:
     """PyTorch's module forward, exactly: ``outputs, h_n`` (``outputs, (h_n, c_n)``).
 
@@ -186,6 +195,14 @@ def rnn(
         as the module applies it in training mode (inverted dropout on every layer's
         outputs but the last; the same key gives the same masks). ``None``: no
         dropout, the module in eval mode.
+      precision: ``None`` (every operation in the parameters' dtype, as without it),
+        ``"bf16"`` or a :class:`loopgrad_jax.Precision`: mixed precision. Under
+        ``"bf16"`` the parameters must be float32 (as must ``inputs`` and
+        ``hidden0``); every matrix product rounds its operands to bfloat16 and
+        accumulates in float32, and the rest (biases, gates, the hidden and cell
+        state, ``outputs``) is float32: PyTorch's ``torch.autocast("cpu",
+        torch.bfloat16)`` on the products, with the state kept float32 each step
+        (``tests/test_precision.py`` says where the two differ).
 
     Examples:
       >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
@@ -197,9 +214,10 @@ def rnn(
       ((5, 2, 4), (2, 2, 4), 0.0)
     """
     loop = require_reverse(loop, "lg.rnn")
+    policy = bind_precision(precision, params)
     bound = bind_module(params, inputs, hidden0, lengths, batch_first, dropout_key)
     return _rnn(
-        bound.params,
+        set_precision(bound.params, policy),
         bound.inputs,
         bound.hidden0,
         bound.lengths,

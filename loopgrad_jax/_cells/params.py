@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from loopgrad_jax import _checks
 from loopgrad_jax._cells.kinds import CELLS, GATES, LAYER_FIELDS, TORCH_CELLS
+from loopgrad_jax._precision import Precision, check_param_dtypes, check_precision
 from loopgrad_jax._rnn import RNNParams, init_rnn
 
 
@@ -49,6 +50,9 @@ class CellParams:
     :func:`loopgrad_jax.rnn` takes for them), and ``cell_module``: imported from an
     ``nn.RNNCell`` / ``nn.LSTMCell`` / ``nn.GRUCell`` (one layer, whose state dict
     keys have no ``_l0``). ``head_weight`` and ``head_bias`` are ``None`` without a head.
+    ``precision`` is the mixed-precision policy the entry points set from their
+    ``precision=`` argument (:class:`loopgrad_jax.Precision`); ``None``: every
+    operation in the parameters' dtype.
     """
 
     layers: tuple[LayerParams, ...]
@@ -59,6 +63,7 @@ class CellParams:
     batch_first: bool = False
     dropout: float = 0.0
     cell_module: bool = False
+    precision: Precision | None = None
 
     @property
     def directions(self) -> int:
@@ -76,7 +81,7 @@ jax.tree_util.register_dataclass(
 jax.tree_util.register_dataclass(
     CellParams,
     data_fields=["layers", "head_weight", "head_bias"],
-    meta_fields=["kind", "bidirectional", "batch_first", "dropout", "cell_module"],
+    meta_fields=["kind", "bidirectional", "batch_first", "dropout", "cell_module", "precision"],
 )
 
 
@@ -381,3 +386,32 @@ def init_cell(
     return CellParams(
         stack, *head, kind, bidirectional=bidirectional, batch_first=batch_first, dropout=dropout
     )
+
+
+def set_precision(tree: Any, policy: Precision | None) -> Any:
+    """``tree`` with every :class:`CellParams` in it (params, gradients, an optimizer's
+    state) under ``policy``: the entry points set it on the way in, and clear it
+    (``None``) on what they return, so that results keep the caller's structure."""
+    return jax.tree.map(
+        lambda node: (
+            dataclasses.replace(node, precision=policy) if isinstance(node, CellParams) else node
+        ),
+        tree,
+        is_leaf=lambda node: isinstance(node, CellParams),
+    )
+
+
+def bind_precision(precision: object, params: Any) -> Precision | None:
+    """The checked policy of ``precision=`` for ``params``; raises naming what is wrong."""
+    policy = check_precision(precision)
+    if policy is None:
+        return None
+    if not isinstance(params, CellParams):
+        raise TypeError(
+            f"precision={precision!r} applies to PyTorch's modules (a CellParams from "
+            f"lg.init_cell or lg.from_torch), got params of type {type(params).__name__}; "
+            "pass precision=None."
+        )
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    check_param_dtypes(((f"params{jax.tree_util.keystr(p)}", v) for p, v in leaves), policy)
+    return policy

@@ -1,0 +1,107 @@
+"""Mixed precision: which dtype the parameters, the matrix products and the state use.
+
+``precision="bf16"`` is :data:`BF16`: parameters (and so the optimizer's state)
+float32, every matrix product's operands rounded to bfloat16 and accumulated in
+float32 (``preferred_element_type=jnp.float32``), everything else (biases, gates,
+the hidden and cell state, the loss) float32. The policy is static: it is a field of
+:class:`loopgrad_jax.CellParams` inside the entry points, read by the cell equations'
+few products (:func:`matmul`, :func:`einsum`), so every loop kind and mode runs it
+from the one body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A precision policy: dtype names for the parameters, the products and the state.
+
+    ``state_dtype="bfloat16"`` rounds every layer's new state (``h`` and an LSTM's
+    ``c``) to bfloat16 each step, carried in float32 arrays: what a bfloat16 state
+    would cost in accuracy, for measuring it (``tests/test_precision.py``).
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    state_dtype: str = "float32"
+
+    def round_state(self, state):
+        """``state`` rounded to ``state_dtype`` and back (nothing for float32)."""
+        if self.state_dtype == self.param_dtype:
+            return state
+        return jax.tree.map(lambda a: a.astype(self.state_dtype).astype(a.dtype), state)
+
+
+#: ``precision="bf16"``: float32 parameters and state, bfloat16 products accumulated in float32.
+BF16 = Precision()
+
+#: The names ``precision=`` takes, and the policies they stand for.
+PRECISIONS: dict[str, Precision] = {"bf16": BF16, "bfloat16": BF16}
+
+_COMPUTE = ("bfloat16", "float16", "float32")
+_STATE = ("bfloat16", "float32")
+
+
+def check_precision(precision: object) -> Precision | None:
+    """``precision`` as a :class:`Precision`, ``None`` for none; raises naming what is wrong."""
+    if precision is None:
+        return None
+    if isinstance(precision, str):
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be None, one of {', '.join(map(repr, PRECISIONS))} or a "
+                f"lg.Precision, got {precision!r}."
+            )
+        return PRECISIONS[precision]
+    if not isinstance(precision, Precision):
+        raise TypeError(
+            f"precision must be None, a string or a lg.Precision, got {type(precision).__name__}."
+        )
+    for field, allowed in (
+        ("param_dtype", ("float32",)),
+        ("compute_dtype", _COMPUTE),
+        ("state_dtype", _STATE),
+    ):
+        value = getattr(precision, field)
+        if value not in allowed:
+            raise ValueError(
+                f"precision.{field} must be one of {', '.join(map(repr, allowed))}, got {value!r}."
+            )
+    return precision
+
+
+def check_param_dtypes(named_leaves, policy: Precision | None) -> None:
+    """Refuses parameters that are not in ``policy.param_dtype`` (half-precision ones)."""
+    if policy is None:
+        return
+    for name, leaf in named_leaves:
+        dtype = jnp.result_type(leaf)
+        if dtype != jnp.dtype(policy.param_dtype):
+            raise TypeError(
+                f"{name} must be {policy.param_dtype} under precision={policy}: the policy "
+                f"keeps the parameters (and the optimizer's state) in {policy.param_dtype} and "
+                f"rounds only the products' operands, got {dtype}; pass float32 "
+                f"parameters and inputs, e.g. jax.tree.map(lambda a: a.astype(jnp.float32), "
+                f"params)."
+            )
+
+
+def matmul(a: jax.Array, b: jax.Array, policy: Precision | None) -> jax.Array:
+    """``a @ b``; under ``policy`` its operands in the compute dtype, accumulated in float32."""
+    if policy is None:
+        return a @ b
+    c = policy.compute_dtype
+    return jnp.matmul(a.astype(c), b.astype(c), preferred_element_type=policy.param_dtype)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, policy: Precision | None) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` as :func:`matmul` computes a product under ``policy``."""
+    if policy is None:
+        return jnp.einsum(spec, a, b)
+    c = policy.compute_dtype
+    return jnp.einsum(spec, a.astype(c), b.astype(c), preferred_element_type=policy.param_dtype)
