@@ -160,6 +160,10 @@ deer=(--scenarios rnn_loss --loops parallel,parallel:jacobian=diag,scan,scan:unr
 bench cpu_deer "${deer[@]}" --hidden 5 --lengths 100,1000,10000   # cpu_deer.json .png
 bench cpu_deer_h64 "${deer[@]}" --hidden 64 --lengths 100,1000    # cpu_deer_h64.json .png
 
+# --- mixed precision: precision="bf16" against float32, the LSTM's gradient, interleaved ---
+bench cpu_bf16 --cell lstm --scenarios rnn_loss --loops scan --lengths 100 --input 64 \
+  --hidden 256 --batch 32 --precision float32,bf16 --no-torch    # cpu_bf16.json
+
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
 if ((${#SMOKE[@]} == 0)) && wanted cpu_as_written_grid; then  # each takes tens of minutes: no smoke version
   wait_idle

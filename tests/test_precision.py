@@ -237,3 +237,21 @@ def test_none_is_todays_computation_and_results_keep_the_callers_structure():
         jnp.dtype(jnp.float32),
         jnp.dtype(jnp.int32),
     }
+
+
+def test_bench_precision_flag():
+    """``loopgrad-bench --precision``: one row per precision; the article's cell refused."""
+    from loopgrad_jax.bench import cli, run
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["--cell", "lstm", "--precision", "float32,bf16"])
+    assert args.precision == ("float32", "bf16")
+    with pytest.raises(SystemExit):
+        cli.main(["--precision", "bf16", "--quick", "--no-torch"])
+    plan = run.Plan(
+        ("rnn_loss",), ("scan",), (3,), 2, 3, 4, 2, None, 0, 1, 1, False, 0, None,
+        cell="lstm", precisions=(None, "bf16"),
+    )  # fmt: skip
+    rows = run.tasks(plan)
+    assert [t.sizes.precision for t in rows] == [None, "bf16"]
+    assert len({run._group(t) for t in rows}) == 1  # timed interleaved

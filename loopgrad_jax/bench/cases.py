@@ -57,6 +57,7 @@ class Sizes(NamedTuple):
     output: int = 1  # O: the article's regression head
     cell: str = "article"  # the RNN scenarios' cell, one of lg.CELLS
     layers: int = 1  # its layers (1 for the article's)
+    precision: str | None = None  # RNN scenarios: lg.rnn_loss's precision= (None: float32)
 
 
 class Limits(NamedTuple):
@@ -156,11 +157,17 @@ def _rnn_loss(hoist_input: bool) -> Callable[..., Callable]:
     """Builds ``(params, inputs, targets) -> (loss, *dloss/dparams)``: full BPTT."""
 
     def build(loop: str, sizes: Sizes, method: None = None, mesh: Mesh | None = None) -> Callable:
-        del sizes, method  # the sizes are read off the shapes
+        del method  # the sizes are read off the shapes, but for the precision
 
         def f(params, inputs, targets):
             loss, grads = jax.value_and_grad(lg.rnn_loss)(
-                params, inputs, targets, loop=loop, hoist_input=hoist_input, mesh=mesh
+                params,
+                inputs,
+                targets,
+                loop=loop,
+                hoist_input=hoist_input,
+                mesh=mesh,
+                precision=sizes.precision,
             )
             return (loss, *jax.tree.leaves(grads))
 
@@ -188,6 +195,7 @@ def _train(mode: str) -> Callable[..., Callable]:
                 window=window,
                 loop=loop,
                 mesh=mesh,
+                precision=sizes.precision,
                 **options,
             )
             return (result.losses, *jax.tree.leaves(result.params))

@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 1; the article's cell has one)",
     )
     parser.add_argument(
+        "--precision",
+        type=_names("precision", ("float32", *lg.PRECISIONS)),
+        default=("float32",),
+        help="the RNN scenarios' precision= for lg.rnn_loss / lg.train_rnn, comma-separated "
+        "for one row each: float32 (precision=None) or bf16 (bfloat16 products, float32 "
+        "accumulation and state); needs a --cell of PyTorch's (default: float32)",
+    )
+    parser.add_argument(
         "--devices",
         type=_lengths,
         default=(1,),
@@ -266,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"argument --layers: expected 1 with --cell article (the article's SimpleRNN has "
             f"one layer), got {args.layers}; pick a cell with layers, e.g. --cell rnn_tanh"
         )
+    if args.precision != ("float32",) and args.cell == "article":
+        parser.error(
+            f"argument --precision: expected float32 with --cell article (precision= applies "
+            f"to PyTorch's cells), got {','.join(args.precision)}; pick e.g. --cell lstm"
+        )
     if settings["window"] > max(settings["lengths"]) and "train_tbptt" in args.scenarios:
         parser.error(
             f"argument --window: expected at most the longest of --lengths "
@@ -303,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cell=args.cell,
         layers=args.layers,
         devices=devices,
+        precisions=tuple(None if p == "float32" else p for p in args.precision),
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)

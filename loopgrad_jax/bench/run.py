@@ -42,6 +42,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "hidden",
     "cell",  # RNN scenarios: one of lg.CELLS; None for the scalar ones
     "layers",  # RNN scenarios: the cell's layers; None for the scalar ones
+    "precision",  # RNN scenarios: precision= ("bf16"), or None (float32 throughout)
     "devices",  # JAX: devices the batch splits over (1: no mesh); None for PyTorch
     "window",  # train_tbptt only
     "lower_s",  # trace + lower (JAX)
@@ -94,6 +95,7 @@ class Plan(NamedTuple):
     cell: str = "article"  # the RNN scenarios' cell, one of lg.CELLS
     layers: int = 1  # its layers
     devices: tuple[int, ...] = (1,)  # JAX rows of the RNN scenarios per mesh size
+    precisions: tuple[str | None, ...] = (None,)  # JAX rows of the RNN scenarios per precision
 
 
 class Task(NamedTuple):
@@ -136,16 +138,19 @@ def tasks(plan: Plan) -> list[Task]:
 
 def _sizes(plan: Plan, length: int, scenario: str) -> list[cases.Sizes]:
     base = cases.Sizes(length, plan.batch, plan.input, plan.hidden, plan.window)
+    bases = [base]
     if cases.SCENARIOS[scenario].rnn:  # the scalar scenarios have no cell
         base = base._replace(cell=plan.cell, layers=plan.layers)
+        bases = [base._replace(precision=p) for p in plan.precisions]
     if plan.sweep is None:
-        return [base]
+        return bases
     dimension, values = plan.sweep
-    return [base._replace(**{dimension: value}) for value in values]
+    return [b._replace(**{dimension: value}) for value in values for b in bases]
 
 
 def _group(task: Task) -> tuple:
-    return (task.scenario, task.sizes, task.method)
+    # The precisions of one case run in one group: timed interleaved, on the same data.
+    return (task.scenario, task.sizes._replace(precision=None), task.method)
 
 
 def run(plan: Plan, device: jax.Device) -> Iterator[dict[str, Any]]:
@@ -316,6 +321,7 @@ def new_record(task: Task) -> dict[str, Any]:
         hidden=sizes.hidden,
         cell=sizes.cell if rnn else None,
         layers=sizes.layers if rnn else None,
+        precision=sizes.precision if rnn else None,
         devices=task.devices if jax_side else None,
         window=sizes.window if task.scenario == "train_tbptt" else None,
         flops=case_flops(
