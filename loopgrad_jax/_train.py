@@ -491,8 +491,11 @@ def _train_tbptt(
         return jax.tree.map(lambda a: a[:cut].reshape(full, window, *a.shape[1:]), tree)
 
     # A bound on the trip count (while:max_steps=N) bounds each window's loop; the loop
-    # over the windows runs once per window, however many there are.
+    # over the windows runs once per window, however many there are. The parallel kind
+    # solves each window's time loop; the windows, which carry the weights and the
+    # optimizer's state from update to update, run one after another.
     outer = loop if loop.max_steps is None else loop._replace(max_steps=full)
+    outer = Loop("scan") if loop.kind == "parallel" else outer
     carry = (params, opt_state, hidden0, keep_init(keep_grads, params))
     carry, (losses, grads) = run_loop(
         window_update, carry, (windows(inputs), windows(targets)), length=full, loop=outer

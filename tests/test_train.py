@@ -624,3 +624,16 @@ def test_line_search_is_refused_in_as_written_mode():
     want = r"optimizer's update needs 'value_fn', which mode='as_written' cannot give.*tbptt"
     with jax.numpy_dtype_promotion("standard"), pytest.raises(ValueError, match=want):
         _train(*problem, mode="as_written", optimizer=optax.lbfgs())
+
+
+def test_tbptt_with_the_parallel_kind_runs_its_windows_in_turn():
+    # The parallel kind solves each window's time loop; the windows carry the weights and
+    # Adam's state (an integer step count, which DEER refuses as a carry) one after another.
+    params, x, y, h0 = random_rnn_problem(jax.random.key(40), 6, 2, 3, 4, 1)
+    adam = lg.torch_optimizer("adam", lr=0.01)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam: a float to an int32 power
+        runs = {
+            loop: lg.train_rnn(params, x, y, hidden0=h0, window=2, optimizer=adam, loop=loop)
+            for loop in ("scan", "parallel")
+        }
+    assert_close(runs["parallel"], runs["scan"], TOL["float64"], "parallel against scan")
