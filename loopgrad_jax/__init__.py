@@ -27,6 +27,7 @@ from loopgrad_jax._rnn import RNNParams, RNNSizes, init_rnn, rnn_cell, step_loss
 from loopgrad_jax._scalar import accumulate_loss, stack_loss
 from loopgrad_jax._sequence import rnn_loss
 from loopgrad_jax._train import MODES, train_rnn
+from loopgrad_jax.check_torch import TorchParity, check_against_torch
 
 __version__ = "0.1.0"
 
@@ -72,9 +73,11 @@ __all__ = [
     "RNNParams",
     "RNNSizes",
     "TORCH_OPTIMIZERS",
+    "TorchParity",
     "TrainResult",
     "accumulate_loss",
     "as_written_cost",
+    "check_against_torch",
     "checkpointed_evaluations",
     "from_torch",
     "init_cell",
