@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopgrad_jax._cells.module import rnn
+from loopgrad_jax._cells.params import check_params
 from loopgrad_jax._cells.torch_io import from_torch, to_torch
-from loopgrad_jax._loops import REVERSE_LOOPS, Loop
+from loopgrad_jax._loops import REVERSE_LOOPS, Loop, require_reverse
 
 #: Every loop kind that runs reverse mode; ``"while"`` runs bounded by the inputs' T.
 DEFAULT_LOOPS: tuple[str, ...] = (*REVERSE_LOOPS, "while")
@@ -58,6 +59,15 @@ class TorchParity:
     def passed(self) -> bool:
         """Every error within ``tolerance`` and no run raised."""
         return not self.messages and self.worst <= self.tolerance
+
+    def as_json(self) -> dict[str, Any]:
+        """The raw numbers, JSON-ready (``None`` for an infinite error)."""
+        out = dataclasses.asdict(self) | {"passed": self.passed}
+        out["errors"] = {
+            loop: {c: e if math.isfinite(e) else None for c, e in row.items()}
+            for loop, row in self.errors.items()
+        }
+        return out
 
     def failed_loops(self) -> list[str]:
         return [
@@ -154,11 +164,13 @@ def check_against_torch(
     x = _numpy(inputs, dtype)
     h0 = _tree(lambda a: _numpy(a, dtype), hidden0)
     lens = None if lengths is None else np.asarray(_numpy(lengths, None), np.int64)
+    t = x.shape[1 if params.batch_first and x.ndim == 3 and not cell else 0]
+    for loop in loops:  # a misspelt or forward-only kind: before PyTorch runs
+        require_reverse(_bounded(loop, t), "check_against_torch")
 
     expected, r = _torch_run(torch, copied, cell, x, h0, lens, seed)
     columns = ["outputs", "h_n", *(["c_n"] if params.kind == "lstm" else [])]
     columns += ["d weights", "d inputs", *(["d hidden0"] if h0 is not None else [])]
-    t = x.shape[1 if params.batch_first and x.ndim == 3 and not cell else 0]
     errors, messages = {}, {}
     with jax.default_matmul_precision("highest"):  # PyTorch's float32 products on the CPU
         for loop in loops:
@@ -299,3 +311,56 @@ def _compare(actual: dict, expected: dict, columns: list[str]) -> dict[str, floa
         else:
             row[column] = max((_max_error(np.asarray(x), y) for x, y in pairs), default=0.0)
     return row
+
+
+# ------------------------------------------------------------------- loopgrad-parity --module
+
+
+def load_module(path: str) -> Any:
+    """The module ``torch.save(module, path)`` saved; raises ValueError naming what is wrong."""
+    torch = _import_torch()
+    try:
+        module = torch.load(path, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same mistake
+        raise ValueError(
+            f"{path}: torch.load cannot read it ({type(err).__name__}: {err}); save the "
+            "module with torch.save(module, path)."
+        ) from err
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(
+            f"{path} holds a {type(module).__name__}, not a torch.nn module: save the module "
+            "itself with torch.save(module, path) (a state dict does not hold its kind and "
+            "batch_first)."
+        )
+    try:
+        from_torch(module)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path} holds a {type(module).__name__}, not a module this checks: {err}"
+        ) from err
+    return module
+
+
+def random_call(
+    module: Any, steps: int, batch: int, *, lengths: bool, unbatched: bool, seed: int
+) -> tuple[np.ndarray, Any, np.ndarray | None]:
+    """Random float64 ``(inputs, hidden0, lengths)`` for ``module``, in its own layout:
+    ``steps`` steps of ``batch`` examples (no batch axis when ``unbatched``), lengths
+    uniform in ``1..steps`` when asked for."""
+    params, sizes = check_params(from_torch(module))
+    rng = np.random.default_rng(seed)
+    size, hidden, h_out = sizes["input"], sizes["hidden"], sizes["state"]
+    lead = () if params.cell_module else (len(params.layers),)
+    lead += () if unbatched else (batch,)
+    if unbatched:
+        shape = (steps, size)
+    elif params.batch_first and not params.cell_module:
+        shape = (batch, steps, size)
+    else:
+        shape = (steps, batch, size)
+    inputs = rng.standard_normal(shape)
+    h0 = rng.standard_normal((*lead, h_out))
+    if params.kind == "lstm":
+        h0 = (h0, rng.standard_normal((*lead, hidden)))
+    lens = rng.integers(1, steps + 1, size=batch) if lengths else None
+    return inputs, h0, lens

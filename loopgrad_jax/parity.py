@@ -761,6 +761,8 @@ examples:
   loopgrad-parity                          # against the fixtures this package ships
   loopgrad-parity --live                   # against fixtures the installed PyTorch writes
   loopgrad-parity --scenario cell_loss --cell lstm,gru --loop scan --json parity.json
+  loopgrad-parity --module lstm.pt --steps 20 --batch 4 --lengths
+                                           # your torch.save(module, 'lstm.pt') against lg.rnn
 
 exit status: 0 when every check passes, 1 when one fails, 2 for bad arguments."""
 
@@ -818,6 +820,21 @@ def build_parser() -> argparse.ArgumentParser:
         "loop kinds only",
     )
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON to PATH")
+    own = parser.add_argument_group(
+        "your own module (lg.check_against_torch; needs pip install 'loopgrad_jax[torch]')"
+    )
+    own.add_argument(
+        "--module",
+        metavar="FILE",
+        help="check the nn.RNN/LSTM/GRU or cell module saved with torch.save(module, FILE) "
+        "on random inputs, with every reverse-capable loop kind (or --loop) and --dtype, "
+        "instead of the fixtures",
+    )
+    own.add_argument("--steps", type=_positive, default=5, metavar="T", help="default 5")
+    own.add_argument("--batch", type=_positive, default=3, metavar="B", help="default 3")
+    own.add_argument("--lengths", action="store_true", help="random lengths in 1..T, packed")
+    own.add_argument("--unbatched", action="store_true", help="inputs (T, I), no batch axis")
+    own.add_argument("--seed", type=int, default=0, help="of the inputs and the probe")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -840,6 +857,12 @@ def _choices(what: str, allowed: Sequence[str]) -> Callable[[str], tuple[str, ..
         return tuple(items)
 
     return parse
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _loops(text: str) -> tuple[str, ...]:
@@ -885,6 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # them on the CPU (JAX's default on NVIDIA GPUs rounds float32 operands to TF32).
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
+    if args.module:
+        return _check_module(args, parser)
     with contextlib.ExitStack() as stack:
         directory: Path = Path(args.fixtures) if args.fixtures else fixtures.SHIPPED
         source = str(directory) if args.fixtures else "shipped"
@@ -923,6 +948,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         _write_json(args.json, meta, records)
     return 1 if failed else 0
+
+
+def _check_module(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--module FILE``: :func:`loopgrad_jax.check_against_torch` on random inputs."""
+    from loopgrad_jax import check_torch
+
+    given = [
+        name
+        for name, value in (("--live", args.live), ("--fixtures", args.fixtures))
+        + (("--scenario", args.scenario is not SCENARIOS), ("--cell", args.cell))
+        if value
+    ]
+    if given:
+        parser.error(f"argument --module: not allowed with {', '.join(given)}")
+    if args.lengths and args.unbatched:
+        parser.error("argument --lengths: not allowed with --unbatched (one example)")
+    try:
+        module = check_torch.load_module(args.module)
+        x, h0, lengths = check_torch.random_call(
+            module, args.steps, args.batch, lengths=args.lengths,
+            unbatched=args.unbatched, seed=args.seed,
+        )  # fmt: skip
+        results = [
+            check_torch.check_against_torch(
+                module,
+                x,
+                lengths=lengths,
+                hidden0=h0,
+                dtype=dtype,
+                seed=args.seed,
+                loops=args.loop or check_torch.DEFAULT_LOOPS,
+            )  # fmt: skip
+            for dtype in args.dtype
+        ]
+    except (ImportError, TypeError, ValueError) as err:
+        parser.error(f"argument --module: {err}")
+    shape = "x".join(map(str, x.shape))
+    print(f"{args.module}: random inputs {shape}, lengths {lengths}, seed {args.seed}\n")
+    print("\n\n".join(map(str, results)))
+    if args.json:
+        doc = {"module": args.module, "passed": all(r.passed for r in results)}
+        doc["results"] = [r.as_json() for r in results]
+        Path(args.json).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return 0 if all(r.passed for r in results) else 1
 
 
 def _check_of(record: Record) -> Check:
