@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -327,8 +327,9 @@ def load_module(path: str) -> Any:
             "module with torch.save(module, path)."
         ) from err
     if not isinstance(module, torch.nn.Module):
+        held = "a state dict" if isinstance(module, Mapping) else f"a {type(module).__name__}"
         raise ValueError(
-            f"{path} holds a {type(module).__name__}, not a torch.nn module: save the module "
+            f"{path} holds {held}, not a torch.nn module: save the module "
             "itself with torch.save(module, path) (a state dict does not hold its kind and "
             "batch_first)."
         )

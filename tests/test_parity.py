@@ -151,3 +151,92 @@ def test_compiled_programs_are_dropped_after_each_check(monkeypatch):
     monkeypatch.setattr(parity.jax, "clear_caches", lambda: cleared.append(1))
     assert parity.main(FEW) == 0
     assert len(cleared) == 8
+
+
+# ------------------------------------------------------------------ --module FILE: your own
+
+
+def _saved(tmp_path, module, name="module.pt"):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / name
+    torch.save(module, path)
+    return str(path)
+
+
+@pytest.mark.torch
+def test_a_saved_module_is_checked_and_exits_0(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, proj_size=2, bidirectional=True, batch_first=True)
+    path, out = _saved(tmp_path, lstm), tmp_path / "module.json"
+    argv = ["--module", path, "--steps", "4", "--batch", "2", "--lengths", "--loop", "scan"]
+    assert parity.main([*argv, "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"{path}: random inputs 2x4x3, lengths [" in stdout  # batch_first: (B, T, I)
+    for dtype, tol in (("float32", "1e-05"), ("float64", "1e-10")):
+        assert f"bidirectional=True) in {dtype}, max |jax - torch| / (1 + |torch|), " in stdout
+        assert f"tolerance {tol}: passed" in stdout
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("scan")]
+    assert len(rows) == 2 and all(r[-1] == "pass" and len(r) == 8 for r in rows)
+    doc = json.loads(out.read_text())
+    assert doc["passed"] and [r["dtype"] for r in doc["results"]] == ["float32", "float64"]
+    assert set(doc["results"][1]["errors"]) == {"scan"}
+
+
+@pytest.mark.torch
+def test_a_saved_module_that_differs_exits_1(tmp_path, monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    from loopgrad_jax import check_torch
+
+    path = _saved(tmp_path, torch.nn.RNN(3, 4))  # tanh, read as relu on the JAX side
+    as_relu = check_torch.from_torch
+    monkeypatch.setattr(
+        check_torch, "from_torch", lambda m: as_relu(m.state_dict(), kind="rnn_relu")
+    )
+    argv = ["--module", path, "--loop", "scan", "--dtype", "float64"]
+    assert parity.main(argv) == 1
+    stdout = capsys.readouterr().out
+    assert "tolerance 1e-10: FAILED" in stdout and stdout.rstrip().endswith("FAIL")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("dict", r"holds a state dict, not a torch.nn module: save the module itself"),
+        ("linear", r"holds a Linear, not a module this checks: rnn must be a torch.nn.RNN"),
+        ("text", r"torch.load cannot read it"),
+    ],
+)
+def test_a_file_that_is_no_module_exits_2(tmp_path, content, match, capsys):
+    torch = pytest.importorskip("torch")
+    if content == "text":
+        path = tmp_path / "module.pt"
+        path.write_text("not a module")
+        path = str(path)
+    else:
+        made = {
+            "dict": lambda: torch.nn.GRU(3, 4).state_dict(),
+            "linear": lambda: torch.nn.Linear(3, 4),
+        }
+        path = _saved(tmp_path, made[content]())
+    with pytest.raises(SystemExit) as exit:
+        parity.main(["--module", path, "--loop", "scan"])
+    assert exit.value.code == 2
+    assert re.search(f"--module: .*{match}", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--module", "m.pt", "--live"], r"--module: not allowed with --live"),
+        (["--module", "m.pt", "--scenario", "stack"], r"--module: not allowed with --scenario"),
+        (["--module", "m.pt", "--lengths", "--unbatched"], r"--lengths: not allowed with"),
+        (["--module", "m.pt", "--steps", "0"], r"--steps: expected an integer >= 1, got '0'"),
+    ],
+)
+def test_module_with_bad_arguments_exits_2(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parity.main(argv)
+    assert exit.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
