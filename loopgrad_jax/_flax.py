@@ -55,21 +55,25 @@ class TorchCell(nnx.RNNCellBase):
     """One layer of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` with PyTorch's four parameters.
 
     ``weight_ih`` ``(G*H, I)``, ``weight_hh`` ``(G*H, H)``, ``bias_ih`` and ``bias_hh``
-    ``(G*H,)``, named and laid out as in PyTorch's state dict, each an ``nnx.Param``.
-    One step is PyTorch's (see :mod:`loopgrad_jax._cells.equations`); the carry is ``h`` ``(B, H)``,
-    or for an LSTM the pair ``(h, c)`` in PyTorch's order (Flax's LSTM cells carry
-    ``(c, h)``). ``__call__(carry, x)`` returns ``(new carry, new h)``, as Flax's cells do.
+    ``(G*H,)``, named and laid out as in PyTorch's state dict, each an ``nnx.Param``;
+    an LSTM with ``proj_size=P`` also ``weight_hr`` ``(P, H)``. One step is PyTorch's (see
+    :mod:`loopgrad_jax._cells.equations`); the carry is ``h`` ``(B, H)``, or for an LSTM
+    the pair ``(h, c)`` in PyTorch's order (Flax's LSTM cells carry ``(c, h)``), ``h``
+    then ``(B, P)`` with a projection. ``__call__(carry, x)`` returns ``(new carry, new
+    h)``, as Flax's cells do.
     """
 
     def __init__(self, kind: str, layer: LayerParams):
         self.kind = _checks.one_of("kind", kind, TORCH_CELLS)
         self.in_features = layer.weight_ih.shape[1]
-        self.hidden_features = layer.weight_hh.shape[1]
+        self.hidden_features = layer.weight_hh.shape[0] // _cells.GATES[self.kind]  # H
+        self.state_features = layer.weight_hh.shape[1]  # h's width: P with a projection
         self.weight_ih = nnx.Param(jnp.asarray(layer.weight_ih))
         self.weight_hh = nnx.Param(jnp.asarray(layer.weight_hh))
         # A bias-free layer (PyTorch's bias=False) holds no bias parameter at all.
         self.bias_ih = _param_or_none(layer.bias_ih)
         self.bias_hh = _param_or_none(layer.bias_hh)
+        self.weight_hr = _param_or_none(layer.weight_hr)
 
     def __call__(self, carry: Any, inputs: jax.Array) -> tuple[Any, jax.Array]:
         lead = tuple(range(inputs.ndim - 1))  # the batch axes
@@ -78,11 +82,13 @@ class TorchCell(nnx.RNNCellBase):
         if self.bias_ih is not None:
             gi = gi + jnp.expand_dims(self.bias_ih[...], lead)
             b_hh = jnp.expand_dims(self.bias_hh[...], lead)
-        return _cells.layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi)
+        w_hr = _value_or_none(self.weight_hr)
+        return _cells.layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi, w_hr)
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> Any:
-        zeros = jnp.zeros((*input_shape[:-1], self.hidden_features), self.weight_hh.dtype)
-        return (zeros, zeros) if self.kind == "lstm" else zeros
+        batch, dtype = input_shape[:-1], self.weight_hh.dtype
+        h = jnp.zeros((*batch, self.state_features), dtype)
+        return (h, jnp.zeros((*batch, self.hidden_features), dtype)) if self.kind == "lstm" else h
 
     @property
     def num_feature_axes(self) -> int:
@@ -100,9 +106,13 @@ def _value_or_none(variable: nnx.Param | None) -> jax.Array | None:
 class FlaxRNN(nnx.Module):
     """A stack of recurrent layers and a linear head, in Flax NNX; built by :func:`to_flax`.
 
-    ``model(inputs, hidden0=None)`` runs each layer over the whole sequence with
-    ``nnx.RNN`` (``nnx.scan`` over its cell) and returns the head's output at every
-    step, ``(T, B, O)``. In plain Python::
+    ``model(inputs, hidden0=None, lengths=None)`` runs each layer over the whole
+    sequence with ``nnx.RNN`` (``nnx.scan`` over its cell), or for a bidirectional
+    model ``nnx.Bidirectional`` (a forward and a reverse ``nnx.RNN``, their outputs
+    concatenated as PyTorch does), and returns the head's output at every step,
+    ``(T, B, O)``, or without a head the last layer's outputs ``(T, B, D*H_out)``.
+    :meth:`module_outputs` returns what PyTorch's module does: ``(outputs, h_n)``.
+    In plain Python (one direction)::
 
       x = inputs                                       # (T, B, I), time-major
       for layer, carry in zip(layers, carries of hidden0):
@@ -112,85 +122,170 @@ class FlaxRNN(nnx.Module):
         x = stack(hs)                                  # (T, B, H)
       return head(x)                                   # (T, B, O)
 
+    ``lengths`` ``(B,)`` is ``nnx.RNN``'s ``seq_lengths``, with PyTorch's packed
+    semantics: the final state is the one after step ``lengths[b] - 1``, the reverse
+    direction starts there (``nnx.RNN(reverse=True, keep_order=True)`` flips each
+    example's real steps only), and the outputs at padded steps are zero.
+
     Attributes:
       kind: one of :data:`loopgrad_jax.CELLS` (static).
-      layers: an ``nnx.List`` of ``nnx.RNN``, one per layer.
-      head: an ``nnx.Linear(H, O)``.
+      bidirectional: whether each layer is an ``nnx.Bidirectional`` (static).
+      layers: an ``nnx.List`` of ``nnx.RNN`` (or ``nnx.Bidirectional``), one per layer.
+      head: an ``nnx.Linear(D*H_out, O)``, or ``None``.
 
-    The model holds only ``nnx.Param`` variables (its ``nnx.RNN`` layers keep no RNG
-    stream), so ``nnx.state(model)`` is its weights. ``hidden0`` is in the library's
-    layout, as :func:`loopgrad_jax.rnn_loss` takes it: ``(B, H)`` for the article's
-    model, PyTorch's ``(num_layers, B, H)`` otherwise (the pair ``(h0, c0)`` for an
-    LSTM); zeros when ``None``.
+    The model holds only ``nnx.Param`` variables (its layers keep no RNG stream), so
+    ``nnx.state(model)`` is its weights. It is time-major whatever ``params.batch_first``
+    says, and runs without dropout (PyTorch's eval mode). ``hidden0`` is in the
+    library's layout, as :func:`loopgrad_jax.rnn` takes it: ``(B, H)`` for the
+    article's model, PyTorch's ``(D*num_layers, B, H_out)`` otherwise (the pair
+    ``(h0, c0)`` for an LSTM); zeros when ``None``.
     """
 
     def __init__(
         self,
         cells: Sequence[nnx.RNNCellBase],
-        head: nnx.Linear,
+        head: nnx.Linear | None,
         *,
         kind: str,
         unroll: int = 1,
+        bidirectional: bool = False,
     ):
         self.kind = _checks.one_of("kind", kind, _cells.CELLS)
         self.unroll = _checks.static_length("unroll", unroll, minimum=1)
-        self.layers = nnx.List(
-            [
-                nnx.RNN(cell, time_major=True, return_carry=True, unroll=self.unroll, rngs=False)
-                for cell in cells
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}.")
+        self.bidirectional = bidirectional
+        rnns = [
+            nnx.RNN(cell, time_major=True, return_carry=True, unroll=self.unroll, rngs=False)
+            for cell in cells
+        ]
+        if bidirectional:
+            if len(rnns) % 2:
+                raise ValueError(
+                    "cells of a bidirectional model hold each layer's forward and reverse "
+                    f"cell, so an even number, got {len(rnns)}."
+                )
+            rnns = [
+                nnx.Bidirectional(f, b, time_major=True, return_carry=True, rngs=False)
+                for f, b in zip(rnns[::2], rnns[1::2], strict=True)
             ]
-        )
+        self.layers = nnx.List(rnns)
         self.head = head
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     @property
-    def hidden_size(self) -> int:
-        return self.layers[0].cell.hidden_features
+    def cells(self) -> list[nnx.RNNCellBase]:
+        """Every layer's cells in the params' order (layer ``l``'s direction ``d`` at ``l*D+d``)."""
+        return [rnn.cell for layer in self.layers for rnn in _directions(layer)]
 
-    def __call__(self, inputs: jax.Array, hidden0: Any = None) -> jax.Array:
-        return _run_layers(self, inputs, self.carries(inputs, hidden0))
+    @property
+    def hidden_size(self) -> int:
+        return self.cells[0].hidden_features
+
+    @property
+    def state_size(self) -> int:
+        """``H_out``: the width of ``h`` (an LSTM's ``proj_size``, else ``H``)."""
+        cell = self.cells[0]
+        return getattr(cell, "state_features", cell.hidden_features)
+
+    @property
+    def output_size(self) -> int:
+        """The width of the model's output: the head's ``O``, or ``D*H_out`` without one."""
+        return self.directions * self.state_size if self.head is None else self.head.out_features
+
+    def __call__(
+        self, inputs: jax.Array, hidden0: Any = None, lengths: jax.Array | None = None
+    ) -> jax.Array:
+        outputs, _ = self.module_outputs(inputs, hidden0, lengths)
+        return outputs if self.head is None else self.head(outputs)
+
+    def module_outputs(
+        self, inputs: jax.Array, hidden0: Any = None, lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, Any]:
+        """``(outputs, h_n)`` as :func:`loopgrad_jax.rnn` returns them (time-major).
+
+        ``outputs`` ``(T, B, D*H_out)`` are the last layer's, zero at padded steps;
+        ``h_n`` is PyTorch's ``(D*num_layers, B, H_out)`` (``(h_n, c_n)`` for an
+        LSTM), ``(B, H)`` for the article's model.
+        """
+        inputs = _checks.float_array("inputs", inputs)
+        i = self.cells[0].in_features
+        _checks.shape("inputs", inputs, (None, None, i), f"(T, B, I) with I={i}, time-major")
+        lengths = _checks.check_lengths(lengths, *inputs.shape[:2])
+        outputs, finals = _run_layers(self, inputs, self.carries(inputs, hidden0), lengths)
+        h_n = self.hidden_of(finals)
+        if lengths is not None:  # a traced length outside 1..T: every result NaN, as lg.rnn
+            bad = jnp.any((lengths < 1) | (lengths > inputs.shape[0]))
+            poison = jnp.where(bad, jnp.nan, 1.0).astype(inputs.dtype)
+            outputs, h_n = jax.tree.map(lambda a: a * poison, (outputs, h_n))
+        return outputs, h_n
 
     def carries(self, inputs: jax.Array, hidden0: Any = None) -> tuple:
-        """The per-layer carries of ``hidden0`` (library layout), each in its cell's layout."""
-        dtype = self.head.kernel.dtype
-        b, h, layers = inputs.shape[1], self.hidden_size, self.num_layers
+        """The per-layer carries of ``hidden0`` (library layout), each in its cell's layout;
+        a bidirectional layer's is the pair (forward, reverse)."""
+        dtype = inputs.dtype
+        b, h = inputs.shape[1], self.hidden_size
         if self.kind == "article":
             if hidden0 is None:
                 return (jnp.zeros((b, h), dtype),)
             hidden0 = _checks.float_array("hidden0", hidden0)
             _checks.shape("hidden0", hidden0, (b, h), f"(B, H) with B={b}, H={h}")
             return (hidden0,)
-        hidden0 = _cells.check_hidden0(self.kind, hidden0, layers, b, h, dtype)
+        cells = self.cells
+        hidden0 = _cells.check_hidden0(
+            self.kind, hidden0, len(cells), b, h, dtype, state=self.state_size
+        )
         if self.kind == "lstm":
-            return tuple(
-                _lstm_carry(layer.cell, hidden0[0][k], hidden0[1][k])
-                for k, layer in enumerate(self.layers)
-            )
-        return tuple(hidden0[k] for k in range(layers))
+            flat = [_lstm_carry(c, hidden0[0][k], hidden0[1][k]) for k, c in enumerate(cells)]
+        else:
+            flat = [hidden0[k] for k in range(len(cells))]
+        if self.bidirectional:
+            return tuple(zip(flat[::2], flat[1::2], strict=True))
+        return tuple(flat)
 
     def hidden_of(self, carries: tuple) -> Any:
         """The inverse of :meth:`carries`: the library's layout of per-layer carries."""
         if self.kind == "article":
             return carries[0]
+        if self.bidirectional:
+            carries = tuple(c for pair in carries for c in pair)
         if self.kind == "lstm":
-            pairs = [
-                _lstm_h_c(layer.cell, c) for layer, c in zip(self.layers, carries, strict=True)
-            ]
+            pairs = [_lstm_h_c(cell, c) for cell, c in zip(self.cells, carries, strict=True)]
             return jnp.stack([h for h, _ in pairs]), jnp.stack([c for _, c in pairs])
         return jnp.stack(carries)
 
 
-def _run_layers(model: FlaxRNN, inputs: jax.Array, carries: tuple) -> jax.Array:
-    """The model's output ``(T, B, O)``, each layer run over the sequence by its ``nnx.RNN``."""
+def _directions(layer: nnx.Module) -> tuple:
+    """A layer's ``nnx.RNN``\\ s: itself, or an ``nnx.Bidirectional``'s forward and reverse."""
+    if isinstance(layer, nnx.Bidirectional):
+        return (layer.forward_rnn, layer.backward_rnn)
+    return (layer,)
+
+
+def _run_layers(
+    model: FlaxRNN, inputs: jax.Array, carries: tuple, lengths: jax.Array | None = None
+) -> tuple[jax.Array, tuple]:
+    """The last layer's outputs ``(T, B, D*H_out)`` and every layer's final carry."""
     x = inputs
+    live = None if lengths is None else (jnp.arange(x.shape[0])[:, None] < lengths[None])[..., None]
+    finals = []
     # initial_carry is given explicitly: without it nnx.RNN draws its carry from an
-    # RNG stream, which this model does not keep.
+    # RNG stream, which this model does not keep. With seq_lengths nnx.RNN returns
+    # the carry after each example's last real step, but its outputs run on past it:
+    # PyTorch's are zero there.
     for layer, carry in zip(model.layers, carries, strict=True):
-        _, x = layer(x, initial_carry=carry)
-    return model.head(x)
+        carry, x = layer(x, initial_carry=carry, seq_lengths=lengths)
+        if live is not None:
+            x = jnp.where(live, x, 0)
+        finals.append(carry)
+    return x, tuple(finals)
 
 
 def _lstm_carry(cell: nnx.Module, h: jax.Array, c: jax.Array) -> tuple:
@@ -209,13 +304,16 @@ def to_flax(params: CellParams | RNNParams, *, cells: str = "torch", unroll: int
 
     Args:
       params: the article's :class:`RNNParams` or a :class:`CellParams` of any number
-        of layers (:func:`loopgrad_jax.init_cell`, :func:`loopgrad_jax.from_torch`).
+        of layers (:func:`loopgrad_jax.init_cell`, :func:`loopgrad_jax.from_torch`):
+        bidirectional (an ``nnx.Bidirectional`` per layer), an LSTM with a projection
+        (``cells="torch"`` only), without a head (the model returns the last layer's
+        outputs). A cell module's params build a one-layer model.
       cells: ``"torch"``: :class:`TorchCell`, PyTorch's exact parameterisation (its
         training runs reproduce PyTorch's); ``"flax"``: Flax's built-in cells, the
         same forward pass with one bias per layer (see the module's table). A GRU
         whose ``b_hn`` (the last third of ``bias_hh``) is not zero has no
-        ``nnx.GRUCell`` equivalent and raises a ``ValueError``. The article's model
-        is an ``nnx.SimpleCell`` either way.
+        ``nnx.GRUCell`` equivalent and raises a ``ValueError``, as does a projection.
+        The article's model is an ``nnx.SimpleCell`` either way.
       unroll: ``nnx.RNN``'s ``unroll``: steps per trip through its loop.
 
     Examples:
@@ -243,25 +341,18 @@ def to_flax(params: CellParams | RNNParams, *, cells: str = "torch", unroll: int
             f"lg.from_torch), got {type(params).__name__}."
         )
     params, _ = _cells.check_params(params)
-    unsupported = {
-        "bidirectional=True": params.bidirectional,
-        "an LSTM projection (proj_size > 0)": params.layers[0].weight_hr is not None,
-        "no head": params.head_weight is None,
-    }
-    for what, present in unsupported.items():
-        if present:
-            raise ValueError(
-                f"to_flax builds one nnx.RNN per layer and an nnx.Linear head; params has "
-                f"{what}, which it does not build yet: run the model with lg.rnn (every loop "
-                "kind, nnx_scan included) instead."
-            )
     if cells == "torch":
         stack = [TorchCell(params.kind, layer) for layer in params.layers]
     else:
+        if params.layers[0].weight_hr is not None:
+            raise ValueError(
+                "params has an LSTM projection (proj_size > 0, weight_hr), which Flax's "
+                "built-in LSTM cells do not have: use cells='torch' (TorchCell holds "
+                "weight_hr)."
+            )
         stack = [_builtin_cell(params.kind, k, layer) for k, layer in enumerate(params.layers)]
-    return FlaxRNN(
-        stack, _head(params.head_weight, params.head_bias), kind=params.kind, unroll=unroll
-    )
+    head = None if params.head_weight is None else _head(params.head_weight, params.head_bias)
+    return FlaxRNN(stack, head, kind=params.kind, unroll=unroll, bidirectional=params.bidirectional)
 
 
 def _rngs() -> nnx.Rngs:
@@ -346,8 +437,17 @@ def _concrete(name: str, value: jax.Array) -> np.ndarray:
         ) from err
 
 
-def from_flax(model: FlaxRNN) -> CellParams | RNNParams:
-    """The library's params of a :class:`FlaxRNN`: the inverse of :func:`to_flax`.
+def from_flax(model: Any) -> CellParams | RNNParams:
+    """The library's params of a Flax model: the inverse of :func:`to_flax`.
+
+    ``model`` is a :class:`FlaxRNN`, or Flax's own layers: an ``nnx.RNN`` or an
+    ``nnx.Bidirectional`` (merging by concatenation, its default), or a list of them,
+    one per layer, of :class:`TorchCell` or Flax's ``nnx.SimpleCell`` (``tanh`` or
+    ``relu``, not residual), ``nnx.LSTMCell``, ``nnx.OptimizedLSTMCell`` (their
+    default ``sigmoid`` gates and ``tanh``) or ``nnx.GRUCell``; their params have no
+    head, ``batch_first`` is ``not time_major``, and :func:`loopgrad_jax.rnn` runs
+    them with Flax's results (a Flax LSTM cell's carry is ``(c, h)``, PyTorch's
+    ``(h, c)``).
 
     Applied to a model merged from a gradient (``nnx.merge(graphdef, grads)`` with
     ``grads = nnx.grad(loss)(model)``) it returns the gradient in the params' form,
@@ -359,26 +459,135 @@ def from_flax(model: FlaxRNN) -> CellParams | RNNParams:
     ``nnx.GRUCell`` lacks).
 
     Raises:
-      TypeError: ``model`` is not a :class:`FlaxRNN`, or one of its cells is not a
-        cell this library maps.
+      TypeError: ``model`` is none of these, or one of its cells is not a cell this
+        library maps.
+      ValueError: a cell's options or the layers' sizes have no PyTorch equivalent.
     """
-    _check_model(model)
-    head_w, head_b = _t(model.head.kernel[...]), model.head.bias[...]
+    if not isinstance(model, FlaxRNN):
+        return _from_layers(model)
+    head_w, head_b = None, None
+    if model.head is not None:
+        head_w, head_b = _t(model.head.kernel[...]), model.head.bias[...]
     if model.kind == "article":
         cell = model.layers[0].cell
         w = jnp.concatenate([_t(cell.dense_i.kernel[...]), _t(cell.dense_h.kernel[...])], axis=-1)
         return RNNParams(w, cell.dense_i.bias[...], head_w, head_b)
-    layers = tuple(_layer_of(model.kind, k, layer.cell) for k, layer in enumerate(model.layers))
-    return CellParams(layers, head_w, head_b, model.kind)
+    d = model.directions
+    layers = tuple(
+        _layer_of(model.kind, f"model.layers[{k // d}]{_DIRECTION[d][k % d]}.cell", cell)
+        for k, cell in enumerate(model.cells)
+    )
+    return CellParams(layers, head_w, head_b, model.kind, bidirectional=model.bidirectional)
 
 
-def _layer_of(kind: str, k: int, cell: nnx.Module) -> LayerParams:
+#: Where a direction's cell sits in a layer, for errors: an nnx.RNN, or an nnx.Bidirectional.
+_DIRECTION = {1: ("",), 2: (".forward_rnn", ".backward_rnn")}
+
+
+def _from_layers(model: Any) -> CellParams:
+    """:func:`from_flax` of Flax's ``nnx.RNN`` / ``nnx.Bidirectional`` layers."""
+    plain = (nnx.RNN, nnx.Bidirectional)
+    layers = [model] if isinstance(model, plain) else model
+    if not isinstance(layers, list | tuple | nnx.List) or not layers:
+        raise TypeError(
+            "model must be a loopgrad_jax.FlaxRNN (lg.to_flax), an nnx.RNN, an "
+            f"nnx.Bidirectional, or a non-empty list of them, got {type(model).__name__}."
+        )
+    names = "model" if isinstance(model, plain) else None
+    cells, time_major = [], set()
+    for k, layer in enumerate(layers):
+        where = names or f"model[{k}]"
+        if not isinstance(layer, plain):
+            raise TypeError(
+                f"{where} must be an nnx.RNN or an nnx.Bidirectional, got {type(layer).__name__}."
+            )
+        if isinstance(layer, nnx.Bidirectional):
+            if layer.merge_fn is not nnx.Bidirectional.merge_fn:
+                raise ValueError(
+                    f"{where}.merge_fn is {getattr(layer.merge_fn, '__name__', layer.merge_fn)}"
+                    ": PyTorch concatenates the two directions' outputs, nnx.Bidirectional's "
+                    "default merge_fn; build it without merge_fn."
+                )
+            time_major.add(layer.time_major)
+            rnns = [(f"{where}.forward_rnn", layer.forward_rnn)]
+            rnns.append((f"{where}.backward_rnn", layer.backward_rnn))
+        else:
+            if layer.reverse:
+                raise ValueError(
+                    f"{where} is an nnx.RNN with reverse=True, which no PyTorch layer is: a "
+                    "reverse direction belongs in an nnx.Bidirectional."
+                )
+            time_major.add(layer.time_major)
+            rnns = [(where, layer)]
+        for name, rnn in rnns:
+            if not isinstance(rnn, nnx.RNN):
+                raise TypeError(f"{name} must be an nnx.RNN, got {type(rnn).__name__}.")
+            cells.append((f"{name}.cell", rnn.cell))
+    bidirectional = [isinstance(layer, nnx.Bidirectional) for layer in layers]
+    if len(set(bidirectional)) > 1:
+        raise ValueError(
+            "model's layers must be all nnx.RNN or all nnx.Bidirectional, as a PyTorch "
+            f"module's are; got nnx.Bidirectional at {bidirectional}."
+        )
+    if len(time_major) > 1:
+        raise ValueError("model's layers must agree on time_major, got both True and False.")
+    kinds = [(name, _kind_of(name, cell)) for name, cell in cells]
+    kind = kinds[0][1]
+    for name, other in kinds:
+        if other != kind:
+            raise ValueError(
+                f"{name} is a {other!r} cell and {kinds[0][0]} a {kind!r} one: a PyTorch "
+                "module has one kind."
+            )
+    params = CellParams(
+        tuple(_layer_of(kind, name, cell) for name, cell in cells),
+        None,
+        None,
+        kind,
+        bidirectional=bidirectional[0],
+        batch_first=not time_major.pop(),
+    )
+    return _cells.check_params(params)[0]
+
+
+def _kind_of(name: str, cell: nnx.Module) -> str:
+    """The library kind of a cell; raises where the cell has no PyTorch equivalent."""
+    if isinstance(cell, TorchCell):
+        return cell.kind
+    defaults = {"gate_fn": jax.nn.sigmoid, "activation_fn": jnp.tanh}
+    if isinstance(cell, nnx.SimpleCell):
+        if cell.residual:
+            raise ValueError(f"{name} is a residual nnx.SimpleCell, which no PyTorch RNN is.")
+        kinds = {jnp.tanh: "rnn_tanh", jax.nn.relu: "rnn_relu"}
+        if cell.activation_fn not in kinds:
+            raise ValueError(
+                f"{name}.activation_fn must be tanh or relu (nn.RNN's nonlinearity), got "
+                f"{getattr(cell.activation_fn, '__name__', cell.activation_fn)}."
+            )
+        return kinds[cell.activation_fn]
+    kinds = {nnx.LSTMCell: "lstm", nnx.OptimizedLSTMCell: "lstm", nnx.GRUCell: "gru"}
+    if type(cell) not in kinds:
+        raise TypeError(
+            f"{name} is a {type(cell).__name__}, which this library does not map: expected "
+            "a TorchCell, nnx.SimpleCell, nnx.LSTMCell, nnx.OptimizedLSTMCell or nnx.GRUCell."
+        )
+    for attr, fn in defaults.items():
+        if getattr(cell, attr) is not fn:
+            raise ValueError(
+                f"{name}.{attr} must be {fn.__name__}, PyTorch's, got "
+                f"{getattr(getattr(cell, attr), '__name__', getattr(cell, attr))}."
+            )
+    return kinds[type(cell)]
+
+
+def _layer_of(kind: str, where: str, cell: nnx.Module) -> LayerParams:
     if isinstance(cell, TorchCell):
         return LayerParams(
             cell.weight_ih[...],
             cell.weight_hh[...],
             _value_or_none(cell.bias_ih),
             _value_or_none(cell.bias_hh),
+            _value_or_none(cell.weight_hr),
         )
     if kind in ("rnn_tanh", "rnn_relu") and isinstance(cell, nnx.SimpleCell):
         b = cell.dense_i.bias[...]
@@ -405,7 +614,7 @@ def _layer_of(kind: str, k: int, cell: nnx.Module) -> LayerParams:
             b,
         )
     raise TypeError(
-        f"model.layers[{k}].cell is a {type(cell).__name__}, which this library does not map "
+        f"{where} is a {type(cell).__name__}, which this library does not map "
         f"for kind={kind!r}: expected a TorchCell or "
         f"{_BUILTIN_NAMES[kind]}."
     )
@@ -454,6 +663,8 @@ def flax_loss(
       (12, 4)
     """
     _check_model(model)
+    if loop is not None:
+        _stepwise(model, f"flax_loss(loop={loop!r})", "loop=None (nnx.RNN's own scan)")
     inputs, targets = _sequences(model, inputs, targets)
     carries = model.carries(inputs, hidden0)
     graphdef, state = nnx.split(model)
@@ -472,14 +683,15 @@ def _loss(state, inputs, targets, carries, *, graphdef, loop, as_is) -> jax.Arra
     # requires (it refuses one closed over by an outer jax.grad or jax.vmap).
     model = nnx.merge(graphdef, state)
     if as_is:
-        out = _run_layers(model, inputs, carries)
+        out, _ = _run_layers(model, inputs, carries)
     else:
 
         def body(carry, x):
             return _step_layers(model, carry, x)
 
-        _, hs = run_loop(body, carries, inputs, length=inputs.shape[0], loop=loop)
-        out = model.head(hs)
+        _, out = run_loop(body, carries, inputs, length=inputs.shape[0], loop=loop)
+    if model.head is not None:
+        out = model.head(out)
     return jnp.mean((out - targets) ** 2, axis=(1, 2)).sum()
 
 
@@ -500,20 +712,29 @@ def _check_model(model: object) -> FlaxRNN:
     return model
 
 
+def _stepwise(model: FlaxRNN, what: str, instead: str) -> None:
+    """Refuses a bidirectional model where every layer is stepped once per time step."""
+    if model.bidirectional:
+        raise ValueError(
+            f"{what} steps every layer once per time step, but a bidirectional model's "
+            f"reverse direction reads the whole sequence first: use {instead}."
+        )
+
+
 def _sequences(model: FlaxRNN, inputs, targets, checked: bool = True) -> tuple[jax.Array, Any]:
     """``inputs`` checked against the model; ``targets`` too unless a ``loss_fn`` takes them."""
     inputs = _checks.float_array("inputs", inputs)
-    i = model.layers[0].cell.in_features
-    o = model.head.out_features
+    i = model.cells[0].in_features
+    o = model.output_size
     _checks.shape("inputs", inputs, (None, None, i), f"(T, B, I) with I={i}, time-major")
     if not checked:  # train_rnn checks them against loss_fn
         return inputs, targets
     targets = _checks.float_array("targets", targets)
     t, b = inputs.shape[:2]
     _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b}, O={o}")
-    _checks.same_dtype(
-        [("inputs", inputs), ("targets", targets), ("model.head.kernel", model.head.kernel[...])]
-    )
+    weight = ("model.head.kernel", model.head.kernel[...]) if model.head is not None else None
+    weight = weight or ("model.cells[0]", jax.tree.leaves(nnx.state(model.cells[0]))[0])
+    _checks.same_dtype([("inputs", inputs), ("targets", targets), weight])
     return inputs, targets
 
 
@@ -535,7 +756,7 @@ def _cell_of_graph(graphdef: nnx.GraphDef) -> Cell:
         cell = model.layers[-1].cell
         if model.kind == "lstm":
             h = _lstm_h_c(cell, h)[0]
-        return model.head(h)
+        return h if model.head is None else model.head(h)
 
     return Cell(step, readout)
 
@@ -593,6 +814,7 @@ def flax_train(
       ((5,), 1)
     """
     _check_model(model)
+    _stepwise(model, "flax_train", "lg.train_rnn of lg.from_flax(model)")
     if not isinstance(optimizer, nnx.Optimizer):
         raise TypeError(f"optimizer must be an nnx.Optimizer, got {type(optimizer).__name__}.")
     if optimizer.wrt != nnx.Param:
