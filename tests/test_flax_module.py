@@ -23,14 +23,7 @@ nnx = pytest.importorskip("flax.nnx")
 F64 = TOL["float64"]
 MODULE_CASES = [c["name"] for c in fixture("module", "float64").cases if not c.get("cell_module")]
 #: The quick tier's cases: one of each option, kinds in turn; the slow tier runs every one.
-QUICK = {
-    "rnn_tanh_bi2_packed",
-    "rnn_relu_bi3_batch_first_packed",
-    "lstm_proj_bi2_packed",
-    "lstm_bi2_unbatched",
-    "gru_l2_packed",
-    "gru_bi2_no_bias",
-}
+QUICK = {"rnn_relu_bi3_batch_first_packed", "lstm_proj_bi2_packed", "gru_bi2_no_bias"}
 
 
 def _time_major(c: dict):
@@ -95,7 +88,10 @@ def test_quick_cases_are_fixture_cases():
     assert QUICK <= set(MODULE_CASES)
 
 
-@pytest.mark.parametrize("name", ["lstm_bi2_packed", "rnn_tanh_bi3_batch_first_packed"])
+@pytest.mark.parametrize(
+    "name",
+    ["rnn_tanh_bi3_batch_first_packed", pytest.param("lstm_bi2_packed", marks=pytest.mark.slow)],
+)
 def test_builtin_cells_bidirectional_packed_match_pytorch_forward(name):
     c = fixture("module", "float64").case(name)
     model = lg.to_flax(lg.from_torch(c["rnn_state"], kind=c["kind"]), cells="flax")
@@ -179,6 +175,7 @@ def _flax_cell(name: str, i: int, h: int, rngs):
     return cell
 
 
+slow = pytest.mark.slow
 FLAX_CELLS = {
     "simple": "rnn_tanh",
     "simple_relu": "rnn_relu",
@@ -188,8 +185,14 @@ FLAX_CELLS = {
 }
 
 
-@pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "uni"])
-@pytest.mark.parametrize("name", list(FLAX_CELLS))
+@pytest.mark.parametrize(
+    ("name", "bidirectional"),
+    [
+        pytest.param(n, bi, id=f"{n}-{'bi' if bi else 'uni'}", marks=() if quick else slow)
+        for n in FLAX_CELLS
+        for bi, quick in ((True, True), (False, n == "optimized_lstm"))
+    ],
+)
 def test_from_flax_reads_flax_own_layers(name, bidirectional):
     rngs, i, h, b, t = nnx.Rngs(0), 3, 4, 3, 5
     d = 2 if bidirectional else 1

@@ -141,9 +141,9 @@ def test_a_bidirectional_model_is_refused_where_it_cannot_train():
         lg.train_rnn(params, x, y, mode="as_written")
     with pytest.raises(ValueError, match=r"reads the whole sequence.*got window=2"):
         lg.train_rnn(params, x, y, window=2)
-    pytest.importorskip("flax")
-    with pytest.raises(ValueError, match=r"bidirectional=True, which it does not build yet"):
-        lg.to_flax(params)
+    pytest.importorskip("flax")  # to_flax builds it; stepping it layer by layer is refused
+    with pytest.raises(ValueError, match=r"reverse direction reads the whole sequence first"):
+        lg.flax_loss(lg.to_flax(params), x, y, loop="scan")
 
 
 def test_a_model_without_a_head_runs_in_rnn_but_not_in_the_loss():
