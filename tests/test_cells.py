@@ -385,8 +385,16 @@ def _problem(kind, layers=2, t=4, b=2, seed=0):
 @pytest.mark.parametrize(
     ("kind", "hidden0", "match"),
     [
-        ("gru", jnp.zeros((2, 4)), r"hidden0 must have shape \(2, 2, 4\) = \(num_layers, B, H\)"),
-        ("gru", (jnp.zeros((2, 2, 4)),), r"hidden0 of a gru cell must be one \(num_layers, B, H\)"),
+        (
+            "gru",
+            jnp.zeros((2, 4)),
+            r"hidden0 must have shape \(2, 2, 4\) = \(D\*num_layers, B, H_out\)",
+        ),
+        (
+            "gru",
+            (jnp.zeros((2, 2, 4)),),
+            r"hidden0 of a gru cell must be one \(D\*num_layers, B, H_out\)",
+        ),
         ("lstm", jnp.zeros((2, 2, 4)), r"hidden0 of an LSTM must be the pair \(h0, c0\)"),
         (
             "lstm",
@@ -416,7 +424,9 @@ def test_bad_cell_params_are_refused_by_name():
         lg.rnn_loss(broken, x, y)
     wrong = lg.CellParams(p.layers, p.head_weight, p.head_bias, "gru")
     with pytest.raises(
-        ValueError, match=r"params.layers\[0\].weight_ih must have shape \(12, \?\)"
+        ValueError,
+        match=r"params.layers\[0\].weight_hh must have shape \(G\*H, H_out\) with G=3 gates "
+        r"for kind='gru', got shape \(16, 4\)",
     ):
         lg.rnn_loss(wrong, x, y)
     with pytest.raises(TypeError, match=r"params must be an RNNParams .* or a CellParams"):

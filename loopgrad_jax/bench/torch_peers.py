@@ -174,7 +174,9 @@ def _tensors(data: Data, sizes: Sizes, device: str) -> Data:
     """``data`` as tensors on ``device``; a cell's weights as its two state dicts."""
     import torch
 
-    def tensor(a: np.ndarray) -> torch.Tensor:
+    def tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):  # lg.to_torch's values, with torch installed
+            return a.detach().clone().to(device)
         return torch.from_numpy(np.array(a, copy=True)).to(device)
 
     if sizes.cell == "article":
