@@ -192,19 +192,17 @@ def test_train_rnn_with_loss_fn_and_lengths_matches_pytorch(run):
     assert_close(lg.to_torch(result.params), states, TOL["float64"])
 
 
+def _params(kind: str) -> lg.CellParams:
+    """A one-layer module of ``kind`` with a head, drawn as PyTorch draws it, in float64."""
+    return lg.init_cell(jax.random.key(0), kind, N_IN, H, N_OUT, dtype=jnp.float64)
+
+
 def test_flax_train_takes_loss_fn_and_class_targets():
     # Equal to train_rnn on the same weights: flax_train runs the model's cells with
     # the same loss_fn (a TorchCell model keeps PyTorch's parameterisation).
     from flax import nnx
 
-    params = lg.init_cell(
-        jax.random.key(0),
-        "gru",
-        input_size=N_IN,
-        hidden_size=H,
-        output_size=N_OUT,
-        dtype=jnp.float64,
-    )
+    params = _params("gru")
     inputs = jax.random.normal(jax.random.key(1), (T, B, N_IN), jnp.float64)
     classes = jax.random.randint(jax.random.key(2), (T, B), 0, N_OUT)
     model = lg.to_flax(params)
@@ -218,14 +216,7 @@ def test_flax_train_takes_loss_fn_and_class_targets():
 
 
 def test_lengths_of_T_and_mean_are_the_plain_sum_over_T():
-    params = lg.init_cell(
-        jax.random.key(0),
-        "lstm",
-        input_size=N_IN,
-        hidden_size=H,
-        output_size=N_OUT,
-        dtype=jnp.float64,
-    )
+    params = _params("lstm")
     x = jax.random.normal(jax.random.key(1), (T, B, N_IN), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (T, B, N_OUT), jnp.float64)
     total = lg.rnn_loss(params, x, y)
@@ -237,14 +228,7 @@ def test_lengths_of_T_and_mean_are_the_plain_sum_over_T():
 
 @pytest.mark.parametrize("entry", ["rnn_loss", "train_rnn"])
 def test_traced_lengths_out_of_range_poison_loss_and_gradients(entry):
-    params = lg.init_cell(
-        jax.random.key(0),
-        "gru",
-        input_size=N_IN,
-        hidden_size=H,
-        output_size=N_OUT,
-        dtype=jnp.float64,
-    )
+    params = _params("gru")
     x = jax.random.normal(jax.random.key(1), (T, B, N_IN), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (T, B, N_OUT), jnp.float64)
 
@@ -264,14 +248,7 @@ def test_traced_lengths_out_of_range_poison_loss_and_gradients(entry):
 
 
 def _small():
-    params = lg.init_cell(
-        jax.random.key(0),
-        "gru",
-        input_size=N_IN,
-        hidden_size=H,
-        output_size=N_OUT,
-        dtype=jnp.float64,
-    )
+    params = _params("gru")
     x = jnp.zeros((T, B, N_IN), jnp.float64)
     y = jnp.zeros((T, B, N_OUT), jnp.float64)
     return params, x, y
