@@ -34,18 +34,25 @@ _HERE = len(jax.devices("cpu")) >= DEVICES
 
 
 @pytest.mark.skipif(_HERE, reason="this process has the devices: the tests run here")
-def test_in_a_process_with_4_devices():
+@pytest.mark.parametrize(
+    ("tier", "least"),
+    [("quick", 20), pytest.param("full", 4, marks=pytest.mark.slow)],
+)
+def test_in_a_process_with_4_devices(tier, least):
+    """The tests below, in a process of their own with 4 virtual devices: the quick
+    tier's here, the slow ones (``--full -m slow`` there) in the full tier."""
     env = os.environ | {"LOOPGRAD_TEST_DEVICES": str(DEVICES), "JAX_PLATFORMS": "cpu"}
     # pytest-benchmark, where installed beside xdist, warns at start-up, and the suite
     # turns warnings into errors: the child needs neither.
     flags = ["-q", "-p", "no:cacheprovider", "-p", "no:benchmark"]
+    flags += ["--full", "-m", "slow"] if tier == "full" else []
     command = [sys.executable, "-m", "pytest", __file__, *flags]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     tail = done.stdout[-6000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
     summary = done.stdout.strip().splitlines()[-1]
     assert "failed" not in summary and "error" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= 20, tail
+    assert int(summary.split(" passed")[0].split()[-1]) >= least, tail
 
 
 #: Sums in another order: float64 within 1e-11 (the issue's bound), float32 within 1e-5.
@@ -220,7 +227,10 @@ def test_meshes_of_either_axis_type_with_inputs_already_sharded(axis_type):
         assert_close(lg.rnn_loss(params, x, y, mesh=mesh), lg.rnn_loss(params, x0, y0), 1e-11)
 
 
-@pytest.mark.parametrize("kind", lg.CELLS)
+# The quick tier runs the LSTM (a pair of states); every other kind runs in the full tier.
+@pytest.mark.parametrize(
+    "kind", [k if k == "lstm" else pytest.param(k, marks=pytest.mark.slow) for k in lg.CELLS]
+)
 def test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument(kind):
     """Under ``jax.set_mesh`` of an Explicit mesh, the sharding is part of each array's
     type: the default zero ``hidden0`` must be split like the inputs' batch, or the
