@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import loopgrad_jax as lg
-from loopgrad_jax.bench import cases, cli, report, run, timing, torch_peers
+from loopgrad_jax.bench import cases, cli, flax_peers, report, run, timing, torch_peers
 from loopgrad_jax.bench import flops as flops_module
-from loopgrad_jax.bench.cases import SCENARIOS, Sizes, make_data
+from loopgrad_jax.bench.cases import DEFAULT_SCENARIOS, SCENARIOS, Sizes, make_data
 from loopgrad_jax.bench.flops import case_flops, rnn_flops
 
 needs_torch = pytest.mark.skipif(not torch_peers.available(), reason="torch is not installed")
@@ -117,7 +117,7 @@ def test_quick_writes_json_matching_the_schema(quick):
 
     records = doc["records"]
     peers = sum(len(p) for p in torch_peers.PEERS.values()) if meta["torch"] else 0
-    methods = sum(len(s.methods) for s in SCENARIOS.values())
+    methods = sum(len(SCENARIOS[s].methods) for s in DEFAULT_SCENARIOS)
     assert len(records) == methods * len(QUICK_LOOPS) + peers
     for r in records:
         assert SCHEMA_KEYS <= set(r)
@@ -132,8 +132,8 @@ def test_quick_writes_json_matching_the_schema(quick):
         (r["scenario"], r["method"], r["loop"]) for r in records if r["framework"] == "jax"
     ] == [
         (name, method, loop)
-        for name, scenario in SCENARIOS.items()
-        for method in scenario.methods
+        for name in DEFAULT_SCENARIOS
+        for method in SCENARIOS[name].methods
         for loop in QUICK_LOOPS
     ]
 
@@ -232,7 +232,7 @@ def test_table_prints_every_record_with_speedups(quick, capsys):
         assert "nn.RNN" in table and "eager" in table and "torch rtrl" in table
         assert re.search(r"rtrl [\d.]+x \[[\d.]+-[\d.]+\]", table)
     advice = "\n".join(report.recommend(doc["records"]))
-    for name in SCENARIOS:
+    for name in DEFAULT_SCENARIOS:
         assert f"\n{name}" in "\n" + advice
     assert "train_as_written forward" in advice and "python vs scan (T=3)" in advice
 
@@ -557,7 +557,8 @@ def test_without_torch_there_are_no_peers(monkeypatch, tmp_path, capsys):
 def test_defaults_come_from_one_place():
     args = cli.build_parser().parse_args([])
     assert args.loops == lg.LOOPS
-    assert args.scenarios == tuple(SCENARIOS)
+    assert args.scenarios is None  # main: DEFAULT_SCENARIOS, or rnn_module (--bidirectional)
+    assert DEFAULT_SCENARIOS == tuple(s for s in SCENARIOS if s != "rnn_module")
     assert cli.DEFAULTS["max_unroll"] == 100
     assert cli.DEFAULTS["repeats"] >= 20
     assert cli.QUICK["min_time"] >= timing.MIN_LOAD_WINDOW_S  # so other_cores is reported
@@ -822,6 +823,71 @@ def test_a_two_layer_lstm_runs_beside_its_peers_on_the_same_weights(tmp_path, ca
         assert rows["rnn_loss", peer]["max_rel_diff"] < 1e-5
     assert set(rows["rnn_loss", "scan"]["vs_torch"]) == {"eager", "nn.LSTM"}
     assert "rnn_loss (lstm, 2 layers, T=3, B=2, I=3, H=4):" in capsys.readouterr().out
+
+
+@needs_torch
+def test_a_bidirectional_packed_lstm_runs_beside_pytorchs_packed_module(tmp_path, capsys):
+    status, doc = _bench(
+        tmp_path,
+        *("--cell", "lstm", "--layers", "2", "--bidirectional", "--lengths-spread", "0.5"),
+        *("--lengths", "4", "--batch", "2", "--input", "3", "--hidden", "3", "--loops", "scan"),
+    )
+    assert status == 0
+    meta = doc["meta"]
+    assert (meta["bidirectional"], meta["lengths_spread"]) == (True, 0.5)
+    rows = {r["loop"] or r["peer"]: r for r in doc["records"]}
+    flax = ["nnx.Bidirectional"] if flax_peers.available() else []
+    assert list(rows) == ["scan", *flax, "nn.LSTM"]
+    # Per example: layer 0, 12*(3+3) = 72 multiply-adds a direction; layer 1 reads both
+    # directions, 12*(6+3) = 108; cell = 2*B*2*(72+108) = 1440 FLOPs; no head: 3*T*cell.
+    for name, r in rows.items():
+        assert r["scenario"] == "rnn_module" and r["skipped"] is None
+        assert (r["cell"], r["layers"], r["bidirectional"], r["lengths_spread"]) == (
+            "lstm",
+            2,
+            True,
+            0.5,
+        )
+        assert r["flops"] == 3 * 4 * 1440
+        if name != "scan":  # the loss and all 16 gradients, checked against JAX's
+            assert r["max_rel_diff"] < 1e-5
+    assert set(rows["scan"]["vs_torch"]) == {*flax, "nn.LSTM"}
+    assert "torch nn.LSTM" in capsys.readouterr().out
+    # The lengths are unsorted, so PyTorch's packing needs enforce_sorted=False, and they
+    # matter: the same peer without them (nothing packed) computes another loss.
+    sizes = Sizes(4, 2, 3, 3, 1, cell="lstm", layers=2, bidirectional=True, spread=0.5)
+    data = make_data(sizes, 0)
+    assert data.lengths.tolist() == [3, 4]
+    packed = torch_peers.build_peer("rnn_module", "nn.LSTM", data, sizes, "cpu")()
+    whole = torch_peers.build_peer(
+        "rnn_module", "nn.LSTM", data._replace(lengths=None), sizes._replace(spread=None), "cpu"
+    )()
+    assert abs(float(packed[0]) - float(whole[0])) > 1e-3 * abs(float(whole[0]))
+    result = doctest.testmod(cases, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--cell", "lstm", "--lengths-spread", "1.5"],
+            "argument --lengths-spread: expected a number in [0, 1]",
+        ),
+        (["--cell", "lstm", "--lengths-spread", "x"], "argument --lengths-spread: expected"),
+        (["--bidirectional"], "argument --bidirectional: rnn_module runs PyTorch's modules"),
+        (["--scenarios", "rnn_module"], "--cell article (the article's SimpleRNN"),
+        (
+            ["--cell", "gru", "--bidirectional", "--scenarios", "rnn_loss,rnn_module"],
+            "argument --bidirectional: applies to rnn_module",
+        ),
+    ],
+)
+def test_module_options_that_cannot_apply_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_peers_are_named_by_cell():

@@ -16,6 +16,16 @@ changes. What each times, as plain Python (``T`` static)::
   train_tbptt(p, xs, ys):
     r = lg.train_rnn(p, xs, ys, lr=LR, mode="tbptt", window=W, loop=loop)  # T/W updates
     return (r.losses, *leaves(r.params))
+  rnn_module(p, xs, lengths):    # PyTorch's module forward, packed when lengths is given
+    def loss(p):
+      outputs, _ = lg.rnn(p, xs, lengths=lengths, loop=loop)  # no head: p has none
+      return sum(outputs ** 2)
+    loss, grads = value_and_grad(loss)(p)
+    return (loss, *leaves(grads))
+
+``rnn_module`` is the one scenario ``--bidirectional`` and ``--lengths-spread S`` apply
+to (``lengths`` then drawn uniformly from ``ceil((1-S)*T)..T``, at least 1, by its own
+NumPy stream of ``--seed``, in no order); it is left out of the default scenarios.
 
 ``p`` is the article's :class:`loopgrad_jax.RNNParams`, or with ``--cell`` a
 :class:`loopgrad_jax.CellParams` of that kind and ``--layers`` layers; ``leaves`` is
@@ -29,6 +39,7 @@ of the PyTorch peers' ``saved_bytes``: the residuals ``jax.vjp`` keeps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -58,6 +69,8 @@ class Sizes(NamedTuple):
     cell: str = "article"  # the RNN scenarios' cell, one of lg.CELLS
     layers: int = 1  # its layers (1 for the article's)
     precision: str | None = None  # RNN scenarios: lg.rnn_loss's precision= (None: float32)
+    bidirectional: bool = False  # rnn_module: the module's bidirectional=
+    spread: float | None = None  # rnn_module: --lengths-spread (None: no lengths, no packing)
 
 
 class Limits(NamedTuple):
@@ -78,6 +91,7 @@ class Data(NamedTuple):
     params: lg.RNNParams | lg.CellParams  # initial weights, PyTorch's layout
     inputs: np.ndarray  # (T, B, I)
     targets: np.ndarray  # (T, B, O)
+    lengths: np.ndarray | None = None  # (B,) int64: rnn_module with --lengths-spread
 
 
 class Scenario(NamedTuple):
@@ -118,20 +132,38 @@ def make_data(sizes: Sizes, seed: int) -> Data:
             h2o_bias=uniform((o,), h),
         )
     else:
-        g = gates(sizes.cell) * h
+        g, d = gates(sizes.cell) * h, 2 if sizes.bidirectional else 1
         layers = tuple(
             lg.LayerParams(
-                uniform((g, i if k == 0 else h), h),
+                uniform((g, i if k == 0 else d * h), h),
                 uniform((g, h), h),
                 uniform((g,), h),
                 uniform((g,), h),
             )
             for k in range(sizes.layers)
+            for _ in range(d)  # PyTorch's order: layer k's forward, then its reverse
         )
-        params = lg.CellParams(layers, uniform((o, h), h), uniform((o,), h), sizes.cell)
+        head = uniform((o, d * h), h), uniform((o,), h)
+        params = lg.CellParams(layers, *head, sizes.cell, bidirectional=sizes.bidirectional)
     return Data(
-        x=normal((b, i)), params=params, inputs=normal((t, b, i)), targets=normal((t, b, o))
+        x=normal((b, i)),
+        params=params,
+        inputs=normal((t, b, i)),
+        targets=normal((t, b, o)),
+        lengths=None if sizes.spread is None else draw_lengths(t, b, sizes.spread, seed),
     )
+
+
+def draw_lengths(length: int, batch: int, spread: float, seed: int) -> np.ndarray:
+    """``batch`` lengths uniform in ``ceil((1 - spread) * length)..length`` (at least 1),
+    from their own stream of ``seed`` (so the other arrays stay as without them).
+
+    Examples:
+      >>> draw_lengths(10, 4, 0.5, 0).tolist(), draw_lengths(10, 2, 0.0, 0).tolist()
+      ([8, 10, 10, 8], [10, 10])
+    """
+    shortest = max(1, math.ceil((1 - spread) * length - 1e-9))
+    return np.random.default_rng([seed, 1]).integers(shortest, length + 1, batch)
 
 
 def gates(cell: str) -> int:
@@ -205,6 +237,26 @@ def _train(mode: str) -> Callable[..., Callable]:
     return build
 
 
+def _module_loss(params, inputs, lengths, loop: str, precision: str | None) -> jax.Array:
+    outputs, _ = lg.rnn(params, inputs, lengths=lengths, loop=loop, precision=precision)
+    return jax.numpy.sum(outputs**2)
+
+
+def _rnn_module(loop: str, sizes: Sizes, method: None = None, mesh: Mesh | None = None):
+    """Builds ``(params, inputs, lengths) -> (loss, *dloss/dparams)``, params headless."""
+    del method
+    if mesh is not None:
+        raise ValueError("lg.rnn takes no mesh: rnn_module runs on one device.")
+
+    def f(params, inputs, lengths):
+        loss, grads = jax.value_and_grad(_module_loss)(
+            params, inputs, lengths, loop, sizes.precision
+        )
+        return (loss, *jax.tree.leaves(grads))
+
+    return f
+
+
 def residual_bytes(f: Callable[..., jax.Array], *primals: Any) -> int:
     """Bytes of the residuals ``jax.vjp(f, *primals)`` keeps for its pullback.
 
@@ -258,12 +310,24 @@ def _as_written_saved(loop: str, sizes: Sizes, data: Data, method: str | None) -
     return int(cost.memory_bytes)
 
 
+def _module_saved(loop: str, sizes: Sizes, data: Data, method: None = None) -> int:
+    params, inputs, lengths = _module_args(data)
+    return residual_bytes(lambda p: _module_loss(p, inputs, lengths, loop, None), params)
+
+
 def _x(data: Data) -> tuple:
     return (data.x,)
 
 
 def _rnn(data: Data) -> tuple:
     return (data.params, data.inputs, data.targets)
+
+
+def _module_args(data: Data) -> tuple:
+    """The module's weights without the head (the loss reads the outputs), the inputs
+    and the lengths (``None``: the whole sequence, no packing)."""
+    params = dataclasses.replace(data.params, head_weight=None, head_bias=None)
+    return (params, data.inputs, data.lengths)
 
 
 #: Scenario name -> how to build and feed it. The names are the CLI's ``--scenarios``.
@@ -318,7 +382,20 @@ SCENARIOS: dict[str, Scenario] = {
         doc="lg.train_rnn(mode='tbptt', window=W): one SGD update per window",
         saved=_tbptt_saved,
     ),
+    "rnn_module": Scenario(
+        _rnn_module,
+        _module_args,
+        rnn=True,
+        reverse=True,
+        doc="value and gradient of sum(lg.rnn(p, xs, lengths=...)[0] ** 2): PyTorch's module "
+        "forward (--bidirectional, --lengths-spread: packed), no head; a --cell of PyTorch's",
+        saved=_module_saved,
+    ),
 }
+
+#: ``--scenarios`` when not given: all but ``rnn_module`` (with ``--bidirectional`` or
+#: ``--lengths-spread``, ``rnn_module`` alone).
+DEFAULT_SCENARIOS: tuple[str, ...] = tuple(s for s in SCENARIOS if s != "rnn_module")
 
 
 def build_case(
@@ -401,6 +478,8 @@ def skip_reason(
     compiled program. ``method`` is the as-written loop's algorithm (a PyTorch peer's
     too: its retained graph is ``"reverse"``), whose work is quadratic in ``T``.
     """
+    if scenario == "rnn_module" and sizes.cell == "article":
+        return "lg.rnn runs PyTorch's modules, not the article's SimpleRNN: pick a --cell"
     if scenario == "train_tbptt" and sizes.window > sizes.length:
         return f"window={sizes.window} is longer than the sequence (T={sizes.length})"
     spec = lg.Loop.parse(loop) if loop is not None else None

@@ -16,7 +16,7 @@ import jax
 
 import loopgrad_jax as lg
 from loopgrad_jax._progress import NoBar
-from loopgrad_jax.bench import cases, report, run, timing, torch_peers
+from loopgrad_jax.bench import cases, flax_peers, report, run, timing, torch_peers
 
 #: The backends ``--backend`` accepts (JAX's platform names).
 BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -111,6 +111,8 @@ examples:
       --input 64 --hidden 256 --batch 32 --json large.json --plot large.png
   loopgrad-bench --scenarios rnn_loss --loops scan --lengths 100 --sweep batch=1,8,32
   loopgrad-bench --cell lstm --layers 2 --scenarios rnn_loss,rnn_loss_hoisted --loops scan
+  loopgrad-bench --cell lstm --layers 2 --bidirectional --lengths-spread 0.5 \\
+      --loops scan,scan:unroll=8 --lengths 200 --input 64 --hidden 256 --batch 32
   loopgrad-bench --show bench/results/cpu_large.json
 """
 
@@ -129,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scenarios",
         type=_names("scenario", tuple(cases.SCENARIOS)),
-        default=tuple(cases.SCENARIOS),
-        help=f"comma-separated scenarios (default: all: {','.join(cases.SCENARIOS)})",
+        help=f"comma-separated scenarios (default: {','.join(cases.DEFAULT_SCENARIOS)}; "
+        "with --bidirectional or --lengths-spread: rnn_module)",
     )
     parser.add_argument(
         "--loops",
@@ -155,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the cell's layers, stacked as nn.RNN/LSTM/GRU(num_layers=...) stacks them "
         "(default: 1; the article's cell has one)",
+    )
+    parser.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="rnn_module: a bidirectional module (nn.LSTM(bidirectional=True) ...); beside "
+        "PyTorch's module, Flax's nnx.Bidirectional when Flax is installed (rnn_tanh, "
+        "rnn_relu, lstm)",
+    )
+    parser.add_argument(
+        "--lengths-spread",
+        type=_fraction,
+        metavar="S",
+        help="rnn_module: lengths drawn uniformly in ceil((1-S)*T)..T (at least 1; from "
+        "--seed, in no order), lg.rnn(..., lengths=) beside PyTorch's pack_padded_sequence("
+        "..., enforce_sorted=False); S in [0, 1] (default: no lengths, nothing packed)",
     )
     parser.add_argument(
         "--precision",
@@ -274,6 +291,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"argument --layers: expected 1 with --cell article (the article's SimpleRNN has "
             f"one layer), got {args.layers}; pick a cell with layers, e.g. --cell rnn_tanh"
         )
+    module_options = [
+        flag
+        for flag, given in (
+            ("--bidirectional", args.bidirectional),
+            ("--lengths-spread", args.lengths_spread is not None),
+        )
+        if given
+    ]
+    if args.scenarios is None:
+        args.scenarios = ("rnn_module",) if module_options else cases.DEFAULT_SCENARIOS
+    others = [s for s in args.scenarios if s != "rnn_module"]
+    if module_options and others:
+        parser.error(
+            f"argument {module_options[0]}: applies to rnn_module (lg.rnn, PyTorch's module "
+            f"forward) only, got --scenarios {','.join(args.scenarios)}; drop --scenarios "
+            "or name rnn_module alone"
+        )
+    if "rnn_module" in args.scenarios and args.cell == "article":
+        what = f"argument {module_options[0]}" if module_options else "argument --scenarios"
+        parser.error(
+            f"{what}: rnn_module runs PyTorch's modules (nn.RNN, nn.LSTM, nn.GRU), which "
+            "--cell article (the article's SimpleRNN, one direction) is not; pick e.g. "
+            "--cell lstm"
+        )
     if args.precision != ("float32",) and args.cell == "article":
         parser.error(
             f"argument --precision: expected float32 with --cell article (precision= applies "
@@ -317,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers=args.layers,
         devices=devices,
         precisions=tuple(None if p == "float32" else p for p in args.precision),
+        bidirectional=args.bidirectional,
+        spread=args.lengths_spread,
+        flax=args.bidirectional and flax_peers.available(),
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
@@ -478,6 +522,20 @@ def _seconds_at_least(minimum: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """``--lengths-spread``: a number in ``[0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [0, 1] (the share of T the lengths may fall short by), "
+            f"got {text!r}"
+        )
+    return value
 
 
 def _sweep(text: str) -> tuple[str, tuple[int, ...]]:

@@ -11,6 +11,10 @@ With ``--cell`` and ``--layers`` (``G`` gates: 1 for ``rnn_tanh`` and ``rnn_relu
 
   cell = 2 * B * sum over k of G*H * (I_k + H)   # x W_ih^T and h W_hh^T of every layer
 
+A bidirectional module (``rnn_module --bidirectional``) runs each layer twice, and its
+layers after the first read both directions' outputs: ``cell`` doubles, with
+``I_k = 2 * H`` for ``k > 0``.
+
 A backward pass through a product costs twice its forward (one product for the
 weight's gradient, one for the input's), so a gradient costs 3x the forward:
 
@@ -18,6 +22,11 @@ weight's gradient, one for the input's), so a gradient costs 3x the forward:
   run forward once and backward once, inside its window)::
 
     3 * T * (cell + head)
+
+- ``rnn_module`` (value and gradient of a loss of the module's outputs; no head, and
+  every step counted, padded ones too, as ``lg.rnn`` computes them all)::
+
+    3 * T * cell
 
 - ``train_as_written`` as PyTorch's retained graph runs it (the ``eager`` peer):
   step ``t`` (1-based) runs forward once, back through its head, and back
@@ -43,6 +52,7 @@ RNN_SCENARIOS: tuple[str, ...] = (
     "rnn_loss_hoisted",
     "train_as_written",
     "train_tbptt",
+    "rnn_module",
 )
 
 
@@ -56,6 +66,7 @@ def rnn_flops(
     output: int = 1,
     cell: str = "article",
     layers: int = 1,
+    directions: int = 1,
 ) -> int:
     """FLOPs of one call of an RNN case, by the count in this module's docstring.
 
@@ -66,9 +77,11 @@ def rnn_flops(
       6960
     """
     g = GATES.get(cell, 1) * hidden
-    widths = [input] + [hidden] * (layers - 1)
-    cell_flops = 2 * batch * sum(g * (w + hidden) for w in widths)
+    widths = [input] + [directions * hidden] * (layers - 1)
+    cell_flops = 2 * batch * directions * sum(g * (w + hidden) for w in widths)
     head = 2 * batch * hidden * output
+    if scenario == "rnn_module":
+        return 3 * length * cell_flops
     if scenario in ("rnn_loss", "rnn_loss_hoisted", "train_tbptt"):  # same products, moved
         return 3 * length * (cell_flops + head)
     if scenario == "train_as_written":
@@ -94,6 +107,7 @@ def case_flops(
     peer: str | None = None,
     cell: str = "article",
     layers: int = 1,
+    directions: int = 1,
 ) -> int | None:
     """FLOPs of one call of a case, counted by what its implementation does.
 
@@ -106,7 +120,7 @@ def case_flops(
         return None
     sizes = dict(length=length, batch=batch, input=input, hidden=hidden, output=output)
     if scenario != "train_as_written" or peer == "eager":
-        return rnn_flops(scenario, **sizes, cell=cell, layers=layers)
+        return rnn_flops(scenario, **sizes, cell=cell, layers=layers, directions=directions)
     algorithm = PEER_METHODS[peer] if peer is not None else method
     if algorithm is None:
         raise ValueError(

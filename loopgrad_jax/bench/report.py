@@ -204,8 +204,17 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "cell": plan.cell,  # the RNN scenarios' cell (--cell) and its layers (--layers)
         "layers": plan.layers,
         "devices": list(plan.devices),  # --devices: mesh sizes of the data-parallel rows
+        "bidirectional": plan.bidirectional,  # rnn_module's --bidirectional
+        "lengths_spread": plan.spread,  # rnn_module's --lengths-spread
+        "flax": _flax_version() if plan.flax else None,
         "status": "running",
     }
+
+
+def _flax_version() -> str:
+    import flax
+
+    return flax.__version__
 
 
 def describe_device(device: jax.Device) -> str:
@@ -407,7 +416,7 @@ def impl_name(record: Mapping) -> str:
         devices = record.get("devices") or 1
         mesh = f"x{devices} devices" if devices > 1 else None
         return " ".join(filter(None, (record["loop"], record.get("method"), mesh)))
-    return f"torch {record['peer']}"
+    return f"{record['framework']} {record['peer']}"
 
 
 def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, list[float]]]:
@@ -516,7 +525,8 @@ def format_table(records: Sequence[Mapping]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
         "speedup vs torch = PyTorch time / JAX time (> 1: JAX is faster), against the peer "
-        "running the same algorithm; [a-b]: 95% bootstrap interval."
+        "running the same algorithm (nnx.Bidirectional: Flax's time / JAX time); [a-b]: 95% "
+        "bootstrap interval."
     )
     lines.append(
         "saved = bytes kept for the backward pass (JAX: jax.vjp residuals; PyTorch: saved "
@@ -574,7 +584,7 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
             )
         vs = ratios.get(index[id(best)], {})
         if vs:
-            text += "; vs torch " + ", ".join(f"{p} {format_ratio(x)}" for p, x in vs.items())
+            text += "; vs peers " + ", ".join(f"{p} {format_ratio(x)}" for p, x in vs.items())
         lines.append(text)
         saved = [r for r in at if r.get("saved_bytes") is not None]
         if saved:

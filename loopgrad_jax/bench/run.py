@@ -1,8 +1,9 @@
 """Runs the cases of a benchmark plan, one group of implementations at a time.
 
 A *group* is every implementation of one case: the JAX loop kinds and the
-PyTorch peers of one scenario at one set of sizes (and, for the as-written
-loop, one algorithm: JAX's ``forward`` method with the ``rtrl`` peer, its
+PyTorch peers (for ``rnn_module --bidirectional`` also Flax's ``nnx.Bidirectional``,
+:mod:`loopgrad_jax.bench.flax_peers`) of one scenario at one set of sizes (and, for
+the as-written loop, one algorithm: JAX's ``forward`` method with the ``rtrl`` peer, its
 ``reverse`` method with the ``eager`` peer). The order, as plain Python::
 
   for scenario in scenarios:
@@ -33,8 +34,8 @@ from loopgrad_jax.bench.flops import case_flops
 RECORD_KEYS: tuple[str, ...] = (
     "scenario",
     "loop",  # a loop kind of lg.LOOPS for JAX, None for PyTorch
-    "framework",  # "jax" or "torch"
-    "peer",  # "eager", "nn.RNN" / "nn.LSTM" / "nn.GRU" or "rtrl" for PyTorch, None for JAX
+    "framework",  # "jax", "torch" or "flax" (a peer written with Flax's own modules)
+    "peer",  # "eager", "nn.RNN" / "nn.LSTM" / "nn.GRU", "rtrl"; "nnx.Bidirectional"; None: JAX
     "method",  # train_as_written: the algorithm, "forward" or "reverse"; else None
     "length",
     "batch",
@@ -43,6 +44,8 @@ RECORD_KEYS: tuple[str, ...] = (
     "cell",  # RNN scenarios: one of lg.CELLS; None for the scalar ones
     "layers",  # RNN scenarios: the cell's layers; None for the scalar ones
     "precision",  # RNN scenarios: precision= ("bf16"), or None (float32 throughout)
+    "bidirectional",  # rnn_module: the module's bidirectional=; None for the others
+    "lengths_spread",  # rnn_module: --lengths-spread (None: no lengths, not packed)
     "devices",  # JAX: devices the batch splits over (1: no mesh); None for PyTorch
     "window",  # train_tbptt only
     "lower_s",  # trace + lower (JAX)
@@ -61,7 +64,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "flops",  # loopgrad_jax.bench.flops.case_flops (RNN scenarios)
     "gflops",  # flops / run_s_median / 1e9
     "seqs_per_s",  # RNN scenarios: sequences per second, batch / run_s_median
-    "vs_torch",  # JAX: {peer: [torch time / JAX time, low, high]} for the group's peers
+    "vs_torch",  # JAX: {peer: [peer time / JAX time, low, high]}, PyTorch's and Flax's peers
     "max_rel_diff",  # PyTorch vs JAX outputs: max |torch - jax| / max |jax|, per output
     "other_cores",  # cores other processes kept busy during the group's timed rounds
     "parallel_iterations",  # parallel kinds, article cell's rnn_loss: Newton iterations run
@@ -96,6 +99,9 @@ class Plan(NamedTuple):
     layers: int = 1  # its layers
     devices: tuple[int, ...] = (1,)  # JAX rows of the RNN scenarios per mesh size
     precisions: tuple[str | None, ...] = (None,)  # JAX rows of the RNN scenarios per precision
+    bidirectional: bool = False  # rnn_module: --bidirectional
+    spread: float | None = None  # rnn_module: --lengths-spread
+    flax: bool = False  # whether to add Flax's rows (flax_peers.module_peers)
 
 
 class Task(NamedTuple):
@@ -128,6 +134,13 @@ def tasks(plan: Plan) -> list[Task]:
                         for loop in plan.loops
                         for devices in meshes
                     ]
+                    if plan.flax:
+                        from loopgrad_jax.bench import flax_peers  # it imports this module
+
+                        rows += [
+                            Task(scenario, sizes, "flax", name)
+                            for name in flax_peers.module_peers(scenario, sizes)
+                        ]
                     rows += [
                         Task(scenario, sizes, "torch", peer, method)
                         for peer in peers
@@ -141,6 +154,8 @@ def _sizes(plan: Plan, length: int, scenario: str) -> list[cases.Sizes]:
     bases = [base]
     if cases.SCENARIOS[scenario].rnn:  # the scalar scenarios have no cell
         base = base._replace(cell=plan.cell, layers=plan.layers)
+        if scenario == "rnn_module":
+            base = base._replace(bidirectional=plan.bidirectional, spread=plan.spread)
         bases = [base._replace(precision=p) for p in plan.precisions]
     if plan.sweep is None:
         return bases
@@ -192,6 +207,19 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                     else None  # residuals split over devices: not one figure to compare
                 ),
                 parallel_iterations=cases.parallel_iterations(task.scenario, task.name, data),
+            )
+        elif task.framework == "flax":
+            from loopgrad_jax.bench import flax_peers
+
+            build, args = flax_peers.bidirectional_case(data)
+            args = jax.device_put(args, device)
+            compiled = timing.compile_jax(build, args, compile_repeats=plan.compile_repeats)
+            calls[task] = _bind(compiled.compiled, args)
+            records[task].update(
+                lower_s=compiled.lower_s,
+                compile_s=compiled.compile_s,
+                memory_bytes=compiled.memory_bytes,
+                temp_bytes=compiled.temp_bytes,
             )
         else:
             setup = plan.torch
@@ -265,9 +293,9 @@ def _fill(records, measured: timing.Interleaved, counters, reference) -> None:
         if cases.SCENARIOS[task.scenario].rnn:
             record["seqs_per_s"] = task.sizes.batch / stats.median_s
         output = measured.outputs[task]
-        if task.framework == "jax":
+        if task.framework != "torch":
             output = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(output))
-            if task.devices == 1:
+            if task.framework == "jax" and task.devices == 1:
                 reference.setdefault((task.scenario, task.sizes), output)
         else:
             output = torch_peers.to_numpy(output)
@@ -278,7 +306,7 @@ def _compare(records, reference, *, paired: bool) -> None:
     """Checks each peer's outputs against JAX's; each JAX row's ratio to each peer."""
     timed = [task for task, r in records.items() if "_samples" in r]
     jax_tasks = [task for task in timed if task.framework == "jax"]
-    peers = [task for task in timed if task.framework == "torch"]
+    peers = [task for task in timed if task.framework != "jax"]
     one_device = [task for task in jax_tasks if task.devices == 1]
     for peer in peers:
         want = (
@@ -322,6 +350,8 @@ def new_record(task: Task) -> dict[str, Any]:
         cell=sizes.cell if rnn else None,
         layers=sizes.layers if rnn else None,
         precision=sizes.precision if rnn else None,
+        bidirectional=sizes.bidirectional if task.scenario == "rnn_module" else None,
+        lengths_spread=sizes.spread,
         devices=task.devices if jax_side else None,
         window=sizes.window if task.scenario == "train_tbptt" else None,
         flops=case_flops(
@@ -335,6 +365,7 @@ def new_record(task: Task) -> dict[str, Any]:
             peer=None if jax_side else task.name,
             cell=sizes.cell,
             layers=sizes.layers,
+            directions=2 if sizes.bidirectional else 1,
         ),
     )
     return record

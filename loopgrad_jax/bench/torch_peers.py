@@ -56,6 +56,14 @@ loaded into the modules by ``load_state_dict``; ``fused`` below is ``nn.RNN``,
 - ``rnn_loss``/``fused`` and ``rnn_loss_hoisted``/``fused``: ``out, _ = fused(x)``
   over the whole sequence (on CPU PyTorch may run oneDNN's RNN kernels), then
   ``((head(out) - y) ** 2).mean(dim=(1, 2)).sum()``.
+- ``rnn_module``/``fused``: the fused module alone (``bidirectional=`` as the case's),
+  its weights loaded by ``load_state_dict``; with lengths, PyTorch's packed path::
+
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    outputs, _ = pad_packed_sequence(fused(packed)[0], total_length=T)
+    loss = (outputs ** 2).sum()       # without lengths: outputs, _ = fused(x)
+
+  then ``loss.backward()``; it returns the loss and the module's gradients.
 - ``train_as_written``/``eager`` and ``train_tbptt``/``eager``: the article's loops
   above with ``stack`` for ``cell`` and one ``SGD`` over the cells' and the head's
   parameters.
@@ -187,7 +195,11 @@ def _tensors(data: Data, sizes: Sizes, device: str) -> Data:
             for state in lg.to_torch(data.params)
         )
     return Data(
-        x=tensor(data.x), params=params, inputs=tensor(data.inputs), targets=tensor(data.targets)
+        x=tensor(data.x),
+        params=params,
+        inputs=tensor(data.inputs),
+        targets=tensor(data.targets),
+        lengths=None if data.lengths is None else torch.from_numpy(data.lengths),  # CPU, int64
     )
 
 
@@ -487,7 +499,12 @@ def _cell_class(cell: str):
 def _fused_module(sizes: Sizes):
     import torch
 
-    options = {"num_layers": sizes.layers, "bias": True, "batch_first": False}
+    options = {
+        "num_layers": sizes.layers,
+        "bias": True,
+        "batch_first": False,
+        "bidirectional": sizes.bidirectional,
+    }
     if sizes.cell in ("rnn_tanh", "rnn_relu"):
         return torch.nn.RNN(sizes.input, sizes.hidden, nonlinearity=sizes.cell[4:], **options)
     module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[sizes.cell]
@@ -599,6 +616,29 @@ def _cell_fused(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Cal
             loss = ((model.head(outputs) - d.targets) ** 2).mean(dim=(1, 2)).sum()
         loss.backward()
         return (loss.detach(), *(p.grad for p in model.params))
+
+    return call
+
+
+def _cell_module(d: Data, sizes: Sizes, counter: SavedBytes | None = None) -> Call:
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    module = _fused_module(sizes).to(d.inputs.device)
+    module.load_state_dict(d.params[0])
+    params = list(module.parameters())
+
+    def call():
+        for p in params:
+            p.grad = None
+        with _counting(counter):
+            if d.lengths is None:
+                outputs, _ = module(d.inputs)
+            else:
+                packed = pack_padded_sequence(d.inputs, d.lengths, enforce_sorted=False)
+                outputs, _ = pad_packed_sequence(module(packed)[0], total_length=sizes.length)
+            loss = (outputs**2).sum()
+        loss.backward()
+        return (loss.detach(), *(p.grad for p in params))
 
     return call
 
@@ -738,6 +778,7 @@ _PEERS: dict[str, dict[str, Callable[[Data, Sizes, Any], Call]]] = {
     "rnn_loss_hoisted": {"nn.RNN": _rnn_fused},
     "train_as_written": {"eager": _train_as_written, "rtrl": _train_rtrl},
     "train_tbptt": {"eager": _train_tbptt},
+    "rnn_module": {},  # lg.rnn has no article cell
 }
 
 #: The RNN scenarios' peers for a cell of ``--cell`` (``"fused"``: :func:`fused_name`).
@@ -746,6 +787,7 @@ _CELL_PEERS: dict[str, dict[str, Callable[[Data, Sizes, Any], Call]]] = {
     "rnn_loss_hoisted": {"fused": _cell_fused},
     "train_as_written": {"eager": _cell_as_written, "rtrl": _cell_rtrl},
     "train_tbptt": {"eager": _cell_tbptt},
+    "rnn_module": {"fused": _cell_module},
 }
 
 #: Scenario -> the names of its PyTorch peers, for the article's cell.
