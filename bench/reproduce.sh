@@ -164,6 +164,13 @@ bench cpu_deer_h64 "${deer[@]}" --hidden 64 --lengths 100,1000    # cpu_deer_h64
 bench cpu_bf16 --cell lstm --scenarios rnn_loss --loops scan --lengths 100 --input 64 \
   --hidden 256 --batch 32 --precision float32,bf16 --no-torch    # cpu_bf16.json
 
+# --- a bidirectional 2-layer LSTM, packed: lg.rnn beside packed nn.LSTM, nnx.Bidirectional ---
+bidirectional=(--cell lstm --layers 2 --bidirectional --loops scan,scan:unroll=8,fori --min-time 5)
+bench cpu_bidirectional "${bidirectional[@]}" --lengths-spread 0.5 --lengths 200 --input 64 \
+  --hidden 256 --batch 32 --repeats 5                            # cpu_bidirectional.json
+bench cpu_bidirectional_article "${bidirectional[@]}" --lengths-spread 0 --lengths 1000 \
+  --input 10 --hidden 5 --batch 1 --repeats 20                   # cpu_bidirectional_article.json
+
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
 if ((${#SMOKE[@]} == 0)) && wanted cpu_as_written_grid; then  # each takes tens of minutes: no smoke version
   wait_idle
