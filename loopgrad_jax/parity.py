@@ -58,6 +58,7 @@ SCENARIOS: tuple[str, ...] = (
     "cell_loss",
     "cell_as_written",
     "cell_tbptt",
+    "module",
 )
 
 #: The kinds of the core grid, which runs every fixture case of the article's scenarios.
@@ -99,6 +100,17 @@ _INPUT_FIELDS = frozenset(
         "output_size",
         "rnn_state",
         "head_state",
+        # module: the call's options and the probe's weights
+        "lengths",
+        "batch_first",
+        "bias",
+        "bidirectional",
+        "proj_size",
+        "unbatched",
+        "cell_module",
+        "r_out",
+        "r_h",
+        "r_c",
     }
 )
 
@@ -300,6 +312,8 @@ def _plan(scenario: str, directory, grid: str) -> list[tuple[str, str, str, bool
             if p[0] in sgd
         ]
         return plain + _grid(others, ("plain",), ("scan",), first)
+    if scenario == "module":
+        return _module_plan(names, grid)
     return _cell_plan(scenario, names, grid)
 
 
@@ -380,6 +394,30 @@ def _cell_plan(scenario: str, names: list[str], grid: str) -> list[tuple[str, st
     return plan
 
 
+def _module_plan(names: list[str], grid: str) -> list[tuple[str, str, str, bool]]:
+    """The grid of ``module``: PyTorch's modules of every option (``{kind}_{option}``),
+    called through ``lg.rnn``; the gradient of the fixture's probe runs in reverse mode.
+
+    ``"full"``: every case with every reverse-capable loop kind and option, under an
+    outer ``jax.jit`` by :func:`_grid`'s rule (``lg.rnn`` runs compiled already).
+    ``"suite"``: every case with scan eagerly, scan under jit on the first case, and each
+    other kind or option once eagerly, on cases taken in turn across the options (the
+    kind rotating within each), and the python kind under jit on the next case.
+    """
+    if grid == "full":
+        return _grid(names, ("",), REVERSE_VARIANTS, names[0])
+    kinds = sorted(lg.CELLS[1:], key=len, reverse=True)  # "rnn_tanh" before "rnn"...
+    option = {n: n.removeprefix(next(k for k in kinds if n.startswith(f"{k}_")) + "_")
+              for n in names}  # fmt: skip
+    groups = [[n for n in names if option[n] == o] for o in dict.fromkeys(option.values())]
+    rounds = range(max(map(len, groups)))
+    turns = [g[(i + j) % len(g)] for i in rounds for j, g in enumerate(groups)]
+    others = [v for v in REVERSE_VARIANTS if v != "scan"]
+    picks = [(turns[i % len(turns)], "", v, False) for i, v in enumerate(others)]
+    picks.append((turns[len(others) % len(turns)], "", "python", True))  # unrolled
+    return [(n, "", "scan", False) for n in names] + [(names[0], "", "scan", True)] + picks
+
+
 def checks(
     scenarios: Iterable[str] = SCENARIOS,
     dtypes: Iterable[str] = DTYPES,
@@ -438,8 +476,8 @@ def _left_out_of_suite(
         return True  # float64 runs the same programs
     if loop == "python" and not jit and method == "reverse":
         return True  # T*(T+1)/2 cell VJPs op by op (9 s); under jit it runs the same ops
-    if scenario.startswith("cell_"):
-        return False  # otherwise trimmed by _cell_plan
+    if scenario.startswith("cell_") or scenario == "module":
+        return False  # otherwise trimmed by _cell_plan, _module_plan
     if jit and loop != "python":
         return True  # the entry point is jitted inside already: the same program
     # The python kind op by op runs what it runs under jit (every case but the long
@@ -622,6 +660,59 @@ def _train(check: Check, c: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _module_params(c: Mapping[str, Any]) -> lg.CellParams:
+    """The case's module from its state dict: the structure from the keys, batch_first
+    (which a state dict does not hold) from the case; checked against the case's options."""
+    params = lg.from_torch(c["rnn_state"], kind=c["kind"], batch_first=c.get("batch_first", False))
+    if params.cell_module != bool(c.get("cell_module")):
+        raise ValueError(f"the case's cell_module is {c.get('cell_module')}, not its state's.")
+    if not params.cell_module:
+        first = params.layers[0]
+        found = (params.num_layers, params.bidirectional, first.weight_hr is not None)
+        found += (first.bias_ih is not None,)
+        told = (c["num_layers"], c["bidirectional"], c["proj_size"] > 0, c["bias"])
+        if found != told:
+            raise ValueError(
+                f"the case's (num_layers, bidirectional, projection, bias) are {told}, "
+                f"its state dict's {found}."
+            )
+    return params
+
+
+def _module(check: Check, c: Mapping[str, Any]) -> dict[str, Any]:
+    """``lg.rnn`` on PyTorch's module call, and the gradients of the fixture's probe
+    ``sum(outputs * r_out) + sum(h_n * r_h)`` (``+ sum(c_n * r_c)``) w.r.t. the weights,
+    the inputs and ``hidden0``; a cell module's state gains (and loses) the layer axis."""
+    params, cell = _module_params(c), c.get("cell_module", False)
+    lengths = None if c.get("lengths") is None else jnp.asarray(c["lengths"])
+    r_final = [c[r] for r in ("r_h", "r_c") if r in c]
+    hidden0 = None if c["hidden0"] is None else jax.tree.map(jnp.asarray, _hidden0(c))
+    if cell and hidden0 is not None:
+        hidden0 = jax.tree.map(lambda a: a[None], hidden0)
+
+    def probe(params, inputs, hidden0):
+        outputs, final = lg.rnn(params, inputs, hidden0, lengths=lengths, loop=check.loop)
+        finals = final if isinstance(final, tuple) else (final,)
+        finals = tuple(f[0] for f in finals) if cell else finals  # a cell's (B, H)
+        total = jnp.sum(outputs * c["r_out"])
+        for f, r in zip(finals, r_final, strict=True):
+            total = total + jnp.sum(f * r)
+        return total, (outputs, _stored(finals) if len(finals) == 2 else finals[0])
+
+    argnums = (0, 1) if hidden0 is None else (0, 1, 2)
+    run = _maybe_jit(jax.value_and_grad(probe, argnums=argnums, has_aux=True), check.jit)
+    (value, (outputs, hidden)), grads = run(params, jnp.asarray(c["inputs"]), hidden0)
+    grads_rnn, grads_head = lg.to_torch(grads[0])
+    if grads_head is not None:
+        raise ValueError("a module without a head has a head's gradient.")
+    out = {"value": value, "outputs": outputs, "hidden": hidden, "grads_rnn": grads_rnn}
+    out |= {"grad_inputs": grads[1], "grad_hidden0": None}
+    if hidden0 is not None:
+        g = jax.tree.map(lambda a: a[0], grads[2]) if cell else grads[2]
+        out["grad_hidden0"] = _stored(g)
+    return out
+
+
 _RUNNERS: dict[str, Callable[[Check, Mapping[str, Any]], dict[str, Any]]] = {
     "accumulate": _scalar,
     "stack": _scalar,
@@ -631,6 +722,7 @@ _RUNNERS: dict[str, Callable[[Check, Mapping[str, Any]], dict[str, Any]]] = {
     "train_tbptt": _train,
     "cell_as_written": _train,
     "cell_tbptt": _train,
+    "module": _module,
 }
 
 
@@ -721,6 +813,10 @@ def compare(
 
 def _pairs(actual: Any, expected: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
     """``(path, actual leaf, expected leaf)``, or ``(path, description, None)`` on a mismatch."""
+    if expected is None:  # recorded as absent (a module's d hidden0 without hidden0)
+        if actual is not None:
+            yield path, f"{path}: {type(actual).__name__} != None", None
+        return
     if isinstance(expected, Mapping):
         if not isinstance(actual, Mapping) or set(actual) != set(expected):
             keys = sorted(actual) if isinstance(actual, Mapping) else type(actual).__name__
@@ -752,9 +848,10 @@ def _max_error(actual: np.ndarray, expected: np.ndarray) -> float:
 _EPILOG = """\
 what it checks:
   every scenario (accumulate, stack, rnn_loss, train_as_written, train_tbptt, and
-  cell_loss, cell_as_written, cell_tbptt with torch.nn RNN, LSTM and GRU) x its fixture
-  cases x loop kinds x jit on/off x float32/float64: the value, every gradient, the
-  final weights and the final state, each against PyTorch's, within
+  cell_loss, cell_as_written, cell_tbptt with torch.nn RNN, LSTM and GRU; module: those
+  modules and cells of every option through lg.rnn) x its fixture cases x loop kinds x
+  jit on/off x float32/float64: the value, every gradient, the final weights and the
+  final state or outputs, each against PyTorch's, within
   |actual - expected| <= tol * (1 + |expected|), tol 1e-5 in float32, 1e-10 in float64.
 
 examples:
