@@ -5,18 +5,19 @@ Each fixture case is a module's forward as PyTorch runs it (packed batches throu
 ``pack_padded_sequence(..., enforce_sorted=False)``; a cell module looped over the steps
 in Python) and the gradients of a probe ``sum(outputs * r_out) + sum(h_n * r_h)``
 (``+ sum(c_n * r_c)`` for an LSTM) of random weights: w.r.t. the weights, the inputs and
-``hidden0``. Here the same probe of ``lg.rnn`` is differentiated with ``jax.grad``.
+``hidden0``. ``loopgrad-parity`` differentiates the same probe of ``lg.rnn`` with
+``jax.value_and_grad`` (``parity._module``); these tests run its checks.
 """
 
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOL, assert_close, fixture
+from helpers import assert_close, assert_passes, fixture, parity_params
 
 import loopgrad_jax as lg
+from loopgrad_jax import parity
 
 try:
     import flax  # noqa: F401
@@ -25,120 +26,35 @@ try:
 except ImportError:  # pragma: no cover - flax is a test dependency
     NNX = ()
 
-#: Every loop kind that runs reverse mode; "while" is bounded by the case's T.
-LOOPS = ("scan", "fori", "python", "remat", "remat:checkpoints=2", "while", *NNX)
 CASES = [c["name"] for c in fixture("module", "float64").cases]
+#: The comparison is loopgrad-parity's (``parity._module``): every case with scan, and
+#: each other reverse-capable loop kind and option once, in the quick tier; the rest of
+#: the command's grid in float64 in the slow tier.
+SUITE = parity.checks(["module"], grid="suite")
+REST = [c for c in parity.checks(["module"], ["float64"]) if c not in SUITE]
+#: Flax's loop kind, which loopgrad-parity (no flax dependency) leaves out: scan's checks.
+NNX_CHECKS = [
+    c._replace(loop=n) for n in NNX for c in SUITE if (c.loop, c.dtype) == ("scan", "float64")
+]
 
 
-def _loop(name: str, t: int) -> str:
-    return f"while:max_steps={t}" if name == "while" else name
+@pytest.mark.parametrize("check", parity_params(SUITE))
+def test_module_matches_pytorch(check):
+    assert_passes(check)
 
 
-def _hidden0(c):
-    """The case's hidden0 in lg.rnn's layout: a cell module's gains the layer axis."""
-    h0 = c["hidden0"]
-    if h0 is None:
-        return None
-    h0 = tuple(map(jnp.asarray, h0)) if isinstance(h0, list) else jnp.asarray(h0)
-    return jax.tree.map(lambda a: a[None], h0) if c.get("cell_module") else h0
-
-
-def _params(c):
-    """The case's module from its state dict: the structure from the keys, batch_first
-    (which a state dict does not hold) from the case."""
-    params = lg.from_torch(c["rnn_state"], kind=c["kind"], batch_first=c.get("batch_first", False))
-    assert params.cell_module == c.get("cell_module", False)
-    if not params.cell_module:
-        assert params.num_layers == c["num_layers"]
-        assert params.bidirectional == c["bidirectional"]
-        assert (params.layers[0].weight_hr is not None) == (c["proj_size"] > 0)
-        assert (params.layers[0].bias_ih is not None) == c["bias"]
-    return params
-
-
-def _check_case(dtype: str, name: str, loop: str, jit: bool) -> None:
-    c = fixture("module", dtype).case(name)
-    params, inputs, hidden0 = _params(c), jnp.asarray(c["inputs"]), _hidden0(c)
-    lengths = None if c.get("lengths") is None else jnp.asarray(c["lengths"])
-    cell = params.cell_module
-    t = inputs.shape[1 if c.get("batch_first") else 0]
-    weights = [c[r] for r in ("r_h", "r_c") if r in c]
-
-    def probe(params, inputs, hidden0):
-        outputs, final = lg.rnn(params, inputs, hidden0, lengths=lengths, loop=_loop(loop, t))
-        finals = final if isinstance(final, tuple) else (final,)
-        finals = tuple(f[0] for f in finals) if cell else finals  # a cell's (B, H)
-        total = jnp.sum(outputs * c["r_out"])
-        for f, r in zip(finals, weights, strict=True):
-            total = total + jnp.sum(f * r)
-        return total, (outputs, list(finals) if len(finals) == 2 else finals[0])
-
-    argnums = (0, 1) if hidden0 is None else (0, 1, 2)
-    run = jax.value_and_grad(probe, argnums=argnums, has_aux=True)
-    (value, (outputs, hidden)), grads = (jax.jit(run) if jit else run)(params, inputs, hidden0)
-    tol, what = TOL[dtype], f"{dtype}:{name}:{loop}:{'jit' if jit else 'eager'}"
-    assert_close(value, np.asarray(c["value"], dtype), tol, f"{what}: value")
-    assert_close(outputs, c["outputs"], tol, f"{what}: outputs")
-    assert_close(hidden, c["hidden"], tol, f"{what}: h_n")
-    grads_rnn, grads_head = lg.to_torch(grads[0])
-    assert grads_head is None
-    assert list(grads_rnn) == list(c["grads_rnn"]), what
-    assert_close(grads_rnn, c["grads_rnn"], tol, f"{what}: grads_rnn")
-    assert_close(grads[1], c["grad_inputs"], tol, f"{what}: grad_inputs")
-    if hidden0 is not None:
-        g = jax.tree.map(lambda a: a[0], grads[2]) if cell else grads[2]
-        assert_close(list(g) if isinstance(g, tuple) else g, c["grad_hidden0"], tol, what)
-
-
-def _quick_picks() -> dict[str, tuple[str, bool]]:
-    """The quick tier's second loop kind: one case of each option (the kind in turn), each
-    with the next loop kind after scan, jit and eager alternating; so every option and loop
-    kind runs in the quick tier, and the slow tier runs every case with every one."""
-    kinds = sorted(lg.CELLS[1:], key=len, reverse=True)
-    option = {n: n[len(next(k for k in kinds if n.startswith(f"{k}_"))) + 1 :] for n in CASES}
-    groups = {o: [n for n in CASES if option[n] == o] for o in dict.fromkeys(option.values())}
-    others = LOOPS[1:]
-    return {
-        names[i % len(names)]: (others[i % len(others)], i % 2 == 1)
-        for i, names in enumerate(groups.values())
-    }
-
-
-QUICK = _quick_picks()
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_module_matches_pytorch(name):
-    _check_case("float64", name, "scan", jit=True)
+@pytest.mark.slow
+@pytest.mark.parametrize("check", parity_params(REST))
+def test_module_matches_pytorch_every_loop(check):
+    assert_passes(check)
 
 
 @pytest.mark.parametrize(
-    ("name", "loop", "jit"),
-    [
-        pytest.param(n, loop, jit, id=f"{n}-{loop}-{'jit' if jit else 'eager'}")
-        for n, (loop, jit) in QUICK.items()
-    ],
-)
-def test_module_matches_pytorch_other_loop(name, loop, jit):
-    _check_case("float64", name, loop, jit)
-
-
-def test_module_matches_pytorch_float32_sample():
-    _check_case("float32", "lstm_proj_bi2_packed", "scan", jit=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-@pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("name", CASES)
-def test_module_matches_pytorch_every_loop(name, loop, jit):
-    _check_case("float64", name, loop, jit)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", CASES)
-def test_module_matches_pytorch_float32(name):
-    _check_case("float32", name, "scan", jit=True)
+    "check", [pytest.param(c, marks=[pytest.mark.slow] * (i > 0)) for i, c in
+              enumerate(NNX_CHECKS)], ids=[c.name for c in NNX_CHECKS]
+)  # fmt: skip
+def test_module_matches_pytorch_nnx_loop(check):
+    assert_passes(check)
 
 
 def test_module_fixture_is_pytorchs():

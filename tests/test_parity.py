@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import FIXTURES
 
+import loopgrad_jax as lg
 from loopgrad_jax import fixtures, parity
 
 # A few cheap checks: scenario 1 with scan in one dtype: the five cases, the first under
@@ -46,17 +47,17 @@ def _cases(scenario):
     return parity.load(scenario, "float64").cases
 
 
-def _corrupted_copy(tmp_path):
+def _corrupted_copy(tmp_path, scenario="accumulate", index=1, field="grad"):
     """The shipped fixtures, with one recorded gradient off by 1e-6: valid files, wrong value."""
     folder = tmp_path / "fixtures"
     folder.mkdir()
     for path in FIXTURES.glob("*.json"):
         (folder / path.name).write_bytes(path.read_bytes())
-    f = fixtures.load_fixture(folder / "accumulate_float64.json")
+    f = fixtures.load_fixture(folder / f"{scenario}_float64.json")
     cases = [dict(c) for c in f.cases]
-    cases[1]["grad"] = cases[1]["grad"] + np.float64(1e-6)
+    cases[index][field] = cases[index][field] + np.float64(1e-6)
     fixtures.write_fixture(f.path, f.header, cases)
-    return folder, cases[1]["name"]
+    return folder, cases[index]["name"]
 
 
 def test_a_wrong_fixture_fails_with_exit_status_1(tmp_path, capsys):
@@ -83,6 +84,43 @@ def test_a_raising_check_fails_and_the_rest_still_run(monkeypatch, capsys):
     stdout = capsys.readouterr().out
     assert "0 of 8 checks passed" in stdout
     assert "FAILED accumulate/article/scan/eager/float64: RuntimeError: boom" in stdout
+
+
+def test_the_module_grid_has_every_reverse_loop_kind_and_its_suite_samples_each():
+    full, suite = parity.checks(["module"]), parity.checks(["module"], grid="suite")
+    names = [c["name"] for c in _cases("module")]
+    assert set(suite) <= set(full) and len(suite) < len(full) / 5
+    for grid in (full, suite):
+        assert [*dict.fromkeys(c.case for c in grid)] == names
+        assert {c.cell for c in grid} == set(lg.CELLS[1:]) and {c.method for c in grid} == {""}
+        assert {c.loop for c in grid} == set(parity.REVERSE_VARIANTS)
+    # Every case with every kind and option in both dtypes, python under jit too; every
+    # kind under jit on the first case.
+    every = {(n, v, d) for n in names for v in parity.REVERSE_VARIANTS for d in parity.DTYPES}
+    assert {(c.case, c.loop, c.dtype) for c in full if not c.jit} == every
+    assert {(c.case, c.loop) for c in full if c.jit and c.case != names[0]} == {
+        (n, "python") for n in names[1:]
+    }
+    assert {c.loop for c in full if c.jit and c.case == names[0]} == set(parity.REVERSE_VARIANTS)
+    # The suite: float32 with scan on every case; the other kinds once each, eagerly.
+    assert {(c.case, c.loop) for c in suite if c.dtype == "float32"} == {(n, "scan") for n in names}
+    others = [c.loop for c in suite if c.loop != "scan" and not c.jit]
+    assert sorted(others) == sorted(set(parity.REVERSE_VARIANTS) - {"scan"})
+    assert len({c.case for c in suite if c.loop != "scan"}) == len(parity.REVERSE_VARIANTS)
+
+
+def test_a_wrong_module_gradient_fails(tmp_path):
+    index = [c["name"] for c in _cases("module")].index("gru_cell")
+    folder, broken = _corrupted_copy(tmp_path, "module", index, "grad_hidden0")
+    check = parity.Check("module", broken, "gru", "", "scan", False, "float64")
+    assert parity.run_check(check).passed
+    record = parity.run_check(check, folder)
+    assert not record.passed and record.field == "grad_hidden0"
+    assert 1e-10 < record.error < 1e-5 and record.message.startswith("grad_hidden0: max |")
+    # A gradient the case records as absent (no hidden0) must be absent.
+    error, field, message = parity.compare({"g": np.zeros(2)}, {"g": None}, "float64")
+    assert (error, field, message) == (float("inf"), "g", "g: ndarray != None")
+    assert parity.compare({"g": None}, {"g": None}, "float64") == (0.0, "g", "")
 
 
 def test_a_tampered_fixture_is_an_error(tmp_path, capsys):
