@@ -342,6 +342,7 @@ def test_each_as_written_algorithm_is_counted_by_what_it_does():
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(flag, value, capsys):
+    jax.devices("cpu")  # JAX has started, whatever ran before in this worker: --devices 64
     with pytest.raises(SystemExit) as exit_info:
         cli.main([flag, value])
     assert exit_info.value.code == 2
