@@ -213,3 +213,62 @@ def dataclasses_replace(params, **changes):
     import dataclasses
 
     return dataclasses.replace(params, **changes)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        # (B, T, I) = (3, 6, 4) given time-major: lengths tell the batch is the first axis.
+        (
+            lambda p, x: lg.rnn(p, x.swapaxes(0, 1), lengths=jnp.array(LENGTHS)),
+            ValueError,
+            r"lengths has 3 entries.*B=6 with batch_first=False.*pass batch_first=True",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x.swapaxes(0, 1), hidden0=jnp.zeros((4, B, H))),
+            ValueError,
+            r"hidden0 must have shape \(4, 6, 5\).*pass batch_first=True",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x.astype(jnp.int32)),
+            TypeError,
+            r"inputs must have a floating-point dtype",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x[..., :2]),
+            ValueError,
+            r"inputs must have shape \(T, B, I\) \(batch_first=False\) or, unbatched, \(T, I\), "
+            r"with I=4",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x, lengths=jnp.array([T, 0, 7])),
+            ValueError,
+            r"lengths must be between 1 and T=6.*got \[0, 7\] at examples \[1, 2\]",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x[:, 0], lengths=jnp.array([T])),
+            ValueError,
+            r"unbatched inputs \(T, I\) have one example",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x, dropout_key=3),
+            TypeError,
+            r"dropout_key must be a JAX random key .*got int 3",
+        ),
+        (
+            lambda p, x: lg.rnn(lg.init_rnn(jax.random.key(0), 4, 5), x),
+            TypeError,
+            r"the article's SimpleRNN \(RNNParams\) is no PyTorch module",
+        ),
+        (
+            lambda p, x: lg.rnn(p, x, loop="while"),
+            ValueError,
+            r"loop='while' cannot be used with lg.rnn",
+        ),
+    ],
+)
+def test_bad_module_calls_are_refused_by_name(call, error, match):
+    params = _bidirectional()
+    x = jnp.ones((T, B, N_IN), jnp.float64)
+    with pytest.raises(error, match=match):
+        call(params, x)
