@@ -19,17 +19,20 @@ import loopgrad_jax as lg
 from loopgrad_jax import _as_written
 
 #: Every kind and option reverse mode runs through, each a different code path.
+#: The quick tier runs the kinds whose custom rules close over the body (fori, the
+#: checkpointed scans) and the remat and bounded-while rules; the python and nnx kinds,
+#: which differentiate as scan does and cost the most to trace, run in the full tier.
 OUTER_LOOPS = (
     "fori",
-    "python",
+    pytest.param("python", marks=pytest.mark.slow),
     "remat",
     "remat:chunk=2",
     "remat:checkpoints=2",
     "while:max_steps=5",
     "while:max_steps=5:checkpoints=2",
-    "nnx_scan",
-    "nnx_fori",
-    "nnx_remat",
+    pytest.param("nnx_scan", marks=pytest.mark.slow),
+    pytest.param("nnx_fori", marks=pytest.mark.slow),
+    pytest.param("nnx_remat", marks=pytest.mark.slow),
     pytest.param("parallel", marks=pytest.mark.slow),  # DEER: a whole run is slow to trace
 )
 
