@@ -95,8 +95,18 @@ def _states(module, head):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("loop", LOOPS)
+# The quick tier: every case with scan and each other loop kind on one case in turn; the
+# full tier every loop kind on every case.
+@pytest.mark.parametrize(
+    ("loop", "case"),
+    [
+        (loop, case)
+        if loop == "scan" or case == list(CASES)[i % len(CASES)]
+        else pytest.param(loop, case, marks=pytest.mark.slow)
+        for i, loop in enumerate(LOOPS)
+        for case in CASES
+    ],
+)
 def test_rnn_loss_and_gradient_match_pytorchs_losses(loop, case):
     torch = pytest.importorskip("torch")
     loss, reduction, lengths = CASES[case]

@@ -74,7 +74,10 @@ CASES = [
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("loop", ["scan", "fori", "remat"])
+# The quick tier runs scan on every case; fori and remat, the same body, in the full tier.
+@pytest.mark.parametrize(
+    "loop", ["scan", *(pytest.param(k, marks=pytest.mark.slow) for k in ("fori", "remat"))]
+)
 @pytest.mark.parametrize(("kind", "options"), CASES, ids=str)
 def test_rnn_loss_of_the_whole_module_with_lengths_is_pytorchs(kind, options, loop):
     torch = pytest.importorskip("torch")
