@@ -43,6 +43,11 @@ def pytest_configure(config):
         jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        # A size limit turns on the cache's file lock around every read and write. Without
+        # it a worker could read an entry another was still writing and load a truncated
+        # executable: two runs of the suite lost a worker to a segmentation fault while
+        # compiling. The limit itself is far above what the suite writes.
+        jax.config.update("jax_compilation_cache_max_size", 64 * 2**30)
 
 
 def pytest_unconfigure(config):
