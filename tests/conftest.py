@@ -1,9 +1,10 @@
 """JAX configuration for the whole suite: float64 on, no silent promotions.
 
-The pytest-xdist workers share one persistent compilation cache for the session, so
-an executable that two workers need (most eager-mode primitives at the fixtures'
-sizes) is compiled once. The cache lives in a fresh temporary folder, removed at the
-end: nothing carries over between runs.
+Each pytest-xdist worker keeps a persistent compilation cache of its own for the
+session (they shared one until a worker loaded an entry another was still writing, see
+below); the processes a test starts (the 4-device run) share the controller's. The
+caches live in a fresh temporary folder, removed at the end: nothing carries over
+between runs.
 
 XLA compiles the suite's programs with LLVM's optimizations off: the suite compiles
 hundreds of small programs and runs each a few times, so optimizing their machine code
@@ -40,14 +41,14 @@ def pytest_configure(config):
         os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="loopgrad-jax-cache-")
         config._loopgrad_cache_owner = True
     if _CACHE_ENV in os.environ:
-        jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+        # One folder per worker: JAX writes an entry without a lock (it locks only when a
+        # size limit is set, and then scans the folder on every write: the suite ran three
+        # times slower), so a worker could load an entry another was still writing. Two
+        # runs of the suite lost a worker to a segmentation fault while compiling.
+        worker = getattr(config, "workerinput", {}).get("workerid", "main")
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ[_CACHE_ENV], worker))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        # A size limit turns on the cache's file lock around every read and write. Without
-        # it a worker could read an entry another was still writing and load a truncated
-        # executable: two runs of the suite lost a worker to a segmentation fault while
-        # compiling. The limit itself is far above what the suite writes.
-        jax.config.update("jax_compilation_cache_max_size", 64 * 2**30)
 
 
 def pytest_unconfigure(config):
