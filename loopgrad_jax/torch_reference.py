@@ -699,6 +699,23 @@ def _requiring_grad(value: Any) -> Any:
     return value.clone().requires_grad_(True)
 
 
+def _module_results(module, inputs, hidden0, outputs, final, total, probe) -> dict[str, Any]:
+    """What a module case records after ``total.backward()``: the weights and the
+    inputs it ran on, the probe's weights, and the results with their gradients."""
+    return {
+        "rnn_state": _state(module),
+        "inputs": inputs.detach().clone(),
+        "hidden0": _stored(hidden0),
+        **probe,
+        "outputs": outputs.detach().clone(),
+        "hidden": _stored(final),
+        "value": total.item(),
+        "grads_rnn": _module_grads(module),
+        "grad_inputs": inputs.grad.detach().clone(),
+        "grad_hidden0": _leaf_grad(hidden0),
+    }
+
+
 def module_cases(seed: int) -> list[dict[str, Any]]:
     """Each module's forward as PyTorch runs it, and the gradient of :func:`_probe`.
 
@@ -750,16 +767,7 @@ def module_cases(seed: int) -> list[dict[str, Any]]:
                 "batch_first": batch_first,
                 "unbatched": unbatched,
                 "lengths": lengths,
-                "rnn_state": _state(module),
-                "inputs": inputs.detach().clone(),
-                "hidden0": _stored(hidden0),
-                **probe,
-                "outputs": outputs.detach().clone(),
-                "hidden": _stored(final),
-                "value": total.item(),
-                "grads_rnn": _module_grads(module),
-                "grad_inputs": inputs.grad.detach().clone(),
-                "grad_hidden0": _leaf_grad(hidden0),
+                **_module_results(module, inputs, hidden0, outputs, final, total, probe),
             }
         )
     for k, (name, kind) in enumerate(CELL_MODULE_CASES, start=len(MODULE_CASES)):
@@ -783,16 +791,7 @@ def module_cases(seed: int) -> list[dict[str, Any]]:
                 "kind": kind,
                 "seed": seed + k,
                 "cell_module": True,
-                "rnn_state": _state(cell),
-                "inputs": inputs.detach().clone(),
-                "hidden0": _stored(hidden0),
-                **probe,
-                "outputs": outputs.detach().clone(),
-                "hidden": _stored(state),
-                "value": total.item(),
-                "grads_rnn": _module_grads(cell),
-                "grad_inputs": inputs.grad.detach().clone(),
-                "grad_hidden0": _leaf_grad(hidden0),
+                **_module_results(cell, inputs, hidden0, outputs, state, total, probe),
             }
         )
     return cases

@@ -197,10 +197,7 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                 continue
             calls[task] = _bind(compiled.compiled, args)
             records[task].update(
-                lower_s=compiled.lower_s,
-                compile_s=compiled.compile_s,
-                memory_bytes=compiled.memory_bytes,
-                temp_bytes=compiled.temp_bytes,
+                **_compile_fields(compiled),
                 saved_bytes=(
                     cases.saved_bytes(task.scenario, task.name, task.sizes, data, task.method)
                     if task.devices == 1
@@ -215,12 +212,7 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
             args = jax.device_put(args, device)
             compiled = timing.compile_jax(build, args, compile_repeats=plan.compile_repeats)
             calls[task] = _bind(compiled.compiled, args)
-            records[task].update(
-                lower_s=compiled.lower_s,
-                compile_s=compiled.compile_s,
-                memory_bytes=compiled.memory_bytes,
-                temp_bytes=compiled.temp_bytes,
-            )
+            records[task].update(**_compile_fields(compiled))
         else:
             setup = plan.torch
             args = (task.scenario, task.name, data, task.sizes, setup.device)
@@ -369,6 +361,16 @@ def new_record(task: Task) -> dict[str, Any]:
         ),
     )
     return record
+
+
+def _compile_fields(compiled) -> dict[str, Any]:
+    """A compiled JAX row's record fields: its lowering and compile times, its memory."""
+    return {
+        "lower_s": compiled.lower_s,
+        "compile_s": compiled.compile_s,
+        "memory_bytes": compiled.memory_bytes,
+        "temp_bytes": compiled.temp_bytes,
+    }
 
 
 def _first_line(error: BaseException) -> str:
