@@ -20,7 +20,6 @@ from loopgrad_jax._cell import Cell, LossFn, cell_step_loss, check_cell, step_lo
 from loopgrad_jax._cells import TORCH_CELL, CellParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._parallel import Shards, batch_spec, check_mesh
-from loopgrad_jax._precision import einsum
 from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
 
 PyTree = Any
@@ -317,7 +316,7 @@ def rnn_forward(
             final, hs = _cells.module_forward(params, inputs, carry0, loop, live=live)
         else:
             final, hs = _cells.hoisted_forward(params, inputs, carry0, loop)
-        head = einsum("tbh,oh->tbo", hs, params.head_weight, params.precision)
+        head = _cells.rows_product(hs, params.head_weight, params.precision)
         out = head + params.head_bias[None, None, :]
         return final, _every_step_loss(loss_fn, out, targets, weights)
     loop = check_loop(loop)
@@ -413,7 +412,7 @@ def _readout_every_step(cell: Cell, params: PyTree, kept: PyTree) -> jax.Array:
         weight, bias = params.h2o_weight, params.h2o_bias
     else:
         return jax.vmap(cell.readout, in_axes=(None, 0))(params, kept)
-    return einsum("tbh,oh->tbo", kept, weight, policy) + bias[None, None, :]
+    return _cells.rows_product(kept, weight, policy) + bias[None, None, :]
 
 
 def check_hoist(hoist_input: object, cell: Cell) -> bool:

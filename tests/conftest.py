@@ -1,10 +1,9 @@
 """JAX configuration for the whole suite: float64 on, no silent promotions.
 
-Each pytest-xdist worker keeps a persistent compilation cache of its own for the
-session (they shared one until a worker loaded an entry another was still writing, see
-below); the processes a test starts (the 4-device run) share the controller's. The
-caches live in a fresh temporary folder, removed at the end: nothing carries over
-between runs.
+No persistent compilation cache: with one (shared by the workers, or one per worker)
+runs of the suite lost a worker to a segmentation fault inside jaxlib while it wrote an
+executable to the cache (``compilation_cache.put_executable_and_time``); each process
+compiles what it runs.
 
 XLA compiles the suite's programs with LLVM's optimizations off: the suite compiles
 hundreds of small programs and runs each a few times, so optimizing their machine code
@@ -19,8 +18,6 @@ and setting ``LOOPGRAD_TEST_OPTIMIZE=1`` compiles as users do.
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if importlib.metadata.version("jaxlib").startswith("0.10."):
@@ -31,30 +28,6 @@ if os.environ.get("LOOPGRAD_TEST_OPTIMIZE") != "1" and _FAST_COMPILE not in os.e
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import jax  # noqa: E402 - after XLA_FLAGS, which the backend reads when it starts
-
-_CACHE_ENV = "LOOPGRAD_TEST_JAX_CACHE"
-
-
-def pytest_configure(config):
-    if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
-        # The controlling process: workers start after this and inherit the variable.
-        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="loopgrad-jax-cache-")
-        config._loopgrad_cache_owner = True
-    if _CACHE_ENV in os.environ:
-        # One folder per worker: JAX writes an entry without a lock (it locks only when a
-        # size limit is set, and then scans the folder on every write: the suite ran three
-        # times slower), so a worker could load an entry another was still writing. Two
-        # runs of the suite lost a worker to a segmentation fault while compiling.
-        worker = getattr(config, "workerinput", {}).get("workerid", "main")
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ[_CACHE_ENV], worker))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def pytest_unconfigure(config):
-    if getattr(config, "_loopgrad_cache_owner", False):
-        shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
-
 
 # Virtual CPU devices for the data-parallel tests: tests/test_parallel.py runs itself in a
 # process of its own with LOOPGRAD_TEST_DEVICES=4. Not here: XLA starts a thread per CPU

@@ -933,16 +933,45 @@ def test_cell_profile_times_each_part_on_both_sides(tmp_path, capsys):
     assert cell_profile.main([*argv, "--repeats", "5", "--min-time", "0", "--json", str(path)]) == 0
     doc = json.loads(path.read_text())
     assert doc["meta"]["sizes"]["cell"] == "gru" and doc["meta"]["jax"] == jax.__version__
+    _check_profile_rows(doc["records"])
+    assert "dW in one" in capsys.readouterr().out
+
+
+def _check_profile_rows(records):
     parts = ("forward", "gradient", "h @ W_hh^T", "dg @ W_hh", "dW += dg^T h", "dW in one")
-    rows = {(r["part"], r["framework"]): r for r in doc["records"]}
-    assert set(rows) == {(p, f) for p in parts for f in ("jax", "torch")}
+    jax_only = [
+        f"{p}{s}" for p in ("forward", "backward", "gradient") for s in ("", ", layer rule")
+    ]
+    rows = {(r["part"], r["framework"]): r for r in records}
+    expected = {(p, f) for p in parts for f in ("jax", "torch")} | {(p, "jax") for p in jax_only}
+    assert set(rows) == expected
     for (part, _), r in rows.items():
         assert r["run_s_median"] > 0 and r["run_samples"] >= 5
         # 3 steps of (2, 4) x (4, 12) products: 2 * 3 * 2 * 4 * 12 = 576 FLOPs each; the
         # gradient rnn_flops' 3 * 3 * (2*2*12*(3+4) + 2*2*4) = 3168, its forward a third.
-        assert r["flops"] == {"forward": 1056, "gradient": 3168}.get(part, 576)
-        assert (r["minor_faults"] is None) == (part != "gradient")
-    assert "dW in one" in capsys.readouterr().out
+        counts = {"forward": 1056, "backward": 3168 - 1056, "gradient": 3168}
+        assert r["flops"] == counts.get(part.split(",")[0], 576)
+        assert (r["minor_faults"] is None) == (not part.startswith("gradient"))
+
+
+@needs_torch
+def test_profile_flag_adds_the_profile_to_the_table_and_json(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    argv = ["--scenarios", "rnn_loss", "--loops", "scan", "--cell", "gru", "--lengths", "3"]
+    argv += ["--input", "3", "--hidden", "4", "--batch", "2", "--repeats", "5"]
+    argv += ["--min-time", "0", "--no-progress", "--profile", "--json", str(path)]
+    assert cli.main(argv) == 0
+    doc = json.loads(path.read_text())
+    assert doc["records"] and doc["meta"]["profile"]["loop"] == "scan"
+    _check_profile_rows(doc["meta"]["profile"]["rows"])
+    assert "gradient, layer rule" in capsys.readouterr().out
+
+
+def test_profile_flag_refuses_the_articles_cell(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--profile", "--cell", "article", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "argument --profile: needs a PyTorch --cell" in capsys.readouterr().err
 
 
 # The quick tier runs T=12 with 3 checkpoints; the full tier the grid it samples: T=20 with

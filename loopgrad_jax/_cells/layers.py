@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from loopgrad_jax._cells.equations import _plus, _project, _row, layer_step
+from loopgrad_jax._cells.equations import _project, _row, layer_step
+from loopgrad_jax._cells.layer_rule import layer_recurrence
 from loopgrad_jax._cells.params import CellParams
 from loopgrad_jax._loops import Loop, run_loop
-from loopgrad_jax._precision import einsum
 
 # ------------------------------------------------------- hoisted: layer by layer
 
@@ -33,62 +31,19 @@ def hoisted_forward(
         finals[k], x = state, stack(hs)
       return finals, x                               # x: the last layer's h, (T, B, H)
 
-    Each layer's recurrence differentiates through :func:`_layer_sequence`, whose
-    rule turns the gradient of ``W_hh`` and ``b_hh`` into one product after the
-    loop; the input side's (``W_ih``, ``b_ih``) is one product already. With
-    ``remat`` loops it does not: the rule's linearisation would store what the
-    checkpoints recompute, so those keep JAX's own rule for the loop.
+    Each layer's recurrence is :func:`layer_recurrence`: under the loop kinds that
+    store every step for reverse mode, its reverse rule turns the gradients of
+    ``W_hh`` and ``b_hh`` into one product after the backward loop, and the input
+    side's (``W_ih``, ``b_ih``, ``x``) is one product already.
     """
     finals, x, policy = [], inputs, params.precision
     for layer, state0 in zip(params.layers, carry0, strict=True):
         gi = _project(layer, x, policy)
-        w_hh, b_hh = layer.weight_hh, layer.bias_hh
-        if loop.kind == "remat":
-            state, x = _run_layer(params.kind, loop, policy, w_hh, b_hh, gi, None, state0)
-        else:
-            state, x = _layer_sequence(params.kind, loop, policy, w_hh, b_hh, gi, state0)
+        state, x = layer_recurrence(
+            params.kind, loop, policy, layer.weight_hh, layer.bias_hh, gi, state0
+        )
         finals.append(state)
     return tuple(finals), x
-
-
-def _run_layer(kind, loop, policy, w_hh, b_hh, gi, extra, state0):
-    """One layer over the sequence; ``extra[t]`` (if given) joins the recurrent pre-activation."""
-
-    def body(state, xs):
-        g, e = xs
-        b = _row(b_hh) if e is None else _plus(e, _row(b_hh))
-        return layer_step(kind, w_hh, b, state, g, policy=policy)
-
-    return run_loop(body, state0, (gi, extra), length=gi.shape[0], loop=loop)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _layer_sequence(kind, loop, policy, w_hh, b_hh, gi, state0):
-    """``(final state, h of every step (T, B, H))`` of one layer, given its ``gi`` (T, B, G*H)."""
-    return _run_layer(kind, loop, policy, w_hh, b_hh, gi, None, state0)
-
-
-@_layer_sequence.defjvp
-def _layer_sequence_jvp(kind, loop, policy, primals, tangents):
-    # d(h W_hh^T + b_hh) = dh W_hh^T + (h dW_hh^T + db_hh). The first term is the
-    # recurrence's own, with W_hh held fixed; the second, for every step at once, is
-    # one product of the stored h_{t-1} (T, B, H) and dW_hh, fed in as the tangent of
-    # a per-step term added to the recurrent pre-activation. Reverse mode transposes
-    # that product into dW_hh = sum_t dpre_t^T h_{t-1}: one (G*H, T*B) x (T*B, H)
-    # product after the loop, where JAX's rule for a loop would add T rank-B
-    # products into dW_hh inside it.
-    w_hh, b_hh, gi, state0 = primals
-    dw_hh, db_hh, dgi, dstate0 = tangents
-    out, linear = jax.linearize(
-        lambda gi, extra, state0: _run_layer(kind, loop, policy, w_hh, b_hh, gi, extra, state0),
-        gi,
-        jnp.zeros_like(gi),
-        state0,
-    )
-    h0 = state0[0] if kind == "lstm" else state0
-    h_prev = jnp.concatenate([h0[None], out[1][:-1]], axis=0)
-    dextra = _plus(einsum("tbh,gh->tbg", h_prev, dw_hh, policy), _row(db_hh, 2))
-    return out, linear(dgi, dextra, dstate0)
 
 
 # ------------------------------------------- the module's forward: directions, lengths
@@ -147,6 +102,19 @@ def module_forward(
 def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
     """One layer in one direction over the sequence: ``(final state, h of every step)``."""
     gi = _project(layer, x, params.precision)
+    reverse = direction == 1
+    if layer.weight_hr is None:
+        return layer_recurrence(
+            params.kind,
+            loop,
+            params.precision,
+            layer.weight_hh,
+            layer.bias_hh,
+            gi,
+            state0,
+            live,
+            reverse=reverse,
+        )
     b_hh = _row(layer.bias_hh)
 
     def body(state, xs):
@@ -159,7 +127,7 @@ def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
         new = jax.tree.map(lambda n, o: jnp.where(keep[:, None], n, o), new, state)
         return new, jnp.where(keep[:, None], h, jnp.zeros_like(h))
 
-    return run_loop(body, state0, (gi, live), length=x.shape[0], loop=loop, reverse=direction == 1)
+    return run_loop(body, state0, (gi, live), length=x.shape[0], loop=loop, reverse=reverse)
 
 
 def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:

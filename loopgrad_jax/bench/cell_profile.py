@@ -4,9 +4,11 @@
 implementations, each timed interleaved (:func:`loopgrad_jax.bench.timing.time_interleaved`),
 on the same weights and inputs as ``loopgrad-bench --cell KIND``'s ``rnn_loss``::
 
-  # the whole computation, and its forward part alone
+  # the whole computation, its forward part alone and its backward part alone
   jax forward:    lg.rnn_loss(params, inputs, targets, loop=LOOP)
+  jax backward:   pullback(1.0), from jax.vjp of the above, made before the timing
   jax gradient:   jax.value_and_grad(lg.rnn_loss)(params, inputs, targets, loop=LOOP)
+  (the three again with hoist_input=True: layer by layer, the layer rule's reverse mode)
   torch forward:  with torch.no_grad(): loss of fused(inputs)       # nn.LSTM, nn.GRU, nn.RNN
   torch gradient: loss of fused(inputs), loss.backward()             # the rnn_loss peer
 
@@ -23,7 +25,9 @@ one more untimed call each counts the minor page faults and the system time per 
 (``resource.getrusage`` of the whole process): buffers the size of the residuals,
 allocated afresh and touched for the first time on every call.
 
-``backward`` is not timed alone: the gradient's time less the forward's is its cost.
+``backward`` is timed alone for JAX (PyTorch's is its gradient's time less its
+forward's). ``loopgrad-bench --profile`` runs this after its table, at its cell and
+sizes (the longest ``--lengths``), and writes the rows into its JSON (``profile``).
 """
 
 from __future__ import annotations
@@ -48,10 +52,24 @@ FORMAT_VERSION = 1
 
 
 def _jax_parts(sizes: cases.Sizes, data: cases.Data, loop: str) -> dict[str, Callable]:
+    """The whole computation and its parts, per step (``rnn_loss``, JAX's rule for the
+    loop) and layer by layer (``hoist_input=True``, the layer rule); ``backward`` is the
+    pullback alone, called on residuals made once before the timing."""
     args = jax.device_put((data.params, data.inputs, data.targets))
-    forward = jax.jit(lambda p, x, y: lg.rnn_loss(p, x, y, loop=loop))
-    gradient = jax.jit(lambda p, x, y: jax.value_and_grad(lg.rnn_loss)(p, x, y, loop=loop))
-    return {"jax forward": lambda: forward(*args), "jax gradient": lambda: gradient(*args)}
+    parts = {}
+    for suffix, hoist in (("", False), (", layer rule", True)):
+
+        def loss(p, x, y, hoist=hoist):
+            return lg.rnn_loss(p, x, y, loop=loop, hoist_input=hoist)
+
+        forward = jax.jit(loss)
+        gradient = jax.jit(jax.value_and_grad(loss))
+        _, pullback = jax.jit(lambda p, x, y, loss=loss: jax.vjp(lambda p: loss(p, x, y), p))(*args)
+        backward = jax.jit(lambda pullback: pullback(jnp.ones((), args[0].head_weight.dtype)))
+        parts[f"jax forward{suffix}"] = lambda f=forward: f(*args)
+        parts[f"jax backward{suffix}"] = lambda b=backward, r=pullback: b(r)
+        parts[f"jax gradient{suffix}"] = lambda g=gradient: g(*args)
+    return parts
 
 
 def _products(sizes: cases.Sizes, seed: int) -> dict[str, tuple[Callable, Any]]:
@@ -156,7 +174,8 @@ def profile(
         layers=sizes.layers,
     )
     product = 2 * sizes.length * sizes.batch * sizes.hidden * cases.gates(sizes.cell) * sizes.hidden
-    counts = {"forward": grad_flops // 3, "gradient": grad_flops}
+    counts = {"forward": grad_flops // 3, "backward": grad_flops - grad_flops // 3}
+    counts["gradient"] = grad_flops
     rows = []
     for group in (whole, _products(sizes, seed)):
         measured = timing.time_interleaved(
@@ -169,7 +188,7 @@ def profile(
         for name, samples in measured.samples.items():
             stats = timing.spread(samples, measured.number[name])
             framework, part = name.split(" ", 1)
-            count = counts.get(part, product)
+            count = counts.get(part.split(",")[0], product)
             row = {
                 "part": part,
                 "framework": framework,
@@ -182,7 +201,7 @@ def profile(
                 "minor_faults": None,
                 "system_s": None,
             }
-            if part == "gradient":
+            if part.startswith("gradient"):
                 sync = group[name][1] or jax.block_until_ready
                 row["minor_faults"], row["system_s"] = faults(group[name][0], sync)
             rows.append(row)
@@ -206,14 +225,14 @@ def collect_meta(argv: Sequence[str], sizes: cases.Sizes, loop: str) -> dict[str
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a text table."""
-    lines = [f"{'part':18} {'framework':9} {'median':>10} {'95% CI':>21} {'GFLOP/s':>8} faults"]
+    lines = [f"{'part':24} {'framework':9} {'median':>10} {'95% CI':>21} {'GFLOP/s':>8} faults"]
     for r in rows:
         low, high = r["run_s_ci"]
         fault = ""
         if r["minor_faults"] is not None:
             fault = f"{r['minor_faults']:.0f} ({r['system_s']:.2f} s sys)"
         lines.append(
-            f"{r['part']:18} {r['framework']:9} {r['run_s_median'] * 1e3:8.2f}ms "
+            f"{r['part']:24} {r['framework']:9} {r['run_s_median'] * 1e3:8.2f}ms "
             f"{low * 1e3:9.2f}-{high * 1e3:9.2f}ms {r['gflops']:8.1f} {fault}"
         )
     return "\n".join(lines)

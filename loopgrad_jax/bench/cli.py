@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="JAX backend to run on (default: JAX's default backend)",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the table, where the gradient's time goes at the longest --lengths: "
+        "forward, backward and gradient of rnn_loss per step and layer by layer (the layer "
+        "rule), PyTorch's fused module beside them, and the per-step products; into the "
+        "JSON as 'profile' (needs a PyTorch --cell and torch)",
+    )
+    parser.add_argument(
         "--no-torch", action="store_true", help="skip the PyTorch peers even if torch is installed"
     )
     parser.add_argument(
@@ -320,6 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"argument --precision: expected float32 with --cell article (precision= applies "
             f"to PyTorch's cells), got {','.join(args.precision)}; pick e.g. --cell lstm"
         )
+    if args.profile and (args.cell == "article" or args.no_torch or not torch_peers.available()):
+        why = (
+            "a PyTorch --cell (rnn_tanh, rnn_relu, lstm, gru), got --cell article"
+            if args.cell == "article"
+            else "PyTorch's fused module beside JAX: install torch and drop --no-torch"
+        )
+        parser.error(f"argument --profile: needs {why}")
     if settings["window"] > max(settings["lengths"]) and "train_tbptt" in args.scenarios:
         parser.error(
             f"argument --window: expected at most the longest of --lengths "
@@ -366,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = report.collect_meta(plan, backend, device, argv)
     records = _run(plan, device, meta, args.json, progress=not args.no_progress)
     _print_report(records)
+    if args.profile and meta["status"] != "interrupted":
+        _profile(args, settings, meta, records)
     if args.plot and records:
         from loopgrad_jax.bench.plot import plot_records
 
@@ -385,6 +402,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted after {len(records)} records{kept}.", file=sys.stderr)
         return 130
     return 0
+
+
+def _profile(args: argparse.Namespace, settings: dict, meta: dict, records: list) -> None:
+    """``--profile``: :mod:`loopgrad_jax.bench.cell_profile` at the run's cell and sizes."""
+    from loopgrad_jax.bench import cell_profile
+
+    loop = next((loop for loop in args.loops if loop.split(":")[0] == "scan"), "scan")
+    sizes = cases.Sizes(
+        max(settings["lengths"]),
+        settings["batch"],
+        settings["input"],
+        settings["hidden"],
+        settings["window"],
+        cell=args.cell,
+    )
+    rows = cell_profile.profile(
+        sizes, loop=loop, repeats=settings["repeats"], min_time=settings["min_time"], seed=args.seed
+    )
+    print(
+        f"\nprofile ({args.cell}, T={sizes.length}, B={sizes.batch}, I={sizes.input}, "
+        f"H={sizes.hidden}, loop={loop}):"
+    )
+    print(cell_profile.format_rows(rows))
+    meta["profile"] = {"sizes": sizes._asdict(), "loop": loop, "rows": rows}
+    if args.json:
+        report.write_json(args.json, meta, records)
 
 
 def _print_report(records: Sequence[dict]) -> None:

@@ -1,0 +1,183 @@
+"""One layer's recurrence with a layer-level rule, as cuDNN and oneDNN differentiate it.
+
+The forward loop stores, per step, the coefficients of the gates' linearization
+(:func:`gates_linearized`); the tangent loop carries only the state's tangent and
+multiplies by them; the recurrent weights' tangent enters as one product over every
+step before it. Reverse mode transposes that: a backward loop carrying the state's
+cotangent and emitting each step's pre-activation cotangent ``dpre``, then
+``dW_hh = dpre^T h_prev``, one 2-D product over all ``T * B`` rows, and ``b_hh``'s
+one sum. The input side's gradients (``W_ih``, ``b_ih``, the inputs) come from the
+caller's single product ``gi = x W_ih^T + b_ih`` over every step, as ``dgi`` comes
+back for all steps at once. Nothing here restates a cell: the rule reads the cell's
+own :func:`combine`, :func:`gates_linearized` and :func:`gates_tangent`, the pieces
+:func:`update`'s derivative is made of.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from loopgrad_jax._cells.equations import (
+    _plus,
+    _row,
+    combine,
+    gates_linearized,
+    gates_tangent,
+    output_slope,
+    rows_product,
+    update,
+)
+from loopgrad_jax._loops import Loop, run_loop
+from loopgrad_jax._precision import Precision, matmul
+
+#: The loop kinds the rule runs under: those whose reverse mode stores every step. The
+#: remat kinds and checkpoints recompute instead (the rule would store what they do
+#: not), ``while`` without ``max_steps`` has no reverse mode, and ``parallel`` solves
+#: the whole recurrence at once.
+RULE_LOOPS: tuple[str, ...] = ("python", "scan", "fori", "nnx_scan", "nnx_fori")
+
+
+def uses_rule(loop: Loop) -> bool:
+    """Whether :func:`layer_recurrence` runs ``loop`` with the layer-level rule."""
+    return loop.kind in RULE_LOOPS
+
+
+def layer_recurrence(
+    kind: str,
+    loop: Loop,
+    policy: Precision | None,
+    w_hh: jax.Array,
+    b_hh: jax.Array | None,
+    gi: jax.Array,
+    state0: Any,
+    live: jax.Array | None = None,
+    *,
+    reverse: bool = False,
+) -> tuple[Any, jax.Array]:
+    """``(final state, outputs (T, B, H))`` of one layer in one direction, given its ``gi``.
+
+    Plain-Python semantics (``live[t, b]``: whether step ``t`` of example ``b`` is
+    real; ``None``: every step)::
+
+      state, out = state0, zeros(T, B, H)
+      for t in (reversed(range(T)) if reverse else range(T)):
+        pre = combine(kind, gi[t], h(state) @ w_hh.T, b_hh)
+        new = update(kind, pre, state)                 # rounded under ``policy``
+        state = where(live[t], new, state)
+        out[t] = where(live[t], h(new), 0)
+      return state, out
+
+    Under :data:`RULE_LOOPS` the loop differentiates by the layer-level rule (module
+    docstring): ``jax.jvp`` and ``jax.grad`` equal those of the plain loop up to the
+    order of floating-point sums, and higher derivatives go through it (the rule is
+    JAX code). Other loop kinds run the plain loop with JAX's own rule.
+    """
+    args = (w_hh, b_hh, gi, state0, live)
+    if not uses_rule(loop):
+        return _forward(kind, loop, policy, reverse, *args)
+    return _recurrence(kind, loop, policy, reverse, *args)
+
+
+def _h(kind: str, state: Any) -> jax.Array:
+    return state[0] if kind == "lstm" else state
+
+
+def _finish(kind, policy, new, state, keep):
+    """The step's ``(new carry, output h)`` from its new state: rounded, then masked."""
+    if policy is not None:
+        new = policy.round_state(new)
+    h = _h(kind, new)
+    if keep is None:
+        return new, h
+    new = jax.tree.map(lambda n, o: jnp.where(keep[:, None], n, o), new, state)
+    return new, jnp.where(keep[:, None], h, jnp.zeros_like(h))
+
+
+# nn.RNN's coefficient, d h' / d pre, is a function of h' alone: computed for every step
+# at once from the outputs after the loop rather than stored by it.
+_RNN = ("rnn_tanh", "rnn_relu")
+
+
+def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs=False):
+    """The plain loop: ``(final, outputs)``, and with ``coefs`` also what the rule
+    reads, ``(each step's gates_linearized coefficients, the carries)``."""
+    bias = _row(b_hh)
+
+    def body(state, xs):
+        g, keep = xs
+        pre = combine(kind, g, matmul(_h(kind, state), w_hh.T, policy), bias)
+        if not coefs or kind in _RNN:
+            new, out = _finish(kind, policy, update(kind, pre, state), state, keep)
+            return new, (out if not coefs else (out, None, None if keep is None else new))
+        new, step_coefs = gates_linearized(kind, pre, state)
+        new, out = _finish(kind, policy, new, state, keep)
+        # Without a mask an nn.RNN's or GRU's carries are the outputs: stored once.
+        carries = new if keep is not None or kind == "lstm" else None
+        return new, (out, step_coefs, carries)
+
+    final, ys = run_loop(body, state0, (gi, live), length=gi.shape[0], loop=loop, reverse=reverse)
+    if not coefs:
+        return final, ys
+    out, step_coefs, carries = ys
+    if kind in _RNN:  # its one coefficient, computed from the outputs after the loop
+        step_coefs = (output_slope(kind, out),)
+    return final, out, step_coefs, out if carries is None else carries
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _recurrence(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live):
+    return _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live)
+
+
+@_recurrence.defjvp
+def _recurrence_jvp(kind, loop, policy, reverse, primals, tangents):
+    # The tangent loop carries only the state's tangent, and is linear in it: every
+    # step multiplies by the coefficients the forward loop stored (gates_tangent), so
+    # reverse mode's partial evaluation moves nothing of it into the forward pass. The
+    # recurrent weights' tangent enters as one product over every step before the loop,
+    # h_prev dW_hh^T + db_hh, joined with dgi by combine. Reverse mode transposes this
+    # code: a backward loop carrying the state's cotangent and emitting each step's
+    # pre-activation cotangent, then dW_hh = dpre^T h_prev, one 2-D product over all
+    # T * B rows, after it.
+    w_hh, b_hh, gi, state0, live = primals
+    dw_hh, db_hh, dgi, dstate0, _ = tangents
+    final, out, coefs, carries = _forward(kind, loop, policy, reverse, *primals, coefs=True)
+    h_prev = _shift(_h(kind, state0), _h(kind, carries), reverse=reverse)
+    extra = _plus(rows_product(h_prev, _dense(dw_hh, w_hh), policy), _row(_dense(db_hh, b_hh), 2))
+    dpre_in = combine(kind, _dense(dgi, gi), extra, None)
+
+    def body(dstate, xs):
+        dpre_t, coefs_t, keep = xs
+        dhw = matmul(_h(kind, dstate), w_hh.T, policy)
+        dpre = dpre_t + combine(kind, jnp.zeros_like(dhw), dhw, None)
+        return _finish(kind, policy, gates_tangent(kind, coefs_t, dpre, dstate), dstate, keep)
+
+    dfinal, dout = run_loop(
+        body,
+        jax.tree.map(_dense, dstate0, state0),
+        (dpre_in, coefs, live),
+        length=gi.shape[0],
+        loop=loop,
+        reverse=reverse,
+    )
+    return (final, out), (dfinal, dout)
+
+
+def _dense(tangent, primal):
+    """``tangent`` as an array: JAX's symbolic zero (or ``None``) as zeros like ``primal``."""
+    if primal is None:
+        return None
+    if tangent is None or type(tangent) is jax.custom_derivatives.SymbolicZero:
+        return jnp.zeros_like(primal)
+    return tangent
+
+
+def _shift(first: jax.Array, carries: jax.Array, *, reverse: bool) -> jax.Array:
+    """``first`` then ``carries`` without their last (in the loop's order), indexed by step."""
+    if reverse:
+        return jnp.concatenate([carries[1:], first[None]], axis=0)
+    return jnp.concatenate([first[None], carries[:-1]], axis=0)
