@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates every file in bench/results/, each command in a fresh process.
 #
-#   bench/reproduce.sh                # the full runs, into bench/results/ (about 1.5 h on
-#                                     # a 2-core CPU; cpu_as_written's PyTorch retained graph
-#                                     # alone takes 82 s a call at T=1000)
+#   bench/reproduce.sh                # the full runs, into bench/results/ (see below for
+#                                     # the time it takes on a 2-core CPU)
 #   bench/reproduce.sh --smoke DIR    # every command once at tiny sizes, into DIR: checks
 #                                     # that each runs, measures nothing worth keeping
 #
-# The headline commands (cpu_article, cpu_large, cpu_as_written) run three times, their
-# runs spread over the session: <name>.json and .png, then <name>_run2.json and
-# <name>_run3.json. Quote a ratio from one run with its interval, and say how it moved
-# between the three.
+# One run of each command, at one commit, in one sitting: every figure the documents quote
+# comes from these files (bench/RESULTS.md is generated from them: loopgrad-bench report).
 #
 # Run it from a clean checkout with the package installed (pip install -e '.[bench,torch]').
 # Before each command it waits until other processes leave the CPU idle (under 0.25 busy
@@ -65,48 +62,33 @@ bench() {  # bench NAME [taskset -c 0 --] FLAGS...: writes $OUT/NAME.json and .p
     --no-progress "${SMOKE[@]}" > "$OUT/$name.txt"
 }
 
-# --- the headline commands, first run -------------------------------------------------
-article=(--lengths 10,100,1000,10000 --compile-repeats 3)
-large=(--scenarios rnn_loss --lengths 10,100,1000 --input 64 --hidden 256 --batch 32)
-# --repeats 5: PyTorch's retained graph takes 82 s a call at T=1000 (O(T^2)).
-as_written=(--scenarios train_as_written --loops scan,fori --lengths 10,100,1000
-            --max-quadratic 1000 --repeats 5)
-bench cpu_article "${article[@]}"             # cpu_article.json cpu_article.png
-bench cpu_large "${large[@]}"                 # cpu_large.json cpu_large.png
-# The same, each implementation timed alone (not interleaved): what interleaving changes.
-bench cpu_large_blocks "${large[@]}" --timing blocks  # cpu_large_blocks.json .png
-bench cpu_as_written "${as_written[@]}"       # cpu_as_written.json cpu_as_written.png
+# --- the article's scenarios at its size, and its model at a realistic size -------------
+# Every loop kind; while:max_steps=10000 runs lax.while_loop's semantics as a bounded scan.
+bench cpu_article --lengths 10,100,1000,10000 --compile-repeats 3 \
+  --loops python,scan,fori,remat,while,while:max_steps=10000,parallel   # cpu_article.json .png
+bench cpu_large --scenarios rnn_loss --lengths 10,100,1000 --input 64 --hidden 256 --batch 32
+# The article's per-step training loop: both exact methods beside PyTorch running each; the
+# O(T^2) retained-graph algorithms up to T=300 (PyTorch's takes 82 s a call at T=1000).
+bench cpu_as_written --scenarios train_as_written --loops scan,fori --lengths 10,100,1000 \
+  --max-quadratic 300 --repeats 5                                    # cpu_as_written.json .png
 
-# --- loop options, the hoisted body, a batch sweep -------------------------------------
+# --- memory: remat and its chunks beside scan --------------------------------------------
 bench cpu_remat --scenarios rnn_loss --loops scan,remat,remat:chunk=10,remat:chunk=32 \
   --lengths 10,100,1000 --input 64 --hidden 256 --batch 32 --no-torch --repeats 5
-bench cpu_unroll --scenarios rnn_loss \
-  --loops python,scan,scan:unroll=2,scan:unroll=4,scan:unroll=8,scan:unroll=16,fori:unroll=8 \
-  --lengths 10,100 --no-torch --compile-repeats 3
-hoisted=(--scenarios rnn_loss,rnn_loss_hoisted --loops scan,fori --lengths 1000 --input 256
-         --hidden 256 --batch 32 --no-torch)
-bench cpu_hoisted "${hoisted[@]}"                        # cpu_hoisted.json cpu_hoisted.png
-bench cpu1_hoisted taskset -c 0 -- "${hoisted[@]}"       # cpu1_hoisted.json cpu1_hoisted.png
-bench cpu_sweep_batch --scenarios rnn_loss --loops python,scan,remat:chunk=10 --lengths 100 \
-  --input 64 --hidden 256 --sweep batch=1,4,16,64        # cpu_sweep_batch.json .png
 
-# --- PyTorch's cells: the full-sequence LSTM and GRU gradient beside nn.LSTM, nn.GRU ----
-cells=(--scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=8,remat,remat:policy=dots_saveable
-       --lengths 1000)
-cells_large=(--input 64 --hidden 256 --batch 32)
-cells_small=(--input 10 --hidden 5 --batch 1)
-bench cpu_lstm --cell lstm "${cells[@]}" "${cells_large[@]}"        # cpu_lstm.json .png
-bench cpu_lstm_small --cell lstm "${cells[@]}" "${cells_small[@]}"  # cpu_lstm_small.json .png
-bench cpu_gru --cell gru "${cells[@]}" "${cells_large[@]}"          # cpu_gru.json .png
-bench cpu_gru_small --cell gru "${cells[@]}" "${cells_small[@]}"    # cpu_gru_small.json .png
-# Where the LSTM gradient's time goes (forward, whole, each product alone), beside nn.LSTM.
-profile=()
-if wanted cpu_lstm_profile; then
-if ((${#SMOKE[@]})); then profile=(--length 3 --input 3 --hidden 4 --batch 2 --repeats 5 --min-time 0); fi
-wait_idle
-"${NICE_CMD[@]}" python -m loopgrad_jax.bench.cell_profile --cell lstm --loop scan:unroll=8 "${profile[@]}" \
-  --json "$OUT/cpu_lstm_profile.json" > "$OUT/cpu_lstm_profile.txt"
-fi
+# --- PyTorch's cells beside their fused modules (nn.RNN, nn.LSTM, nn.GRU) -----------------
+# Per step (rnn_loss, JAX's rule for the loop) and layer by layer (rnn_loss_hoisted, the
+# layer rule), with where the time goes (--profile: forward, backward, per-step products).
+cells=(--scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=4,fori --lengths 1000
+       --input 64 --hidden 256 --batch 32 --profile)
+bench cpu_rnn_tanh --cell rnn_tanh "${cells[@]}"   # cpu_rnn_tanh.json .png
+bench cpu_lstm --cell lstm "${cells[@]}"           # cpu_lstm.json .png
+bench cpu_gru --cell gru "${cells[@]}"             # cpu_gru.json .png
+# The LSTM wide and short, and its batch from 8 to 128.
+bench cpu_lstm_h1024 --cell lstm --scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=4 \
+  --lengths 100 --input 64 --hidden 1024 --batch 64                 # cpu_lstm_h1024.json .png
+bench cpu_lstm_batch --cell lstm --scenarios rnn_loss,rnn_loss_hoisted --loops scan \
+  --lengths 1000 --input 64 --hidden 256 --sweep batch=8,32,128     # cpu_lstm_batch.json .png
 
 # --- checkpointed reverse mode: remat:checkpoints=C beside equinox, memory against time --
 if wanted cpu_checkpoints; then
@@ -139,26 +121,15 @@ wait_idle
   --json "$OUT/cpu_torch_loops.json" > "$OUT/cpu_torch_loops.txt"
 fi
 
-# The same loop kinds through loopgrad-bench: compile and run time from T=10 to 10000.
-bench cpu_checkpoints_lengths --scenarios stack,rnn_loss \
-  --loops scan,remat,remat:checkpoints=8,remat:checkpoints=32 --lengths 10,1000,10000 \
-  --no-torch --compile-repeats 3                # cpu_checkpoints_lengths.json .png
-
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32
           --devices 2)
 bench cpu_parallel "${parallel[@]}"           # cpu_parallel.json cpu_parallel.png
-bench cpu_parallel_run2 "${parallel[@]}"      # cpu_parallel_run2.json
-bench cpu_parallel_run3 "${parallel[@]}"      # cpu_parallel_run3.json
-# Weak scaling: B/n = 32 examples per device on the diagonal (B=32 n=1, 64 n=2, 128 n=4).
-bench cpu_parallel_weak --scenarios rnn_loss --loops scan --lengths 1000 --input 64 \
-  --hidden 256 --sweep batch=32,64,128 --devices 2,4 --no-torch  # cpu_parallel_weak.json .png
 
 # --- DEER (loop="parallel") beside scan: the full-sequence gradient -------------------------
 deer=(--scenarios rnn_loss --loops parallel,parallel:jacobian=diag,scan,scan:unroll=8 --input 10
       --batch 1 --repeats 5 --min-time 0.2 --no-torch)
 bench cpu_deer "${deer[@]}" --hidden 5 --lengths 100,1000,10000   # cpu_deer.json .png
-bench cpu_deer_h64 "${deer[@]}" --hidden 64 --lengths 100,1000    # cpu_deer_h64.json .png
 
 # --- mixed precision: precision="bf16" against float32, the LSTM's gradient, interleaved ---
 bench cpu_bf16 --cell lstm --scenarios rnn_loss --loops scan --lengths 100 --input 64 \
@@ -172,7 +143,9 @@ bench cpu_bidirectional_article "${bidirectional[@]}" --lengths-spread 0 --lengt
   --input 10 --hidden 5 --batch 1 --repeats 20                   # cpu_bidirectional_article.json
 
 # --- the as-written methods: auto's calibration grid, then the grid that checks it -----
-if ((${#SMOKE[@]} == 0)) && wanted cpu_as_written_grid; then  # each takes tens of minutes: no smoke version
+# Not part of a default run (each takes tens of minutes): the data as_written_method="auto"
+# is fit to. AS_WRITTEN_GRID=1 re-makes it.
+if ((${#SMOKE[@]} == 0)) && [[ "${AS_WRITTEN_GRID:-0}" == 1 ]] && wanted cpu_as_written_grid; then
   wait_idle
   "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid \
     --json "$OUT/cpu_as_written_grid_calibration.json"
@@ -184,13 +157,5 @@ if ((${#SMOKE[@]} == 0)) && wanted cpu_as_written_grid; then  # each takes tens 
   "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid --max-call-s 20 \
     --recheck "$OUT/cpu_as_written_grid.json" --json "$OUT/cpu_as_written_grid.json"
 fi
-
-# --- the headline commands, runs 2 and 3 -----------------------------------------------
-bench cpu_article_run2 "${article[@]}"        # cpu_article_run2.json
-bench cpu_large_run2 "${large[@]}"            # cpu_large_run2.json
-bench cpu_as_written_run2 "${as_written[@]}"  # cpu_as_written_run2.json
-bench cpu_article_run3 "${article[@]}"        # cpu_article_run3.json
-bench cpu_large_run3 "${large[@]}"            # cpu_large_run3.json
-bench cpu_as_written_run3 "${as_written[@]}"  # cpu_as_written_run3.json
 
 echo "reproduce.sh: done; tables in $OUT/*.txt" >&2

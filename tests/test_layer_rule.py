@@ -49,10 +49,21 @@ def _runs(kind, loop, live, reverse):
 LIVE = np.array([[t < n for n in (5, 2, 4)] for t in range(T)])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("loop", RULE_LOOPS)
-@pytest.mark.parametrize("masked", [False, True], ids=["full", "packed"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def _grid():
+    """Every kind, loop kind, packing and direction; the quick tier runs scan on every
+    case and each other loop kind on one (an LSTM, packed, reverse), the full tier all."""
+    for kind in KINDS:
+        for loop in RULE_LOOPS:
+            for masked in (False, True):
+                for reverse in (False, True):
+                    quick = loop == "scan" or (kind == "lstm" and masked and reverse)
+                    ids = f"{kind}-{loop}-{'packed' if masked else 'full'}-"
+                    ids += "reverse" if reverse else "forward"
+                    marks = [] if quick else [pytest.mark.slow]
+                    yield pytest.param(kind, loop, masked, reverse, id=ids, marks=marks)
+
+
+@pytest.mark.parametrize(("kind", "loop", "masked", "reverse"), list(_grid()))
 def test_gradient_equals_the_plain_loops(kind, loop, masked, reverse):
     live = jnp.asarray(LIVE) if masked else None
     w_hh, b_hh, gi, state0, weights = _case(kind)
