@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the exit status (0, 2 for bad arguments, 130 if interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:  # loopgrad-bench report DIR: markdown from the JSON results
+        from loopgrad_jax.bench import results_doc
+
+        return results_doc.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.show:
