@@ -1,0 +1,270 @@
+"""bench/RESULTS.md and the README's decision table agree with the committed JSON results.
+
+Every figure a test expects is computed here from the JSON files themselves.
+"""
+
+import copy
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from loopgrad_jax.bench import report, results_doc
+from loopgrad_jax.bench.results_doc import Case
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@pytest.fixture(scope="module")
+def files():
+    return results_doc.load(RESULTS)
+
+
+def _bench_files(files):
+    return {n: d for n, d in files.items() if results_doc._kind(d)[0] == "bench"}
+
+
+def _timed_jax(record):
+    return record["framework"] == "jax" and record["run_s_median"] and not record["skipped"]
+
+
+def _section(document, name):
+    """The lines of ``name``'s section of the results document."""
+    return document.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+
+
+def test_committed_documents_match_the_data():
+    texts = results_doc.documents(RESULTS, ROOT / "bench" / "RESULTS.md", ROOT / "README.md")
+    for path, want in texts.items():
+        assert path.read_text() == want, (
+            f"{path.relative_to(ROOT)} disagrees with bench/results/*.json; regenerate it: "
+            f"{results_doc.COMMAND}"
+        )
+
+
+def test_every_file_is_rendered_or_listed_with_a_reason(files):
+    document = results_doc.render_results(files)
+    listed = document.split("## Not rendered\n", 1)[-1]
+    for name, data in files.items():
+        kind, why = results_doc._kind(data)
+        if kind == "other":
+            assert f"- `{name}`" in listed and why.split(":")[0] in listed.replace("\\", "")
+        else:
+            section = _section(document, name)
+            rows = [line for line in section if line.startswith("| `")]
+            assert len(rows) == len(data["records"]), name
+            assert f"- command: `{data['meta']['command']}`" in section
+
+
+def test_headers_name_machine_versions_and_commit(files):
+    document = results_doc.render_results(files)
+    for name, data in _bench_files(files).items():
+        meta = data["meta"]
+        head = "\n".join(_section(document, name)[:6])
+        assert meta["device"] in head and f"jax {meta['jax']}" in head
+        assert (f"torch {meta['torch']}" if meta["torch"] else "torch not used") in head
+        assert meta["git"]["commit"][:12] in head and meta["date"] in head
+        assert ("uncommitted changes" in head) == meta["git"]["modified"]
+
+
+def test_rows_quote_the_recorded_time_saved_bytes_and_speedups(files):
+    name, data = next(
+        (n, d)
+        for n, d in _bench_files(files).items()
+        if any(_timed_jax(r) and r.get("vs_torch") and r["saved_bytes"] for r in d["records"])
+    )
+    record = next(
+        r
+        for r in data["records"]
+        if _timed_jax(r) and r.get("vs_torch") and r["saved_bytes"] and not r.get("method")
+    )
+    median, (low, high) = record["run_s_median"], record["run_s_ci"]
+    unit, scale = results_doc._unit(median, results_doc._TIME_UNITS)
+    time = f"{median / scale:.3g} {unit} [{low / scale:.3g}-{high / scale:.3g}]"
+    line = next(
+        line
+        for line in _section(results_doc.render_results({name: data}), name)
+        if line.startswith(f"| `{record['scenario']}` | {record['length']} |")
+        and f"| `{record['loop']}` |" in line
+    )
+    assert time in line
+    assert results_doc._bytes(record["saved_bytes"]) in line
+    for peer, ratio in record["vs_torch"].items():
+        assert f"torch {peer} {results_doc._ratio(ratio)}" in line
+
+
+def test_busy_rows_are_flagged(files):
+    document = results_doc.render_results(files)
+    busy_files = 0
+    for name, data in _bench_files(files).items():
+        busy = [r for r in data["records"] if (r["other_cores"] or 0) >= report.BUSY_CORES]
+        flagged = [line for line in _section(document, name) if "BUSY (" in line]
+        assert len(flagged) == len(busy), name
+        busy_files += bool(busy)
+    assert busy_files, "no committed record is BUSY: the flag is untested on real data"
+
+
+def test_the_busy_threshold_is_report_py_s(files):
+    name, data = next(iter(_bench_files(files).items()))
+    record = next(r for r in data["records"] if _timed_jax(r))
+    below, at = copy.deepcopy(record), copy.deepcopy(record)
+    below["other_cores"], below["length"] = report.BUSY_CORES * 0.9, 1
+    at["other_cores"], at["length"] = report.BUSY_CORES, 2
+    lines = _section(
+        results_doc.render_results({name: {"meta": data["meta"], "records": [below, at]}}), name
+    )
+    rows = [line for line in lines if line.startswith("| `")]
+    assert "BUSY" not in rows[0] and f"BUSY ({report.BUSY_CORES:.2g} cores)" in rows[1]
+
+
+def test_output_is_deterministic(files):
+    shuffled = {}
+    rng = random.Random(0)
+    for name in reversed(list(files)):
+        data = copy.deepcopy(files[name])
+        if isinstance(data.get("records"), list):
+            rng.shuffle(data["records"])
+        shuffled[name] = data
+    assert results_doc.render_results(shuffled) == results_doc.render_results(files)
+    assert results_doc.render_table(shuffled) == results_doc.render_table(files)
+    assert results_doc.documents(RESULTS, "x.md") == results_doc.documents(RESULTS, "x.md")
+
+
+def test_numbers_never_use_exponents(files):
+    document = results_doc.render_results(files) + results_doc.render_table(files)
+    assert not re.search(r"\de[+-]\d", document)
+
+
+@pytest.mark.parametrize("row", results_doc.DECISIONS, ids=lambda row: row.situation)
+def test_a_missing_file_is_named(files, row):
+    for name in row.figure(files).files:
+        without = {n: d for n, d in files.items() if n != name}
+        with pytest.raises(results_doc.MissingResult, match=re.escape(name)):
+            results_doc.render_table(without)
+
+
+def _a_case(files, *, kinds=1):
+    """A file, case and its timed JAX records: the first case with scan and ``kinds``
+    other timed JAX loop kinds, at one set of sizes."""
+    for name, data in _bench_files(files).items():
+        for record in data["records"]:
+            if record["loop"] != "scan" or not _timed_jax(record) or record.get("devices", 1) > 1:
+                continue
+            case = Case(name, record["scenario"], record["length"], record.get("method"))
+            try:
+                rows = results_doc._records(files, case)
+            except ValueError:
+                continue
+            timed = [r for r in rows if _timed_jax(r)]
+            if len(timed) > kinds:
+                return case, timed
+    raise AssertionError(f"no committed case has scan and {kinds} other JAX loop kinds")
+
+
+def test_a_missing_record_is_named(files):
+    case, timed = _a_case(files)
+    loop = next(r["loop"] for r in timed if r["loop"] != "scan")
+    figure = results_doc.FastestVsLoop(case, (loop,))
+    assert figure(files).loop == loop
+    data = copy.deepcopy(files[case.file])
+    data["records"] = [r for r in data["records"] if not (r in timed and r["loop"] == loop)]
+    with pytest.raises(results_doc.MissingResult, match=rf"{re.escape(case.file)}.*'{loop}'"):
+        figure({**files, case.file: data})
+    longer = case._replace(length=max(r["length"] for r in data["records"]) + 1)
+    with pytest.raises(results_doc.MissingResult, match=f"T={longer.length}"):
+        results_doc.FastestVsLoop(longer, None)(files)
+    with pytest.raises(results_doc.MissingResult, match="no-such-peer"):
+        results_doc.AgainstPeers(case, ("scan",), ("no-such-peer",))(files)
+
+
+def test_a_skipped_record_is_missing_and_says_why(files):
+    name, record = next(
+        (n, r)
+        for n, d in _bench_files(files).items()
+        for r in d["records"]
+        if r["framework"] == "jax" and r["skipped"] and (r.get("devices") or 1) == 1
+    )
+    case = Case(name, record["scenario"], record["length"], record.get("method"))
+    with pytest.raises(results_doc.MissingResult, match=re.escape(record["skipped"])):
+        results_doc.FastestVsLoop(case, (record["loop"],))(files)
+
+
+def test_the_fastest_loop_kind_is_picked_from_the_data(files):
+    case, timed = _a_case(files, kinds=2)
+    fastest = min(timed, key=lambda r: r["run_s_median"])
+    row = results_doc.Situation("test", "`{loop}`", results_doc.FastestVsLoop(case, None))
+    assert f"| `{fastest['loop']}` |" in results_doc.render_table(files, decisions=[row])
+    slowest = max(timed, key=lambda r: r["run_s_median"])
+    data = copy.deepcopy(files[case.file])
+    for r in data["records"]:
+        if r == slowest:
+            r["run_s_median"] = fastest["run_s_median"] / 2
+            r["run_s_ci"] = [fastest["run_s_median"] / 3, fastest["run_s_median"] / 1.5]
+    table = results_doc.render_table({**files, case.file: data}, decisions=[row])
+    assert f"| `{slowest['loop']}` |" in table
+
+
+def test_a_busy_figure_is_flagged(files):
+    case, timed = _a_case(files)
+    row = results_doc.Situation("test", "`{loop}`", results_doc.FastestVsLoop(case, ("scan",)))
+    assert "BUSY" not in results_doc.render_table(files, decisions=[row]) or any(
+        (r["other_cores"] or 0) >= report.BUSY_CORES for r in timed
+    )
+    data = copy.deepcopy(files[case.file])
+    for r in data["records"]:
+        if r["scenario"] == case.scenario and r["length"] == case.length and r["loop"] == "scan":
+            r["other_cores"] = report.BUSY_CORES
+    assert "BUSY" in results_doc.render_table({**files, case.file: data}, decisions=[row])
+
+
+def test_a_stand_in_is_labelled(files):
+    case, timed = _a_case(files)
+    row = results_doc.StandIn(
+        results_doc.FastestVsLoop(case, ("no-such-kind",)),
+        results_doc.FastestVsLoop(case, ("scan",)),
+        "why",
+    )
+    assert row(files).text.startswith("stand-in: why. ")
+
+
+def test_files_of_other_shapes_are_listed_not_rendered(files):
+    meta = {"command": "python -m loopgrad_jax.bench.somewhere"}
+    odd = {
+        "a_profile.json": {"meta": meta, "records": [{"part": "forward", "run_s_median": 1.0}]},
+        "b_ratio.json": {
+            "meta": meta,
+            "records": [{"setting": "s", "framework": "jax", "length": 3, "vs_new": [1, 1, 1]}],
+        },
+        "c_list.json": [1, 2],
+    }
+    listed = results_doc.render_results(odd).split("## Not rendered\n", 1)[1]
+    assert "`a_profile.json` (written by `somewhere`)" in listed and "part" in listed
+    assert "`b_ratio.json`" in listed and "vs\\_new" in listed
+    assert "`c_list.json`" in listed
+
+
+def test_the_readme_block_is_rewritten_in_place():
+    text = f"# a\n\n{results_doc.START}\nold\n{results_doc.END}\n\nprose\n"
+    new = results_doc.rewrite_block(text, "new")
+    assert new == f"# a\n\n{results_doc.START}\nnew\n{results_doc.END}\n\nprose\n"
+    assert results_doc.rewrite_block(new, "new") == new
+    with pytest.raises(ValueError, match="decision-table:start"):
+        results_doc.rewrite_block("# a\n", "new")
+
+
+def test_the_command(tmp_path, capsys):
+    from loopgrad_jax.bench import cli
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{results_doc.START}\n{results_doc.END}\n")
+    out = tmp_path / "RESULTS.md"
+    argv = ["report", str(RESULTS), "--out", str(out), "--readme", str(readme)]
+    assert cli.main([*argv, "--check"]) == 1
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--check"]) == 0
+    assert out.read_text() == (ROOT / "bench" / "RESULTS.md").read_text()
+    assert "| situation | pick |" in readme.read_text()
+    assert cli.main(["report", str(tmp_path / "absent")]) == 2
+    assert "No results folder" in capsys.readouterr().err
