@@ -967,11 +967,22 @@ def test_profile_flag_adds_the_profile_to_the_table_and_json(tmp_path, capsys):
     assert "gradient, layer rule" in capsys.readouterr().out
 
 
-def test_profile_flag_refuses_the_articles_cell(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cell", "article"], "argument --profile: needs a PyTorch --cell"),
+        (["--cell", "lstm", "--layers", "2"], "got --layers 2 --precision float32"),
+        (["--cell", "lstm", "--precision", "bf16"], "got --layers 1 --precision bf16"),
+    ],
+    ids=["article", "layers", "precision"],
+)
+def test_profile_flag_refuses_what_it_cannot_profile(argv, message, capsys):
+    if "--cell" in argv and argv[1] != "article" and not torch_peers.available():
+        pytest.skip("needs torch")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--profile", "--cell", "article", "--no-progress"])
+        cli.main(["--profile", *argv, "--no-progress"])
     assert exit_info.value.code == 2
-    assert "argument --profile: needs a PyTorch --cell" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 # The quick tier runs T=12 with 3 checkpoints; the full tier the grid it samples: T=20 with

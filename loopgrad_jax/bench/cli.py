@@ -339,6 +339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             else "PyTorch's fused module beside JAX: install torch and drop --no-torch"
         )
         parser.error(f"argument --profile: needs {why}")
+    if args.profile and (args.layers > 1 or args.precision != ("float32",)):
+        parser.error(
+            "argument --profile: profiles one layer in float32 (its per-step products are "
+            f"one layer's), got --layers {args.layers} --precision {','.join(args.precision)}; "
+            "drop --profile or run it with --layers 1 --precision float32"
+        )
+    if args.profile and (args.backend or jax.default_backend()) != "cpu":
+        parser.error(
+            "argument --profile: times PyTorch's CPU module beside JAX, so it runs on the CPU "
+            f"only, got backend {args.backend or jax.default_backend()}; add --backend cpu"
+        )
     if settings["window"] > max(settings["lengths"]) and "train_tbptt" in args.scenarios:
         parser.error(
             f"argument --window: expected at most the longest of --lengths "
