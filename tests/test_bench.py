@@ -218,7 +218,7 @@ def test_quick_torch_peers_compute_what_jax_computes(quick):
 def test_quick_plot_is_a_png(quick):
     _, _, png = quick
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.stat().st_size > 10_000  # five panels of lines, not an empty canvas
+    assert png.stat().st_size > 10_000  # bars for every scenario, not an empty canvas
 
 
 def test_table_prints_every_record_with_speedups(quick, capsys):
@@ -1367,3 +1367,160 @@ def test_devices_add_data_parallel_rows_beside_one_device(tmp_path):
         # B=2 does not split over 3 devices: skipped, saying why
         assert "must split evenly" in three["skipped"] and three["run_s_median"] is None
     assert "scan x2 devices" in done.stdout
+
+
+# --- the plot: drawn from committed results, checked by what it holds -------------------
+
+
+def _results(name: str) -> list[dict]:
+    return json.loads((RESULTS / f"{name}.json").read_text())["records"]
+
+
+def _panels(figure) -> dict[str, object]:
+    """The figure's panels by their gid: ``"time <scenario>"``, ``"memory <scenario>"``."""
+    return {ax.get_gid(): ax for ax in figure.axes if ax.get_gid()}
+
+
+def _bars(ax) -> list:
+    return [p for p in ax.patches if p.get_gid()]
+
+
+def _lines(ax) -> list:
+    return [line for line in ax.lines if line.get_gid() not in (None, "BUSY")]
+
+
+def _plot_record(framework: str, name: str, **extra) -> dict:
+    """A measured rnn_loss record at T=100 of a JAX loop kind or a peer named ``name``."""
+    record = dict.fromkeys(run.RECORD_KEYS)
+    record.update(scenario="rnn_loss", framework=framework, length=100, batch=1, devices=1)
+    record.update({"loop": name} if framework == "jax" else {"peer": name, "devices": None})
+    record.update(run_s_median=1e-3, run_s_ci=[0.9e-3, 1.2e-3], saved_bytes=4096)
+    record.update(other_cores=0.0)
+    record.update(extra)
+    return record
+
+
+@pytest.mark.parametrize("name", ["cpu_lstm", "cpu_article", "cpu_sweep_batch"])
+def test_plot_has_a_time_and_a_memory_panel_per_scenario(name):
+    from loopgrad_jax.bench.plot import draw
+
+    records = _results(name)
+    sweep = "batch" if name == "cpu_sweep_batch" else "length"
+    panels = _panels(draw(records, name, x=sweep))
+    scenarios = {r["scenario"] for r in records}
+    assert set(panels) == {f"{kind} {s}" for s in scenarios for kind in ("time", "memory")}
+
+
+def test_plot_of_one_length_draws_a_bar_per_measured_implementation():
+    from loopgrad_jax.bench.plot import draw
+
+    records = _results("cpu_lstm")  # T=1000 only; rnn_loss_hoisted has no nn.LSTM peer
+    panels = _panels(draw(records, "cpu_lstm"))
+    for scenario in ("rnn_loss", "rnn_loss_hoisted"):
+        names = [report.impl_name(r) for r in records if r["scenario"] == scenario]
+        time_bars = _bars(panels[f"time {scenario}"])
+        assert sorted(bar.get_gid() for bar in time_bars) == sorted(names)
+        # the fastest on top (the y axis runs downwards)
+        by_height = sorted(time_bars, key=lambda bar: bar.get_y())
+        medians = sorted(r["run_s_median"] for r in records if r["scenario"] == scenario)
+        assert [bar.get_x() + bar.get_width() for bar in by_height] == pytest.approx(medians)
+        assert len(_bars(panels[f"memory {scenario}"])) == len(names)
+    assert not _lines(panels["time rnn_loss"])
+
+
+def test_plot_leaves_skipped_cases_and_unmeasured_memory_out():
+    from loopgrad_jax.bench.plot import draw
+
+    records = [
+        _plot_record("jax", "scan"),
+        _plot_record("jax", "scan", devices=2, saved_bytes=None),  # "scan x2 devices"
+        _plot_record("jax", "while", run_s_median=None, run_s_ci=None, skipped="no reverse"),
+        _plot_record("torch", "eager", run_s_median=3e-3, run_s_ci=[2e-3, 4e-3]),
+    ]
+    panels = _panels(draw(records, "skips"))
+    assert [b.get_gid() for b in _bars(panels["time rnn_loss"])] == [
+        "scan", "scan x2 devices", "torch eager"
+    ]  # fmt: skip
+    assert [b.get_gid() for b in _bars(panels["memory rnn_loss"])] == ["scan", "torch eager"]
+    assert "not measured" in [t.get_text() for t in panels["memory rnn_loss"].texts]
+    tick_labels = [t.get_text() for t in panels["time rnn_loss"].get_yticklabels()]
+    assert not any("while" in label for label in tick_labels)
+
+
+def test_plot_gives_every_implementation_a_colour_of_its_own():
+    from matplotlib.colors import to_hex
+
+    from loopgrad_jax.bench.plot import draw
+
+    records = _results("cpu_article")  # 19 implementations: loop kinds, methods, peers
+    colors: dict[str, str] = {}
+    for ax in draw(records, "cpu_article").axes:
+        for line in _lines(ax):
+            assert colors.setdefault(line.get_gid(), to_hex(line.get_color())) == to_hex(
+                line.get_color()
+            ), line.get_gid()  # one colour in every panel
+    names = {report.impl_name(r) for r in records if not r["skipped"]}
+    assert set(colors) == names
+    assert len(set(colors.values())) == len(colors)
+    # The peers are greys, the JAX loop kinds are not.
+    for name, color in colors.items():
+        grey = len({color[1:3], color[3:5], color[5:7]}) == 1
+        assert grey == name.startswith("torch "), (name, color)
+
+
+def test_plot_gives_every_bar_a_colour_of_its_own():
+    from loopgrad_jax.bench.plot import draw
+
+    records = [_plot_record("jax", loop) for loop in ("scan", "scan:unroll=8", "remat", "fori")]
+    records += [_plot_record("torch", peer) for peer in ("eager", "nn.RNN")]
+    bars = _bars(_panels(draw(records, "colours"))["time rnn_loss"])
+    assert len(bars) == 6 and len({tuple(b.get_facecolor()) for b in bars}) == 6
+
+
+def test_plot_marks_busy_records():
+    from loopgrad_jax.bench.plot import draw
+
+    records = [_plot_record("jax", "scan"), _plot_record("jax", "fori", other_cores=1.5)]
+    ax = _panels(draw(records, "busy"))["time rnn_loss"]
+    hatched = {bar.get_gid() for bar in _bars(ax) if bar.get_hatch()}
+    assert hatched == {"fori"}
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["scan", "fori (BUSY)"]
+    # Over several lengths: a ring round each BUSY point.
+    deer = _results("cpu_deer")  # the T=10000 records were timed on a busy machine
+    rings = [line for line in _panels(draw(deer, "cpu_deer"))["time rnn_loss"].lines
+             if line.get_gid() == "BUSY"]  # fmt: skip
+    busy = [r for r in deer if (r["other_cores"] or 0) >= report.BUSY_CORES]
+    assert busy and sum(len(ring.get_xdata()) for ring in rings) == len(busy)
+
+
+@pytest.mark.parametrize(("name", "x"), [("cpu_large", "length"), ("cpu_sweep_batch", "batch")])
+def test_plot_of_several_lengths_or_sizes_draws_lines(name, x):
+    from loopgrad_jax.bench.plot import draw
+
+    records = _results(name)
+    panels = _panels(draw(records, name, x=x))
+    lines = {line.get_gid(): line for line in _lines(panels["time rnn_loss"])}
+    assert not _bars(panels["time rnn_loss"])
+    # "while" (no reverse mode) was skipped at every length: no line at all
+    assert set(lines) == {report.impl_name(r) for r in records if not r["skipped"]}
+    for impl, line in lines.items():
+        # a point per measured case; a skipped one leaves no point, never a zero
+        measured = [r for r in records if report.impl_name(r) == impl and not r["skipped"]]
+        assert list(line.get_xdata()) == sorted(r[x] for r in measured)
+        assert list(line.get_ydata()) == [
+            r["run_s_median"] for r in sorted(measured, key=lambda r: r[x])
+        ]
+
+
+def test_plot_records_writes_a_png_and_names_a_path_it_cannot_write(tmp_path):
+    from loopgrad_jax.bench.plot import plot_records
+
+    records = _results("cpu_parallel")
+    path = tmp_path / "parallel.png"
+    plot_records(records, path, "cpu_parallel")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = tmp_path / "no such folder" / "parallel.png"
+    with pytest.raises(FileNotFoundError, match="Cannot write the plot to .*no such folder"):
+        plot_records(records, missing, "cpu_parallel")
+    with pytest.raises(ValueError, match="at least one record"):
+        plot_records([], path, "nothing")
