@@ -259,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="PATH", help="write the results as JSON, updated after every record"
     )
     parser.add_argument(
-        "--plot", metavar="PATH", help="write a PNG of compile and run time against length"
+        "--plot",
+        metavar="PATH",
+        help="write a PNG: per scenario, time per call beside the memory kept for backward "
+        "(bars at one length, lines over several lengths or a --sweep)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
