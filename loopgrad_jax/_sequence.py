@@ -309,6 +309,24 @@ def rnn_forward(
     input projection before its loop, its recurrent weights' gradient as one
     product after it, and the head on every step at once.
     """
+    if cell is ARTICLE_CELL and hoist_input and weights is None:
+        # The article's model is an nn.RNN (tanh) layer with one bias and its own head:
+        # layer by layer, as PyTorch's modules run hoisted, with the layer rule. (With
+        # lengths, PyTorch's modules would stop each example's state at its last step;
+        # the article's model keeps stepping, as its own loop below does.)
+        cell, params, carry0 = TORCH_CELL, _cells.article_layer_form(params), (carry0,)
+        final, losses = rnn_forward(
+            cell,
+            params,
+            inputs,
+            targets,
+            carry0,
+            loop=loop,
+            hoist_input=True,
+            loss_fn=loss_fn,
+            weights=weights,
+        )
+        return final[0], losses
     if cell is TORCH_CELL and (hoist_input or _whole_module(params, weights)):
         loop = check_loop(loop)
         if _whole_module(params, weights):

@@ -31,20 +31,24 @@ from loopgrad_jax.parity import (  # noqa: F401 - re-exported: the suite's loop 
 FIXTURES = SHIPPED
 
 
-def parity_params(checks: list[parity.Check], scenario_in_id: bool = False) -> list[Any]:
+def parity_params(
+    checks: list[parity.Check], scenario_in_id: bool = False, quick_every: int = 1
+) -> list[Any]:
     """``pytest.param(check)`` for each check, with ids ``dtype-case[-method]-loop-jit``.
 
     ``scenario_in_id`` appends the scenario (where one test covers several).
     The ``parallel`` kinds (DEER) compile slowly: the quick tier runs the first such
-    check of each scenario, the slow tier the rest.
+    check of each scenario, the slow tier the rest. With ``quick_every=k`` the quick
+    tier runs every k-th check of the list (its order mixes dtypes, cases and loop
+    kinds), the slow tier the others.
     """
     params, seen = [], set()
-    for check in checks:
+    for index, check in enumerate(checks):
         parts = [check.dtype, check.case, check.method, check.loop]
         parts += ["jit" if check.jit else "eager"]
         parts += [check.scenario] if scenario_in_id else []
         parallel = lg.Loop.parse(check.loop).kind == "parallel"
-        slow = parallel and check.scenario in seen
+        slow = (parallel and check.scenario in seen) or index % quick_every != 0
         seen |= {check.scenario} if parallel else set()
         marks = [pytest.mark.slow] if slow else []
         params.append(pytest.param(check, id="-".join(filter(None, parts)), marks=marks))

@@ -16,7 +16,9 @@ from loopgrad_jax import parity
 TORCH_KINDS = tuple(k for k in lg.CELLS if k != "article")
 
 
-@pytest.mark.parametrize("check", parity_params(parity.checks(["cell_loss"], grid="suite")))
+@pytest.mark.parametrize(
+    "check", parity_params(parity.checks(["cell_loss"], grid="suite"), quick_every=3)
+)
 def test_loss_matches_pytorch(check):
     assert_passes(check)
 

@@ -27,9 +27,10 @@ except ImportError:  # pragma: no cover - flax is a test dependency
     NNX = ()
 
 CASES = [c["name"] for c in fixture("module", "float64").cases]
-#: The comparison is loopgrad-parity's (``parity._module``): every case with scan, and
-#: each other reverse-capable loop kind and option once, in the quick tier; the rest of
-#: the command's grid in float64 in the slow tier.
+#: The comparison is loopgrad-parity's (``parity._module``): its suite grid (every case
+#: with scan, each other reverse-capable loop kind and option once), a third of it in the
+#: quick tier and all of it in the slow tier, with the rest of the command's grid in
+#: float64.
 SUITE = parity.checks(["module"], grid="suite")
 REST = [c for c in parity.checks(["module"], ["float64"]) if c not in SUITE]
 #: Flax's loop kind, which loopgrad-parity (no flax dependency) leaves out: scan's checks.
@@ -38,7 +39,7 @@ NNX_CHECKS = [
 ]
 
 
-@pytest.mark.parametrize("check", parity_params(SUITE))
+@pytest.mark.parametrize("check", parity_params(SUITE, quick_every=3))
 def test_module_matches_pytorch(check):
     assert_passes(check)
 

@@ -40,13 +40,15 @@ AS_WRITTEN_CHECKS = parity.checks(["train_as_written"], grid="suite")
 
 
 @pytest.mark.parametrize(
-    "check", parity_params([c for c in AS_WRITTEN_CHECKS if not _is_resumed(c)])
+    "check", parity_params([c for c in AS_WRITTEN_CHECKS if not _is_resumed(c)], quick_every=2)
 )
 def test_as_written_matches_pytorch(check):
     assert_passes(check)
 
 
-@pytest.mark.parametrize("check", parity_params(parity.checks(["train_tbptt"], grid="suite")))
+@pytest.mark.parametrize(
+    "check", parity_params(parity.checks(["train_tbptt"], grid="suite"), quick_every=2)
+)
 def test_tbptt_matches_pytorch(check):
     assert_passes(check)
 

@@ -16,6 +16,7 @@ One module per concern:
 from loopgrad_jax._cells.equations import (
     TORCH_CELL,
     JoinedLayer,
+    article_layer_form,
     article_loop_form,
     layer_step,
     loop_form,
@@ -50,6 +51,7 @@ __all__ = [
     "CellParams",
     "JoinedLayer",
     "LayerParams",
+    "article_layer_form",
     "article_loop_form",
     "bind_module",
     "bind_precision",

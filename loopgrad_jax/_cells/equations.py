@@ -304,6 +304,21 @@ def article_loop_form(params: RNNParams) -> CellParams:
     return CellParams((layer,), params.h2o_weight, params.h2o_bias, "rnn_tanh")
 
 
+def article_layer_form(params: RNNParams) -> CellParams:
+    """The article's ``SimpleRNN`` as an ``rnn_tanh`` layer of :class:`LayerParams`.
+
+    ``i2h_weight`` is ``[W_x, W_h]``: its first ``I`` columns are ``W_ih``, the rest
+    ``W_hh``; ``i2h_bias`` is the one bias (``bias_hh`` ``None``, as :func:`loop_form`
+    leaves a layer). The same pre-activation, for :func:`hoisted_forward`.
+    """
+    hidden = params.i2h_weight.shape[0]
+    size = params.i2h_weight.shape[1] - hidden
+    layer = LayerParams(
+        params.i2h_weight[:, :size], params.i2h_weight[:, size:], params.i2h_bias, None
+    )
+    return CellParams((layer,), params.h2o_weight, params.h2o_bias, "rnn_tanh")
+
+
 def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = False) -> tuple:
     new, policy = [], params.precision
     for k, layer in enumerate(params.layers):
