@@ -223,15 +223,22 @@ def test_quick_plot_is_a_png(quick):
 
 def test_table_prints_every_record_with_speedups(quick, capsys):
     _, doc, _ = quick
-    table = report.format_table(doc["records"])
-    lines = table.splitlines()
-    assert lines[0].split()[:3] == ["scenario", "T", "impl"]
-    assert len(lines) == 2 + len(doc["records"]) + 2
-    assert "scan forward" in table and "scan reverse" in table
-    if doc["meta"]["torch"]:
-        assert "nn.RNN" in table and "eager" in table and "torch rtrl" in table
-        assert re.search(r"rtrl [\d.]+x \[[\d.]+-[\d.]+\]", table)
-    advice = "\n".join(report.recommend(doc["records"]))
+    records = doc["records"]
+    for table in (report.format_table(records), report.format_table(records, wide=True)):
+        lines = table.splitlines()
+        assert lines[0].split()[:3] == ["scenario", "T", "impl"]
+        # A record's row starts with its scenario and T; the default table's wrapped
+        # cells continue on lines that start blank.
+        starts = [line for line in lines[2:] if re.match(r"\w+ +\d+ ", line)]
+        assert [line.split()[:2] for line in starts] == [
+            [r["scenario"], str(r["length"])] for r in records
+        ]
+        assert "scan forward" in table and "scan reverse" in table
+        if doc["meta"]["torch"]:
+            assert "nn.RNN" in table and "eager" in table and "torch rtrl" in table
+            assert re.search(r"rtrl [\d.]+x \[[\d.]+-[\d.]+\]", table)
+    assert len(lines) == 2 + len(records) + 2  # --wide: one line a record
+    advice = "\n".join(report.recommend(records))
     for name in DEFAULT_SCENARIOS:
         assert f"\n{name}" in "\n" + advice
     assert "train_as_written forward" in advice and "python vs scan (T=3)" in advice
@@ -246,6 +253,42 @@ def test_show_prints_a_saved_file_without_measuring(quick, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(report.format_table(doc["records"]))
     assert "\n".join(report.recommend(doc["records"])) in out
+    assert cli.main(["--show", str(path), "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(report.format_table(doc["records"], wide=True))
+    assert "\n".join(report.recommend(doc["records"])) in out
+
+
+def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
+    _, doc, _ = quick
+    records = [dict(r) for r in doc["records"]]
+    # Longer than this run's: a Flax peer's name, a loop with options, a busy machine.
+    for r in records:
+        r["other_cores"] = 1.5
+        if r["framework"] == "jax" and r["run_s_median"]:
+            r["vs_torch"] = {**(r["vs_torch"] or {}), "nnx.Bidirectional": [0.853, 0.801, 0.902]}
+    records[1]["loop"] = "remat:policy=dots_saveable"
+    table = report.format_table(records)
+    assert max(len(line) for line in table.splitlines()) <= 120
+    assert "remat:policy=dots_saveable" in table  # the impl wraps last
+    assert all(part in table for part in ("nnx.Bidirectional", "0.853x", "[0.801-0.902]"))
+    assert re.search(r"BUSY: 1.5\s+other\s+cores", table)  # maybe wrapped
+    header = re.split(r"  +", table.splitlines()[0])
+    assert header == [
+        *("scenario", "T", "impl", "run median [95% CI]", "saved", "speedup vs peers"),
+        "note",
+    ]
+    wide = report.format_table(records, wide=True).splitlines()
+    assert re.split(r"  +", wide[0]) == [
+        *("scenario", "T", "impl", "lower", "compile", "run (median)", "95% CI", "min"),
+        *("saved", "temp", "GFLOP/s", "speedup vs torch [95% CI]", "note"),
+    ]
+    first = records[0]  # accumulate's python loop: every figure but GFLOP/s
+    assert first["loop"] == "python" and first["run_s_median"]
+    assert wide[2].split("  ")[0] == "accumulate" and max(map(len, wide)) > 120
+    for key in ("lower_s", "compile_s", "run_s_median", "run_s_min"):
+        assert report._seconds(first[key]) in wide[2]
+    assert report._bytes(first["temp_bytes"]) in wide[2]
 
 
 @pytest.mark.parametrize(
@@ -576,7 +619,7 @@ def test_help_states_the_flop_count(capsys):
     out = capsys.readouterr().out
     assert "3 * T * (cell + head)" in out
     assert "T*(cell + 3*head) + T*(T+1)*cell" in out
-    for name in (*SCENARIOS, *lg.LOOPS, "--max-unroll", "--backend", "--quick", "--json"):
+    for name in (*SCENARIOS, *lg.LOOPS, "--max-unroll", "--backend", "--quick", "--json", "--wide"):
         assert name in out
 
 
@@ -1130,8 +1173,10 @@ def test_table_flags_records_timed_on_a_busy_machine():
     record = dict.fromkeys(run.RECORD_KEYS)
     record.update(scenario="stack", length=5, framework="jax", loop="scan", run_s_median=1e-3)
     quiet, busy = {**record, "other_cores": 0.1}, {**record, "other_cores": 1.5}
-    assert "BUSY" not in report.format_table([quiet])
-    assert "BUSY: other processes used 1.5 cores" in report.format_table([busy])
+    for wide in (False, True):
+        assert "BUSY" not in report.format_table([quiet], wide=wide).splitlines()[2]
+    assert "BUSY: 1.5 other cores" in report.format_table([busy])
+    assert "BUSY: other processes used 1.5 cores" in report.format_table([busy], wide=True)
 
 
 def test_make_data_is_seeded_and_shaped():

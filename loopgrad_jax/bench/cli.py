@@ -100,9 +100,11 @@ skipped cases (recorded with "skipped": "<reason>"):
   torch eager) longer than --max-quadratic, train_tbptt when --window > T.
 
 output:
-  a table on stdout, a recommendation per scenario after it (and sequences per second
-  across sizes with --sweep), a progress bar on stderr; --json PATH is rewritten after
-  every case, so Ctrl-C (exit status 130) or a crash keeps every finished record.
+  a table on stdout, 120 columns wide (scenario, T, impl, run time's median and 95%
+  interval, saved bytes, speedup vs peers, note; --wide: all the figures above, one line
+  a record), a recommendation per scenario after it (and sequences per second across
+  sizes with --sweep), a progress bar on stderr; --json PATH is rewritten after every
+  case, so Ctrl-C (exit status 130) or a crash keeps every finished record.
 
 examples:
   loopgrad-bench
@@ -269,7 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--show",
         metavar="PATH",
         help="measure nothing: print the table and recommendation of a JSON file written "
-        "by --json (a committed result, read with this version's report)",
+        "by --json (a committed result, read with this version's report; --wide applies)",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help=f"print the table with every column, one line a record (wider than "
+        f"{report.TABLE_WIDTH} columns): trace+lower and compile time, the fastest sample, "
+        "temp bytes and GFLOP/s beside the default table's",
     )
     return parser
 
@@ -284,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.show:
-        _print_report(_read_records(parser, args.show))
+        _print_report(_read_records(parser, args.show), wide=args.wide)
         return 0
     preset = QUICK if args.quick else DEFAULTS
     settings = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
@@ -398,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
     records = _run(plan, device, meta, args.json, progress=not args.no_progress)
-    _print_report(records)
+    _print_report(records, wide=args.wide)
     if args.profile and meta["status"] != "interrupted":
         _profile(args, settings, meta, records)
     if args.plot and records:
@@ -448,9 +457,10 @@ def _profile(args: argparse.Namespace, settings: dict, meta: dict, records: list
         report.write_json(args.json, meta, records)
 
 
-def _print_report(records: Sequence[dict]) -> None:
-    """The table, the recommendation and the throughput across sizes, on stdout."""
-    print(report.format_table(records))
+def _print_report(records: Sequence[dict], *, wide: bool = False) -> None:
+    """The table (every column if ``wide``), the recommendation and the throughput across
+    sizes, on stdout."""
+    print(report.format_table(records, wide=wide))
     advice = report.recommend(records)
     if advice:
         print("\nrecommendation, from the rows above:")

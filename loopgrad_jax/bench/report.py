@@ -21,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -469,8 +470,136 @@ def _varying(records: Sequence[Mapping]) -> list[str]:
     return out
 
 
-def format_table(records: Sequence[Mapping]) -> str:
-    """The records as an aligned text table, with each JAX row's speedup over PyTorch."""
+#: The terminal's width the default table fits (``--wide`` prints every column instead).
+TABLE_WIDTH = 120
+
+
+def format_table(records: Sequence[Mapping], *, wide: bool = False) -> str:
+    """The records as an aligned text table, with each JAX row's speedup over its peers.
+
+    By default the table fits :data:`TABLE_WIDTH` columns: scenario, T, impl, the run
+    time's median with its 95% interval, the bytes saved for backward, the speedup over
+    each peer (one a line) and a note; a long note wraps, and a skipped row's reason fills
+    the figures' columns. ``wide`` prints every column on one line each (trace+lower and
+    compile time, min, temp bytes, GFLOP/s too); the JSON has all of them either way.
+    """
+    if wide:
+        return _wide_table(records)
+    ratios = speedups(records)
+    varying = _varying(records)
+    named = ("scenario", "T", *(_SIZE_LABELS[k] for k in varying), "impl")
+    header = (*named, "run median [95% CI]", "saved", "speedup vs peers", "note")
+    # Each row: its named cells, then its figures' cells or, if skipped, the reason.
+    rows: list[tuple[list[str], list[list[str]] | str]] = []
+    for index, r in enumerate(records):
+        names = [r["scenario"], str(r["length"]), *(str(r[k]) for k in varying), impl_name(r)]
+        if r["skipped"]:
+            rows.append((names, f"skipped: {r['skipped']}"))
+            continue
+        notes = [] if r["max_rel_diff"] is None else [f"rel diff {r['max_rel_diff']:.1e}"]
+        notes += filter(None, [busy_flag(r)])
+        figures = [
+            [_seconds_ci(r["run_s_median"], r.get("run_s_ci"))],
+            [_bytes(r.get("saved_bytes"))],
+            [f"{p} {format_ratio(x)}" for p, x in ratios.get(index, {}).items()],
+            ["; ".join(notes)],
+        ]
+        rows.append((names, figures))
+    widths = [len(h) for h in header]
+    for names, figures in rows:
+        cells = [[n] for n in names] + ([] if isinstance(figures, str) else figures)
+        for c, cell in enumerate(cells):
+            widths[c] = max([widths[c], *map(len, cell)])
+    # What may wrap, and down to how narrow: the note and the speedups, then the impl.
+    _shrink(widths, [{len(header) - 1: 12, len(header) - 2: 16}, {len(named) - 1: 8}])
+    lines = [
+        _join_cells([[h] for h in header], widths),
+        _join_cells([["-" * w] for w in widths], widths),
+    ]
+    offset = sum(widths[: len(named)]) + 2 * len(named)
+    for names, figures in rows:
+        if isinstance(figures, str):  # skipped: the reason where the figures would be
+            cells, row_widths = [[n] for n in names] + [[figures]], widths[: len(named)]
+            row_widths = [*row_widths, max(TABLE_WIDTH - offset, 20)]
+        else:
+            cells, row_widths = [[n] for n in names] + figures, widths
+        lines.append(_join_cells(cells, row_widths))
+    footnote = (
+        "run median [95% CI]: seconds per call, the interval's ends in the median's unit. "
+        "speedup vs peers = PyTorch time / JAX time (> 1: JAX is faster), against the peer "
+        "running the same algorithm (nnx.Bidirectional: Flax's time / JAX time); [a-b]: 95% "
+        "bootstrap interval. saved = bytes kept for the backward pass (JAX: jax.vjp "
+        "residuals; PyTorch: saved tensors). rel diff: a peer's largest relative difference "
+        "from JAX's results. BUSY: other processes kept that many cores busy while the row "
+        f"was timed (>= {BUSY_CORES:g}). --wide adds trace+lower and compile time, the "
+        "fastest sample, temp bytes and GFLOP/s; the JSON has every figure."
+    )
+    return "\n".join([*lines, *textwrap.wrap(footnote, TABLE_WIDTH)])
+
+
+def _shrink(widths: list[int], tiers: Sequence[Mapping[int, int]]) -> None:
+    """Narrows columns until the table fits :data:`TABLE_WIDTH`: those of the first tier
+    (index: least width), widest first, down to their least; then the next tier's."""
+    for shrinkable in tiers:
+        while sum(widths) + 2 * (len(widths) - 1) > TABLE_WIDTH:
+            room = [c for c, least in shrinkable.items() if widths[c] > least]
+            if not room:
+                break
+            widths[max(room, key=lambda c: widths[c])] -= 1
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width``; ``[""]`` for none."""
+    return textwrap.wrap(text, width, break_on_hyphens=False) or [""]
+
+
+def _join_cells(cells: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
+    """One table row, each cell wrapped to its column's width: as many lines as the
+    tallest cell needs."""
+    wrapped = [
+        [part for line in cell for part in _wrap(line, w)]
+        for cell, w in zip(cells, widths, strict=True)
+    ]
+    lines = []
+    for k in range(max(map(len, wrapped))):
+        parts = [
+            (cell[k] if k < len(cell) else "").ljust(w)
+            for cell, w in zip(wrapped, widths, strict=True)
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def busy_flag(record: Mapping) -> str | None:
+    """``"BUSY: 1.4 other cores"`` for a record timed while other processes kept at least
+    :data:`BUSY_CORES` cores busy; ``None`` otherwise (or where nobody counted)."""
+    cores = record.get("other_cores")
+    if cores is None or cores < BUSY_CORES:
+        return None
+    count = f"{cores:.2g}"
+    return f"BUSY: {count} other core{'s' * (count != '1')}"
+
+
+def _seconds_ci(median: float | None, ci: Sequence[float] | None) -> str:
+    """``"16.6 us [15.9-22.6]"``: the median, and its interval in the median's unit."""
+    if median is None:
+        return ""
+    text = _seconds(median)
+    if not ci:
+        return text
+    unit = text.split()[1]
+    scale = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit]
+    return f"{text} [{_figure(ci[0] / scale)}-{_figure(ci[1] / scale)}]"
+
+
+def _figure(value: float) -> str:
+    """Three significant digits, or the whole number where it has more: ``1840``."""
+    text = f"{value:.3g}"
+    return f"{value:.0f}" if "e" in text else text
+
+
+def _wide_table(records: Sequence[Mapping]) -> str:
+    """``--wide``: every column, one line per record."""
     ratios = speedups(records)
     varying = _varying(records)
     columns = (
