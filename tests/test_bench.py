@@ -791,6 +791,57 @@ def test_recommendation_names_fastest_smallest_and_the_break_even():
     )
 
 
+def _peer(peer, length, seconds, **extra) -> dict:
+    """A measured PyTorch rnn_loss record beside :func:`_row`'s."""
+    record = dict.fromkeys(run.RECORD_KEYS)
+    record.update(scenario="rnn_loss", framework="torch", peer=peer, length=length, batch=1)
+    record.update(input=10, hidden=5, run_s_median=seconds, **extra)
+    return record
+
+
+def test_recommendation_flags_each_figure_from_a_busy_row():
+    def rows(scan=0.1, remat=0.1, python=0.1, peer=0.1):
+        return [
+            _row("scan", 100, 1.0e-3, (0.9e-3, 1.1e-3), 0.5, 3000, other_cores=scan)
+            | {"vs_torch": {"nn.GRU": [107.0, 14.9, 288.0]}},
+            _row("remat", 100, 2.0e-3, (1.9e-3, 2.1e-3), 0.6, 1000, other_cores=remat),
+            _row("python", 100, 1.5e-3, (1.4e-3, 1.6e-3), 3.0, 4000, other_cores=python),
+            _peer("nn.GRU", 100, 0.107, other_cores=peer),
+        ]
+
+    quiet = report.recommend(rows())
+    assert "BUSY" not in "\n".join(quiet)
+    assert (
+        quiet[1]
+        == "  fastest: scan 1 ms; next python 1.5x its time; vs peers nn.GRU 107x [14.9-288]"
+    )
+    # The peer alone was timed on a busy machine: its ratio says so, nothing else does.
+    advice = report.recommend(rows(peer=1.4))
+    assert advice[1] == quiet[1] + " (BUSY: 1.4 other cores)"
+    assert advice[2:] == quiet[2:]
+    # The fastest loop was: every figure drawn from it.
+    advice = report.recommend(rows(scan=1.5))
+    flag = " (BUSY: 1.5 other cores)"
+    assert advice[1] == (
+        f"  fastest: scan 1 ms{flag}; next python 1.5x its time{flag}; "
+        f"vs peers nn.GRU 107x [14.9-288]{flag}"
+    )
+    assert advice[2] == (
+        f"  smallest: remat keeps 1000 B for backward at 2x the time of scan (2.93 KiB){flag}"
+    )
+    assert advice[3] == (
+        "  python vs scan (T=100): python 1.5 ms per call, 3 s to trace and compile; "
+        f"scan 1 ms, 500 ms{flag}: scan costs less from the first call"
+    )
+    # The python loop was: the break-even line's python figures, and "next python".
+    advice = report.recommend(rows(python=1))
+    assert advice[1] == quiet[1].replace("1.5x its time", "1.5x its time (BUSY: 1 other core)")
+    assert advice[3].startswith(
+        "  python vs scan (T=100): python 1.5 ms per call, 3 s to trace and compile "
+        "(BUSY: 1 other core); scan 1 ms, 500 ms: "
+    )
+
+
 def test_throughput_across_a_swept_size():
     rows = [
         _row("scan", 100, 1e-3, (0.9e-3, 1.1e-3), 0.5, 1, batch=1, seqs_per_s=1000.0),

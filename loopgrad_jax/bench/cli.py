@@ -104,7 +104,8 @@ output:
   interval, saved bytes, speedup vs peers, note; --wide: all the figures above, one line
   a record), a recommendation per scenario after it (and sequences per second across
   sizes with --sweep), a progress bar on stderr; --json PATH is rewritten after every
-  case, so Ctrl-C (exit status 130) or a crash keeps every finished record.
+  case, so Ctrl-C (exit status 130) or a crash keeps every finished record. A
+  recommendation quotes a row timed on a busy machine with its BUSY flag.
 
 examples:
   loopgrad-bench

@@ -675,8 +675,11 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
     that keeps the least for backward, how the fastest compares with the PyTorch
     peers, and where compile time plus N calls changes the answer between a python
     loop and scan (the break-even N).
+
+    A time or ratio quoted from a row timed on a busy machine carries that row's
+    flag (:func:`busy_flag`); bytes are counted, not timed, and carry none.
     """
-    lines = []
+    lines: list[str] = []
     jax_rows = [r for r in records if r["framework"] == "jax" and r["run_s_median"]]
     keys = dict.fromkeys(
         (r["scenario"], r.get("method"), r["batch"], r["input"], r["hidden"]) for r in jax_rows
@@ -701,19 +704,20 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
             sizes = f"{cell}, {layers} layer{'s' * (layers > 1)}, {sizes}"
         lines.append(f"{scenario}{' ' + method if method else ''} ({sizes}):")
         best = at[0]
-        text = f"  fastest: {_loop(best)} {_seconds(best['run_s_median'])}"
+        text = _flagged(f"  fastest: {_loop(best)} {_seconds(best['run_s_median'])}", best)
         if len(at) > 1:
             second = at[1]
-            overlap = _overlap(best.get("run_s_ci"), second.get("run_s_ci"))
-            text += (
-                f"; {_loop(second)} within its interval (no clear winner)"
-                if overlap
-                else f"; next {_loop(second)} {second['run_s_median'] / best['run_s_median']:.3g}x"
-                " its time"
-            )
+            if _overlap(best.get("run_s_ci"), second.get("run_s_ci")):
+                text += _flagged(f"; {_loop(second)} within its interval (no clear winner)", second)
+            else:
+                ratio = second["run_s_median"] / best["run_s_median"]
+                text += _flagged(f"; next {_loop(second)} {ratio:.3g}x its time", best, second)
         vs = ratios.get(index[id(best)], {})
         if vs:
-            text += "; vs peers " + ", ".join(f"{p} {format_ratio(x)}" for p, x in vs.items())
+            text += "; vs peers " + ", ".join(
+                _flagged(f"{p} {format_ratio(x)}", best, *_peer_rows(records, best, p))
+                for p, x in vs.items()
+            )
         lines.append(text)
         saved = [r for r in at if r.get("saved_bytes") is not None]
         if saved:
@@ -726,9 +730,9 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
                     if best.get("saved_bytes") is not None
                     else "not counted"  # a data-parallel row: the bytes are per device
                 )
-                text += (
-                    f" at {small['run_s_median'] / best['run_s_median']:.3g}x the time of"
-                    f" {_loop(best)} ({kept_by_best})"
+                ratio = small["run_s_median"] / best["run_s_median"]
+                text += _flagged(
+                    f" at {ratio:.3g}x the time of {_loop(best)} ({kept_by_best})", small, best
                 )
             torch_saved = [
                 t
@@ -746,6 +750,29 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
             lines.append(text)
         lines += _break_even([r for r in rows if (r.get("devices") or 1) == 1])
     return lines
+
+
+def _flagged(text: str, *rows: Mapping) -> str:
+    """``text``, a figure quoted from ``rows``, then the BUSY flag of the busiest of them
+    that was timed on a busy machine, if any was."""
+    busy = [r for r in rows if busy_flag(r)]
+    if not busy:
+        return text
+    return f"{text} ({busy_flag(max(busy, key=lambda r: r['other_cores']))})"
+
+
+def _peer_rows(records: Sequence[Mapping], row: Mapping, peer: str) -> list[Mapping]:
+    """The records of ``peer`` timed beside the JAX ``row`` (its case and method)."""
+    return [
+        t
+        for t in records
+        if t["framework"] != "jax"
+        and t["peer"] == peer
+        and t["run_s_median"]
+        and _same_case(t, row)
+        and t.get("method") == row.get("method")
+        and t.get("precision") == row.get("precision")
+    ]
 
 
 def _loop(record: Mapping) -> str:
@@ -776,11 +803,11 @@ def _break_even(rows: Sequence[Mapping]) -> list[str]:
     setup_scan = scan["lower_s"] + scan["compile_s"]
     d_setup = setup_py - setup_scan  # > 0: python takes longer to trace and compile
     d_run = scan["run_s_median"] - py["run_s_median"]  # > 0: python runs faster
-    head = (
+    head = _flagged(
         f"  python vs scan (T={length}): python {_seconds(py['run_s_median'])} per call, "
-        f"{_seconds(setup_py)} to trace and compile; scan {_seconds(scan['run_s_median'])}, "
-        f"{_seconds(setup_scan)}"
-    )
+        f"{_seconds(setup_py)} to trace and compile",
+        py,
+    ) + _flagged(f"; scan {_seconds(scan['run_s_median'])}, {_seconds(setup_scan)}", scan)
     # python's total minus scan's, over N calls: d_setup - N * d_run.
     if _overlap(py.get("run_s_ci"), scan.get("run_s_ci")):
         cheaper = "scan" if d_setup > 0 else "python"
