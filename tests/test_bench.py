@@ -69,9 +69,16 @@ def _bench(tmp_path: Path, *flags: str) -> tuple[int, dict]:
     return status, json.loads(path.read_text())
 
 
+#: ``--quick`` at smoke size: T=3 and tiny sizes, so a test's run takes seconds (the
+#: preset's own T=10..1000 take a minute); the report says the figures are smoke-size.
+TINY = (
+    *("--quick", "--lengths", "3", "--input", "3"),
+    *("--hidden", "4", "--batch", "2", "--window", "2"),
+)
 #: Timed calls per record in the ``quick`` fixture: every scenario and loop kind, as
-#: ``--quick`` runs them, but with no minimum window (its 0.25 s per record would be most
-#: of the run); ``test_quick_window_reports_other_cores`` checks what the window adds.
+#: ``--quick`` runs them at ``TINY`` sizes, but with no minimum window (its 0.25 s per
+#: record would be most of the run); ``test_quick_window_reports_other_cores`` checks
+#: what the window adds.
 QUICK_REPEATS = 5
 #: Its loop kinds: one of each way a row runs (unrolled; a compiled loop; forward-only,
 #: so skipped where reverse mode is needed). The other kinds differ only in ``loop=``,
@@ -81,10 +88,11 @@ QUICK_LOOPS = ("python", "scan", "while")
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run (every scenario, loop kind and peer) for the tests that read it."""
+    """One ``TINY`` run (every scenario, loop kind and peer) for the tests that read it."""
     folder = tmp_path_factory.mktemp("quick")
-    argv = ["--quick", "--json", str(folder / "q.json"), "--plot", str(folder / "q.png")]
+    argv = [*TINY, "--json", str(folder / "q.json"), "--plot", str(folder / "q.png")]
     argv += ["--repeats", str(QUICK_REPEATS), "--min-time", "0", "--loops", ",".join(QUICK_LOOPS)]
+    argv += ["--scenarios", ",".join(DEFAULT_SCENARIOS)]
     status = cli.main([*argv, "--no-progress"])
     return status, json.loads((folder / "q.json").read_text()), folder / "q.png"
 
@@ -122,7 +130,7 @@ def test_quick_writes_json_matching_the_schema(quick):
     for r in records:
         assert SCHEMA_KEYS <= set(r)
         assert set(r) == set(run.RECORD_KEYS)
-        assert r["length"] == cli.QUICK["lengths"][0]
+        assert r["length"] == 3
         assert (r["batch"], r["input"], r["hidden"]) == (2, 3, 4)
         rnn = SCENARIOS[r["scenario"]].rnn
         assert (r["cell"], r["layers"]) == (("article", 1) if rnn else (None, None))
@@ -169,7 +177,7 @@ def _assert_spread(r: dict, repeats: int = QUICK_REPEATS) -> None:
 
 def test_quick_window_reports_other_cores(tmp_path):
     """``--quick``'s own settings: every record, JAX's and PyTorch's, gets ``other_cores``."""
-    argv = ["--quick", "--scenarios", "rnn_loss", "--loops", "scan,python", "--no-progress"]
+    argv = [*TINY, "--scenarios", "rnn_loss", "--loops", "scan,python", "--no-progress"]
     assert cli.main([*argv, "--json", str(tmp_path / "q.json")]) == 0
     records = json.loads((tmp_path / "q.json").read_text())["records"]
     assert {r["framework"] for r in records} == (
@@ -460,7 +468,7 @@ def test_interrupted_run_leaves_valid_json_with_the_finished_records(monkeypatch
     _fail_on_second_case(monkeypatch, KeyboardInterrupt())
     status, doc = _bench(
         tmp_path,
-        "--quick",
+        *TINY,
         "--scenarios",
         "accumulate",
         "--lengths",
@@ -482,7 +490,7 @@ def test_crashed_run_keeps_the_finished_records(monkeypatch, tmp_path):
     path = tmp_path / "out.json"
     with pytest.raises(RuntimeError, match="out of memory"):
         cli.main(
-            ["--quick", "--scenarios", "stack", "--lengths", "2,3", "--loops", "python,scan"]
+            [*TINY, "--scenarios", "stack", "--lengths", "2,3", "--loops", "python,scan"]
             + ["--no-torch", "--json", str(path)]
         )
     doc = json.loads(path.read_text())
@@ -513,7 +521,7 @@ def test_write_json_replaces_the_file_whole(tmp_path):
 def test_long_python_loops_are_recorded_as_skipped(tmp_path):
     status, doc = _bench(
         tmp_path,
-        *("--quick", "--scenarios", "accumulate", "--lengths", "3,6"),
+        *(*TINY, "--scenarios", "accumulate", "--lengths", "3,6"),
         *("--max-unroll", "4", "--loops", "python,scan", "--no-torch"),
     )
     assert status == 0
@@ -534,9 +542,7 @@ def test_a_case_that_cannot_trace_is_recorded_as_skipped(monkeypatch, tmp_path):
         return f
 
     monkeypatch.setattr(cases, "build_case", build)
-    status, doc = _bench(
-        tmp_path, "--quick", "--scenarios", "stack", "--loops", "scan", "--no-torch"
-    )
+    status, doc = _bench(tmp_path, *TINY, "--scenarios", "stack", "--loops", "scan", "--no-torch")
     assert status == 0
     [record] = doc["records"]
     assert record["skipped"] == "cannot trace: ValueError: scan cannot do this"
@@ -546,7 +552,7 @@ def test_a_case_that_cannot_trace_is_recorded_as_skipped(monkeypatch, tmp_path):
 def test_loops_without_reverse_mode_skip_the_gradient_scenarios(tmp_path):
     loops = "while,while:max_steps=8"
     status, doc = _bench(
-        tmp_path, "--quick", "--scenarios", "accumulate", "--loops", loops, "--no-torch"
+        tmp_path, *TINY, "--scenarios", "accumulate", "--loops", loops, "--no-torch"
     )
     assert status == 0
     unbounded, bounded = doc["records"]
@@ -558,7 +564,7 @@ def test_loops_without_reverse_mode_skip_the_gradient_scenarios(tmp_path):
 def test_quadratic_as_written_algorithms_are_recorded_as_skipped(tmp_path):
     status, doc = _bench(
         tmp_path,
-        *("--quick", "--scenarios", "train_as_written", "--loops", "scan"),
+        *(*TINY, "--scenarios", "train_as_written", "--loops", "scan"),
         *("--max-quadratic", "2"),
     )
     assert status == 0
@@ -591,7 +597,7 @@ def test_the_reverse_methods_python_loop_is_skipped_by_its_unrolled_size():
 
 def test_without_torch_there_are_no_peers(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch_peers, "available", lambda: False)
-    status, doc = _bench(tmp_path, "--quick", "--scenarios", "accumulate", "--loops", "scan")
+    status, doc = _bench(tmp_path, *TINY, "--scenarios", "accumulate", "--loops", "scan")
     assert status == 0
     assert doc["meta"]["torch"] is None
     assert [r["framework"] for r in doc["records"]] == ["jax"]
@@ -600,7 +606,8 @@ def test_without_torch_there_are_no_peers(monkeypatch, tmp_path, capsys):
 
 def test_defaults_come_from_one_place():
     args = cli.build_parser().parse_args([])
-    assert args.loops == lg.LOOPS
+    assert args.loops is None  # main: DEFAULTS["loops"], or QUICK's under --quick
+    assert cli.DEFAULTS["loops"] == lg.LOOPS
     assert args.scenarios is None  # main: DEFAULT_SCENARIOS, or rnn_module (--bidirectional)
     assert DEFAULT_SCENARIOS == tuple(s for s in SCENARIOS if s != "rnn_module")
     assert cli.DEFAULTS["max_unroll"] == 100
@@ -842,6 +849,30 @@ def test_recommendation_flags_each_figure_from_a_busy_row():
     )
 
 
+def test_quick_measures_the_articles_sizes_where_loop_kinds_differ(monkeypatch):
+    plans = []
+    monkeypatch.setattr(cli, "_run", lambda plan, *args, **kwargs: plans.append(plan) or [])
+    assert cli.main(["--quick", "--no-progress"]) == 0
+    [plan] = plans
+    assert {100, 1000} <= set(plan.lengths)
+    assert (plan.input, plan.hidden, plan.batch) == (10, 5, 1)  # the article's, the defaults
+    assert plan.scenarios == cli.QUICK_SCENARIOS and plan.loops == cli.QUICK["loops"]
+    ran = [
+        t
+        for t in run.tasks(plan)
+        if cases.skip_reason(
+            t.scenario, t.name if t.framework == "jax" else None, t.sizes, plan.limits, t.method
+        )
+        is None
+    ]
+    # Python loops compile in a time that grows with T: run only at the shortest length.
+    assert max(t.length for t in ran if t.name == "python") < 100
+    for scenario in plan.scenarios:
+        assert {t.length for t in ran if (t.scenario, t.name) == (scenario, "scan")} == set(
+            plan.lengths
+        )
+
+
 def test_throughput_across_a_swept_size():
     rows = [
         _row("scan", 100, 1e-3, (0.9e-3, 1.1e-3), 0.5, 1, batch=1, seqs_per_s=1000.0),
@@ -858,7 +889,7 @@ def test_throughput_across_a_swept_size():
 def test_blocks_time_each_implementation_alone(tmp_path):
     status, doc = _bench(
         tmp_path,
-        *("--quick", "--scenarios", "stack", "--loops", "scan", "--timing", "blocks"),
+        *(*TINY, "--scenarios", "stack", "--loops", "scan", "--timing", "blocks"),
     )
     assert status == 0 and doc["meta"]["timing"] == "blocks"
     jax_row, torch_row = doc["records"]
@@ -871,7 +902,7 @@ def test_blocks_time_each_implementation_alone(tmp_path):
 def test_sweep_runs_each_size_and_reports_sequences_per_second(tmp_path, capsys):
     status, doc = _bench(
         tmp_path,
-        *("--quick", "--scenarios", "rnn_loss", "--loops", "scan", "--no-torch"),
+        *(*TINY, "--scenarios", "rnn_loss", "--loops", "scan", "--no-torch"),
         *("--sweep", "batch=1,3"),
     )
     assert status == 0
@@ -889,7 +920,7 @@ def test_sweep_runs_each_size_and_reports_sequences_per_second(tmp_path, capsys)
 def test_a_two_layer_lstm_runs_beside_its_peers_on_the_same_weights(tmp_path, capsys):
     status, doc = _bench(
         tmp_path,
-        *("--quick", "--cell", "lstm", "--layers", "2", "--scenarios", "rnn_loss,accumulate"),
+        *(*TINY, "--cell", "lstm", "--layers", "2", "--scenarios", "rnn_loss,accumulate"),
         *("--loops", "scan"),
     )
     assert status == 0
@@ -1394,7 +1425,7 @@ def test_the_retained_graph_grows_with_every_step():
 def test_no_progress_never_imports_tqdm():
     code = (
         "import sys; from loopgrad_jax.bench import cli; "
-        "status = cli.main(['--quick', '--scenarios', 'accumulate', '--loops', 'scan', "
+        f"status = cli.main([*{TINY}, '--scenarios', 'accumulate', '--loops', 'scan', "
         "'--no-torch', '--no-progress', '--min-time', '0', '--repeats', '5']); "
         "assert status == 0; assert 'tqdm' not in sys.modules, 'tqdm was imported'"
     )
@@ -1434,7 +1465,7 @@ def test_devices_add_data_parallel_rows_beside_one_device(tmp_path):
     """In a new process, as a user runs it: the CLI makes the virtual CPU devices."""
     path = tmp_path / "dp.json"
     argv = [
-        *("--quick", "--scenarios", "accumulate,rnn_loss,train_tbptt", "--loops", "scan"),
+        *(*TINY, "--scenarios", "accumulate,rnn_loss,train_tbptt", "--loops", "scan"),
         *("--devices", "2,3", "--backend", "cpu", "--no-torch", "--repeats", "5"),
         *("--min-time", "0"),
         *("--no-progress", "--json", str(path)),

@@ -23,6 +23,7 @@ BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
 
 #: Settings when neither a flag nor ``--quick`` gives one.
 DEFAULTS = {
+    "loops": lg.LOOPS,
     "lengths": (10, 100, 1000),
     "input": 10,
     "hidden": 5,
@@ -36,19 +37,29 @@ DEFAULTS = {
     "min_time": 0.5,
 }
 
-#: ``--quick``: tiny sizes, every scenario and loop kind, a few seconds. It also skips the
+#: ``--quick``: the default sizes and lengths (the article's I=10, H=5, B=1 at T=10, 100
+#: and 1000), where the recommendation means something, without what costs most (under
+#: 90 s on a 2-core CPU): python loops only at T=10 (their compile time grows with T: the
+#: RNN gradient's 5.7 s and truncated BPTT's 36 s at T=100), no O(T**2) as-written
+#: algorithm past T=10, no train_as_written (:data:`QUICK_SCENARIOS`), and scan and
+#: remat the only other loop kinds (fori costs what scan costs; while has no reverse
+#: mode; parallel compiles for seconds and never won on a CPU). It also skips the
 #: untimed first compile of each scenario and loop kind that keeps one-time costs out of
 #: ``compile_s`` otherwise. Its timing window is the shortest that still reports
 #: ``other_cores``.
 QUICK = {
     **DEFAULTS,
-    "lengths": (3,),
-    "input": 3,
-    "hidden": 4,
-    "batch": 2,
-    "window": 2,
+    "loops": ("python", "scan", "remat"),
+    "max_unroll": 10,
+    "max_quadratic": 10,
     "min_time": timing.MIN_LOAD_WINDOW_S,
 }
+
+#: ``--quick``'s scenarios: train_as_written's PyTorch peers take seconds a call at T=1000
+#: (real-time recurrent learning, 2.25 s at the article's size), so it is left out.
+QUICK_SCENARIOS: tuple[str, ...] = tuple(
+    s for s in cases.DEFAULT_SCENARIOS if s != "train_as_written"
+)
 
 #: ``--sweep batch`` / ``--sweep hidden`` without ``=values``.
 SWEEP_DEFAULTS = {"batch": (1, 4, 16, 64), "hidden": (8, 32, 128, 512)}
@@ -110,6 +121,7 @@ output:
 examples:
   loopgrad-bench
   loopgrad-bench --quick --json quick.json
+  loopgrad-bench --quick --lengths 3 --input 3 --hidden 4 --batch 2   # a smoke test
   loopgrad-bench --scenarios rnn_loss --loops scan,fori --lengths 1000 \\
       --input 64 --hidden 256 --batch 32 --json large.json --plot large.png
   loopgrad-bench --scenarios rnn_loss --loops scan --lengths 100 --sweep batch=1,8,32
@@ -135,16 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios",
         type=_names("scenario", tuple(cases.SCENARIOS)),
         help=f"comma-separated scenarios (default: {','.join(cases.DEFAULT_SCENARIOS)}; "
-        "with --bidirectional or --lengths-spread: rnn_module)",
+        "under --quick all but train_as_written; with --bidirectional or --lengths-spread: "
+        "rnn_module)",
     )
     parser.add_argument(
         "--loops",
         type=_loops,
-        default=lg.LOOPS,
         help=(
             f"comma-separated loop kinds from {','.join(lg.LOOPS)}, each optionally with "
             "options as in loopgrad_jax.Loop's text form, e.g. scan:unroll=8, "
-            f"remat:chunk=32, remat:policy=dots_saveable (default: all: {','.join(lg.LOOPS)})"
+            f"remat:chunk=32, remat:policy=dots_saveable (default: all: {','.join(lg.LOOPS)}; "
+            f"under --quick {','.join(QUICK['loops'])})"
         ),
     )
     parser.add_argument(
@@ -253,8 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"tiny preset: lengths {_join(QUICK['lengths'])}, I={QUICK['input']}, "
-        f"H={QUICK['hidden']}, B={QUICK['batch']}, window={QUICK['window']}, no untimed "
+        help=f"the default sizes in under 90 s on a 2-core CPU: lengths "
+        f"{_join(QUICK['lengths'])}, I={QUICK['input']}, H={QUICK['hidden']}, "
+        f"B={QUICK['batch']}, window={QUICK['window']}; scenarios "
+        f"{','.join(QUICK_SCENARIOS)} (train_as_written's PyTorch peers take seconds a "
+        f"call at T=1000); loops {','.join(QUICK['loops'])}, python only at "
+        f"T<={QUICK['max_unroll']} (--max-unroll {QUICK['max_unroll']}: its compile time "
+        f"grows with T), the O(T**2) as-written algorithms only at "
+        f"T<={QUICK['max_quadratic']}; {QUICK['min_time']} s timing windows, no untimed "
         "warm-up compile; flags still win",
     )
     parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed (default: 0)")
@@ -325,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given
     ]
     if args.scenarios is None:
-        args.scenarios = ("rnn_module",) if module_options else cases.DEFAULT_SCENARIOS
+        default = QUICK_SCENARIOS if args.quick else cases.DEFAULT_SCENARIOS
+        args.scenarios = ("rnn_module",) if module_options else default
     others = [s for s in args.scenarios if s != "rnn_module"]
     if module_options and others:
         parser.error(
@@ -381,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     plan = run.Plan(
         scenarios=args.scenarios,
-        loops=args.loops,
+        loops=settings["loops"],
         lengths=settings["lengths"],
         batch=settings["batch"],
         input=settings["input"],
@@ -436,7 +456,7 @@ def _profile(args: argparse.Namespace, settings: dict, meta: dict, records: list
     """``--profile``: :mod:`loopgrad_jax.bench.cell_profile` at the run's cell and sizes."""
     from loopgrad_jax.bench import cell_profile
 
-    loop = next((loop for loop in args.loops if loop.split(":")[0] == "scan"), "scan")
+    loop = next((loop for loop in settings["loops"] if loop.split(":")[0] == "scan"), "scan")
     sizes = cases.Sizes(
         max(settings["lengths"]),
         settings["batch"],
