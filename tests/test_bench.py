@@ -849,6 +849,30 @@ def test_recommendation_flags_each_figure_from_a_busy_row():
     )
 
 
+def test_a_smoke_size_run_says_so_before_its_ranking(quick):
+    _, doc, _ = quick
+    advice = report.recommend(doc["records"])
+    assert advice[0].startswith("smoke-size run: the figures below come from loops of T=3,")
+    assert "these figures say nothing about which loop kind to use for loops of 100" in (
+        " ".join(advice)
+    )
+    assert max(map(len, advice[: advice.index("accumulate (T=3, x of shape (2, 3)):")])) <= 120
+    # --quick's own sizes: no note, the first line is the first scenario's.
+    assert (cli.QUICK["input"], cli.QUICK["hidden"], cli.QUICK["batch"]) == (10, 5, 1)
+    rows = [_row("scan", t, 1e-3, (0.9e-3, 1.1e-3), 0.5, 1) for t in cli.QUICK["lengths"]]
+    advice = report.recommend(rows)
+    assert advice[0] == f"rnn_loss (T={max(cli.QUICK['lengths'])}, B=1, I=10, H=5):"
+    assert "smoke-size" not in "\n".join(advice)
+    # The rule is the longest length, SMOKE_LENGTH steps and up, scenario by scenario.
+    below = report.SMOKE_LENGTH - 1
+    assert report.recommend([rows[0] | {"length": below}])[0].startswith("smoke-size run")
+    stack = rows[0] | {"scenario": "stack", "length": 3}
+    advice = report.recommend([*rows, stack])
+    assert advice[0].startswith(
+        "smoke-size run: the figures below for stack come from loops of T=3,"
+    )
+
+
 def test_quick_measures_the_articles_sizes_where_loop_kinds_differ(monkeypatch):
     plans = []
     monkeypatch.setattr(cli, "_run", lambda plan, *args, **kwargs: plans.append(plan) or [])

@@ -116,7 +116,9 @@ output:
   a record), a recommendation per scenario after it (and sequences per second across
   sizes with --sweep), a progress bar on stderr; --json PATH is rewritten after every
   case, so Ctrl-C (exit status 130) or a crash keeps every finished record. A
-  recommendation quotes a row timed on a busy machine with its BUSY flag.
+  recommendation quotes a row timed on a busy machine with its BUSY flag; one whose
+  longest loop is under {report.SMOKE_LENGTH} steps starts with "smoke-size run": its figures
+  are mostly a call's fixed costs and say nothing about longer loops.
 
 examples:
   loopgrad-bench

@@ -667,6 +667,14 @@ def _wide_table(records: Sequence[Mapping]) -> str:
 _SIZE_LABELS = {"batch": "B", "input": "I", "hidden": "H"}
 
 
+#: A recommendation quoted at a loop shorter than this is smoke-size: there a call's fixed
+#: costs (dispatch, handling the arguments) are a large share of its time, so its ranking
+#: says nothing about longer loops. In one ``--quick`` run on a busy 2-core CPU, scan's
+#: accumulate gradient took 17.7 us at T=10 and 31.3 us at T=1000: a hundred times the
+#: steps for 1.8x the time.
+SMOKE_LENGTH = 100
+
+
 def recommend(records: Sequence[Mapping]) -> list[str]:
     """A short recommendation per scenario, from the measured rows.
 
@@ -677,9 +685,12 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
     loop and scan (the break-even N).
 
     A time or ratio quoted from a row timed on a busy machine carries that row's
-    flag (:func:`busy_flag`); bytes are counted, not timed, and carry none.
+    flag (:func:`busy_flag`); bytes are counted, not timed, and carry none. When a
+    scenario's longest length is under :data:`SMOKE_LENGTH`, the first line says the
+    run is smoke-size.
     """
     lines: list[str] = []
+    smoke: dict[str, int] = {}  # heading -> its length, for those under SMOKE_LENGTH
     jax_rows = [r for r in records if r["framework"] == "jax" and r["run_s_median"]]
     keys = dict.fromkeys(
         (r["scenario"], r.get("method"), r["batch"], r["input"], r["hidden"]) for r in jax_rows
@@ -702,7 +713,10 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
         if cell not in (None, "article"):
             layers = at[0].get("layers") or 1
             sizes = f"{cell}, {layers} layer{'s' * (layers > 1)}, {sizes}"
-        lines.append(f"{scenario}{' ' + method if method else ''} ({sizes}):")
+        heading = f"{scenario}{' ' + method if method else ''}"
+        if length < SMOKE_LENGTH:
+            smoke[heading] = length
+        lines.append(f"{heading} ({sizes}):")
         best = at[0]
         text = _flagged(f"  fastest: {_loop(best)} {_seconds(best['run_s_median'])}", best)
         if len(at) > 1:
@@ -749,7 +763,24 @@ def recommend(records: Sequence[Mapping]) -> list[str]:
                 )
             lines.append(text)
         lines += _break_even([r for r in rows if (r.get("devices") or 1) == 1])
-    return lines
+    return _smoke_note(smoke, len(keys)) + lines
+
+
+def _smoke_note(smoke: Mapping[str, int], groups: int) -> list[str]:
+    """The lines that say a run (or some of its scenarios) is smoke-size, if it is."""
+    if not smoke:
+        return []
+    lengths = " and ".join(f"T={t}" for t in sorted(set(smoke.values())))
+    whose = "" if len(smoke) == groups else f" for {', '.join(smoke)}"
+    text = (
+        f"smoke-size run: the figures below{whose} come from loops of {lengths}, under "
+        f"{SMOKE_LENGTH} steps, where a call's fixed costs (dispatch, handling the "
+        "arguments) are a large share of its time; these figures say nothing about which "
+        f"loop kind to use for loops of {SMOKE_LENGTH} steps or more, so do not take this "
+        "ranking as advice: measure at your own T (loopgrad-bench --quick runs "
+        "T=10, 100 and 1000)."
+    )
+    return textwrap.wrap(text, TABLE_WIDTH)
 
 
 def _flagged(text: str, *rows: Mapping) -> str:
