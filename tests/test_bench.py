@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import math
 import os
 import re
 import subprocess
@@ -754,6 +755,9 @@ def test_speedup_is_torch_time_over_jax_time():
     rows[0]["vs_torch"] = {"eager": [50.0, 41.0, 62.5]}
     assert report.speedups(rows) == {0: {"eager": [50.0, 41.0, 62.5]}}
     assert report.format_ratio([50.0, 41.0, 62.5]) == "50x [41-62.5]"
+    # Past 999, whole numbers rather than 1.3e+03.
+    assert report.format_ratio([948.0, 758.0, 1304.2]) == "948x [758-1304]"
+    assert report.format_ratio([1304.2, math.nan, math.nan]) == "1304x"
 
 
 def _row(loop, length, seconds, ci, compile_s, saved, **extra) -> dict:

@@ -451,11 +451,11 @@ def _same_case(a: Mapping, b: Mapping) -> bool:
 
 
 def format_ratio(values: Sequence[float]) -> str:
-    """``2.23x [1.98-2.41]``; without an interval, ``2.23x``."""
+    """``2.23x [1.98-2.41]``, ``948x [758-1304]``; without an interval, ``2.23x``."""
     value, low, high = values
     if math.isnan(low):
-        return f"{value:.3g}x"
-    return f"{value:.3g}x [{low:.3g}-{high:.3g}]"
+        return f"{_figure(value)}x"
+    return f"{_figure(value)}x [{_figure(low)}-{_figure(high)}]"
 
 
 def _varying(records: Sequence[Mapping]) -> list[str]:
