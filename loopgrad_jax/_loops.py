@@ -58,7 +58,7 @@ PyTree = Any
 #:   and forward mode) are a custom JVP at the solution, exact either way. Memory:
 #:   ``T * n**2`` Jacobian entries per iteration for a carry of ``n`` numbers
 #:   (``diag``: ``T * n``). The carry's leaves must share one floating-point dtype. On
-#:   CPUs it is slower than ``scan`` (``bench/README.md``); it is meant for GPUs.
+#:   CPUs it is slower than ``scan`` (``bench/RESULTS.md``, ``cpu_deer``); it is meant for GPUs.
 LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while", "parallel")
 
 #: Flax NNX's lifted loop transforms as loop kinds (they need Flax installed:

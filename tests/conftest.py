@@ -19,6 +19,8 @@ and setting ``LOOPGRAD_TEST_OPTIMIZE=1`` compiles as users do.
 import importlib.metadata
 import os
 
+import pytest
+
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if importlib.metadata.version("jaxlib").startswith("0.10."):
     _FAST_COMPILE += " --xla_cpu_use_fusion_emitters=false"
@@ -47,7 +49,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # The test tiers. The README's test command runs the quick tier; `pytest --full` also runs
 # the tests marked `slow` (the full grids: every case of a parametrised grid the quick tier
 # samples), and `pytest --full -m slow` runs those alone, as .ci/run does after the quick
-# tier.
+# tier. Beside the cases marked slow by hand, every parametrised test with at least
+# SAMPLE_FROM quick cases keeps every second one (in collection order, which varies every
+# parameter) in the quick tier and moves the rest to the slow tier, marked as such, so
+# that `-m slow` selects them.
+SAMPLE_FROM = 6
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--full",
@@ -56,11 +64,18 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m reads the markers
 def pytest_collection_modifyitems(config, items):
+    groups = {}
+    for item in items:
+        if "slow" not in item.keywords and getattr(item, "callspec", None) is not None:
+            groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+    for group in groups.values():
+        if len(group) >= SAMPLE_FROM:
+            for item in group[1::2]:
+                item.add_marker(pytest.mark.slow)
     if config.getoption("--full"):
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="slow tier: run with --full")
     for item in items:
         if "slow" in item.keywords:

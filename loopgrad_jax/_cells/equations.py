@@ -275,7 +275,7 @@ def loop_form(params: CellParams, *, join: bool = True) -> CellParams:
     step; built before it, each is accumulated once per layer and reaches PyTorch's
     own parameters (both biases included) through these few operations after the
     loop. :func:`loopgrad_jax._sequence.rnn_forward` joins where reverse mode stores
-    every step (``bench/README.md`` has the measurements).
+    every step (``docs/notes.md`` has the measurements).
     """
     if params.kind == "gru":
         return params
