@@ -49,11 +49,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # The test tiers. The README's test command runs the quick tier; `pytest --full` also runs
 # the tests marked `slow` (the full grids: every case of a parametrised grid the quick tier
 # samples), and `pytest --full -m slow` runs those alone, as .ci/run does after the quick
-# tier. Beside the cases marked slow by hand, every parametrised test with at least
-# SAMPLE_FROM quick cases keeps every second one (in collection order, which varies every
-# parameter) in the quick tier and moves the rest to the slow tier, marked as such, so
-# that `-m slow` selects them.
-SAMPLE_FROM = 6
+# tier. Beside the cases marked slow by hand, every parametrised test with at least 4
+# quick cases keeps every second one (every third from 9 on), in collection order, which
+# varies every parameter, in the quick tier and moves the rest to the slow tier, marked
+# as such, so that `-m slow` selects them.
+def _quick_stride(cases: int) -> int:
+    return 1 if cases < 4 else 2 if cases < 9 else 3
 
 
 def pytest_addoption(parser):
@@ -71,8 +72,9 @@ def pytest_collection_modifyitems(config, items):
         if "slow" not in item.keywords and getattr(item, "callspec", None) is not None:
             groups.setdefault((item.module.__name__, item.originalname), []).append(item)
     for group in groups.values():
-        if len(group) >= SAMPLE_FROM:
-            for item in group[1::2]:
+        stride = _quick_stride(len(group))
+        for index, item in enumerate(group):
+            if index % stride:
                 item.add_marker(pytest.mark.slow)
     if config.getoption("--full"):
         return
