@@ -63,9 +63,10 @@ bench() {  # bench NAME [taskset -c 0 --] FLAGS...: writes $OUT/NAME.json and .p
 }
 
 # --- the article's scenarios at its size, and its model at a realistic size -------------
-# Every loop kind; while:max_steps=10000 runs lax.while_loop's semantics as a bounded scan.
+# Every loop kind but parallel (DEER: cpu_deer below); while:max_steps=10000 runs
+# lax.while_loop's semantics as a bounded scan.
 bench cpu_article --lengths 10,100,1000,10000 --compile-repeats 3 \
-  --loops python,scan,fori,remat,while,while:max_steps=10000,parallel   # cpu_article.json .png
+  --loops python,scan,fori,remat,while,while:max_steps=10000   # cpu_article.json .png
 bench cpu_large --scenarios rnn_loss --lengths 10,100,1000 --input 64 --hidden 256 --batch 32
 # The article's per-step training loop: both exact methods beside PyTorch running each; the
 # O(T^2) retained-graph algorithms up to T=300 (PyTorch's takes 82 s a call at T=1000).

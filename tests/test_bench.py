@@ -1679,3 +1679,17 @@ def test_plot_records_writes_a_png_and_names_a_path_it_cannot_write(tmp_path):
         plot_records(records, missing, "cpu_parallel")
     with pytest.raises(ValueError, match="at least one record"):
         plot_records([], path, "nothing")
+
+
+def test_deer_is_not_timed_on_long_training_runs():
+    # Its Jacobians grow as T * n**2 and a training run carries its weights: skipped, with
+    # the reason, past DEER_TRAIN_MAX_T; the loss scenarios and shorter runs are timed.
+    limits = cases.Limits(100, 300)
+    long = cases.Sizes(cases.DEER_TRAIN_MAX_T + 1, 1, 10, 5, 10)
+    short = long._replace(length=cases.DEER_TRAIN_MAX_T)
+    for scenario in ("train_as_written", "train_tbptt"):
+        reason = cases.skip_reason(scenario, "parallel", long, limits, method="forward")
+        assert reason is not None and "T*n*n Jacobian numbers" in reason
+        assert cases.skip_reason(scenario, "parallel", short, limits, method="forward") is None
+        assert cases.skip_reason(scenario, "scan", long, limits, method="forward") is None
+    assert cases.skip_reason("rnn_loss", "parallel", long, limits) is None

@@ -469,6 +469,12 @@ def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
     return SCENARIOS[scenario].args(data)
 
 
+#: The longest training run the ``parallel`` kinds (DEER) are timed on: their memory grows
+#: as T times the square of the carry, and a training run carries its weights (at T=10000
+#: the as-written forward method asked for 188 GB).
+DEER_TRAIN_MAX_T = 1000
+
+
 def skip_reason(
     scenario: str, loop: str | None, sizes: Sizes, limits: Limits, method: str | None = None
 ) -> str | None:
@@ -496,6 +502,12 @@ def skip_reason(
         return (
             "the reverse method's python loops unroll T*(T+1)/2 cell gradients into the "
             f"program; {cells} > --max-unroll={limits.max_unroll}"
+        )
+    if kind == "parallel" and scenario.startswith("train_") and sizes.length > DEER_TRAIN_MAX_T:
+        return (
+            "DEER keeps T*n*n Jacobian numbers per Newton iteration for a carry of n numbers, "
+            "and the training scenarios carry the weights and optimizer state (the forward "
+            f"method also their sensitivities): T={sizes.length} > {DEER_TRAIN_MAX_T}"
         )
     if method == "reverse" and sizes.length > limits.max_quadratic:
         who = "PyTorch's retained graph" if loop is None else "the reverse method"
