@@ -698,11 +698,21 @@ DECISIONS: tuple[Situation, ...] = (
     Situation(
         "Default: a gradient through a loop of fixed length",
         '`loop="scan"`',
-        AgainstPeers(
-            Case("cpu_article.json", "rnn_loss", 1000),
-            loops=("scan",),
-            peers=("eager", "nn.RNN"),
-            mention_fastest=True,
+        Several(
+            (
+                AgainstPeers(
+                    Case("cpu_article.json", "rnn_loss", 1000),
+                    loops=("scan",),
+                    peers=("eager", "nn.RNN"),
+                    mention_fastest=True,
+                ),
+                AgainstPeers(
+                    Case("cpu_large.json", "rnn_loss", 1000),
+                    loops=("scan",),
+                    peers=("eager", "nn.RNN"),
+                    mention_fastest=True,
+                ),
+            )
         ),
     ),
     Situation(
@@ -713,14 +723,7 @@ DECISIONS: tuple[Situation, ...] = (
     Situation(
         "Length known only at run time",
         '`loop="while:max_steps=N"` (a bounded scan; plain `while` has no reverse mode)',
-        StandIn(
-            FastestVsLoop(Case("cpu_article.json", "rnn_loss", 1000), ("while:max_steps=*",)),
-            FastestVsLoop(
-                Case("cpu_article.json", "train_as_written", 1000, "forward"), ("while",)
-            ),
-            "no committed record runs `while:max_steps=N` (cpu_article.json should, for "
-            "rnn_loss at T=1000); shown instead: plain `while`, forward mode only",
-        ),
+        FastestVsLoop(Case("cpu_article.json", "rnn_loss", 1000), ("while:max_steps=*",)),
     ),
     Situation(
         "GPU",
@@ -728,12 +731,15 @@ DECISIONS: tuple[Situation, ...] = (
         FastestVsLoop(Case("gpu_large.json", "rnn_loss", 1000), None),
     ),
     Situation(
-        "LSTM / GRU",
-        "`{loop}`",
+        "PyTorch's nn.RNN, nn.LSTM, nn.GRU at I=64, H=256, B=32",
+        "`{loop}`, layer by layer (`hoist_input=True`, `lg.rnn`)",
         Several(
             (
-                AgainstPeers(Case("cpu_lstm.json", "rnn_loss", 1000), None, ("nn.LSTM",)),
-                AgainstPeers(Case("cpu_gru.json", "rnn_loss", 1000), None, ("nn.GRU",)),
+                AgainstPeers(
+                    Case("cpu_rnn_tanh.json", "rnn_loss_hoisted", 1000), None, ("nn.RNN",)
+                ),
+                AgainstPeers(Case("cpu_lstm.json", "rnn_loss_hoisted", 1000), None, ("nn.LSTM",)),
+                AgainstPeers(Case("cpu_gru.json", "rnn_loss_hoisted", 1000), None, ("nn.GRU",)),
             )
         ),
     ),
