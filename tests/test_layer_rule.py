@@ -120,3 +120,19 @@ def test_vmap_over_a_batch_of_sequences_equals_one_at_a_time():
     batched = jax.vmap(lambda g: grad(w_hh, b_hh, g, state0))(gis)
     for k in range(2):
         np.testing.assert_allclose(batched[k], grad(w_hh, b_hh, gis[k], state0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("loop", ["fori", "fori:unroll=2"])
+def test_fori_runs_the_rule_as_a_scan(loop):
+    # Run as a fori loop, the tangent loop's transpose copied a (T, ...) cotangent every
+    # step (the rnn_tanh gradient at I=64, H=256, B=32, T=1000: 4.1 s against scan's
+    # 0.26 s); the rule runs fori's loops as lax.scan, with the same results.
+    w_hh, b_hh, gi, state0, weights = _case("gru", seed=3)
+    fast, _ = _runs("gru", loop, None, reverse=False)
+    scan, _ = _runs("gru", loop.replace("fori", "scan"), None, reverse=False)
+    grad = jax.grad(functools.partial(_loss, fast, "gru", weights), argnums=(0, 1, 2))
+    jaxpr = str(jax.make_jaxpr(grad)(w_hh, b_hh, gi, state0))
+    assert "while[" not in jaxpr and "scan[" in jaxpr
+    want = jax.grad(functools.partial(_loss, scan, "gru", weights), argnums=(0, 1, 2))
+    for g, w in zip(grad(w_hh, b_hh, gi, state0), want(w_hh, b_hh, gi, state0), strict=True):
+        np.testing.assert_array_equal(g, w)

@@ -41,6 +41,13 @@ from loopgrad_jax._precision import Precision, matmul
 RULE_LOOPS: tuple[str, ...] = ("python", "scan", "fori", "nnx_scan", "nnx_fori")
 
 
+#: The rule runs ``fori``'s loops as ``lax.scan`` (and ``nnx_fori``'s as ``nnx.scan``):
+#: the same steps and results, and the way the library differentiates ``fori`` anyway. Run
+#: as a fori loop, the tangent loop's transpose copied a (T, ...) cotangent every step:
+#: the rnn_tanh gradient at I=64, H=256, B=32, T=1000 took 4.1 s against scan's 0.26 s.
+_RULE_KIND = {"fori": "scan", "nnx_fori": "nnx_scan"}
+
+
 def uses_rule(loop: Loop) -> bool:
     """Whether :func:`layer_recurrence` runs ``loop`` with the layer-level rule."""
     return loop.kind in RULE_LOOPS
@@ -79,6 +86,7 @@ def layer_recurrence(
     args = (w_hh, b_hh, gi, state0, live)
     if not uses_rule(loop):
         return _forward(kind, loop, policy, reverse, *args)
+    loop = loop._replace(kind=_RULE_KIND.get(loop.kind, loop.kind))
     return _recurrence(kind, loop, policy, reverse, *args)
 
 
