@@ -131,8 +131,9 @@ def test_fori_runs_the_rule_as_a_scan(loop):
     fast, _ = _runs("gru", loop, None, reverse=False)
     scan, _ = _runs("gru", loop.replace("fori", "scan"), None, reverse=False)
     grad = jax.grad(functools.partial(_loss, fast, "gru", weights), argnums=(0, 1, 2))
-    jaxpr = str(jax.make_jaxpr(grad)(w_hh, b_hh, gi, state0))
-    assert "while[" not in jaxpr and "scan[" in jaxpr
     want = jax.grad(functools.partial(_loss, scan, "gru", weights), argnums=(0, 1, 2))
-    for g, w in zip(grad(w_hh, b_hh, gi, state0), want(w_hh, b_hh, gi, state0), strict=True):
+    args = (w_hh, b_hh, gi, state0)
+    # The same program: no (T, ...) output buffer carried through either loop.
+    assert str(jax.make_jaxpr(grad)(*args)) == str(jax.make_jaxpr(want)(*args))
+    for g, w in zip(grad(*args), want(*args), strict=True):
         np.testing.assert_array_equal(g, w)
