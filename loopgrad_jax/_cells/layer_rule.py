@@ -94,8 +94,10 @@ def _h(kind: str, state: Any) -> jax.Array:
     return state[0] if kind == "lstm" else state
 
 
-def _finish(kind, policy, new, state, keep):
-    """The step's ``(new carry, output h)`` from its new state: rounded, then masked."""
+def finish_step(kind: str, policy: Precision | None, new: Any, state: Any, keep) -> tuple:
+    """The step's ``(new carry, output h)`` from its new state: rounded to the policy's
+    state dtype (none for ``None``), then masked: where ``keep[b]`` is False (a padded
+    step of a packed batch) the carry stays ``state`` and the output is zero."""
     if policy is not None:
         new = policy.round_state(new)
     h = _h(kind, new)
@@ -119,10 +121,10 @@ def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs
         g, keep = xs
         pre = combine(kind, g, matmul(_h(kind, state), w_hh.T, policy), bias)
         if not coefs or kind in _RNN:
-            new, out = _finish(kind, policy, update(kind, pre, state), state, keep)
+            new, out = finish_step(kind, policy, update(kind, pre, state), state, keep)
             return new, (out if not coefs else (out, None, None if keep is None else new))
         new, step_coefs = gates_linearized(kind, pre, state)
-        new, out = _finish(kind, policy, new, state, keep)
+        new, out = finish_step(kind, policy, new, state, keep)
         # Without a mask an nn.RNN's or GRU's carries are the outputs: stored once.
         carries = new if keep is not None or kind == "lstm" else None
         return new, (out, step_coefs, carries)
@@ -155,33 +157,24 @@ def _recurrence_jvp(kind, loop, policy, reverse, primals, tangents):
     dw_hh, db_hh, dgi, dstate0, _ = tangents
     final, out, coefs, carries = _forward(kind, loop, policy, reverse, *primals, coefs=True)
     h_prev = _shift(_h(kind, state0), _h(kind, carries), reverse=reverse)
-    extra = _plus(rows_product(h_prev, _dense(dw_hh, w_hh), policy), _row(_dense(db_hh, b_hh), 2))
-    dpre_in = combine(kind, _dense(dgi, gi), extra, None)
+    extra = _plus(rows_product(h_prev, dw_hh, policy), _row(db_hh, 2))
+    dpre_in = combine(kind, dgi, extra, None)
 
     def body(dstate, xs):
         dpre_t, coefs_t, keep = xs
         dhw = matmul(_h(kind, dstate), w_hh.T, policy)
         dpre = dpre_t + combine(kind, jnp.zeros_like(dhw), dhw, None)
-        return _finish(kind, policy, gates_tangent(kind, coefs_t, dpre, dstate), dstate, keep)
+        return finish_step(kind, policy, gates_tangent(kind, coefs_t, dpre, dstate), dstate, keep)
 
     dfinal, dout = run_loop(
         body,
-        jax.tree.map(_dense, dstate0, state0),
+        dstate0,
         (dpre_in, coefs, live),
         length=gi.shape[0],
         loop=loop,
         reverse=reverse,
     )
     return (final, out), (dfinal, dout)
-
-
-def _dense(tangent, primal):
-    """``tangent`` as an array: JAX's symbolic zero (or ``None``) as zeros like ``primal``."""
-    if primal is None:
-        return None
-    if tangent is None or type(tangent) is jax.custom_derivatives.SymbolicZero:
-        return jnp.zeros_like(primal)
-    return tangent
 
 
 def _shift(first: jax.Array, carries: jax.Array, *, reverse: bool) -> jax.Array:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax._cells.equations import _project, _row, layer_step
-from loopgrad_jax._cells.layer_rule import layer_recurrence
+from loopgrad_jax._cells.layer_rule import finish_step, layer_recurrence
 from loopgrad_jax._cells.params import CellParams
 from loopgrad_jax._loops import Loop, run_loop
 
@@ -119,13 +119,10 @@ def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
 
     def body(state, xs):
         g, keep = xs
-        new, h = layer_step(
+        new, _ = layer_step(
             params.kind, layer.weight_hh, b_hh, state, g, layer.weight_hr, params.precision
         )
-        if keep is None:
-            return new, h
-        new = jax.tree.map(lambda n, o: jnp.where(keep[:, None], n, o), new, state)
-        return new, jnp.where(keep[:, None], h, jnp.zeros_like(h))
+        return finish_step(params.kind, None, new, state, keep)  # layer_step rounded it
 
     return run_loop(body, state0, (gi, live), length=x.shape[0], loop=loop, reverse=reverse)
 
