@@ -82,9 +82,10 @@ bench cpu_remat --scenarios rnn_loss --loops scan,remat,remat:chunk=10,remat:chu
 
 # --- PyTorch's cells beside their fused modules (nn.RNN, nn.LSTM, nn.GRU) -----------------
 # Per step (rnn_loss, JAX's rule for the loop) and layer by layer (rnn_loss_hoisted, the
-# layer rule), with where the time goes (--profile: forward, backward, per-step products).
+# layer rule), with where the time goes (--profile: forward, backward, per-step products),
+# and each JAX row again with the batch split over 2 virtual devices (one per core).
 cells=(--scenarios rnn_loss,rnn_loss_hoisted --loops scan,scan:unroll=4,fori --lengths 1000
-       --input 64 --hidden 256 --batch 32 --profile)
+       --input 64 --hidden 256 --batch 32 --profile --devices 2)
 bench cpu_rnn_tanh --cell rnn_tanh "${cells[@]}"   # cpu_rnn_tanh.json .png
 bench cpu_lstm --cell lstm "${cells[@]}"           # cpu_lstm.json .png
 bench cpu_gru --cell gru "${cells[@]}"             # cpu_gru.json .png

@@ -419,18 +419,20 @@ def render_results(files: Mapping[str, Any]) -> str:
 class Case(NamedTuple):
     """Where a figure's records come from: one scenario at one length in one file.
 
-    Only single-device float32 rows count (``devices`` 1, no ``precision``); the case
-    must hold one set of sizes.
+    Only float32 rows count (no ``precision``), JAX's with the batch over ``devices``
+    devices (PyTorch's peers run on one); the case must hold one set of sizes.
     """
 
     file: str
     scenario: str
     length: int
     method: str | None = None  # train_as_written's algorithm, "forward" or "reverse"
+    devices: int = 1  # JAX rows with the batch split over this many devices
 
     def label(self) -> str:
         method = f" ({self.method} method)" if self.method else ""
-        return f"{self.scenario}{method} at T={self.length}"
+        split = f" on {self.devices} devices" if self.devices > 1 else ""
+        return f"{self.scenario}{method} at T={self.length}{split}"
 
 
 class Figure(NamedTuple):
@@ -458,7 +460,7 @@ def _records(files: Mapping[str, Any], case: Case) -> list[dict]:
         if r["scenario"] == case.scenario
         and r["length"] == case.length
         and r.get("method") == case.method
-        and (r.get("devices") or 1) == 1
+        and (r.get("devices") or 1) == (case.devices if r["framework"] == "jax" else 1)
         and not r.get("precision")
     ]
     if not rows:
@@ -502,6 +504,8 @@ def _context(case: Case, rows: Sequence[Mapping]) -> str:
         parts.append(str(first["cell"]))
     parts.append(f"T={case.length}")
     parts += [f"{_SIZE_LABELS[k]}={first[k]}" for k in ("input", "hidden", "batch") if first.get(k)]
+    if case.devices > 1:
+        parts.append(f"the batch split over {case.devices} devices")
     return ", ".join(parts) + ": "
 
 
@@ -752,6 +756,25 @@ DECISIONS: tuple[Situation, ...] = (
                 FastestOf(
                     tuple(
                         AgainstPeers(Case(f"cpu_{cell}.json", scenario, 1000), None, (peer,))
+                        for scenario in ("rnn_loss", "rnn_loss_hoisted")
+                    )
+                )
+                for cell, peer in (("rnn_tanh", "nn.RNN"), ("lstm", "nn.LSTM"), ("gru", "nn.GRU"))
+            )
+        ),
+    ),
+    Situation(
+        "A batch of 2 or more on a CPU with several cores",
+        "`{loop}` with `mesh=` over virtual CPU devices, one per core "
+        '(`jax.config.update("jax_num_cpu_devices", n)`): one step\'s small products '
+        "keep one core busy, so split examples run side by side",
+        Several(
+            tuple(
+                FastestOf(
+                    tuple(
+                        AgainstPeers(
+                            Case(f"cpu_{cell}.json", scenario, 1000, devices=2), None, (peer,)
+                        )
                         for scenario in ("rnn_loss", "rnn_loss_hoisted")
                     )
                 )
