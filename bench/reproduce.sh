@@ -66,11 +66,14 @@ bench() {  # bench NAME [taskset -c 0 --] FLAGS...: writes $OUT/NAME.json and .p
 # --- the article's scenarios at its size, and its model at a realistic size -------------
 # Every loop kind but parallel (DEER: cpu_deer below); while:max_steps=1000 runs
 # lax.while_loop's semantics as a bounded scan.
-bench cpu_article --lengths 10,100,1000 --compile-repeats 3 \
+# Every peer (--peers all) beside them in rnn_loss: PyTorch's eager loop, nn.RNN,
+# torch.compile (up to T=100), its functional scan, flax's nnx.RNN, equinox's
+# checkpointed scan.
+bench cpu_article --lengths 10,100,1000 --compile-repeats 3 --peers all \
   --loops python,scan,fori,remat,while,while:max_steps=1000   # cpu_article.json .png
 # DEER (parallel) is left out here too: its full Jacobians at H=256 take gigabytes.
 bench cpu_large --scenarios rnn_loss --lengths 10,100,1000 --input 64 --hidden 256 --batch 32 \
-  --loops python,scan,fori,remat,while:max_steps=1000
+  --loops python,scan,fori,remat,while:max_steps=1000 --peers eager,fused,nnx.RNN,equinox
 # The article's per-step training loop: both exact methods beside PyTorch running each; the
 # O(T^2) retained-graph algorithms up to T=300 (PyTorch's takes 82 s a call at T=1000).
 bench cpu_as_written --scenarios train_as_written --loops scan,fori --lengths 10,100,1000 \

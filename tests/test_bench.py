@@ -261,11 +261,11 @@ def test_show_prints_a_saved_file_without_measuring(quick, tmp_path, capsys):
     assert cli.main(["--show", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(report.format_table(doc["records"]))
-    assert "\n".join(report.recommend(doc["records"])) in out
+    assert "\n".join(report.wrap_advice(report.recommend(doc["records"]))) in out
     assert cli.main(["--show", str(path), "--wide"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(report.format_table(doc["records"], wide=True))
-    assert "\n".join(report.recommend(doc["records"])) in out
+    assert "\n".join(report.wrap_advice(report.recommend(doc["records"]))) in out
 
 
 def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
@@ -282,6 +282,10 @@ def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
     assert "remat:policy=dots_saveable" in table  # the impl wraps last
     assert all(part in table for part in ("nnx.Bidirectional", "0.853x", "[0.801-0.902]"))
     assert re.search(r"BUSY: 1.5\s+other\s+cores", table)  # maybe wrapped
+    advice = report.recommend(records)
+    printed = report.wrap_advice(advice)
+    assert max(map(len, advice)) > 120 >= max(map(len, printed))
+    assert " ".join(" ".join(advice).split()) == " ".join(" ".join(printed).split())
     header = re.split(r"  +", table.splitlines()[0])
     assert header == [
         *("scenario", "T", "impl", "run median [95% CI]", "saved", "speedup vs peers"),

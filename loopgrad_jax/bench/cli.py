@@ -16,7 +16,7 @@ import jax
 
 import loopgrad_jax as lg
 from loopgrad_jax._progress import NoBar
-from loopgrad_jax.bench import cases, flax_peers, report, run, timing, torch_peers
+from loopgrad_jax.bench import cases, flax_peers, peers, report, run, timing, torch_peers
 
 #: The backends ``--backend`` accepts (JAX's platform names).
 BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -266,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-torch", action="store_true", help="skip the PyTorch peers even if torch is installed"
     )
     parser.add_argument(
+        "--peers",
+        type=_peers,
+        help="the peers beside JAX's loop kinds, comma-separated: "
+        + ", ".join(peers.names())
+        + " (default: PyTorch's eager loop and fused module; 'fused' is the cell's nn.RNN, "
+        "nn.LSTM or nn.GRU; torch.compile, torch.scan, nnx.RNN and equinox run rnn_loss; "
+        "a peer that cannot run a case is a row saying why)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"the default sizes in under 90 s on a 2-core CPU: lengths "
@@ -391,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({max(settings['lengths'])}), got {settings['window']}"
         )
 
+    torch_named = [p for p in args.peers or () if peers.framework(p) == "torch"]
+    if args.no_torch and torch_named:
+        parser.error(
+            "argument --no-torch: not allowed with --peers naming PyTorch's peers "
+            f"({', '.join(torch_named)}); list only the peers you want"
+        )
     torch_setup = None
     if not args.no_torch:
         if torch_peers.available():
@@ -426,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bidirectional=args.bidirectional,
         spread=args.lengths_spread,
         flax=args.bidirectional and flax_peers.available(),
+        peers=args.peers,
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
@@ -487,7 +503,7 @@ def _print_report(records: Sequence[dict], *, wide: bool = False) -> None:
     advice = report.recommend(records)
     if advice:
         print("\nrecommendation, from the rows above:")
-        print("\n".join(advice))
+        print("\n".join(report.wrap_advice(advice)))
     throughput = report.throughput_table(records)
     if throughput:
         print("\n" + throughput)
@@ -686,6 +702,13 @@ def _loops(text: str) -> tuple[str, ...]:
                 f"options (e.g. scan:unroll=8), got {text!r}: {error}"
             ) from None
     return tuple(dict.fromkeys(loops))
+
+
+def _peers(text: str) -> tuple[str, ...]:
+    try:
+        return peers.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _join(values: Sequence[int]) -> str:

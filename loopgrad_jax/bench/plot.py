@@ -51,9 +51,10 @@ HUES = (
     "#393b79",
     "#637939",
 )
-#: The peers' colour families, by framework: greys for PyTorch, browns for Flax.
-PEER_COLORS = {"torch": "#666666", "flax": "#8c564b"}
-_PEER_NAMES = {"torch": "PyTorch", "flax": "Flax"}
+#: The peers' colour families, by framework: greys for PyTorch, browns for Flax, olive
+#: for equinox.
+PEER_COLORS = {"torch": "#666666", "flax": "#8c564b", "equinox": "#8a8a2e"}
+_PEER_NAMES = {"torch": "PyTorch", "flax": "Flax", "equinox": "equinox"}
 #: How far a family's variants mix its colour toward white (the first ones) or black
 #: (the last ones), spread evenly over these two ranges: far enough from the colour and
 #: from each other to tell apart, never so light that a line fades into the background.

@@ -412,12 +412,14 @@ def _new_file_mode() -> int:
 
 def impl_name(record: Mapping) -> str:
     """``"scan"``, ``"scan forward"`` (an as-written method), ``"scan x2 devices"`` (the
-    batch split over a mesh of two), ``"torch nn.RNN"``."""
+    batch split over a mesh of two), ``"torch nn.RNN"``, ``"torch.compile"``."""
     if record["framework"] == "jax":
         devices = record.get("devices") or 1
         mesh = f"x{devices} devices" if devices > 1 else None
         return " ".join(filter(None, (record["loop"], record.get("method"), mesh)))
-    return f"{record['framework']} {record['peer']}"
+    peer, framework = record["peer"], record["framework"]
+    # "torch.compile" and "equinox" name their framework already; "flax nnx.RNN" does not.
+    return peer if peer.split(".")[0] == framework else f"{framework} {peer}"
 
 
 def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, list[float]]]:
@@ -673,6 +675,16 @@ _SIZE_LABELS = {"batch": "B", "input": "I", "hidden": "H"}
 #: accumulate gradient took 17.7 us at T=10 and 31.3 us at T=1000: a hundred times the
 #: steps for 1.8x the time.
 SMOKE_LENGTH = 100
+
+
+def wrap_advice(lines: Sequence[str], width: int = TABLE_WIDTH) -> list[str]:
+    """:func:`recommend`'s lines as printed: each wrapped to ``width`` columns, its
+    continuation indented two more spaces than the line."""
+    out = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        out += textwrap.wrap(line, width, subsequent_indent=indent) or [""]
+    return out
 
 
 def recommend(records: Sequence[Mapping]) -> list[str]:

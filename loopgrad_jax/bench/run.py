@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from loopgrad_jax.bench import cases, timing, torch_peers
+from loopgrad_jax.bench import cases, peers, timing, torch_peers
 from loopgrad_jax.bench.flops import case_flops
 
 #: The keys of every record, in order.
@@ -102,6 +102,7 @@ class Plan(NamedTuple):
     bidirectional: bool = False  # rnn_module: --bidirectional
     spread: float | None = None  # rnn_module: --lengths-spread
     flax: bool = False  # whether to add Flax's rows (flax_peers.module_peers)
+    peers: tuple[str, ...] | None = None  # --peers (peers.names()); None: PyTorch's own
 
 
 class Task(NamedTuple):
@@ -124,7 +125,10 @@ def tasks(plan: Plan) -> list[Task]:
     rows = []
     for scenario in plan.scenarios:
         cell = plan.cell if cases.SCENARIOS[scenario].rnn else "article"
-        peers = torch_peers.peers(scenario, cell) if plan.torch is not None else ()
+        if plan.peers is None:
+            named = [("torch", p) for p in torch_peers.peers(scenario, cell)] if plan.torch else []
+        else:
+            named = peers.rows(scenario, cell, plan.peers, torch=plan.torch is not None)
         for length in plan.lengths:
             for sizes in _sizes(plan, length, scenario):
                 for method in cases.SCENARIOS[scenario].methods:
@@ -142,11 +146,17 @@ def tasks(plan: Plan) -> list[Task]:
                             for name in flax_peers.module_peers(scenario, sizes)
                         ]
                     rows += [
-                        Task(scenario, sizes, "torch", peer, method)
-                        for peer in peers
-                        if torch_peers.peer_method(scenario, peer) == method
+                        Task(scenario, sizes, framework, peer, method)
+                        for framework, peer in named
+                        if _peer_method(scenario, peer) == method
                     ]
     return rows
+
+
+def _peer_method(scenario: str, peer: str) -> str | None:
+    if peer in peers.EXTRAS or peer not in torch_peers.PEER_METHODS:
+        return None
+    return torch_peers.peer_method(scenario, peer)
 
 
 def _sizes(plan: Plan, length: int, scenario: str) -> list[cases.Sizes]:
@@ -205,6 +215,22 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                 ),
                 parallel_iterations=cases.parallel_iterations(task.scenario, task.name, data),
             )
+        elif plan.peers is not None and (
+            reason := peers.skip_reason(
+                task.name,
+                task.scenario,
+                task.sizes,
+                plan.limits.max_unroll,
+                plan.torch.device if plan.torch is not None else None,
+            )
+        ):
+            records[task]["skipped"] = reason
+        elif task.name in peers.EXTRAS:
+            built = peers.build(task.name, data, task.sizes, device)
+            calls[task] = built.call
+            records[task]["compile_s"] = built.compile_s
+            if built.sync is not None:
+                sync[task] = built.sync
         elif task.framework == "flax":
             from loopgrad_jax.bench import flax_peers
 
