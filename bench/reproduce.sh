@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates every file in bench/results/, each command in a fresh process.
 #
-#   bench/reproduce.sh                # the full runs, into bench/results/ (on a 2-core
-#                                     # CPU the commands up to cpu_lstm_batch took 35 min;
-#                                     # the rest has not been timed in one run yet)
+#   bench/reproduce.sh                # the full runs, into bench/results/ (60 min on a
+#                                     # 2-core CPU, the as-written grid left out)
 #   bench/reproduce.sh --smoke DIR    # every command once at tiny sizes, into DIR: checks
 #                                     # that each runs, measures nothing worth keeping
 #

@@ -1583,7 +1583,9 @@ def test_plot_of_one_length_draws_a_bar_per_measured_implementation():
         by_height = sorted(time_bars, key=lambda bar: bar.get_y())
         medians = sorted(r["run_s_median"] for r in records if r["scenario"] == scenario)
         assert [bar.get_x() + bar.get_width() for bar in by_height] == pytest.approx(medians)
-        assert len(_bars(panels[f"memory {scenario}"])) == len(names)
+        saved = [r for r in records if r["scenario"] == scenario and r["saved_bytes"]]
+        assert 0 < len(saved) < len(names)  # the rows on 2 devices have no one figure
+        assert len(_bars(panels[f"memory {scenario}"])) == len(saved)
     assert not _lines(panels["time rnn_loss"])
 
 
@@ -1618,13 +1620,13 @@ def test_plot_gives_every_implementation_a_colour_of_its_own():
             assert colors.setdefault(line.get_gid(), to_hex(line.get_color())) == to_hex(
                 line.get_color()
             ), line.get_gid()  # one colour in every panel
-    names = {report.impl_name(r) for r in records if not r["skipped"]}
-    assert set(colors) == names
+    frameworks = {report.impl_name(r): r["framework"] for r in records if not r["skipped"]}
+    assert set(colors) == set(frameworks)
     assert len(set(colors.values())) == len(colors)
-    # The peers are greys, the JAX loop kinds are not.
+    # PyTorch's peers are greys, the JAX loop kinds and the other peers are not.
     for name, color in colors.items():
         grey = len({color[1:3], color[3:5], color[5:7]}) == 1
-        assert grey == name.startswith("torch "), (name, color)
+        assert grey == (frameworks[name] == "torch"), (name, color)
 
 
 def test_plot_gives_every_bar_a_colour_of_its_own():
@@ -1645,7 +1647,10 @@ def test_plot_marks_busy_records():
     assert hatched == {"fori"}
     assert [t.get_text() for t in ax.get_yticklabels()] == ["scan", "fori (BUSY)"]
     # Over several lengths: a ring round each BUSY point.
-    deer = _results("cpu_deer")  # the T=10000 records were timed on a busy machine
+    deer = _results("cpu_deer")  # T = 100, 1000, 10000: mark the longest BUSY
+    for r in deer:
+        if r["length"] == 10000 and r["run_s_median"]:
+            r["other_cores"] = 1.5
     rings = [line for line in _panels(draw(deer, "cpu_deer"))["time rnn_loss"].lines
              if line.get_gid() == "BUSY"]  # fmt: skip
     busy = [r for r in deer if (r["other_cores"] or 0) >= report.BUSY_CORES]

@@ -903,8 +903,8 @@ def _seconds(value: float | None) -> str:
         return ""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value / 1e-9:.3g} ns"
+            return f"{_figure(value / scale)} {unit}"
+    return f"{_figure(value / 1e-9)} ns"
 
 
 def _bytes(value: int | None) -> str:

@@ -241,8 +241,9 @@ _BYTE_UNITS = (("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30))
 
 def _sig(value: float) -> str:
     """Three significant digits, never in exponent form: ``0.477``, ``81.6``, ``2,610``."""
-    if abs(value) >= 1000:
-        return f"{float(f'{value:.3g}'):,.0f}"
+    rounded = float(f"{value:.3g}")  # 999.6 rounds to 1000: written 1,000, not 1e+03
+    if abs(rounded) >= 1000:
+        return f"{rounded:,.0f}"
     return f"{value:.3g}"
 
 
