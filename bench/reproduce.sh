@@ -119,15 +119,6 @@ wait_idle
   --json "$OUT/cpu_flax.json" > "$OUT/cpu_flax.txt"
 fi
 
-# --- PyTorch's own loops: eager, torch.compile, the functional scan, beside lax.scan -----
-if wanted cpu_torch_loops; then
-torching=(--lengths 10,100,1000)
-if ((${#SMOKE[@]})); then torching=(--lengths 3 --max-unroll 1 --repeats 3 --min-time 0); fi
-wait_idle
-"${NICE_CMD[@]}" python -m loopgrad_jax.bench.torch_loops "${torching[@]}" \
-  --json "$OUT/cpu_torch_loops.json" > "$OUT/cpu_torch_loops.txt"
-fi
-
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32
           --devices 2)

@@ -1251,38 +1251,6 @@ def test_flax_peers_bad_arguments_exit_2(argv, match, capsys):
     assert re.search(match, capsys.readouterr().err)
 
 
-# PyTorch's functional scan runs its body through dynamo, which warns about its own
-# deprecated internals.
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_torch_loops_time_pytorchs_own_loops_beside_lax_scan(tmp_path, capsys):
-    from loopgrad_jax.bench import torch_loops
-
-    torch = pytest.importorskip("torch")
-    path = tmp_path / "torch_loops.json"
-    # --max-unroll 1: torch.compile of the loop is skipped (its compile takes tens of s);
-    # compiling the scan (refused by torch 2.13 after seconds of work) is left out.
-    argv = ["--lengths", "3", "--max-unroll", "1", "--repeats", "3", "--min-time", "0"]
-    argv += ["--settings", "torch:eager,torch:compile,torch:scan"]
-    assert torch_loops.main([*argv, "--json", str(path)]) == 0
-    doc = json.loads(path.read_text())
-    assert doc["meta"]["torch"] == torch.__version__
-    rows = {r["setting"]: r for r in doc["records"]}
-    assert list(rows) == ["lg:scan", "torch:eager", "torch:compile", "torch:scan"]
-    assert "--max-unroll=1" in rows["torch:compile"]["skipped"]
-    assert rows["lg:scan"]["vs_lg_scan"][0] == 1.0 and rows["lg:scan"]["compile_s"] > 0
-    for name in ("torch:eager", "torch:scan"):
-        r = rows[name]
-        assert r["skipped"] is None, r["skipped"]
-        assert r["max_rel_diff"] < 1e-5  # float32: the same loss and gradient as JAX's
-        assert r["first_call_s"] > 0 and r["run_samples"] >= 3
-        value, low, high = r["vs_lg_scan"]
-        assert 0 < low <= value <= high
-    assert "torch:scan" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        torch_loops.main(["--settings", "torch:jit"])
-    assert "--settings takes torch:eager" in capsys.readouterr().err
-
-
 def test_table_flags_records_timed_on_a_busy_machine():
     record = dict.fromkeys(run.RECORD_KEYS)
     record.update(scenario="stack", length=5, framework="jax", loop="scan", run_s_median=1e-3)

@@ -106,6 +106,25 @@ def test_every_peer_is_a_row_computing_jaxs_loss_and_gradient(tmp_path):
 
 
 @needs_torch
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_pytorchs_own_loops_compute_jaxs_loss_and_gradient(tmp_path):
+    # --max-unroll 1: torch.compile of the loop (tens of seconds to compile) is skipped.
+    status, records = _run(
+        tmp_path,
+        *("--scenarios", "rnn_loss", "--loops", "scan", "--lengths", "3"),
+        *("--peers", "eager,torch.compile,torch.scan", "--max-unroll", "1"),
+    )
+    assert status == 0
+    rows = {report.impl_name(r): r for r in records}
+    assert list(rows) == ["scan", "torch eager", "torch.compile", "torch.scan"]
+    assert "--max-unroll=1" in rows["torch.compile"]["skipped"]
+    for name in ("torch eager", "torch.scan"):
+        assert rows[name]["skipped"] is None and rows[name]["max_rel_diff"] < 1e-5, name
+    assert rows["torch.scan"]["compile_s"] > 0  # its first call, timed alone
+    assert set(rows["scan"]["vs_torch"]) == {"eager", "torch.scan"}
+
+
+@needs_torch
 def test_the_jax_peers_compute_jaxs_loss_and_gradient(tmp_path):
     status, records = _run(
         tmp_path,

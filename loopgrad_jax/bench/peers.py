@@ -164,10 +164,7 @@ def build(name: str, data: cases.Data, sizes: cases.Sizes, device: jax.Device) -
     """Peer ``name`` of ``rnn_loss`` on ``data``; its output is ``(loss, *gradient leaves)``
     in the order of ``jax.tree.leaves`` of the library's own gradient."""
     if EXTRAS[name].framework == "torch":
-        from loopgrad_jax.bench import torch_loops
-
-        tensors = torch_peers._tensors(data, sizes, "cpu")
-        call = torch_loops._torch_call(name.replace(".", ":"), tensors, sizes)
+        call = _torch_loop(name, torch_peers._tensors(data, sizes, "cpu"), sizes)
         start = time.perf_counter()
         call()  # torch.compile compiles here
         return Built(call, time.perf_counter() - start, torch_peers.sync("cpu"))
@@ -178,6 +175,42 @@ def build(name: str, data: cases.Data, sizes: cases.Sizes, device: jax.Device) -
     args = jax.device_put((first, data.inputs, data.targets), device)
     compiled = timing.compile_jax(lambda: gradient, args)
     return Built(lambda: compiled.compiled(*args), compiled.lower_s + compiled.compile_s, None)
+
+
+def _torch_loop(name: str, d: cases.Data, sizes: cases.Sizes) -> Callable[[], tuple]:
+    """PyTorch's ``torch.compile`` of the eager loop, or its functional scan: a
+    zero-argument callable running the forward and backward once."""
+    import torch
+
+    cell, step_loss = torch_peers._rnn_ops()
+
+    def loop_loss(w, inputs, targets):
+        hidden, total = torch.zeros(sizes.batch, sizes.hidden), 0.0
+        for t in range(sizes.length):
+            hidden = cell(w, inputs[t], hidden)
+            total = total + step_loss(w, hidden, targets[t])
+        return total
+
+    def scan_loss(w, inputs, targets):
+        from torch._higher_order_ops import scan
+
+        def step(hidden, xy):
+            hidden = cell(w, xy[0], hidden)
+            # A fresh carry: scan refuses a carry that aliases another output.
+            return hidden.clone(), step_loss(w, hidden, xy[1])
+
+        _, losses = scan(step, torch.zeros(sizes.batch, sizes.hidden), (inputs, targets))
+        return losses.sum()
+
+    loss_fn = scan_loss if name == "torch.scan" else torch.compile(loop_loss)
+
+    def call():
+        w = torch_peers._leaves(d.params)
+        loss = loss_fn(w, d.inputs, d.targets)
+        loss.backward()
+        return (loss.detach(), *(p.grad for p in w))
+
+    return call
 
 
 def _nnx(data: cases.Data) -> tuple[Callable, Any]:

@@ -9,7 +9,7 @@
 
 Files written by ``loopgrad-bench`` (``{"meta", "records"}``, records with
 :data:`BENCH_KEYS`) are rendered whole. The comparison tools' files (``checkpoints``,
-``flax_peers``, ``torch_loops``) share a ``setting``, the length, the run time and a
+``flax_peers``) share a ``setting``, the length, the run time and a
 ``vs_<peer>`` ratio (:data:`TOOL_RATIOS`): those are rendered. Any other file is listed
 under "Not rendered" with what its records lack.
 
@@ -55,7 +55,6 @@ TOOL_KEYS: tuple[str, ...] = ("setting", "framework", "length")
 TOOL_RATIOS: dict[str, tuple[str, str | None, bool]] = {
     "vs_equinox": ("equinox, same checkpoints", None, False),  # checkpoints.py
     "vs_nnx_rnn": ("flax nnx.RNN", "nnx.RNN", True),  # flax_peers.py
-    "vs_lg_scan": ("lg:scan", "lg:scan", True),  # torch_loops.py
 }
 
 _SIZES = ("batch", "input", "hidden")
