@@ -76,66 +76,57 @@ def test_a_missing_package_is_named_with_how_to_install_it(monkeypatch):
     assert "torch is not installed" in reason
 
 
+def _rows(tmp_path, loop: str, length: int, *flags: str) -> dict:
+    """``rnn_loss`` with ``loop`` and ``flags``' peers: its records by table name."""
+    status, records = _run(
+        tmp_path, "--scenarios", "rnn_loss", "--loops", loop, "--lengths", str(length), *flags
+    )
+    assert status == 0
+    return {report.impl_name(r): r for r in records}
+
+
+def _agree(rows: dict, names) -> None:
+    """Each of ``names`` ran and computed JAX's loss and gradient (float32: sums in another
+    order differ in a few units of the last place)."""
+    for name in names:
+        assert rows[name]["skipped"] is None and rows[name]["run_s_median"] > 0, name
+        assert rows[name]["max_rel_diff"] < 1e-5, name
+
+
 # PyTorch's compiled and functional-scan peers run through dynamo, which warns about its
 # own deprecated internals. torch.compile takes seconds even at T=4: the full tier.
 @needs_torch
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_every_peer_is_a_row_computing_jaxs_loss_and_gradient(tmp_path):
-    status, records = _run(
-        tmp_path, "--scenarios", "rnn_loss", "--loops", "scan", "--lengths", "4", "--peers", "all"
-    )
-    assert status == 0
-    by_name = {report.impl_name(r): r for r in records}
-    assert list(by_name) == [
-        "scan",
-        "torch eager",
-        "torch nn.RNN",
-        "torch.compile",
-        "torch.scan",
-        "flax nnx.RNN",
-        "equinox",
-    ]
-    for name, record in by_name.items():
-        assert record["skipped"] is None and record["run_s_median"] > 0, name
-        if name != "scan":  # float32 sums in another order: a few units of the last place
-            assert record["max_rel_diff"] < 1e-5, name
-    ratios = by_name["scan"]["vs_torch"]
-    assert set(ratios) == {r["peer"] for r in records if r["framework"] != "jax"}
-    assert by_name["torch.compile"]["compile_s"] > 0  # its first call, the compile
+    rows = _rows(tmp_path, "scan", 4, "--peers", "all")
+    peers_run = ["torch eager", "torch nn.RNN", "torch.compile", "torch.scan"]
+    peers_run += ["flax nnx.RNN", "equinox"]
+    assert list(rows) == ["scan", *peers_run]
+    _agree(rows, peers_run)
+    assert set(rows["scan"]["vs_torch"]) == {r["peer"] for r in rows.values() if r["peer"]}
+    assert rows["torch.compile"]["compile_s"] > 0  # its first call, the compile
 
 
 @needs_torch
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_pytorchs_own_loops_compute_jaxs_loss_and_gradient(tmp_path):
     # --max-unroll 1: torch.compile of the loop (tens of seconds to compile) is skipped.
-    status, records = _run(
-        tmp_path,
-        *("--scenarios", "rnn_loss", "--loops", "scan", "--lengths", "3"),
-        *("--peers", "eager,torch.compile,torch.scan", "--max-unroll", "1"),
+    rows = _rows(
+        tmp_path, "scan", 3, "--peers", "eager,torch.compile,torch.scan", "--max-unroll", "1"
     )
-    assert status == 0
-    rows = {report.impl_name(r): r for r in records}
     assert list(rows) == ["scan", "torch eager", "torch.compile", "torch.scan"]
     assert "--max-unroll=1" in rows["torch.compile"]["skipped"]
-    for name in ("torch eager", "torch.scan"):
-        assert rows[name]["skipped"] is None and rows[name]["max_rel_diff"] < 1e-5, name
+    _agree(rows, ("torch eager", "torch.scan"))
     assert rows["torch.scan"]["compile_s"] > 0  # its first call, timed alone
     assert set(rows["scan"]["vs_torch"]) == {"eager", "torch.scan"}
 
 
 @needs_torch
 def test_the_jax_peers_compute_jaxs_loss_and_gradient(tmp_path):
-    status, records = _run(
-        tmp_path,
-        *("--scenarios", "rnn_loss", "--loops", "remat:checkpoints=2", "--lengths", "4"),
-        *("--peers", "equinox,nnx.RNN,fused"),
-    )
-    assert status == 0
-    rows = {report.impl_name(r): r for r in records}
+    rows = _rows(tmp_path, "remat:checkpoints=2", 4, "--peers", "equinox,nnx.RNN,fused")
     assert list(rows) == ["remat:checkpoints=2", "equinox", "flax nnx.RNN", "torch nn.RNN"]
-    for name in ("equinox", "flax nnx.RNN", "torch nn.RNN"):
-        assert rows[name]["skipped"] is None and rows[name]["max_rel_diff"] < 1e-5, name
+    _agree(rows, ("equinox", "flax nnx.RNN", "torch nn.RNN"))
     assert set(rows["remat:checkpoints=2"]["vs_torch"]) == {"equinox", "nnx.RNN", "nn.RNN"}
 
 
