@@ -69,7 +69,7 @@ def test_a_peer_that_cannot_run_a_case_says_why(name, scenario, sizes, message):
 
 
 def test_a_missing_package_is_named_with_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(peers, "_installed", lambda package: package != "equinox")
+    monkeypatch.setattr(peers, "installed", lambda package: package != "equinox")
     reason = peers.skip_reason("equinox", "rnn_loss", Sizes(3, 2, 3, 4, 3), 10, "cpu")
     assert reason == "equinox is not installed (pip install 'loopgrad_jax[bench]')"
     reason = peers.skip_reason("eager", "rnn_loss", Sizes(3, 2, 3, 4, 3), 10, None)

@@ -16,7 +16,7 @@ import jax
 
 import loopgrad_jax as lg
 from loopgrad_jax._progress import NoBar
-from loopgrad_jax.bench import cases, flax_peers, peers, report, run, timing, torch_peers
+from loopgrad_jax.bench import cases, peers, report, run, timing, torch_peers
 
 #: The backends ``--backend`` accepts (JAX's platform names).
 BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -440,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         precisions=tuple(None if p == "float32" else p for p in args.precision),
         bidirectional=args.bidirectional,
         spread=args.lengths_spread,
-        flax=args.bidirectional and flax_peers.available(),
+        flax=args.bidirectional and peers.installed("flax"),
         peers=args.peers,
     )
     device = jax.devices(backend)[0]

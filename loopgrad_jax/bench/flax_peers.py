@@ -191,9 +191,9 @@ BIDIRECTIONAL_KINDS = ("rnn_tanh", "rnn_relu", "lstm")
 
 def available() -> bool:
     """Whether Flax is installed (without importing it)."""
-    import importlib.util
+    from loopgrad_jax.bench import peers
 
-    return importlib.util.find_spec("flax") is not None
+    return peers.installed("flax")
 
 
 def module_peers(scenario: str, sizes: cases.Sizes) -> tuple[str, ...]:

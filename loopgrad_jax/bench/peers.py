@@ -25,6 +25,7 @@ over its limit, its package not installed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -134,7 +135,7 @@ def skip_reason(
         return "runs one layer, one direction, in float32"
     if extra.framework == "torch" and torch_device != "cpu":
         return "runs on the CPU: its loop makes its state there"
-    if not _installed(extra.package):
+    if not installed(extra.package):
         return f"{extra.package} is not installed ({extra.install})"
     if name == "torch.compile" and sizes.length > max_unroll:
         return (
@@ -144,12 +145,9 @@ def skip_reason(
     return None
 
 
-def _installed(package: str) -> bool:
-    try:
-        __import__(package)
-    except ImportError:
-        return False
-    return True
+def installed(package: str) -> bool:
+    """Whether ``package`` is installed (found, not imported)."""
+    return importlib.util.find_spec(package) is not None
 
 
 class Built(NamedTuple):
