@@ -684,6 +684,13 @@ def test_time_interleaved_alternates_implementations_until_both_minimums(monkeyp
     assert measured.outputs["slow"] == len(order) and measured.outputs["fast"] == len(order) - 1
 
 
+def test_busy_ticks_count_a_virtual_machines_steal_time():
+    assert timing.busy_ticks("cpu  100 20 30 999 5 0 7 40 0 0") == 190  # 100+20+30 + steal 40
+    assert timing.busy_ticks("cpu 1 2 3 4") == 6  # a kernel with no steal column
+    result = doctest.testmod(timing, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 2 and result.failed == 0
+
+
 def test_spread_and_ratio_intervals():
     samples = [1.0, 2.0, 3.0, 4.0, 100.0]
     stats = timing.spread(samples, number=3)

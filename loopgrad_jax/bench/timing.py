@@ -236,15 +236,31 @@ def machine_busy_s() -> float | None:
     """CPU seconds all processes have used since boot (``/proc/stat``), or ``None``.
 
     With :func:`own_cpu_s` it tells how busy *other* processes kept the machine
-    while a case was timed: a benchmark on a shared machine should say so.
+    while a case was timed: a benchmark on a shared machine should say so. On a
+    virtual machine the hypervisor's *steal* time counts too: CPU time this machine
+    wanted and another guest got, which slows a timing as another process would.
     """
     try:
         with open("/proc/stat") as f:
-            fields = f.readline().split()
+            line = f.readline()
     except OSError:
         return None
-    user, nice, system = (int(v) for v in fields[1:4])
-    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+    return busy_ticks(line) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks(line: str) -> int:
+    """User, nice, system and steal clock ticks of ``/proc/stat``'s ``cpu`` line.
+
+    Examples:
+      >>> busy_ticks("cpu  100 20 30 999 5 0 7 40 0 0")  # steal: the 8th number
+      190
+      >>> busy_ticks("cpu 1 2 3 4")  # a kernel that reports no steal
+      6
+    """
+    fields = [int(v) for v in line.split()[1:]]
+    user, nice, system = fields[:3]
+    steal = fields[7] if len(fields) > 7 else 0
+    return user + nice + system + steal
 
 
 def own_cpu_s() -> float:
