@@ -310,8 +310,15 @@ def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
         (None, r"--show: expected a JSON file written by --json, got '.*missing.json'"),
         ("not json", r"--show: expected a JSON file written by --json, got '.*bad.json'"),
         ('{"meta": {}}', r"an object with 'meta' and 'records'\), got '.*bad.json'"),
+        (
+            '{"meta": {"command": "python -m loopgrad_jax.bench.checkpoints"}, '
+            '"records": [{"setting": "scan", "framework": "jax", "length": 3}]}',
+            r"records of loopgrad-bench --json, got '.*bad.json', written by "
+            r"'python -m loopgrad_jax.bench.checkpoints', whose records lack scenario, loop, "
+            r"peer, method",
+        ),
     ],
-    ids=["missing", "not_json", "no_records"],
+    ids=["missing", "not_json", "no_records", "another_tool"],
 )
 def test_show_refuses_what_is_not_a_results_file(text, match, tmp_path, capsys):
     path = tmp_path / ("missing.json" if text is None else "bad.json")

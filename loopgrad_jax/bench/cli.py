@@ -520,6 +520,14 @@ def _read_records(parser: argparse.ArgumentParser, path: str) -> list[dict]:
             f"argument --show: expected a JSON file written by --json (an object with "
             f"'meta' and 'records'), got {path!r} without a list of records"
         )
+    missing = [k for k in run.RECORD_KEYS[:6] if any(k not in r for r in data["records"])]
+    if missing or not all(isinstance(r, dict) for r in data["records"]):
+        tool = str((data.get("meta") or {}).get("command") or "another tool")
+        parser.error(
+            f"argument --show: expected records of loopgrad-bench --json, got {path!r}, "
+            f"written by {tool!r}, whose records lack {', '.join(missing) or 'fields'}; "
+            "its own command prints its table"
+        )
     return data["records"]
 
 
