@@ -561,6 +561,17 @@ def test_a_case_that_cannot_trace_is_recorded_as_skipped(monkeypatch, tmp_path):
     assert all(record[k] is None for k in FIGURES)
 
 
+def test_full_deer_is_skipped_where_its_jacobians_would_not_fit():
+    limits = cases.Limits(max_unroll=100, max_quadratic=300)
+    large = Sizes(length=1000, batch=32, input=64, hidden=256, window=10, cell="lstm")
+    reason = cases.skip_reason("rnn_loss", "parallel", large, limits)
+    # n = B*H*states = 32*256*2 = 16384; 1000 * n**2 * 4 bytes = 1000 GiB
+    assert "n=16384" in reason and "1,000.0 GiB > 2 GiB" in reason
+    assert cases.skip_reason("rnn_loss", "parallel:jacobian=diag", large, limits) is None
+    article = Sizes(length=10000, batch=1, input=10, hidden=5, window=10)
+    assert cases.skip_reason("rnn_loss", "parallel", article, limits) is None  # 1 MB
+
+
 def test_loops_without_reverse_mode_skip_the_gradient_scenarios(tmp_path):
     loops = "while,while:max_steps=8"
     status, doc = _bench(

@@ -474,6 +474,11 @@ def case_args(scenario: str, data: Data) -> tuple[Any, ...]:
 #: the as-written forward method asked for 188 GB).
 DEER_TRAIN_MAX_T = 1000
 
+#: The most bytes of Jacobians one Newton iteration of ``parallel`` (full DEER) may hold:
+#: ``T * n**2`` float32 numbers for a carry of ``n`` numbers (the whole batch's state). At
+#: I=64, H=256, B=32, T=1000 that is 268 GB, which hung a run instead of failing it.
+DEER_MAX_JACOBIAN_BYTES = 2**31
+
 
 def skip_reason(
     scenario: str, loop: str | None, sizes: Sizes, limits: Limits, method: str | None = None
@@ -509,6 +514,16 @@ def skip_reason(
             "and the training scenarios carry the weights and optimizer state (the forward "
             f"method also their sensitivities): T={sizes.length} > {DEER_TRAIN_MAX_T}"
         )
+    if kind == "parallel" and spec.jacobian == "full" and SCENARIOS[scenario].rnn:
+        states = 2 if sizes.cell == "lstm" else 1
+        carry = sizes.batch * sizes.hidden * sizes.layers * states * (1 + sizes.bidirectional)
+        jacobians = sizes.length * carry**2 * 4
+        if jacobians > DEER_MAX_JACOBIAN_BYTES:
+            return (
+                f"full DEER holds T*n*n Jacobian numbers per Newton iteration for a carry of "
+                f"n={carry} numbers (B*H*layers*states): {jacobians / 2**30:,.1f} GiB > "
+                f"{DEER_MAX_JACOBIAN_BYTES / 2**30:g} GiB; parallel:jacobian=diag holds T*n"
+            )
     if method == "reverse" and sizes.length > limits.max_quadratic:
         who = "PyTorch's retained graph" if loop is None else "the reverse method"
         return (
