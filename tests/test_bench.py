@@ -1230,6 +1230,8 @@ def test_checkpoints_bad_arguments_exit_2(argv, match, capsys):
     assert re.search(match, capsys.readouterr().err)
 
 
+# The full tier: the flax_peers tool compiles every Flax setting (4 s).
+@pytest.mark.slow
 def test_flax_peers_put_every_loop_beside_nnx_rnn_on_the_same_numbers(tmp_path, capsys):
     from loopgrad_jax.bench import flax_peers
 
@@ -1486,6 +1488,8 @@ def test_torch_peers_follow_jaxs_matmul_precision():
         assert torch_peers.tf32_allowed()
 
 
+# The full tier (4 s): test_parallel's 4-device process checks mesh= in the quick tier.
+@pytest.mark.slow
 def test_devices_add_data_parallel_rows_beside_one_device(tmp_path):
     """In a new process, as a user runs it: the CLI makes the virtual CPU devices."""
     path = tmp_path / "dp.json"

@@ -108,7 +108,9 @@ def test_every_peer_is_a_row_computing_jaxs_loss_and_gradient(tmp_path):
     assert rows["torch.compile"]["compile_s"] > 0  # its first call, the compile
 
 
+# The full tier: dynamo traces the functional scan's body (5 s).
 @needs_torch
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_pytorchs_own_loops_compute_jaxs_loss_and_gradient(tmp_path):
     # --max-unroll 1: torch.compile of the loop (tens of seconds to compile) is skipped.
