@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
+import loopgrad_jax as lg
 from loopgrad_jax.bench import cases, timing, torch_peers
 
 #: ``--peers all``.
@@ -105,7 +105,7 @@ def rows(scenario: str, cell: str, wanted: Sequence[str], torch: bool) -> list[t
     out = []
     for name in wanted:
         if name == "fused":
-            name = torch_peers.fused_name(cell if cell != "article" else "rnn_tanh")
+            name = torch_peers.fused_name(cell)
         out.append((framework(name), name))
     return list(dict.fromkeys(out))
 
@@ -227,8 +227,6 @@ def _both_biases(grads: Any) -> Any:
     """A built-in Flax cell's one bias gradient in both of PyTorch's places: with one
     bias ``b = b_ih + b_hh``, ``dL/db_ih = dL/db_hh = dL/db``, which
     :func:`loopgrad_jax.from_flax` returns as one of the two (the other zeros)."""
-    import loopgrad_jax as lg
-
     if not isinstance(grads, lg.CellParams):
         return grads
     layers = tuple(
@@ -250,12 +248,3 @@ def _equinox(sizes: cases.Sizes) -> Callable:
         return (value, *jax.tree.leaves(grads))
 
     return f
-
-
-def to_numpy(output: Any) -> tuple[np.ndarray, ...]:
-    """A peer's output as NumPy arrays (PyTorch's tensors or JAX's arrays)."""
-    leaves = output if isinstance(output, tuple) else jax.tree.leaves(output)
-    return tuple(
-        np.asarray(x.detach().cpu().numpy()) if hasattr(x, "detach") else np.asarray(x)
-        for x in leaves
-    )

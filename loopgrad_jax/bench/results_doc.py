@@ -708,6 +708,24 @@ class Situation(NamedTuple):
     figure: Callable[[Mapping[str, Any]], Figure]
 
 
+def _against_fused_modules(devices: int) -> Several:
+    """Each of PyTorch's cells at T=1000 beside its fused module, per step or layer by
+    layer, whichever is faster, with the batch over ``devices`` devices."""
+    return Several(
+        tuple(
+            FastestOf(
+                tuple(
+                    AgainstPeers(
+                        Case(f"cpu_{cell}.json", scenario, 1000, devices=devices), None, (peer,)
+                    )
+                    for scenario in ("rnn_loss", "rnn_loss_hoisted")
+                )
+            )
+            for cell, peer in (("rnn_tanh", "nn.RNN"), ("lstm", "nn.LSTM"), ("gru", "nn.GRU"))
+        )
+    )
+
+
 #: The decision table, row by row. Edit here when the committed files change: each
 #: figure names its file, scenario and length; ``loops=None`` compares every JAX loop
 #: kind the case measured, so a re-made file with other kinds needs no edit.
@@ -751,36 +769,14 @@ DECISIONS: tuple[Situation, ...] = (
         "PyTorch's nn.RNN, nn.LSTM, nn.GRU at I=64, H=256, B=32",
         "`{loop}`, per step (`rnn_loss`) or layer by layer (`rnn_loss_hoisted`: "
         "`hoist_input=True`, `lg.rnn`), whichever the figure names",
-        Several(
-            tuple(
-                FastestOf(
-                    tuple(
-                        AgainstPeers(Case(f"cpu_{cell}.json", scenario, 1000), None, (peer,))
-                        for scenario in ("rnn_loss", "rnn_loss_hoisted")
-                    )
-                )
-                for cell, peer in (("rnn_tanh", "nn.RNN"), ("lstm", "nn.LSTM"), ("gru", "nn.GRU"))
-            )
-        ),
+        _against_fused_modules(devices=1),
     ),
     Situation(
         "A batch of 2 or more on a CPU with several cores",
         "`{loop}` with `mesh=` over virtual CPU devices, one per core "
         '(`jax.config.update("jax_num_cpu_devices", n)`): one step\'s small products '
         "keep one core busy, so split examples run side by side",
-        Several(
-            tuple(
-                FastestOf(
-                    tuple(
-                        AgainstPeers(
-                            Case(f"cpu_{cell}.json", scenario, 1000, devices=2), None, (peer,)
-                        )
-                        for scenario in ("rnn_loss", "rnn_loss_hoisted")
-                    )
-                )
-                for cell, peer in (("rnn_tanh", "nn.RNN"), ("lstm", "nn.LSTM"), ("gru", "nn.GRU"))
-            )
-        ),
+        _against_fused_modules(devices=2),
     ),
     Situation(
         "Training the article's per-step loop",

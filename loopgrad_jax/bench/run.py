@@ -148,15 +148,9 @@ def tasks(plan: Plan) -> list[Task]:
                     rows += [
                         Task(scenario, sizes, framework, peer, method)
                         for framework, peer in named
-                        if _peer_method(scenario, peer) == method
+                        if torch_peers.peer_method(scenario, peer) == method
                     ]
     return rows
-
-
-def _peer_method(scenario: str, peer: str) -> str | None:
-    if peer in peers.EXTRAS or peer not in torch_peers.PEER_METHODS:
-        return None
-    return torch_peers.peer_method(scenario, peer)
 
 
 def _sizes(plan: Plan, length: int, scenario: str) -> list[cases.Sizes]:

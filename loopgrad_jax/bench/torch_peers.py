@@ -807,5 +807,6 @@ def peers(scenario: str, cell: str = "article") -> tuple[str, ...]:
 
 
 def peer_method(scenario: str, peer: str) -> str | None:
-    """The JAX as-written method whose algorithm ``peer`` runs (``None`` elsewhere)."""
-    return PEER_METHODS[peer] if scenario == "train_as_written" else None
+    """The JAX as-written method whose algorithm ``peer`` runs (``None`` elsewhere, and
+    for a peer that runs neither)."""
+    return PEER_METHODS.get(peer) if scenario == "train_as_written" else None
