@@ -98,26 +98,16 @@ bench cpu_lstm_batch --cell lstm --scenarios rnn_loss,rnn_loss_hoisted --loops s
   --lengths 1000 --input 64 --hidden 256 --sweep batch=8,32,128     # cpu_lstm_batch.json .png
 
 # --- checkpointed reverse mode: remat:checkpoints=C beside equinox, memory against time --
-if wanted cpu_checkpoints; then
-checkpointing=()
-if ((${#SMOKE[@]})); then
-  checkpointing=(--length 6 --sizes article --checkpoints 2,sqrt --repeats 3 --min-time 0)
-fi
-wait_idle
-"${NICE_CMD[@]}" python -m loopgrad_jax.bench.checkpoints "${checkpointing[@]}" \
-  --json "$OUT/cpu_checkpoints.json" --plot "$OUT/cpu_checkpoints.png" > "$OUT/cpu_checkpoints.txt"
-fi
+# (--preset checkpoints: rnn_loss at T=1000, each row's body evaluations counted)
+bench cpu_checkpoints --preset checkpoints --repeats 5              # cpu_checkpoints.json .png
+bench cpu_checkpoints_large --preset checkpoints --repeats 5 --input 64 --hidden 256 --batch 32
 
-# --- Flax NNX: this library's loops beside nnx.RNN, nnx.scan and loops over a module ------
-if wanted cpu_flax; then
-flaxing=()
-if ((${#SMOKE[@]})); then
-  flaxing=(--length 6 --sizes article --cells article,lstm --repeats 3 --min-time 0)
-fi
-wait_idle
-"${NICE_CMD[@]}" python -m loopgrad_jax.bench.flax_peers --min-time 5 "${flaxing[@]}" \
-  --json "$OUT/cpu_flax.json" > "$OUT/cpu_flax.txt"
-fi
+# --- Flax NNX: this library's loops beside nnx.RNN and the library's loops over Flax's cells
+# (--preset flax: rnn_loss at T=1000); every cell Flax has, at I=64, H=256, B=32.
+for cell in article rnn_tanh lstm gru; do
+  bench "cpu_flax_$cell" --preset flax --cell "$cell" --input 64 --hidden 256 --batch 32 \
+    --min-time 5 --repeats 5                                      # cpu_flax_<cell>.json .png
+done
 
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32

@@ -294,7 +294,7 @@ def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
     wide = report.format_table(records, wide=True).splitlines()
     assert re.split(r"  +", wide[0]) == [
         *("scenario", "T", "impl", "lower", "compile", "run (median)", "95% CI", "min"),
-        *("saved", "temp", "GFLOP/s", "speedup vs torch [95% CI]", "note"),
+        *("saved", "temp", "GFLOP/s", "speedup vs peers [95% CI]", "note"),
     ]
     first = records[0]  # accumulate's python loop: every figure but GFLOP/s
     assert first["loop"] == "python" and first["run_s_median"]
@@ -311,11 +311,11 @@ def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
         ("not json", r"--show: expected a JSON file written by --json, got '.*bad.json'"),
         ('{"meta": {}}', r"an object with 'meta' and 'records'\), got '.*bad.json'"),
         (
-            '{"meta": {"command": "python -m loopgrad_jax.bench.checkpoints"}, '
+            '{"meta": {"command": "python -m loopgrad_jax.bench.as_written_grid"}, '
             '"records": [{"setting": "scan", "framework": "jax", "length": 3}]}',
             r"records of loopgrad-bench --json, got '.*bad.json', written by "
-            r"'python -m loopgrad_jax.bench.checkpoints', whose records lack scenario, loop, "
-            r"peer, method",
+            r"'python -m loopgrad_jax.bench.as_written_grid', whose records lack scenario, loop, "
+            r"peer, run_s_median",
         ),
     ],
     ids=["missing", "not_json", "no_records", "another_tool"],
@@ -1165,117 +1165,6 @@ def test_profile_flag_refuses_what_it_cannot_profile(argv, message, capsys):
         cli.main(["--profile", *argv, "--no-progress"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-# The quick tier runs T=12 with 3 checkpoints; the full tier the grid it samples: T=20 with
-# 3 and sqrt (ceil(sqrt(2 * 20)) = 7) checkpoints.
-@pytest.mark.parametrize(
-    ("length", "option", "counts"),
-    [(12, "3", (3,)), pytest.param(20, "3,sqrt", (3, 7), marks=pytest.mark.slow)],
-)
-def test_checkpoints_beside_equinox_count_evaluations_and_draw_memory_against_time(
-    tmp_path, capsys, length, option, counts
-):
-    from loopgrad_jax.bench import checkpoints
-
-    equinox = pytest.importorskip("equinox")
-    path, picture = tmp_path / "checkpoints.json", tmp_path / "checkpoints.png"
-    argv = ["--length", str(length), "--sizes", "article", "--checkpoints", option]
-    argv += ["--repeats", "3", "--min-time", "0", "--json", str(path), "--plot", str(picture)]
-    assert checkpoints.main(argv) == 0
-    doc = json.loads(path.read_text())
-    assert doc["meta"]["equinox"] == equinox.__version__
-    rows = {r["setting"]: r for r in doc["records"]}
-    chunk = round(length**0.5)  # steps per checkpoint of remat:chunk, about sqrt(T)
-    assert list(rows) == [
-        "scan",
-        "remat",
-        f"remat:chunk={chunk}",
-        *(f"{ours}:checkpoints={c}" for c in counts for ours in ("remat", "equinox")),
-    ]
-    assert rows["scan"]["evaluations"] == length  # the forward pass; backward replays residuals
-    assert rows["remat"]["evaluations"] == 2 * length  # once more inside each step's VJP
-    for c in counts:
-        ours, theirs = rows[f"remat:checkpoints={c}"], rows[f"equinox:checkpoints={c}"]
-        assert ours["evaluations"] == ours["optimal_evaluations"]
-        assert ours["optimal_evaluations"] == lg.checkpointed_evaluations(length, c)
-        assert theirs["evaluations"] >= ours["optimal_evaluations"]  # nobody beats the optimum
-        assert ours["recompute"] == ours["evaluations"] / length
-        value, low, high = ours["vs_equinox"]
-        assert 0 < low <= value <= high and ours["temp_vs_equinox"] > 0
-    for r in rows.values():
-        assert r["max_rel_diff"] < 1e-5  # float32: the same computation
-        assert r["run_s_median"] > 0 and r["temp_bytes"] > 0 and r["run_samples"] >= 3
-    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"equinox:checkpoints={counts[-1]}" in capsys.readouterr().out
-    # --checkpoints sqrt is ceil(sqrt(2T)), the count past which more memory buys little.
-    assert checkpoints.checkpoint_counts("8,sqrt,8", 1000) == (8, 45)
-
-
-@pytest.mark.parametrize(
-    ("argv", "match"),
-    [
-        (["--checkpoints", "8,zero"], "--checkpoints takes integers >= 1 or 'sqrt'.*'zero'"),
-        (["--checkpoints", "0"], "--checkpoints takes integers >= 1 or 'sqrt'.*'0'"),
-        (["--sizes", "huge"], "--sizes takes article, large; got 'huge'"),
-        (["--length", "0"], "--length must be >= 1, got 0"),
-    ],
-)
-def test_checkpoints_bad_arguments_exit_2(argv, match, capsys):
-    from loopgrad_jax.bench import checkpoints
-
-    with pytest.raises(SystemExit) as exit_:
-        checkpoints.main(argv)
-    assert exit_.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
-
-
-# The full tier: the flax_peers tool compiles every Flax setting (4 s).
-@pytest.mark.slow
-def test_flax_peers_put_every_loop_beside_nnx_rnn_on_the_same_numbers(tmp_path, capsys):
-    from loopgrad_jax.bench import flax_peers
-
-    flax = pytest.importorskip("flax")
-    path = tmp_path / "flax.json"
-    argv = ["--length", "5", "--sizes", "article", "--cells", "gru", "--unroll", "2"]
-    argv += ["--repeats", "3", "--min-time", "0", "--json", str(path)]
-    assert flax_peers.main(argv) == 0
-    doc = json.loads(path.read_text())
-    assert doc["meta"]["flax"] == flax.__version__
-    # One kind: the GRU, whose b_hn Flax's cell lacks (zeroed for every setting).
-    rows = {r["setting"]: r for r in doc["records"] if r["cell"] == "gru"}
-    assert list(rows) == [
-        "lg:scan", "lg:scan:unroll=2", "lg:remat", "lg:nnx_scan", "nnx.RNN",
-        "nnx.RNN:unroll=2", "module:scan", "module:nnx_scan", "module:python",
-        "nnx.RNN (again)",
-    ]  # fmt: skip
-    assert rows["nnx.RNN"]["vs_nnx_rnn"][0] == 1.0
-    again, reference = rows["nnx.RNN (again)"], rows["nnx.RNN"]
-    assert again["max_rel_diff"] == reference["max_rel_diff"]  # the same program
-    for r in rows.values():
-        # float32: the same loss and gradient (the GRU's b_hn zeroed for Flax's cell)
-        assert r["max_rel_diff"] < 1e-5, r["setting"]
-        assert r["run_s_median"] > 0 and r["run_samples"] >= 3
-        value, low, high = r["vs_nnx_rnn"]
-        assert 0 < low <= value <= high
-    assert "module:nnx_scan" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    ("argv", "match"),
-    [
-        (["--cells", "rnn_relu"], "--cells takes article, rnn_tanh, lstm, gru .*'rnn_relu'"),
-        (["--sizes", "huge"], "--sizes takes article, large; got 'huge'"),
-        (["--unroll", "0"], "--unroll must be >= 1, got 0"),
-    ],
-)
-def test_flax_peers_bad_arguments_exit_2(argv, match, capsys):
-    from loopgrad_jax.bench import flax_peers
-
-    with pytest.raises(SystemExit) as exit_:
-        flax_peers.main(argv)
-    assert exit_.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
 
 
 def test_table_flags_records_timed_on_a_busy_machine():

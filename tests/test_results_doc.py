@@ -247,7 +247,7 @@ def test_files_of_other_shapes_are_listed_not_rendered(files):
     }
     listed = results_doc.render_results(odd).split("## Not rendered\n", 1)[1]
     assert "`a_profile.json` (written by `somewhere`)" in listed and "part" in listed
-    assert "`b_ratio.json`" in listed and "vs\\_new" in listed
+    assert "`b_ratio.json`" in listed and "setting" in listed
     assert "`c_list.json`" in listed
 
 

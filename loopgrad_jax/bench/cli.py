@@ -16,7 +16,7 @@ import jax
 
 import loopgrad_jax as lg
 from loopgrad_jax._progress import NoBar
-from loopgrad_jax.bench import cases, peers, report, run, timing, torch_peers
+from loopgrad_jax.bench import cases, peers, report, results_doc, run, timing, torch_peers
 
 #: The backends ``--backend`` accepts (JAX's platform names).
 BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -60,6 +60,31 @@ QUICK = {
 QUICK_SCENARIOS: tuple[str, ...] = tuple(
     s for s in cases.DEFAULT_SCENARIOS if s != "train_as_written"
 )
+
+#: ``--preset NAME``: the flags it stands for, placed before the command line's own (so
+#: that a flag given there wins). Each is a comparison at T=1000 on the article's cell by
+#: default (``--cell`` picks another where its peers run it):
+#:
+#: - ``checkpoints``: checkpointed reverse mode, memory against time: ``scan``, ``remat``,
+#:   ``remat:chunk=32`` (32 ~ sqrt(T)) and ``remat:checkpoints=C`` beside equinox's
+#:   checkpointed scan with the same ``C`` (8, 32 and 45 = ceil(sqrt(2T))), each row's
+#:   body evaluations counted.
+#: - ``flax``: this library's loops beside Flax NNX: ``nnx.RNN`` over Flax's built-in
+#:   cell (and with ``unroll=8``), the library's loops stepping the Flax model's cells
+#:   (``flax_loss:LOOP``), and ``nnx.RNN`` timed again as its own noise floor.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "checkpoints": (
+        "--scenarios", "rnn_loss", "--lengths", "1000", "--no-torch", "--evaluations",
+        "--loops", "scan,remat,remat:chunk=32,remat:checkpoints=8,remat:checkpoints=32,"
+        "remat:checkpoints=45",
+        "--peers", "equinox:checkpoints=8,equinox:checkpoints=32,equinox:checkpoints=45",
+    ),
+    "flax": (
+        "--scenarios", "rnn_loss", "--lengths", "1000", "--no-torch",
+        "--loops", "scan,scan:unroll=8,remat,nnx_scan",
+        "--peers", "nnx.RNN,nnx.RNN:unroll=8,flax_loss:scan,flax_loss:nnx_scan,nnx.RNN:again",
+    ),
+}  # fmt: skip
 
 #: ``--sweep batch`` / ``--sweep hidden`` without ``=values``.
 SWEEP_DEFAULTS = {"batch": (1, 4, 16, 64), "hidden": (8, 32, 128, 512)}
@@ -130,6 +155,8 @@ examples:
   loopgrad-bench --cell lstm --layers 2 --scenarios rnn_loss,rnn_loss_hoisted --loops scan
   loopgrad-bench --cell lstm --layers 2 --bidirectional --lengths-spread 0.5 \\
       --loops scan,scan:unroll=8 --lengths 200 --input 64 --hidden 256 --batch 32
+  loopgrad-bench --preset checkpoints --plot checkpoints.png
+  loopgrad-bench --preset flax --cell lstm --input 64 --hidden 256 --batch 32
   loopgrad-bench --show bench/results/cpu_large.json
 """
 
@@ -275,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
         "a peer that cannot run a case is a row saying why)",
     )
     parser.add_argument(
+        "--evaluations",
+        action="store_true",
+        help="count each row's body evaluations of one gradient (the article's rnn_loss: "
+        "JAX's loop kinds and equinox's scan; a run of its own, untimed), in the note beside "
+        "the fewest possible for remat:checkpoints=C (lg.checkpointed_evaluations)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="a named comparison, as the flags it stands for (flags given too win): "
+        + "; ".join(f"{name}: {' '.join(flags)}" for name, flags in PRESETS.items()),
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"the default sizes in under 90 s on a 2-core CPU: lengths "
@@ -318,10 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the exit status (0, 2 for bad arguments, 130 if interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:  # loopgrad-bench report DIR: markdown from the JSON results
-        from loopgrad_jax.bench import results_doc
-
         return results_doc.main(argv[1:])
     parser = build_parser()
+    argv = _expand_preset(parser, argv)
     args = parser.parse_args(argv)
     if args.show:
         _print_report(_read_records(parser, args.show), wide=args.wide)
@@ -400,6 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({max(settings['lengths'])}), got {settings['window']}"
         )
 
+    if args.evaluations and (args.cell != "article" or "rnn_loss" not in args.scenarios):
+        parser.error(
+            "argument --evaluations: counts the body evaluations of the article's rnn_loss, "
+            f"got --cell {args.cell} --scenarios {','.join(args.scenarios)}; add --cell "
+            "article --scenarios rnn_loss"
+        )
     torch_named = [p for p in args.peers or () if peers.framework(p) == "torch"]
     if args.no_torch and torch_named:
         parser.error(
@@ -442,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spread=args.lengths_spread,
         flax=args.bidirectional and peers.installed("flax"),
         peers=args.peers,
+        evaluations=args.evaluations,
     )
     device = jax.devices(backend)[0]
     meta = report.collect_meta(plan, backend, device, argv)
@@ -468,6 +514,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted after {len(records)} records{kept}.", file=sys.stderr)
         return 130
     return 0
+
+
+def _expand_preset(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``--preset NAME`` replaced by :data:`PRESETS` ``[NAME]``'s flags, put
+    first so that the command line's own flags win."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset")
+    known, rest = pre.parse_known_args(argv)
+    if known.preset is None:
+        return argv
+    if known.preset not in PRESETS:
+        parser.error(
+            f"argument --preset: expected one of {', '.join(PRESETS)}, got {known.preset!r}"
+        )
+    return [*PRESETS[known.preset], *rest]
 
 
 def _profile(args: argparse.Namespace, settings: dict, meta: dict, records: list) -> None:
@@ -520,7 +581,7 @@ def _read_records(parser: argparse.ArgumentParser, path: str) -> list[dict]:
             f"argument --show: expected a JSON file written by --json (an object with "
             f"'meta' and 'records'), got {path!r} without a list of records"
         )
-    missing = [k for k in run.RECORD_KEYS[:6] if any(k not in r for r in data["records"])]
+    missing = [k for k in results_doc.BENCH_KEYS if any(k not in r for r in data["records"])]
     if missing or not all(isinstance(r, dict) for r in data["records"]):
         tool = str((data.get("meta") or {}).get("command") or "another tool")
         parser.error(

@@ -30,7 +30,7 @@ import jaxlib
 import numpy as np
 
 import loopgrad_jax as lg
-from loopgrad_jax.bench import timing
+from loopgrad_jax.bench import peers, timing
 from loopgrad_jax.bench.run import Plan
 
 #: Format of the JSON file; bumped when a key changes meaning. 2: samples and their
@@ -207,15 +207,25 @@ def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[st
         "devices": list(plan.devices),  # --devices: mesh sizes of the data-parallel rows
         "bidirectional": plan.bidirectional,  # rnn_module's --bidirectional
         "lengths_spread": plan.spread,  # rnn_module's --lengths-spread
-        "flax": _flax_version() if plan.flax else None,
+        "flax": _version("flax") if plan.flax or _runs("flax", plan) else None,
+        "equinox": _version("equinox") if _runs("equinox", plan) else None,
+        # A Flax peer with the GRU: every row computes with b_hn = 0 (peers.zero_b_hn).
+        "gru_b_hn_zero": peers.zero_b_hn(plan.cell, plan.peers),
+        "evaluations": plan.evaluations,  # --evaluations: body evaluations counted
         "status": "running",
     }
 
 
-def _flax_version() -> str:
-    import flax
+def _runs(framework: str, plan: Plan) -> bool:
+    """Whether ``--peers`` names a peer of ``framework`` (or ``all``) and it is installed."""
+    named = any(peers.framework(p) in (framework, None) for p in plan.peers or ())
+    return named and peers.installed(framework)
 
-    return flax.__version__
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(package)
 
 
 def describe_device(device: jax.Device) -> str:
@@ -418,8 +428,9 @@ def impl_name(record: Mapping) -> str:
         mesh = f"x{devices} devices" if devices > 1 else None
         return " ".join(filter(None, (record["loop"], record.get("method"), mesh)))
     peer, framework = record["peer"], record["framework"]
-    # "torch.compile" and "equinox" name their framework already; "flax nnx.RNN" does not.
-    return peer if peer.split(".")[0] == framework else f"{framework} {peer}"
+    # "torch.compile", "equinox:checkpoints=8" and "flax_loss:scan" name their framework
+    # already; "flax nnx.RNN" and "torch eager" do not.
+    return peer if peer.startswith(framework) else f"{framework} {peer}"
 
 
 def speedups(records: Sequence[Mapping]) -> dict[int, dict[str, list[float]]]:
@@ -499,7 +510,7 @@ def format_table(records: Sequence[Mapping], *, wide: bool = False) -> str:
             rows.append((names, f"skipped: {r['skipped']}"))
             continue
         notes = [] if r["max_rel_diff"] is None else [f"rel diff {r['max_rel_diff']:.1e}"]
-        notes += filter(None, [busy_flag(r)])
+        notes += filter(None, [evaluations_note(r), busy_flag(r)])
         figures = [
             [_seconds_ci(r["run_s_median"], r.get("run_s_ci"))],
             [_bytes(r.get("saved_bytes"))],
@@ -528,14 +539,19 @@ def format_table(records: Sequence[Mapping], *, wide: bool = False) -> str:
         lines.append(_join_cells(cells, row_widths))
     footnote = (
         "run median [95% CI]: seconds per call, the interval's ends in the median's unit. "
-        "speedup vs peers = PyTorch time / JAX time (> 1: JAX is faster), against the peer "
-        "running the same algorithm (nnx.Bidirectional: Flax's time / JAX time); [a-b]: 95% "
+        "speedup vs peers = the peer's time / JAX's time (> 1: JAX is faster), against the "
+        "peers running the same algorithm; [a-b]: 95% "
         "bootstrap interval. saved = bytes kept for the backward pass (JAX: jax.vjp "
         "residuals; PyTorch: saved tensors). rel diff: a peer's largest relative difference "
         "from JAX's results. BUSY: other processes kept that many cores busy while the row "
         f"was timed (>= {BUSY_CORES:g}). --wide adds trace+lower and compile time, the "
         "fastest sample, temp bytes and GFLOP/s; the JSON has every figure."
     )
+    if any(r.get("evaluations") is not None for r in records):
+        footnote += (
+            " evals/T (--evaluations): body evaluations of one gradient over T, and the "
+            "fewest possible with that many checkpoints."
+        )
     return "\n".join([*lines, *textwrap.wrap(footnote, TABLE_WIDTH)])
 
 
@@ -570,6 +586,23 @@ def _join_cells(cells: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
         ]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+def evaluations_note(record: Mapping) -> str | None:
+    """``"evals/T 5.83 (fewest 5.29)"``: ``--evaluations``' count over T, and for C
+    checkpoints the fewest possible (:func:`loopgrad_jax.checkpointed_evaluations`);
+    ``None`` where nothing was counted."""
+    count, length = record.get("evaluations"), record["length"]
+    if count is None:
+        return None
+    if record["framework"] == "jax":
+        checkpoints = lg.Loop.parse(record["loop"]).checkpoints
+    else:
+        checkpoints = peers.equinox_checkpoints(record["peer"], length)
+    fewest = ""
+    if checkpoints:
+        fewest = f" (fewest {lg.checkpointed_evaluations(length, checkpoints) / length:.2f})"
+    return f"evals/T {count / length:.2f}{fewest}"
 
 
 def busy_flag(record: Mapping) -> str | None:
@@ -617,7 +650,7 @@ def _wide_table(records: Sequence[Mapping]) -> str:
         "saved",
         "temp",
         "GFLOP/s",
-        "speedup vs torch [95% CI]",
+        "speedup vs peers [95% CI]",
         "note",
     )
     rows = [columns]
@@ -629,6 +662,7 @@ def _wide_table(records: Sequence[Mapping]) -> str:
             notes = []
             if r["max_rel_diff"] is not None:
                 notes.append(f"rel diff vs jax {r['max_rel_diff']:.1e}")
+            notes += filter(None, [evaluations_note(r)])
             if (r.get("other_cores") or 0) >= BUSY_CORES:
                 notes.append(f"BUSY: other processes used {r['other_cores']:.2g} cores")
             note = "; ".join(notes)
@@ -655,9 +689,8 @@ def _wide_table(records: Sequence[Mapping]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
-        "speedup vs torch = PyTorch time / JAX time (> 1: JAX is faster), against the peer "
-        "running the same algorithm (nnx.Bidirectional: Flax's time / JAX time); [a-b]: 95% "
-        "bootstrap interval."
+        "speedup vs peers = the peer's time / JAX's time (> 1: JAX is faster), against the "
+        "peers running the same algorithm; [a-b]: 95% bootstrap interval."
     )
     lines.append(
         "saved = bytes kept for the backward pass (JAX: jax.vjp residuals; PyTorch: saved "

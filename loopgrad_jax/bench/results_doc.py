@@ -8,10 +8,8 @@
     one table row per record, sorted by (scenario, T, sizes, JAX before its peers, name)
 
 Files written by ``loopgrad-bench`` (``{"meta", "records"}``, records with
-:data:`BENCH_KEYS`) are rendered whole. The comparison tools' files (``checkpoints``,
-``flax_peers``) share a ``setting``, the length, the run time and a
-``vs_<peer>`` ratio (:data:`TOOL_RATIOS`): those are rendered. Any other file is listed
-under "Not rendered" with what its records lack.
+:data:`BENCH_KEYS`) are rendered whole. Any other file (the ``as_written_grid`` tool's
+calibration data) is listed under "Not rendered" with what its records lack.
 
 The decision table is :data:`DECISIONS`, one :class:`Situation` per row, each naming
 the file, scenario and length its figure comes from and which loop kinds to compare
@@ -46,17 +44,6 @@ COMMAND = "loopgrad-bench report bench/results --out bench/RESULTS.md --readme R
 #: Keys every record of a ``loopgrad-bench`` file has (``run.RECORD_KEYS`` holds them all).
 BENCH_KEYS: tuple[str, ...] = ("scenario", "loop", "framework", "peer", "length", "run_s_median")
 
-#: Keys every record of a comparison tool's file has.
-TOOL_KEYS: tuple[str, ...] = ("setting", "framework", "length")
-
-#: The comparison tools' ratio fields: ``(peer, the peer's own setting or None, inverted)``.
-#: ``inverted``: the tool records the row's time over the peer's, which is turned here into
-#: the peer's time over the row's, the direction of every speedup in the documents.
-TOOL_RATIOS: dict[str, tuple[str, str | None, bool]] = {
-    "vs_equinox": ("equinox, same checkpoints", None, False),  # checkpoints.py
-    "vs_nnx_rnn": ("flax nnx.RNN", "nnx.RNN", True),  # flax_peers.py
-}
-
 _SIZES = ("batch", "input", "hidden")
 _SIZE_LABELS = {"batch": "B", "input": "I", "hidden": "H"}
 
@@ -83,7 +70,7 @@ def load(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def _kind(data: Any) -> tuple[str, str]:
-    """``("bench" | "tool" | "other", why not rendered)`` of one parsed file."""
+    """``("bench" | "other", why not rendered)`` of one parsed file."""
     if not (
         isinstance(data, dict)
         and isinstance(data.get("meta"), dict)
@@ -96,23 +83,10 @@ def _kind(data: Any) -> tuple[str, str]:
         return "other", "it holds no records"
     if all(all(k in r for k in BENCH_KEYS) for r in records):
         return "bench", ""
-    if all(all(k in r for k in TOOL_KEYS) for r in records):
-        unknown = sorted(
-            {k for r in records for k in r if k.startswith("vs_") and k not in TOOL_RATIOS}
-        )
-        if unknown:
-            return "other", (
-                f"its ratio field {', '.join(unknown)} is not in results_doc.TOOL_RATIOS, "
-                "so which way it points is unknown"
-            )
-        untimed = [r for r in records if not r.get("skipped") and "run_s_median" not in r]
-        if not untimed:
-            return "tool", ""
-        return "other", f"some records hold no run_s_median{_nested(untimed)}"
     keys = ", ".join(dict.fromkeys(k for r in records for k in r))
     return "other", (
-        f"its records name no implementation (no loop or setting field): they hold {keys}"
-        f"{_nested(records)}"
+        f"its records are not loopgrad-bench's (they lack one of {', '.join(BENCH_KEYS)}): "
+        f"they hold {keys}{_nested(records)}"
     )
 
 
@@ -123,7 +97,7 @@ def _nested(records: Sequence[Mapping]) -> str:
 
 
 def _tool(meta: Mapping) -> str:
-    """The tool that wrote a file: ``checkpoints`` from ``python -m ....checkpoints``."""
+    """The tool that wrote a file: ``as_written_grid`` from ``python -m ....as_written_grid``."""
     words = str(meta.get("command") or "").split()
     for word in words:
         if word.startswith("loopgrad_jax.bench."):
@@ -188,33 +162,6 @@ def _bench_rows(records: Sequence[Mapping]) -> list[Row]:
         )
         for index, r in enumerate(records)
     ]
-
-
-def _tool_rows(records: Sequence[Mapping], tool: str) -> list[Row]:
-    rows = []
-    for r in records:
-        pairs = {}
-        for key, (peer, reference, inverted) in TOOL_RATIOS.items():
-            if key in r and r["setting"] != reference:
-                value, low, high = r[key]
-                pairs[peer] = [1 / value, 1 / high, 1 / low] if inverted else [value, low, high]
-        cell = r.get("cell")
-        rows.append(
-            Row(
-                f"{tool} ({cell})" if cell else tool,
-                r["length"],
-                tuple(r.get(k) for k in _SIZES),
-                int(r["framework"] not in ("jax", "lg")),
-                r["setting"],
-                r.get("run_s_median"),
-                r.get("run_s_ci"),
-                r.get("temp_bytes"),
-                _speedups(pairs),
-                r.get("skipped"),
-                r.get("other_cores"),
-            )
-        )
-    return rows
 
 
 def _varying(rows: Sequence[Row]) -> list[int]:
@@ -335,10 +282,7 @@ def render_file(name: str, data: Mapping) -> list[str]:
     if kind == "other":
         raise ValueError(f"{name} cannot be rendered: {why}.")
     meta, records = data["meta"], data["records"]
-    if kind == "bench":
-        rows, memory = _bench_rows(records), "saved for backward"
-    else:
-        rows, memory = _tool_rows(records, _tool(meta)), "temp"
+    rows, memory = _bench_rows(records), "saved for backward"
     varying = _varying(rows)
     head = [
         "scenario",
@@ -386,15 +330,13 @@ def render_results(files: Mapping[str, Any]) -> str:
         "their peers.",
         "",
         "- scenario: as `loopgrad-bench` names it, with the cell, layers and direction of an",
-        "  RNN other than the article's; for a comparison tool's file, the tool (and cell).",
+        "  RNN other than the article's.",
         "- T: the loop's length; B, I, H (where they vary): batch, input and hidden sizes.",
         "- run time: the median seconds per call and the 95% bootstrap interval of the median.",
         "- saved for backward: what a JAX loop keeps for the backward pass (jax.vjp's",
-        "  residuals) or a PyTorch peer's saved tensors; temp (comparison tools): the compiled",
-        "  program's temp bytes.",
+        "  residuals) or a peer's: PyTorch's saved tensors, a JAX peer's residuals.",
         "- speedup vs peers: the peer's time over this row's (above 1: this row is faster),",
-        "  with its 95% bootstrap interval, as the run recorded it; where a tool recorded this",
-        "  row's time over the peer's it is inverted.",
+        "  with its 95% bootstrap interval, as the run recorded it.",
         f"- busy: BUSY when other processes kept at least {report.BUSY_CORES:g} cores busy",
         "  while the row's case was timed: its times are suspect.",
         "",

@@ -68,6 +68,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "max_rel_diff",  # PyTorch vs JAX outputs: max |torch - jax| / max |jax|, per output
     "other_cores",  # cores other processes kept busy during the group's timed rounds
     "parallel_iterations",  # parallel kinds, article cell's rnn_loss: Newton iterations run
+    "evaluations",  # --evaluations, article cell's rnn_loss: body evaluations of one gradient
     "skipped",  # why the case was not run, or None
 )
 
@@ -103,6 +104,7 @@ class Plan(NamedTuple):
     spread: float | None = None  # rnn_module: --lengths-spread
     flax: bool = False  # whether to add Flax's rows (flax_peers.module_peers)
     peers: tuple[str, ...] | None = None  # --peers (peers.names()); None: PyTorch's own
+    evaluations: bool = False  # --evaluations: count each row's body evaluations
 
 
 class Task(NamedTuple):
@@ -180,13 +182,14 @@ def run(plan: Plan, device: jax.Device) -> Iterator[dict[str, Any]]:
     for (_, sizes, _), group in itertools.groupby(tasks(plan), key=_group):
         group = list(group)
         if sizes not in data:
-            data = {sizes: cases.make_data(sizes, plan.seed)}  # one size at a time
+            # One size at a time; a GRU's b_hn zero where a Flax peer runs (peers.adapt).
+            data = {sizes: peers.adapt(cases.make_data(sizes, plan.seed), plan.peers)}
         yield from _run_group(group, data[sizes], plan, device, warmed, reference)
 
 
 def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, Any]]:
     records = {task: new_record(task) for task in group}
-    calls, sync, first, extra = {}, {}, {}, {}
+    calls, sync, first, extra, comparable = {}, {}, {}, {}, {}
     for task in group:
         loop = task.name if task.framework == "jax" else None
         reason = cases.skip_reason(task.scenario, loop, task.sizes, plan.limits, task.method)
@@ -208,6 +211,7 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                     else None  # residuals split over devices: not one figure to compare
                 ),
                 parallel_iterations=cases.parallel_iterations(task.scenario, task.name, data),
+                evaluations=_evaluations(plan, task, data, device),
             )
         elif plan.peers is not None and (
             reason := peers.skip_reason(
@@ -219,12 +223,19 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
             )
         ):
             records[task]["skipped"] = reason
-        elif task.name in peers.EXTRAS:
+        elif peers.base(task.name) in peers.EXTRAS:
             built = peers.build(task.name, data, task.sizes, device)
             calls[task] = built.call
             records[task]["compile_s"] = built.compile_s
+            if built.compiled is not None:
+                records[task].update(**_compile_fields(built.compiled))
+            records[task].update(
+                saved_bytes=built.saved_bytes, evaluations=_evaluations(plan, task, data, device)
+            )
             if built.sync is not None:
                 sync[task] = built.sync
+            if built.comparable is not None:
+                comparable[task] = built.comparable
         elif task.framework == "flax":
             from loopgrad_jax.bench import flax_peers
 
@@ -251,12 +262,33 @@ def _run_group(group, data, plan, device, warmed, reference) -> list[dict[str, A
                 first={task: first[task] for task in block if task in first},
             )
             _fill(records, measured, extra, reference)
-        _compare(records, reference, paired=plan.interleave)
+        _compare(records, reference, comparable, paired=plan.interleave)
     return [records[task] for task in group]
 
 
 def _bind(compiled, args):
     return lambda: compiled(*args)
+
+
+def _evaluations(plan: Plan, task: Task, data, device) -> int | None:
+    """``--evaluations``: the body evaluations of one gradient of the article's
+    ``rnn_loss`` for a JAX loop kind or equinox's scan; ``None`` where not counted."""
+    from loopgrad_jax.bench import checkpoints
+
+    name = task.name
+    if task.framework == "equinox":
+        name = f"equinox:checkpoints={peers.equinox_checkpoints(name, task.length)}"
+    countable = (
+        plan.evaluations
+        and task.scenario == "rnn_loss"
+        and task.sizes.cell == "article"
+        and task.devices == 1
+        and task.framework in ("jax", "equinox")
+    )
+    if not countable or not checkpoints.counts(name):
+        return None
+    args = jax.device_put((data.params, data.inputs, data.targets), device)
+    return checkpoints.evaluations(name, args)
 
 
 def _compile_jax(task: Task, data, plan: Plan, device, warmed):
@@ -314,8 +346,9 @@ def _fill(records, measured: timing.Interleaved, counters, reference) -> None:
         record["_samples"], record["_output"] = samples, output
 
 
-def _compare(records, reference, *, paired: bool) -> None:
-    """Checks each peer's outputs against JAX's; each JAX row's ratio to each peer."""
+def _compare(records, reference, comparable, *, paired: bool) -> None:
+    """Checks each peer's outputs against JAX's (the parts ``comparable[peer]`` keeps,
+    where given); each JAX row's ratio to each peer."""
     timed = [task for task, r in records.items() if "_samples" in r]
     jax_tasks = [task for task in timed if task.framework == "jax"]
     peers = [task for task in timed if task.framework != "jax"]
@@ -327,7 +360,8 @@ def _compare(records, reference, *, paired: bool) -> None:
             else reference.get((peer.scenario, peer.sizes))
         )
         if want is not None:
-            records[peer]["max_rel_diff"] = max_rel_diff(records[peer]["_output"], want)
+            keep = comparable.get(peer, lambda output: output)
+            records[peer]["max_rel_diff"] = max_rel_diff(keep(records[peer]["_output"]), keep(want))
     for task in jax_tasks:  # a data-parallel row against one device's result
         want = reference.get((task.scenario, task.sizes))
         if task.devices > 1 and want is not None:
