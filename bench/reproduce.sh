@@ -117,7 +117,9 @@ bench cpu_parallel "${parallel[@]}"           # cpu_parallel.json cpu_parallel.p
 # --- DEER (loop="parallel") beside scan: the full-sequence gradient -------------------------
 deer=(--scenarios rnn_loss --loops parallel,parallel:jacobian=diag,scan,scan:unroll=8 --input 10
       --batch 1 --repeats 5 --min-time 0.2 --no-torch)
-bench cpu_deer "${deer[@]}" --hidden 5 --lengths 100,1000,10000   # cpu_deer.json .png
+bench cpu_deer "${deer[@]}" --hidden 5 --lengths 100,1000,10000,100000   # cpu_deer.json .png
+# At H=64 (full DEER keeps T*64*64 Jacobian numbers an iteration: 1.6 GB at T=100000).
+bench cpu_deer_h64 "${deer[@]}" --hidden 64 --lengths 100,1000,10000   # cpu_deer_h64.json .png
 
 # --- mixed precision: precision="bf16" against float32, the LSTM's gradient, interleaved ---
 bench cpu_bf16 --cell lstm --scenarios rnn_loss --loops scan --lengths 100 --input 64 \
