@@ -1238,6 +1238,16 @@ model name\t: ignored: the first block is enough
 """
 
 
+def test_gpu_info_reads_nvidia_smi_and_says_nothing_without_it():
+    info = report.gpu_info("NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\n")
+    assert (info["name"], info["driver"], info["memory"]) == (
+        "NVIDIA H100 80GB HBM3",
+        "550.54.15",
+        "81559 MiB",
+    )
+    assert report.gpu_info("") is None and report.gpu_info("garbled") is None
+
+
 def test_cpu_features_and_model_come_from_cpuinfo():
     features = report.cpu_features(CPUINFO)
     assert features == ["sse4_2", "avx", "avx2", "fma", "avx512f"] + [

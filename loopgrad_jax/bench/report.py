@@ -177,7 +177,33 @@ def machine_meta(device: jax.Device) -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "gpu": gpu_info() if device.platform == "gpu" else None,
     }
+
+
+def gpu_info(smi: str | None = None) -> dict | None:
+    """The first NVIDIA GPU's ``{"name", "driver", "memory"}`` from ``nvidia-smi`` (or
+    its CSV line ``smi``), and the CUDA and cuDNN versions PyTorch was built with where
+    it is installed; ``None`` without ``nvidia-smi``."""
+    if smi is None:
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                 "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+    fields = [f.strip() for f in smi.strip().splitlines()[0].split(",")] if smi.strip() else []
+    if len(fields) != 3:
+        return None
+    info = dict(zip(("name", "driver", "memory"), fields, strict=True))
+    if peers.installed("torch"):
+        import torch
+
+        info["torch_cuda"] = torch.version.cuda
+        info["torch_cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    return info
 
 
 def collect_meta(plan: Plan, backend: str, device: jax.Device, argv: Sequence[str]) -> dict:
