@@ -295,7 +295,7 @@ def _jax_run(params, cell, x, h0, lengths, r, loop):
 
 
 def _compare(actual: dict, expected: dict, columns: list[str]) -> dict[str, float]:
-    from loopgrad_jax.parity import _max_error
+    from loopgrad_jax.parity.tolerance import _max_error
 
     row = {}
     for column in columns:

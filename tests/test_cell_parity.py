@@ -43,7 +43,7 @@ def test_suite_grid_covers_every_kind_with_every_loop_kind_jit_and_dtype():
     }
     assert {(c.cell, c.loop) for c in suite if c.jit} >= {(k, "python") for k in TORCH_KINDS}
     assert {(c.scenario, c.method) for c in suite} == {
-        (s, m) for s, methods in parity._CELL_METHODS.items() for m in methods
+        (s, m) for s, methods in parity.grid._CELL_METHODS.items() for m in methods
     }
     assert {c.loop for c in suite} >= set(parity.OPTIONS)
     # The wider grid of loopgrad-parity holds every check the suite runs.

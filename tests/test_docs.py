@@ -34,7 +34,7 @@ MODULES = [
     _scalar,
     _sequence,
     _train,
-    parity,
+    parity.run,
 ]
 
 

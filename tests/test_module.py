@@ -6,7 +6,7 @@ Each fixture case is a module's forward as PyTorch runs it (packed batches throu
 in Python) and the gradients of a probe ``sum(outputs * r_out) + sum(h_n * r_h)``
 (``+ sum(c_n * r_c)`` for an LSTM) of random weights: w.r.t. the weights, the inputs and
 ``hidden0``. ``loopgrad-parity`` differentiates the same probe of ``lg.rnn`` with
-``jax.value_and_grad`` (``parity._module``); these tests run its checks.
+``jax.value_and_grad`` (``parity.scenarios._module``); these tests run its checks.
 """
 
 import sys
@@ -27,10 +27,10 @@ except ImportError:  # pragma: no cover - flax is a test dependency
     NNX = ()
 
 CASES = [c["name"] for c in fixture("module", "float64").cases]
-#: The comparison is loopgrad-parity's (``parity._module``): its suite grid (every case
-#: with scan, each other reverse-capable loop kind and option once), a third of it in the
-#: quick tier and all of it in the slow tier, with the rest of the command's grid in
-#: float64.
+#: The comparison is loopgrad-parity's (``parity.scenarios._module``): its suite grid
+#: (every case with scan, each other reverse-capable loop kind and option once), a third
+#: of it in the quick tier and all of it in the slow tier, with the rest of the command's
+#: grid in float64.
 SUITE = parity.checks(["module"], grid="suite")
 REST = [c for c in parity.checks(["module"], ["float64"]) if c not in SUITE]
 #: Flax's loop kind, which loopgrad-parity (no flax dependency) leaves out: scan's checks.

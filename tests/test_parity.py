@@ -79,7 +79,7 @@ def test_a_raising_check_fails_and_the_rest_still_run(monkeypatch, capsys):
     def broken(check, case):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(parity._RUNNERS, "accumulate", broken)
+    monkeypatch.setitem(parity.scenarios._RUNNERS, "accumulate", broken)
     assert parity.main(FEW) == 1
     stdout = capsys.readouterr().out
     assert "0 of 8 checks passed" in stdout
@@ -186,7 +186,7 @@ def test_progress_without_tqdm_counts_on_stderr(monkeypatch, capsys):
 def test_compiled_programs_are_dropped_after_each_check(monkeypatch):
     # Hundreds of checks' programs exhausted the process's memory mappings.
     cleared = []
-    monkeypatch.setattr(parity.jax, "clear_caches", lambda: cleared.append(1))
+    monkeypatch.setattr(parity.cli.jax, "clear_caches", lambda: cleared.append(1))
     assert parity.main(FEW) == 0
     assert len(cleared) == 8
 

@@ -207,7 +207,7 @@ def test_multi_steps_is_accepted_and_accumulates_as_optax_documents():
     params, inputs, targets, hidden0 = random_rnn_problem(jax.random.key(21), 5, 2, 3, 4, 1)
     # (MultiSteps accumulates in float32 unless told; float64 keeps the comparison exact.)
     optimizer = optax.MultiSteps(optax.sgd(0.3), every_k_schedule=2, accumulator_dtype=jnp.float64)
-    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (parity._promotion)
+    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (scenarios._promotion)
         result = _train(
             params, inputs, targets, hidden0, mode="tbptt", window=1, optimizer=optimizer
         )
@@ -374,7 +374,7 @@ def test_tbptt_two_calls_split_at_a_window_equal_one(name):
     params, x, y, h0 = random_rnn_problem(jax.random.key(7), 8, 2, 3, 4, 1)
     cut = 3  # windows of 3, 3, 2: the second call runs a full window and a shorter one
     kwargs = {"mode": "tbptt", "window": 3, "optimizer": RESUMABLE_OPTIMIZERS[name]()}
-    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (parity._promotion)
+    with jax.numpy_dtype_promotion("standard"):  # optax's own promotions (scenarios._promotion)
         one = lg.train_rnn(params, x, y, hidden0=h0, **kwargs)
         first = lg.train_rnn(params, x[:cut], y[:cut], hidden0=h0, **kwargs)
         second = lg.train_rnn(
