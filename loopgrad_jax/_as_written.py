@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from loopgrad_jax import _checks
-from loopgrad_jax._cell import Cell, LossFn, cell_step_loss
+from loopgrad_jax._cell import Cell, LossFn, cell_step_loss, reduce_losses
 from loopgrad_jax._cells import CELLS, GATES, carry_per_example
 from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._parallel import LOCAL, Shards
@@ -335,11 +335,15 @@ def train(
     shards: Shards = LOCAL,
     loss_fn: LossFn | None = None,
     weights: jax.Array | None = None,
+    reduction: str = "sum",
 ) -> TrainResult:
     """Runs the article's loop with ``method`` (``"forward"`` or ``"reverse"``).
 
     Step ``t``'s loss is :func:`~loopgrad_jax._cell.step_loss` of the readout,
-    ``targets[t]`` and ``weights[t]`` (``(T, B)`` or ``None``), with ``loss_fn``.
+    ``targets[t]`` and ``weights[t]`` (``(T, B)`` or ``None``), with ``loss_fn``,
+    reduced as ``reduction`` says over the update's one step
+    (:func:`~loopgrad_jax._cell.reduce_losses`: ``"mean"`` divides by the number of
+    the step's real examples over ``B``).
 
     ``cell`` is the model (``hidden0`` its carry, ``TrainResult.hidden`` too);
     ``forward`` assumes it treats the rows of the carry and ``x`` independently.
@@ -359,10 +363,13 @@ def train(
         x, y, w, t = xyt
         local = shards.vary(params)  # this device's gradient, averaged once below
         new_hidden = cell.step(local, hidden, x)
+
+        def loss_of(p, h):  # the update's one step, reduced as a tbptt window is
+            loss = cell_step_loss(cell, p, h, y, loss_fn, w)[None]
+            return reduce_losses(loss, reduction, None if w is None else w[None], shards)[0]
+
         # dL_t/dp_t (this step's own use of the head and cell) and a_t = dL_t/dh_t.
-        loss, (grad_now, adjoint) = jax.value_and_grad(
-            lambda p, h: cell_step_loss(cell, p, h, y, loss_fn, w), argnums=(0, 1)
-        )(local, new_hidden)
+        loss, (grad_now, adjoint) = jax.value_and_grad(loss_of, argnums=(0, 1))(local, new_hidden)
         grads, state = gradient.step(state, local, hidden, x, t, adjoint, grad_now)
         loss, grads = shards.mean((loss, grads))
         params, opt_state = apply_optimizer(optimizer, grads, opt_state, params, value=loss)

@@ -13,7 +13,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from loopgrad_jax._parallel import LOCAL, Shards
+
 PyTree = Any
+
+#: Values of ``reduction=``: the step losses summed, or averaged over the steps that count.
+REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
 class Cell(NamedTuple):
@@ -101,6 +106,37 @@ def step_loss(
         return fn(prediction, target)
     alone = jax.vmap(lambda p, y: fn(p[None], jax.tree.map(lambda a: a[None], y)))
     return jnp.mean(weight * alone(prediction, target))
+
+
+def reduce_losses(
+    losses: jax.Array, reduction: str, weights: jax.Array | None, shards: Shards = LOCAL
+) -> jax.Array:
+    """One update's step losses ``(S,)`` under ``reduction``: ``(S,)``, summing to its loss.
+
+    ``losses`` are :func:`step_loss`'s of ``S`` consecutive steps (a whole sequence, a
+    window, or one step), ``weights`` their ``(S, B)`` weights or ``None``. Plain-Python
+    semantics::
+
+      if reduction == "sum":
+        return losses
+      if weights is None:
+        return losses / S                      # every step counts
+      real = sum(weights) / B                  # the real steps, per example
+      return losses / (real if real > 0 else 1)   # none real: the losses are all 0
+
+    So ``"mean"`` is ``nn.MSELoss()`` (or ``nn.CrossEntropyLoss()``) over every element
+    of the ``S`` steps' outputs, and with ``weights`` the mean over the real ``(t, b)``
+    pairs. With a mesh (``shards``) ``weights`` are this device's examples and ``real``
+    counts every device's.
+    """
+    if reduction == "sum":
+        return losses
+    if weights is None:
+        return losses / losses.shape[0]
+    real = shards.mean(weights.sum()) / weights.shape[1]
+    # A guard, not a where on the quotient: 0/0 would make the gradient NaN. A NaN
+    # weight (a traced length out of range) has poisoned the losses already.
+    return losses / jnp.where(real > 0, real, jnp.ones_like(real))
 
 
 def cell_step_loss(

@@ -36,11 +36,12 @@ import numpy as np
 from flax import nnx
 
 from loopgrad_jax import _cells, _checks
-from loopgrad_jax._cell import Cell, LossFn
+from loopgrad_jax._cell import REDUCTIONS, Cell, LossFn, reduce_losses
 from loopgrad_jax._cells import TORCH_CELLS, CellParams, LayerParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._result import TrainResult
 from loopgrad_jax._rnn import RNNParams
+from loopgrad_jax._sequence import check_loss_fn, every_step_loss, step_weights
 from loopgrad_jax._train import train_rnn
 
 PyTree = Any
@@ -638,18 +639,39 @@ def flax_loss(
     *,
     hidden0: Any = None,
     loop: str | Loop | None = None,
+    lengths: jax.typing.ArrayLike | None = None,
+    reduction: str = "sum",
+    loss_fn: LossFn | None = None,
 ) -> jax.Array:
-    """The summed per-step loss of a :class:`FlaxRNN`, as :func:`loopgrad_jax.rnn_loss`.
+    """The per-step losses of a :class:`FlaxRNN`, summed or averaged, as :func:`rnn_loss`.
 
-    ``sum over t of mean((model(inputs, hidden0)[t] - targets[t]) ** 2)``. With
-    ``loop=None`` the model runs as it is (``nnx.RNN``, layer by layer); with a loop
-    kind (one of :data:`loopgrad_jax.LOOPS`, :data:`loopgrad_jax.NNX_LOOPS`, or its
-    text form) that loop steps every layer's cell once per step, and the head reads
-    the stacked outputs after it. ``nnx.grad`` of it with respect to the model is
-    full backpropagation through time. It runs as one ``jax.jit``-compiled function
-    per shapes, model structure and loop (``loop="python"`` excepted), as
-    :func:`loopgrad_jax.rnn_loss` does: repeated eager calls, ``nnx.grad`` and
-    ``jax.grad`` included, do not recompile.
+    Plain-Python semantics (``loss_fn`` is ``mean((prediction - target) ** 2)`` by
+    default)::
+
+      outputs = model(inputs, hidden0, lengths)        # (T, B, O)
+      total = sum over t of loss_fn(outputs[t], targets[t])
+      return total if reduction == "sum" else total / T
+
+    with ``lengths`` counting step ``t`` of example ``b`` only if ``t < lengths[b]``,
+    exactly as :func:`loopgrad_jax.rnn_loss` does (``"mean"`` is then the mean over
+    the real steps). With ``loop=None`` the model runs as it is (``nnx.RNN``, layer
+    by layer, ``lengths`` as its ``seq_lengths``); with a loop kind (one of
+    :data:`loopgrad_jax.LOOPS`, :data:`loopgrad_jax.NNX_LOOPS`, or its text form)
+    that loop steps every layer's cell once per step, and the head reads the stacked
+    outputs after it (the padded steps run on, but count for nothing). ``nnx.grad``
+    of it with respect to the model is full backpropagation through time. It runs as
+    one ``jax.jit``-compiled function per shapes, model structure, loop, reduction
+    and ``loss_fn`` (``loop="python"`` excepted), as :func:`loopgrad_jax.rnn_loss`
+    does: repeated eager calls, ``nnx.grad`` and ``jax.grad`` included, do not
+    recompile.
+
+    Args:
+      model: a :class:`FlaxRNN` with a head (or without one, ``O`` is then ``D*H_out``).
+      inputs: ``(T, B, I)``, time-major.
+      targets: ``(T, B, O)``; with ``loss_fn``, any array ``(T, B, ...)`` it takes.
+      hidden0: the initial state in the library's layout (see :class:`FlaxRNN`).
+      loop: ``None`` (``nnx.RNN``'s own scan) or a loop kind, as above.
+      lengths, reduction, loss_fn: as :func:`loopgrad_jax.rnn_loss` takes them.
 
     Examples:
       >>> import jax, jax.numpy as jnp, loopgrad_jax as lg
@@ -665,25 +687,42 @@ def flax_loss(
     _check_model(model)
     if loop is not None:
         _stepwise(model, f"flax_loss(loop={loop!r})", "loop=None (nnx.RNN's own scan)")
-    inputs, targets = _sequences(model, inputs, targets)
+    reduction = _checks.one_of("reduction", reduction, REDUCTIONS)
+    inputs, targets = _sequences(model, inputs, targets, checked=loss_fn is None)
+    t, b = inputs.shape[:2]
+    if loss_fn is not None:
+        prediction = jax.ShapeDtypeStruct((b, model.output_size), inputs.dtype)
+        targets = check_loss_fn(loss_fn, targets, t, b, prediction)
+    lengths = _checks.check_lengths(lengths, t, b)
     carries = model.carries(inputs, hidden0)
     graphdef, state = nnx.split(model)
     # loop=None runs nnx.RNN's own nnx.scan: compiled as a scan is.
     as_is = loop is None
     loop = Loop("scan") if as_is else check_loop(loop)
     return _loss(
-        nnx.as_pure(state), inputs, targets, carries, graphdef=graphdef, loop=loop, as_is=as_is
+        nnx.as_pure(state),
+        inputs,
+        targets,
+        carries,
+        lengths,
+        graphdef=graphdef,
+        loop=loop,
+        as_is=as_is,
+        reduction=reduction,
+        loss_fn=loss_fn,
     )
 
 
-@compiled("graphdef", "loop", "as_is")
-def _loss(state, inputs, targets, carries, *, graphdef, loop, as_is) -> jax.Array:
+@compiled("graphdef", "loop", "as_is", "reduction", "loss_fn")
+def _loss(
+    state, inputs, targets, carries, lengths, *, graphdef, loop, as_is, reduction, loss_fn
+) -> jax.Array:
     """:func:`flax_loss` after its checks: one compiled function per shapes and model graph."""
     # A model merged here is made at this trace level, as nnx.RNN's lifted nnx.scan
     # requires (it refuses one closed over by an outer jax.grad or jax.vmap).
     model = nnx.merge(graphdef, state)
     if as_is:
-        out, _ = _run_layers(model, inputs, carries)
+        out, _ = _run_layers(model, inputs, carries, lengths)
     else:
 
         def body(carry, x):
@@ -692,7 +731,9 @@ def _loss(state, inputs, targets, carries, *, graphdef, loop, as_is) -> jax.Arra
         _, out = run_loop(body, carries, inputs, length=inputs.shape[0], loop=loop)
     if model.head is not None:
         out = model.head(out)
-    return jnp.mean((out - targets) ** 2, axis=(1, 2)).sum()
+    weights = None if lengths is None else step_weights(lengths, inputs.shape[0], inputs.dtype)
+    losses = every_step_loss(loss_fn, out, targets, weights)
+    return reduce_losses(losses, reduction, weights).sum()
 
 
 def _step_layers(model: FlaxRNN, carries: tuple, x: jax.Array) -> tuple[tuple, jax.Array]:
@@ -727,13 +768,14 @@ def _sequences(model: FlaxRNN, inputs, targets, checked: bool = True) -> tuple[j
     i = model.cells[0].in_features
     o = model.output_size
     _checks.shape("inputs", inputs, (None, None, i), f"(T, B, I) with I={i}, time-major")
-    if not checked:  # train_rnn checks them against loss_fn
+    weight = ("model.head.kernel", model.head.kernel[...]) if model.head is not None else None
+    weight = weight or ("model.cells[0]", jax.tree.leaves(nnx.state(model.cells[0]))[0])
+    if not checked:  # check_loss_fn checks them against loss_fn
+        _checks.same_dtype([("inputs", inputs), weight])
         return inputs, targets
     targets = _checks.float_array("targets", targets)
     t, b = inputs.shape[:2]
     _checks.shape("targets", targets, (t, b, o), f"(T, B, O) with T={t}, B={b}, O={o}")
-    weight = ("model.head.kernel", model.head.kernel[...]) if model.head is not None else None
-    weight = weight or ("model.cells[0]", jax.tree.leaves(nnx.state(model.cells[0]))[0])
     _checks.same_dtype([("inputs", inputs), ("targets", targets), weight])
     return inputs, targets
 
@@ -774,6 +816,8 @@ def flax_train(
     as_written_method: str = "auto",
     keep_grads: str = "all",
     loss_fn: LossFn | None = None,
+    lengths: jax.typing.ArrayLike | None = None,
+    reduction: str = "sum",
 ) -> TrainResult:
     """Trains a :class:`FlaxRNN` over one sequence, in place, as :func:`train_rnn` does.
 
@@ -792,8 +836,11 @@ def flax_train(
       optimizer: an ``nnx.Optimizer`` of ``model`` with ``wrt=nnx.Param``.
       inputs, targets: ``(T, B, I)`` and ``(T, B, O)`` (with ``loss_fn``, any array
         ``(T, B, ...)`` it takes).
-      mode, window, loop, as_written_method, keep_grads, loss_fn: as :func:`train_rnn`
-        takes them; ``loop`` also takes :data:`loopgrad_jax.NNX_LOOPS`.
+      mode, window, loop, as_written_method, keep_grads, loss_fn, lengths, reduction: as
+        :func:`train_rnn` takes them; ``loop`` also takes :data:`loopgrad_jax.NNX_LOOPS`.
+        ``lengths`` ``(B,)`` counts only each example's real steps in the losses (the
+        model is time-major, ``B`` is ``inputs.shape[1]``); the cells still step over
+        the padded steps, so ``hidden`` is the state after all ``T`` steps.
       hidden0: the initial state in the library's layout (see :class:`FlaxRNN`).
 
     Returns:
@@ -846,6 +893,8 @@ def flax_train(
         keep_grads=keep_grads,
         cell=_cell_of_graph(graphdef),
         loss_fn=loss_fn,
+        lengths=lengths,
+        reduction=reduction,
     )
     # What optimizer.update does with its new state and weights, once for the whole run.
     nnx.update(model, result.params)

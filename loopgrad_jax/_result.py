@@ -28,7 +28,9 @@ class TrainResult(NamedTuple):
       params: the weights after the last update, of the type given: an
         :class:`RNNParams`, a :class:`CellParams`, a user :class:`Cell`'s pytree
         (``flax_train``: the model's ``nnx.State``).
-      losses: ``(T,)``, the loss of each step at the weights used for it.
+      losses: ``(T,)``, the loss of each step at the weights used for it (with
+        ``reduction="mean"`` divided as its update's loss is, so that an update's
+        steps sum to its loss).
       grads: ``keep_grads="all"``: ``params``' structure with leaves ``(U, ...)``,
         the gradient of each of the ``U`` updates; ``"last"``: the last update's
         gradient, shaped like ``params``; ``"none"``: ``None``.

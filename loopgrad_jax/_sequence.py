@@ -16,16 +16,21 @@ from jax.sharding import PartitionSpec as P
 
 from loopgrad_jax import _cells, _checks
 from loopgrad_jax._as_written import Dims
-from loopgrad_jax._cell import Cell, LossFn, cell_step_loss, check_cell, step_loss
+from loopgrad_jax._cell import (
+    REDUCTIONS,
+    Cell,
+    LossFn,
+    cell_step_loss,
+    check_cell,
+    reduce_losses,
+    step_loss,
+)
 from loopgrad_jax._cells import TORCH_CELL, CellParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._parallel import Shards, batch_spec, check_mesh
 from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
 
 PyTree = Any
-
-#: Values of ``rnn_loss(reduction=...)``: the step losses summed, or averaged over the steps.
-REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
 class Bound(NamedTuple):
@@ -57,7 +62,7 @@ def bind(
     if loss_fn is None:
         return _bind_model(params, inputs, targets, hidden0, cell)
     bound = _bind_model(params, inputs, None, hidden0, cell)
-    targets = check_loss_fn(loss_fn, targets, bound)
+    targets = check_loss_fn(loss_fn, targets, bound.dims.length, bound.dims.batch, bound.prediction)
     return bound._replace(targets=targets)
 
 
@@ -192,9 +197,12 @@ def _bind_custom(cell: Cell, params, inputs, targets, hidden0) -> Bound:
     return Bound(cell, None, params, inputs, targets, hidden0, dims, out)
 
 
-def check_loss_fn(loss_fn: object, targets: object, bound: Bound) -> jax.Array:
+def check_loss_fn(
+    loss_fn: object, targets: object, t: int, b: int, prediction: jax.ShapeDtypeStruct
+) -> jax.Array:
     """``targets`` as an array ``(T, B, ...)``; refuses a ``loss_fn`` that does not map
-    one step's ``(prediction_t, targets[t])`` to a floating-point scalar."""
+    one step's ``(prediction_t, targets[t])`` to a floating-point scalar (``prediction``:
+    the readout's ``(B, O)`` output at one step)."""
     if not callable(loss_fn):
         raise TypeError(
             "loss_fn must be a function loss_fn(prediction_t, target_t) -> scalar, got "
@@ -203,16 +211,15 @@ def check_loss_fn(loss_fn: object, targets: object, bound: Bound) -> jax.Array:
     if targets is None:
         raise TypeError("targets must be an array (T, B, ...) that loss_fn takes, got None.")
     targets = targets if isinstance(targets, jax.Array) else jnp.asarray(targets)
-    t, b = bound.dims.length, bound.dims.batch
     if targets.ndim < 2 or targets.shape[:2] != (t, b):
         raise ValueError(
             f"targets must have shape (T, B, ...) with T={t}, B={b} from inputs, got shape "
             f"{tuple(targets.shape)}."
         )
     target = jax.ShapeDtypeStruct(targets.shape[1:], targets.dtype)
-    given = f"prediction_t {_spec(bound.prediction)} and target_t {_spec(target)}"
+    given = f"prediction_t {_spec(prediction)} and target_t {_spec(target)}"
     try:
-        out = jax.eval_shape(loss_fn, bound.prediction, target)
+        out = jax.eval_shape(loss_fn, prediction, target)
     except Exception as err:  # noqa: BLE001 - the user's function; say where it failed
         raise ValueError(
             f"calling loss_fn on one step ({given}) failed: {type(err).__name__}: {err}"
@@ -336,7 +343,7 @@ def rnn_forward(
             final, hs = _cells.hoisted_forward(params, inputs, carry0, loop)
         head = _cells.rows_product(hs, params.head_weight, params.precision)
         out = head + params.head_bias[None, None, :]
-        return final, _every_step_loss(loss_fn, out, targets, weights)
+        return final, every_step_loss(loss_fn, out, targets, weights)
     loop = check_loop(loop)
     # Where reverse mode stores every step (the loops that take the readout after),
     # an nn.RNN layer runs as one product over [x, h] per step; the article's model is
@@ -381,7 +388,7 @@ def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool, l
 
         final, kept = run_loop(step_only, carry0, xs, length=inputs.shape[0], loop=loop)
         out = _readout_every_step(cell, params, kept)
-        return final, _every_step_loss(loss_fn, out, targets, weights)
+        return final, every_step_loss(loss_fn, out, targets, weights)
 
     def body(carry, xyw):
         x, y, w = xyw
@@ -391,7 +398,9 @@ def _run(cell, params, inputs, targets, carry0, loop: Loop, hoist_input: bool, l
     return run_loop(body, carry0, (xs, targets, weights), length=inputs.shape[0], loop=loop)
 
 
-def _every_step_loss(loss_fn, out, targets, weights) -> jax.Array:
+def every_step_loss(
+    loss_fn: LossFn | None, out: jax.Array, targets: Any, weights: jax.Array | None
+) -> jax.Array:
     """:func:`step_loss` of every step at once: ``(T,)`` from the readouts ``(T, B, O)``."""
     return jax.vmap(lambda o, y, w: step_loss(loss_fn, o, y, w))(out, targets, weights)
 
@@ -586,8 +595,7 @@ def _rnn_loss(
     loss_fn,
 ) -> jax.Array:
     """:func:`rnn_loss` after its checks: one compiled function per shapes and options."""
-    steps, batch = inputs.shape[:2]
-    weights = None if lengths is None else step_weights(lengths, steps, inputs.dtype)
+    weights = None if lengths is None else step_weights(lengths, inputs.shape[0], inputs.dtype)
 
     def local(params, inputs, ys, hidden0):
         targets, weights = ys
@@ -602,12 +610,7 @@ def _rnn_loss(
             loss_fn=loss_fn,
             weights=weights,
         )
-        return shards.mean(losses.sum())
+        return shards.mean(reduce_losses(losses, reduction, weights, shards).sum())
 
     specs = (P(), *sequence_specs(kind, hidden0, shards.axis))
-    total = shards.run(local, (params, inputs, (targets, weights), hidden0), specs, P())
-    if reduction == "sum":
-        return total
-    # Each step's loss is already a mean over the batch: a mean over the real steps
-    # divides by their number per example.
-    return total / steps if weights is None else total * batch / weights.sum()
+    return shards.run(local, (params, inputs, (targets, weights), hidden0), specs, P())

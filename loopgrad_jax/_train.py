@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from loopgrad_jax import _as_written, _cells, _checks
-from loopgrad_jax._cell import Cell, LossFn
+from loopgrad_jax._cell import REDUCTIONS, Cell, LossFn, reduce_losses
 from loopgrad_jax._loops import Loop, check_loop, compiled, require_reverse, run_loop
 from loopgrad_jax._parallel import Shards, check_mesh
 from loopgrad_jax._result import (
@@ -82,6 +82,7 @@ def train_rnn(
     mesh: Mesh | None = None,
     loss_fn: LossFn | None = None,
     lengths: jax.typing.ArrayLike | None = None,
+    reduction: str = "sum",
     precision: object = None,
 ) -> TrainResult:
     """Trains the RNN over one sequence: by default one update over the whole of it.
@@ -124,7 +125,17 @@ def train_rnn(
 
     A step's loss is ``loss_fn(prediction_t, targets[t])`` (by default
     ``mean((prediction_t - targets[t]) ** 2)``); with ``lengths`` only the real
-    steps of each example count, as in :func:`rnn_loss` (``reduction="sum"``).
+    steps of each example count. An update's loss is :func:`rnn_loss` with the same
+    ``reduction`` over that update's steps (a window's, or in ``mode="as_written"``
+    the one step's)::
+
+      loss_w = sum of the window's step losses          # reduction="sum" (default)
+      loss_w = that sum / (the window's steps that count)   # reduction="mean"
+
+    ``"mean"`` is what a PyTorch loop computes with ``nn.MSELoss()`` (or
+    ``nn.CrossEntropyLoss()``) over each window's ``(window, B, O)`` predictions;
+    with ``lengths`` it is the mean over the window's real steps of every example
+    (in ``mode="as_written"``: over the step's real examples).
 
     Continuing a run: pass a result's ``params``, ``opt_state`` and ``hidden`` as
     ``params``, ``opt_state=`` and ``hidden0=`` of the next call. In
@@ -214,6 +225,12 @@ def train_rnn(
         step with no real steps has zero loss and gradient; the optimizer still
         steps). A traced length outside ``1..T`` makes the losses, the gradients
         and the weights NaN.
+      reduction: one of :data:`REDUCTIONS`: ``"sum"`` (default) of each update's step
+        losses, or their ``"mean"`` over the update's steps that count, as
+        :func:`rnn_loss` defines it for those steps (``nn.MSELoss()`` over a window's
+        whole output). ``TrainResult.losses`` keeps one entry per step: each step's
+        loss divided as its update's, so a window's entries sum to its update's loss
+        (in ``mode="as_written"`` each entry is its update's loss).
       precision: ``None`` (every operation in the parameters' dtype), ``"bf16"`` or a
         :class:`loopgrad_jax.Precision`, for a :class:`CellParams`: as in
         :func:`rnn_loss`, every matrix product with bfloat16 operands accumulated
@@ -252,6 +269,7 @@ def train_rnn(
         bound.dims.length,
     )
     mode = _checks.one_of("mode", mode, MODES)
+    reduction = _checks.one_of("reduction", reduction, REDUCTIONS)
     method = _checks.one_of("as_written_method", as_written_method, _as_written.METHODS)
     keep_grads = _checks.one_of("keep_grads", keep_grads, KEEP_GRADS)
     if mode == "as_written" and window is not None:
@@ -332,6 +350,7 @@ def train_rnn(
         kind=bound.kind,
         shards=shards,
         loss_fn=loss_fn,
+        reduction=reduction,
     )
     if policy is None:
         return result
@@ -355,6 +374,7 @@ def train_rnn(
     "kind",
     "shards",
     "loss_fn",
+    "reduction",
 )
 def _train(
     params,
@@ -376,6 +396,7 @@ def _train(
     kind,
     shards: Shards,
     loss_fn,
+    reduction,
 ) -> TrainResult:
     """:func:`train_rnn` after its checks: one compiled function per shapes and options."""
     weights = None if lengths is None else step_weights(lengths, inputs.shape[0], inputs.dtype)
@@ -406,6 +427,7 @@ def _train(
                 keep_grads,
                 shards,
                 loss_fn,
+                reduction,
             )
         else:
             _check_update_arguments(optimizer, opt_state, params)
@@ -423,6 +445,7 @@ def _train(
                 shards=shards,
                 loss_fn=loss_fn,
                 weights=weights,
+                reduction=reduction,
             )
         return result._replace(hidden=to_public(kind, result.hidden))
 
@@ -449,8 +472,13 @@ def _train_tbptt(
     keep_grads,
     shards,
     loss_fn,
+    reduction,
 ) -> TrainResult:
-    """``targets`` is the pair ``(targets, weights)``; ``weights`` ``(T, B)`` or ``None``."""
+    """``targets`` is the pair ``(targets, weights)``; ``weights`` ``(T, B)`` or ``None``.
+
+    Each window's loss is its step losses reduced as ``reduction`` says
+    (:func:`~loopgrad_jax._cell.reduce_losses`); its steps' entries of ``losses`` sum to it.
+    """
     steps = inputs.shape[0]
 
     def window_update(carry, xy):
@@ -471,7 +499,7 @@ def _train_tbptt(
                 loss_fn=loss_fn,
                 weights=w,
             )
-            losses = shards.mean(losses)
+            losses = reduce_losses(shards.mean(losses), reduction, w, shards)
             return losses.sum(), (hidden_end, losses)
 
         # The gradient holds `hidden` constant (PyTorch's hidden.detach()) because it

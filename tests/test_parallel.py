@@ -44,6 +44,7 @@ QUICK_SAMPLE = (
     " or test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument and lstm"
     " or test_bad_meshes_are_refused"
     " or test_the_gradient_is_summed_once"
+    " or test_the_mean_over_lengths_counts_every_devices_steps"
 )
 
 
@@ -140,6 +141,17 @@ def test_every_reverse_capable_loop_kind(loop):
     mesh = _mesh(2)
     for name in ("loss_and_grad", "tbptt"):  # differentiated through the loop
         _same(MODES[name], params, x, y, tol=TOL[jnp.float64], mesh=mesh, loop=loop)
+
+
+def test_the_mean_over_lengths_counts_every_devices_steps():
+    # reduction="mean" with lengths divides by the real steps of the whole batch: the
+    # two devices hold 3 and 8 of them, so a per-device count would differ.
+    params, x, y = _problem("gru")
+    lengths = jnp.array([1, 2, 4, 4])
+    mesh = _mesh(2)
+    for run in MODES.values():
+        kw = {"reduction": "mean", "lengths": lengths, "loop": "scan"}
+        _same(run, params, x, y, tol=TOL[jnp.float64], mesh=mesh, **kw)
 
 
 def test_while_runs_the_forward_only_ways_and_a_mesh_of_one_device_changes_nothing():
