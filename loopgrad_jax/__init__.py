@@ -18,7 +18,15 @@ from loopgrad_jax._cells import (
     to_torch,
 )
 from loopgrad_jax._deer import ParallelScanInfo, parallel_scan_info
-from loopgrad_jax._loops import LOOPS, NNX_LOOPS, POLICIES, REVERSE_LOOPS, Loop, run_loop
+from loopgrad_jax._loops import (
+    FUSED_LOOPS,
+    LOOPS,
+    NNX_LOOPS,
+    POLICIES,
+    REVERSE_LOOPS,
+    Loop,
+    run_loop,
+)
 from loopgrad_jax._optimizers import TORCH_OPTIMIZERS, torch_optimizer
 from loopgrad_jax._precision import PRECISIONS, Precision
 from loopgrad_jax._result import KEEP_GRADS, TrainResult
@@ -59,6 +67,7 @@ __all__ = [
     "Cell",
     "CellParams",
     "LayerParams",
+    "FUSED_LOOPS",
     "LOOPS",
     "NNX_LOOPS",
     "POLICIES",

@@ -71,12 +71,26 @@ LOOPS: tuple[str, ...] = ("python", "scan", "fori", "remat", "while", "parallel"
 #: - ``"nnx_remat"``: ``flax.nnx.scan`` over ``flax.nnx.remat(body)``; takes ``policy``.
 NNX_LOOPS: tuple[str, ...] = ("nnx_scan", "nnx_fori", "nnx_remat")
 
+#: Loop kinds that run a whole module in one fused kernel rather than a body step by
+#: step: taken by :func:`loopgrad_jax.rnn`, :func:`loopgrad_jax.rnn_loss` and
+#: ``train_rnn(mode="tbptt")`` for the modules they can run, refused elsewhere
+#: (:func:`run_loop` has no body to give them):
+#:
+#: - ``"cudnn"``: an ``nn.LSTM`` (``CellParams`` of kind ``"lstm"``: layers,
+#:   bidirectional, ``lengths``, ``bias=False``) through ``jax.experimental.rnn.lstm``,
+#:   cuDNN's fused LSTM with its own custom VJP. It needs a CUDA GPU and float32, and
+#:   refuses, naming the argument, what it cannot run: other kinds, ``proj_size``,
+#:   ``precision="bf16"``, ``dropout_key``, ``mesh=``, ``mode="as_written"``. Reverse
+#:   mode (first order) only: no ``jax.jvp``, no ``jax.vmap`` (the kernel has neither
+#:   rule). See :mod:`loopgrad_jax._cells.cudnn`.
+FUSED_LOOPS: tuple[str, ...] = ("cudnn",)
+
 #: The kinds in :data:`LOOPS` that reverse-mode differentiation runs through with any
 #: options. ``"while"`` is not among them, yet runs reverse mode given ``max_steps``
 #: (``"while:max_steps=N"``), and every kind in :data:`NNX_LOOPS` does too: whether a
 #: given loop does is ``Loop.parse(loop).reverse_mode``.
 REVERSE_LOOPS: tuple[str, ...] = tuple(k for k in LOOPS if k != "while")
-_REVERSE_KINDS = (*REVERSE_LOOPS, *NNX_LOOPS)
+_REVERSE_KINDS = (*REVERSE_LOOPS, *NNX_LOOPS, *FUSED_LOOPS)
 
 #: Names from ``jax.checkpoint_policies`` that ``Loop(kind="remat", policy=...)`` accepts.
 POLICIES: tuple[str, ...] = (
@@ -98,7 +112,7 @@ class Loop(NamedTuple):
     ``"remat:policy=dots_saveable"``, ``"parallel:jacobian=diag:iters=200"``.
 
     Attributes:
-      kind: one of :data:`LOOPS` or :data:`NNX_LOOPS`.
+      kind: one of :data:`LOOPS`, :data:`NNX_LOOPS` or :data:`FUSED_LOOPS`.
       unroll: loop iterations per trip through the compiled loop (``lax.scan``'s
         and ``lax.fori_loop``'s ``unroll``), for ``scan``, ``fori``, ``remat`` and
         the ``nnx_*`` kinds.
@@ -165,7 +179,7 @@ class Loop(NamedTuple):
     @property
     def forward_mode(self) -> bool:
         """Whether forward-mode differentiation (``jax.jvp``) runs through this loop."""
-        return self.checkpoints is None
+        return self.checkpoints is None and self.kind not in FUSED_LOOPS
 
     @classmethod
     def parse(cls, loop: str | Loop) -> Loop:
@@ -280,7 +294,7 @@ def check_loop(loop: object) -> Loop:
             f"loop must be a loop kind ({', '.join(map(repr, LOOPS))}), its text form such as "
             f"'scan:unroll=8', or a loopgrad_jax.Loop, got {type(loop).__name__} {loop!r}."
         )
-    _checks.one_of("loop", loop.kind, (*LOOPS, *NNX_LOOPS))
+    _checks.one_of("loop", loop.kind, (*LOOPS, *NNX_LOOPS, *FUSED_LOOPS))
     unroll = _checks.static_length("loop unroll", loop.unroll, minimum=1)
     if unroll != 1 and loop.kind not in _UNROLLABLE:
         raise ValueError(
@@ -365,6 +379,16 @@ def _no_reverse_message(spec: Loop, needed_by: str) -> str:
     )
 
 
+def fused_message(spec: Loop, needed_by: str) -> str:
+    """Why ``needed_by`` refuses a kind of :data:`FUSED_LOOPS`, and what to use instead."""
+    return (
+        f"loop={str(spec)!r} runs a whole nn.LSTM in cuDNN's fused kernel: lg.rnn, "
+        "lg.rnn_loss and lg.train_rnn(mode='tbptt') take it for an LSTM's CellParams, but "
+        f"{needed_by} runs a loop body step by step, which it cannot; use one of "
+        f"{', '.join(map(repr, LOOPS))} instead."
+    )
+
+
 def check_length(name: str, value: object, spec: Loop) -> int | jax.Array:
     """A loop's trip count: a static Python int, or for ``while:max_steps=N`` also an
     integer array (traced or not); raises naming ``name`` otherwise."""
@@ -429,6 +453,8 @@ def run_loop(
       (Array(6., dtype=float32), Array([0., 1., 3., 6.], dtype=float32))
     """
     spec = check_loop(loop)
+    if spec.kind in FUSED_LOOPS:
+        raise ValueError(fused_message(spec, "run_loop (the loop driver of every other scenario)"))
     length = check_length("length", length, spec)
     if spec.max_steps is not None:
         return _bounded_while(body, init, xs, length, reverse, spec)

@@ -25,7 +25,7 @@ from loopgrad_jax._cell import (
     reduce_losses,
     step_loss,
 )
-from loopgrad_jax._cells import TORCH_CELL, CellParams
+from loopgrad_jax._cells import TORCH_CELL, CellParams, cudnn
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
 from loopgrad_jax._parallel import Shards, batch_spec, check_mesh
 from loopgrad_jax._rnn import ARTICLE_CELL, RNNParams, check_article_args
@@ -334,17 +334,19 @@ def rnn_forward(
             weights=weights,
         )
         return final[0], losses
-    if cell is TORCH_CELL and (hoist_input or _whole_module(params, weights)):
-        loop = check_loop(loop)
-        if _whole_module(params, weights):
-            live = None if weights is None else weights != 0  # NaN: poisoned below anyway
+    loop = check_loop(loop)
+    fused = loop.kind == cudnn.KIND
+    if cell is TORCH_CELL and (hoist_input or fused or _whole_module(params, weights)):
+        live = None if weights is None else weights != 0  # NaN: poisoned below anyway
+        if fused:  # the whole module in one kernel call (rnn_loss checked it can)
+            final, hs = cudnn.module_forward(params, inputs, carry0, live=live)
+        elif _whole_module(params, weights):
             final, hs = _cells.module_forward(params, inputs, carry0, loop, live=live)
         else:
             final, hs = _cells.hoisted_forward(params, inputs, carry0, loop)
         head = _cells.rows_product(hs, params.head_weight, params.precision)
         out = head + params.head_bias[None, None, :]
         return final, every_step_loss(loss_fn, out, targets, weights)
-    loop = check_loop(loop)
     # Where reverse mode stores every step (the loops that take the readout after),
     # an nn.RNN layer runs as one product over [x, h] per step; the article's model is
     # such a layer with one bias and its own head. Under remat and checkpoints they keep
@@ -504,7 +506,10 @@ def rnn_loss(
         :class:`RNNParams`; PyTorch's ``(num_layers, B, H)`` for a
         :class:`CellParams`, and for an LSTM the pair ``(h0, c0)`` of two; with
         ``cell``, required, the cell's carry.
-      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text form.
+      loop: one of :data:`loopgrad_jax.LOOPS`, a :class:`loopgrad_jax.Loop` or its text
+        form; or ``"cudnn"`` for an LSTM's :class:`CellParams` on a CUDA GPU (the module
+        in cuDNN's fused kernel, then the head and the loss on every step; float32, no
+        ``proj_size``, ``precision`` or ``mesh``: see :func:`loopgrad_jax.rnn`).
       hoist_input: compute the input projection of all steps as one matrix
         product before the loop; only the recurrent product stays inside. For a
         :class:`CellParams` the layers then run one after another over the whole
@@ -559,6 +564,15 @@ def rnn_loss(
     bound = bind(params, inputs, targets, hidden0, cell, loss_fn)
     hoist_input = check_hoist(hoist_input, bound.cell)
     loop = check_loop(loop)
+    if loop.kind == cudnn.KIND:
+        checked = _cells.set_precision(bound.params, policy)
+        cudnn.check(
+            checked,
+            bound.inputs,
+            needed_by="lg.rnn_loss",
+            mesh=mesh,
+            custom_cell=cell is not None,
+        )
     reduction = _checks.one_of("reduction", reduction, REDUCTIONS)
     lengths = _checks.check_lengths(lengths, bound.dims.length, bound.dims.batch)
     shards = check_mesh(mesh, bound.dims.batch)

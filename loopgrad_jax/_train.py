@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from loopgrad_jax import _as_written, _cells, _checks
 from loopgrad_jax._cell import REDUCTIONS, Cell, LossFn, reduce_losses
+from loopgrad_jax._cells import cudnn
 from loopgrad_jax._loops import Loop, check_loop, compiled, require_reverse, run_loop
 from loopgrad_jax._parallel import Shards, check_mesh
 from loopgrad_jax._result import (
@@ -189,7 +190,9 @@ def train_rnn(
         single cells only and takes every kind. ``"while:max_steps=N"`` bounds
         each window's loop in ``mode="tbptt"`` (``window <= N``; the loop over
         the windows runs as many as there are) and the loop over the ``T`` steps
-        in ``mode="as_written"`` (``T <= N``).
+        in ``mode="as_written"`` (``T <= N``). ``"cudnn"``: each window of an LSTM's
+        :class:`CellParams` in cuDNN's fused kernel, in ``mode="tbptt"`` only, on a CUDA
+        GPU (see :func:`loopgrad_jax.rnn`).
       as_written_method: ``"auto"``, ``"forward"`` or ``"reverse"``.
       optimizer: any ``optax.GradientTransformation``, or an object with methods
         ``init(params)`` and ``update(updates, state, params)`` as
@@ -305,6 +308,21 @@ def train_rnn(
             "every step, so the input projection cannot be computed before the loop."
         )
     loop = require_reverse(loop, "train_rnn(mode='tbptt')") if mode == "tbptt" else check_loop(loop)
+    if loop.kind == cudnn.KIND:
+        if mode == "as_written":
+            raise ValueError(
+                "loop='cudnn' runs a whole sequence in one fused kernel, but "
+                "train_rnn(mode='as_written') updates the weights after every step, one "
+                "cell at a time (forward or reverse mode through single steps): use "
+                "mode='tbptt' with loop='cudnn', or mode='as_written' with loop='scan'."
+            )
+        cudnn.check(
+            params,
+            inputs,
+            needed_by="lg.train_rnn",
+            mesh=mesh,
+            custom_cell=cell is not None,
+        )
     _check_bound(loop, mode, window, length)
     if optimizer is None:
         lr = _check_lr(DEFAULT_LR if lr is None else lr, inputs.dtype)
@@ -520,10 +538,11 @@ def _train_tbptt(
 
     # A bound on the trip count (while:max_steps=N) bounds each window's loop; the loop
     # over the windows runs once per window, however many there are. The parallel kind
-    # solves each window's time loop; the windows, which carry the weights and the
-    # optimizer's state from update to update, run one after another.
+    # solves each window's time loop, and cudnn runs it in one kernel call; the windows,
+    # which carry the weights and the optimizer's state from update to update, run one
+    # after another.
     outer = loop if loop.max_steps is None else loop._replace(max_steps=full)
-    outer = Loop("scan") if loop.kind == "parallel" else outer
+    outer = Loop("scan") if loop.kind in ("parallel", cudnn.KIND) else outer
     carry = (params, opt_state, hidden0, keep_init(keep_grads, params))
     carry, (losses, grads) = run_loop(
         window_update, carry, (windows(inputs), windows(targets)), length=full, loop=outer

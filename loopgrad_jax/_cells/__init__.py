@@ -9,6 +9,8 @@ One module per concern:
   shared by every loop kind, direction and mode.
 - :mod:`.layers`: every layer over the whole sequence in turn (``hoist_input``), and
   the module's forward: both directions, packed lengths, dropout between layers.
+- :mod:`.cudnn`: ``loop="cudnn"``, an LSTM module through ``jax.experimental.rnn``'s
+  cuDNN kernel (the weights packed into its flat layout).
 - :mod:`.module`: the module's call, :func:`rnn`: layouts, lengths, directions.
 - :mod:`.torch_io`: :func:`from_torch` and :func:`to_torch`.
 """

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax import _checks
+from loopgrad_jax._cells import cudnn
 from loopgrad_jax._cells.layers import module_forward
 from loopgrad_jax._cells.params import (
     CellParams,
@@ -190,7 +191,10 @@ def rnn(
       batch_first: the layout of ``inputs`` and ``outputs``; ``None`` takes the
         module's own (``params.batch_first``, read by ``from_torch``).
       loop: any loop kind that runs reverse mode (:data:`loopgrad_jax.REVERSE_LOOPS`,
-        ``"while:max_steps=N"``, the ``nnx_*`` kinds), as text or a :class:`Loop`.
+        ``"while:max_steps=N"``, the ``nnx_*`` kinds), as text or a :class:`Loop`; or,
+        for an LSTM on a CUDA GPU, ``"cudnn"`` (:data:`loopgrad_jax.FUSED_LOOPS`): the
+        whole module in cuDNN's fused kernel, ``jax.experimental.rnn.lstm``, float32,
+        no ``proj_size``, ``precision`` or ``dropout_key`` (each refused by name).
       dropout_key: a JAX random key: dropout between layers at ``params.dropout``,
         as the module applies it in training mode (inverted dropout on every layer's
         outputs but the last; the same key gives the same masks). ``None``: no
@@ -216,6 +220,9 @@ def rnn(
     loop = require_reverse(loop, "lg.rnn")
     policy = bind_precision(precision, params)
     bound = bind_module(params, inputs, hidden0, lengths, batch_first, dropout_key)
+    if loop.kind == cudnn.KIND:
+        checked = set_precision(bound.params, policy)
+        cudnn.check(checked, bound.inputs, needed_by="lg.rnn", dropout_key=dropout_key)
     return _rnn(
         set_precision(bound.params, policy),
         bound.inputs,
@@ -232,9 +239,12 @@ def rnn(
 def _rnn(params, inputs, hidden0, lengths, dropout_key, *, loop, batch_first, unbatched):
     carry0 = to_carry(params.kind, hidden0)
     live = None if lengths is None else jnp.arange(inputs.shape[0])[:, None] < lengths[None, :]
-    finals, outputs = module_forward(
-        params, inputs, carry0, loop, live=live, dropout_key=dropout_key
-    )
+    if loop.kind == cudnn.KIND:
+        finals, outputs = cudnn.module_forward(params, inputs, carry0, live=live)
+    else:
+        finals, outputs = module_forward(
+            params, inputs, carry0, loop, live=live, dropout_key=dropout_key
+        )
     h_n = to_public(params.kind, finals)
     if lengths is not None:  # a traced length outside 1..T: every result NaN
         bad = jnp.any((lengths < 1) | (lengths > inputs.shape[0]))
