@@ -161,7 +161,9 @@ def test_pytorchs_own_loops_compute_jaxs_loss_and_gradient(tmp_path):
     assert set(rows["scan"]["vs_torch"]) == {"eager", "torch.scan"}
 
 
+# The full tier: three peers compiled beside the loop (6 s).
 @needs_torch
+@pytest.mark.slow
 def test_the_jax_peers_compute_jaxs_loss_and_gradient(tmp_path):
     rows = _rows(tmp_path, "remat:checkpoints=2", 4, "--peers", "equinox,nnx.RNN,fused")
     assert list(rows) == ["remat:checkpoints=2", "equinox", "flax nnx.RNN", "torch nn.RNN"]
@@ -229,6 +231,8 @@ def test_the_flax_gru_runs_with_b_hn_zero_and_its_check_leaves_b_hn_out(tmp_path
     assert peers.zero_b_hn("lstm", ("nnx.RNN",)) is False
 
 
+# The full tier: each row's gradient compiled twice, timed and counted (4 s).
+@pytest.mark.slow
 def test_the_checkpoints_preset_counts_evaluations_beside_equinox(tmp_path, capsys):
     equinox = pytest.importorskip("equinox")
     status, records = _run(
