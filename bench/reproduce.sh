@@ -104,10 +104,11 @@ bench cpu_checkpoints_large --preset checkpoints --repeats 5 --input 64 --hidden
 
 # --- Flax NNX: this library's loops beside nnx.RNN and the library's loops over Flax's cells
 # (--preset flax: rnn_loss at T=1000); every cell Flax has, at I=64, H=256, B=32.
-for cell in article rnn_tanh lstm gru; do
-  bench "cpu_flax_$cell" --preset flax --cell "$cell" --input 64 --hidden 256 --batch 32 \
-    --min-time 5 --repeats 5                                      # cpu_flax_<cell>.json .png
-done
+flaxing=(--preset flax --input 64 --hidden 256 --batch 32 --min-time 5 --repeats 5)
+bench cpu_flax_article --cell article "${flaxing[@]}"       # cpu_flax_article.json .png
+bench cpu_flax_rnn_tanh --cell rnn_tanh "${flaxing[@]}"     # cpu_flax_rnn_tanh.json .png
+bench cpu_flax_lstm --cell lstm "${flaxing[@]}"             # cpu_flax_lstm.json .png
+bench cpu_flax_gru --cell gru "${flaxing[@]}"               # cpu_flax_gru.json .png
 
 # --- data-parallel: the batch split over 2 (and 4) virtual CPU devices ------------------
 parallel=(--scenarios rnn_loss --loops scan --lengths 1000 --input 64 --hidden 256 --batch 32

@@ -1375,6 +1375,9 @@ def test_reproduce_script_writes_every_committed_result():
     gpu_script = (RESULTS.parent / "gpu_check.sh").read_text()
     written |= set(re.findall(r'\$OUT/(\w+\.\w+)"', script))
     written |= set(re.findall(r'\$out/(\w+\.\w+)"', gpu_script))
+    # gpu_check.sh's `bench NAME ...` lines write NAME.json and NAME.txt.
+    gpu_names = re.findall(r"^bench (\w+)", gpu_script, flags=re.M)
+    written |= {f"{n}.{ext}" for n in gpu_names for ext in ("json", "txt")}
     committed = {p.name for p in RESULTS.iterdir()}
     assert committed <= written, sorted(committed - written)
 

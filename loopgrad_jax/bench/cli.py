@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--loops",
         type=_loops,
         help=(
-            f"comma-separated loop kinds from {','.join(lg.LOOPS)}, each optionally with "
+            f"comma-separated loop kinds from {','.join(lg.LOOPS)} (and "
+            f"{','.join(lg.FUSED_LOOPS)}: an LSTM through cuDNN, on a CUDA GPU), each "
+            "optionally with "
             "options as in loopgrad_jax.Loop's text form, e.g. scan:unroll=8, "
             f"remat:chunk=32, remat:policy=dots_saveable (default: all: {','.join(lg.LOOPS)}; "
             f"under --quick {','.join(QUICK['loops'])})"
