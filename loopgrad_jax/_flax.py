@@ -39,6 +39,7 @@ from loopgrad_jax import _cells, _checks
 from loopgrad_jax._cell import REDUCTIONS, Cell, LossFn, reduce_losses
 from loopgrad_jax._cells import TORCH_CELLS, CellParams, LayerParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
+from loopgrad_jax._precision import Precision, check_param_dtypes, check_precision, matmul
 from loopgrad_jax._result import TrainResult
 from loopgrad_jax._rnn import RNNParams
 from loopgrad_jax._sequence import check_loss_fn, every_step_loss, step_weights
@@ -77,14 +78,21 @@ class TorchCell(nnx.RNNCellBase):
         self.weight_hr = _param_or_none(layer.weight_hr)
 
     def __call__(self, carry: Any, inputs: jax.Array) -> tuple[Any, jax.Array]:
+        return self.step(carry, inputs)
+
+    def step(
+        self, carry: Any, inputs: jax.Array, policy: Precision | None = None
+    ) -> tuple[Any, jax.Array]:
+        """``__call__``; under ``policy`` (``flax_train(precision=)``) each product is
+        :func:`loopgrad_jax._precision.matmul`'s, as the library's own cells compute it."""
         lead = tuple(range(inputs.ndim - 1))  # the batch axes
-        gi = inputs @ self.weight_ih[...].T
+        gi = matmul(inputs, self.weight_ih[...].T, policy)
         b_hh = None
         if self.bias_ih is not None:
             gi = gi + jnp.expand_dims(self.bias_ih[...], lead)
             b_hh = jnp.expand_dims(self.bias_hh[...], lead)
         w_hr = _value_or_none(self.weight_hr)
-        return _cells.layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi, w_hr)
+        return _cells.layer_step(self.kind, self.weight_hh[...], b_hh, carry, gi, w_hr, policy)
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> Any:
         batch, dtype = input_shape[:-1], self.weight_hh.dtype
@@ -736,11 +744,17 @@ def _loss(
     return reduce_losses(losses, reduction, weights).sum()
 
 
-def _step_layers(model: FlaxRNN, carries: tuple, x: jax.Array) -> tuple[tuple, jax.Array]:
-    """One step of every layer: ``(new carries, the last layer's new h)``."""
+def _step_layers(
+    model: FlaxRNN, carries: tuple, x: jax.Array, policy: Precision | None = None
+) -> tuple[tuple, jax.Array]:
+    """One step of every layer: ``(new carries, the last layer's new h)``; under
+    ``policy`` (TorchCell layers only) each product is the policy's."""
     new = []
     for layer, carry in zip(model.layers, carries, strict=True):
-        carry, x = layer.cell(carry, x)
+        if policy is None:
+            carry, x = layer.cell(carry, x)
+        else:
+            carry, x = layer.cell.step(carry, x, policy)
         new.append(carry)
     return tuple(new), x
 
@@ -786,11 +800,12 @@ def _shapes(tree: PyTree) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _cell_of_graph(graphdef: nnx.GraphDef) -> Cell:
-    """The library :class:`Cell` whose params are a model's pure ``nnx.State``."""
+def _cell_of_graph(graphdef: nnx.GraphDef, policy: Precision | None = None) -> Cell:
+    """The library :class:`Cell` whose params are a model's pure ``nnx.State``; under
+    ``policy`` every product (the head's too) is the policy's."""
 
     def step(state, carries, x):
-        return _step_layers(nnx.merge(graphdef, state), carries, x)[0]
+        return _step_layers(nnx.merge(graphdef, state), carries, x, policy)[0]
 
     def readout(state, carries):
         model = nnx.merge(graphdef, state)
@@ -798,9 +813,33 @@ def _cell_of_graph(graphdef: nnx.GraphDef) -> Cell:
         cell = model.layers[-1].cell
         if model.kind == "lstm":
             h = _lstm_h_c(cell, h)[0]
-        return h if model.head is None else model.head(h)
+        if model.head is None:
+            return h
+        if policy is None:
+            return model.head(h)
+        bias = jnp.expand_dims(model.head.bias[...], tuple(range(h.ndim - 1)))
+        return matmul(h, model.head.kernel[...], policy) + bias
 
     return Cell(step, readout)
+
+
+def _bind_precision(model: FlaxRNN, precision: object) -> Precision | None:
+    """``flax_train``'s checked policy: TorchCell layers with float32 parameters only."""
+    policy = check_precision(precision)
+    if policy is None:
+        return None
+    builtin = [type(layer.cell).__name__ for layer in model.layers]
+    builtin = [name for name in builtin if name != TorchCell.__name__]
+    if builtin:
+        raise ValueError(
+            f"precision={precision!r} applies to a model of lg.TorchCell layers (lg.to_flax("
+            f"params), PyTorch's parameterisation), whose products it rounds as lg.train_rnn "
+            f"does; got Flax's own {builtin[0]}, which computes in its own dtype=: build the "
+            "model with lg.to_flax(params) (cells='torch'), or pass precision=None."
+        )
+    named = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    check_param_dtypes(((f"model{jax.tree_util.keystr(p)}", v) for p, v in named), policy)
+    return policy
 
 
 def flax_train(
@@ -818,6 +857,7 @@ def flax_train(
     loss_fn: LossFn | None = None,
     lengths: jax.typing.ArrayLike | None = None,
     reduction: str = "sum",
+    precision: object = None,
 ) -> TrainResult:
     """Trains a :class:`FlaxRNN` over one sequence, in place, as :func:`train_rnn` does.
 
@@ -842,6 +882,12 @@ def flax_train(
         model is time-major, ``B`` is ``inputs.shape[1]``); the cells still step over
         the padded steps, so ``hidden`` is the state after all ``T`` steps.
       hidden0: the initial state in the library's layout (see :class:`FlaxRNN`).
+      precision: ``None`` (every operation in the parameters' dtype), ``"bf16"`` or a
+        :class:`loopgrad_jax.Precision`, as :func:`train_rnn` takes it: for a model of
+        :class:`TorchCell` layers (``lg.to_flax(params)``), each product's operands in
+        the compute dtype, accumulated in float32, the parameters, optimizer state,
+        recurrent state and loss float32. Flax's built-in cells are refused (they
+        compute in their own ``dtype=``).
 
     Returns:
       A :class:`TrainResult` whose ``params`` is the model's new ``nnx.State``,
@@ -869,6 +915,7 @@ def flax_train(
             f"optimizer must step the model's nnx.Param variables (wrt=nnx.Param), got "
             f"wrt={optimizer.wrt!r}."
         )
+    policy = _bind_precision(model, precision)
     inputs, targets = _sequences(model, inputs, targets, checked=loss_fn is None)
     graphdef, state = nnx.split(model)
     params = nnx.as_pure(state)
@@ -891,7 +938,7 @@ def flax_train(
         optimizer=optimizer.tx,
         opt_state=opt_state,
         keep_grads=keep_grads,
-        cell=_cell_of_graph(graphdef),
+        cell=_cell_of_graph(graphdef, policy),
         loss_fn=loss_fn,
         lengths=lengths,
         reduction=reduction,

@@ -255,3 +255,46 @@ def test_bench_precision_flag():
     rows = run.tasks(plan)
     assert [t.sizes.precision for t in rows] == [None, "bf16"]
     assert len({run._group(t) for t in rows}) == 1  # timed interleaved
+
+
+@pytest.mark.parametrize("mode", ["tbptt", "as_written"])
+def test_flax_train_of_torch_cells_follows_train_rnns_policy(mode):
+    """``flax_train(precision="bf16")`` on a model of TorchCell layers is ``train_rnn``'s
+    policy on the same weights (the products through the same helper): equal up to the
+    order of float32 sums, while the float32 run lands a bfloat16 rounding away."""
+    nnx = pytest.importorskip("flax.nnx")
+    p, x, y = _problem("gru")
+    sgd = optax.sgd(0.1)
+
+    def flax_run(precision):
+        model = lg.to_flax(p)
+        opt = nnx.Optimizer(model, sgd, wrt=nnx.Param)
+        result = lg.flax_train(model, opt, x, y, mode=mode, precision=precision)
+        return result.losses, lg.from_flax(model)
+
+    ours = lg.train_rnn(p, x, y, mode=mode, optimizer=sgd, precision="bf16")
+    losses, trained = flax_run("bf16")
+    f32_losses, f32_trained = flax_run(None)
+
+    def rel(a, b):
+        a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+        return max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in zip(a, b))
+
+    assert rel(losses, ours.losses) < 1e-5 and rel(trained, ours.params) < 1e-5
+    # The policy is in force: float32 throughout differs by about bfloat16's roundoff.
+    assert rel(f32_losses, ours.losses) > 1e-4
+    assert rel(f32_trained, ours.params) > 1e-5
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(trained))
+
+
+def test_flax_train_refuses_a_policy_for_flaxs_own_cells():
+    nnx = pytest.importorskip("flax.nnx")
+    p, x, y = _problem("lstm")
+    model = lg.to_flax(p, cells="flax")
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"precision='bf16' applies to a model of lg.TorchCell"):
+        lg.flax_train(model, opt, x, y, precision="bf16")
+    half = lg.to_flax(jax.tree.map(lambda a: a.astype(jnp.bfloat16), p))
+    opt = nnx.Optimizer(half, optax.sgd(0.1), wrt=nnx.Param)
+    with pytest.raises(TypeError, match=r"must be float32 under precision"):
+        lg.flax_train(half, opt, x, y, precision="bf16")
