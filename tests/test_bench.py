@@ -1009,6 +1009,7 @@ def test_a_two_layer_lstm_runs_beside_its_peers_on_the_same_weights(tmp_path, ca
 
 
 @needs_torch
+@pytest.mark.slow  # the full tier: a packed module compiled beside three loops (4 s)
 def test_a_bidirectional_packed_lstm_runs_beside_pytorchs_packed_module(tmp_path, capsys):
     status, doc = _bench(
         tmp_path,

@@ -260,6 +260,7 @@ def test_the_checkpoints_preset_counts_evaluations_beside_equinox(tmp_path, caps
     assert "evals/T" in capsys.readouterr().out  # the table's note column
 
 
+@pytest.mark.slow  # the full tier: five Flax peers compiled (2.5 s)
 def test_the_flax_preset_names_its_rows(tmp_path):
     pytest.importorskip("flax")
     status, records = _run(tmp_path, "--preset", "flax", "--lengths", "3", "--loops", "scan")

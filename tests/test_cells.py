@@ -457,7 +457,7 @@ def _random_hidden0(kind, layers, b, h, seed=3):
 @pytest.mark.parametrize(
     ("kind", "loop"),
     [  # every kind and every loop kind once (python, eager, is the slow one: one kind)
-        ("rnn_tanh", "python"),
+        pytest.param("rnn_tanh", "python", marks=pytest.mark.slow),
         ("lstm", "scan"),
         ("gru", "scan"),
         ("lstm", "remat:chunk=2"),

@@ -82,7 +82,7 @@ def test_body_evaluations_are_the_offline_optimum(length, checkpoints, reverse):
     assert lg.checkpointed_evaluations(length, length) == max(2 * length - 1, 0)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("reverse", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_bounded_while_with_a_traced_length_checkpoints_its_steps(reverse):
     # while:max_steps=N:checkpoints=C is while:max_steps=N (a scan of N steps, those at
     # or past the trip count skipped), reversed storing at most C carries.

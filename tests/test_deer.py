@@ -69,7 +69,7 @@ def test_matches_scan_at_the_articles_size(kind, jacobian, reverse):
 
 
 @pytest.mark.parametrize("jacobian", ["full", pytest.param("diag", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", pytest.param("lstm", marks=pytest.mark.slow)])
 def test_matches_scan_with_64_hidden_units(kind, jacobian):
     body, params, init, xs = cell(kind, hidden=64, length=12)
     step = functools.partial(body, params)

@@ -82,7 +82,7 @@ def test_gradient_equals_the_plain_loops(kind, loop, masked, reverse):
 
 
 @pytest.mark.parametrize(
-    "kind", [k if k == "lstm" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS]
+    "kind", [k if k == "rnn_tanh" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS]
 )
 def test_forward_mode_and_second_derivatives_equal_the_plain_loops(kind):
     # The rule is a JVP rule: jax.jvp runs it directly, reverse mode transposes it, and

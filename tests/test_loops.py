@@ -180,7 +180,7 @@ def _padded(seed=0):
     return {"a": jax.random.normal(ka, (N, 3)), "b": jax.random.normal(kb, (N, 3))}
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("reverse", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_bounded_while_with_a_traced_length_is_the_loop_of_that_length(reverse):
     # lax.while_loop's semantics with a trip count known only at run time: the first n
     # rows of xs are read, ys has N rows, zero from row n on; values and gradients equal
@@ -400,7 +400,9 @@ def test_existing_loops_keep_their_value_and_text():
     assert lg.Loop.parse("parallel:jacobian=diag") == lg.Loop("parallel", jacobian="diag")
 
 
-@pytest.mark.parametrize("loop", ["parallel", "parallel:jacobian=diag:iters=200"])
+@pytest.mark.parametrize(
+    "loop", [pytest.param("parallel", marks=pytest.mark.slow), "parallel:jacobian=diag:iters=200"]
+)
 def test_parallel_forward_mode_matches_scan(loop):
     xs = {"a": jnp.linspace(-1, 1, 21).reshape(7, 3), "b": jnp.linspace(0, 2, 21).reshape(7, 3)}
 

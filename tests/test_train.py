@@ -416,7 +416,7 @@ def _window_oracle(optimizer, params, x, y, h0, window):
     return params
 
 
-@pytest.mark.parametrize("name", ["lbfgs", "plateau"])
+@pytest.mark.parametrize("name", [pytest.param("lbfgs", marks=pytest.mark.slow), "plateau"])
 def test_optimizers_that_need_the_loss_get_it(name):
     # optax.lbfgs needs value, grad and value_fn; reduce_on_plateau needs value.
     # Three windows of 3: the oracle compiles one window's update, once.
