@@ -83,7 +83,7 @@ def _kind(data: Any) -> tuple[str, str]:
         return "other", "it holds no records"
     if all(all(k in r for k in BENCH_KEYS) for r in records):
         return "bench", ""
-    keys = ", ".join(dict.fromkeys(k for r in records for k in r))
+    keys = ", ".join(sorted({k for r in records for k in r}))
     return "other", (
         f"its records are not loopgrad-bench's (they lack one of {', '.join(BENCH_KEYS)}): "
         f"they hold {keys}{_nested(records)}"
@@ -92,7 +92,7 @@ def _kind(data: Any) -> tuple[str, str]:
 
 def _nested(records: Sequence[Mapping]) -> str:
     """``; its timings are nested under forward, reverse``, where they are."""
-    keys = [k for k, v in records[0].items() if isinstance(v, dict)]
+    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, dict)})
     return f"; its timings are nested under {', '.join(keys)}" if keys else ""
 
 
