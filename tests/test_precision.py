@@ -35,7 +35,10 @@ import loopgrad_jax as lg
 
 U = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits
 KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-LOOPS = ("scan", "fori", "python", "remat")
+# The four kinds of lg.REVERSE_LOOPS the quick tier rotates through, then the fifth and the
+# options that change how a loop runs (the full tier).
+LOOPS = ("scan", "fori", "python", "remat", "parallel", "scan:unroll=2", "remat:checkpoints=2")
+LOOPS += ("remat:chunk=2", "while:max_steps=5")
 T, B, IN, H, OUT, L = 5, 3, 4, 8, 2, 2
 
 
