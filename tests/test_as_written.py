@@ -205,6 +205,7 @@ def test_grid_cli_writes_both_methods_and_auto_side_by_side(tmp_path):
     assert r["forward"]["temp_bytes"] > 0
 
 
+@pytest.mark.slow  # the full tier (1.5 s)
 def test_grid_recheck_retimes_only_the_busy_points(tmp_path):
     first, rechecked = tmp_path / "first.json", tmp_path / "rechecked.json"
     argv = ["--input", "2", "--hidden", "3", "--batch", "1", "--length", "3,4", "--repeats", "3"]

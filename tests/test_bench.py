@@ -1107,6 +1107,7 @@ def test_gru_training_peers_agree_with_each_other_and_with_jax():
     assert run.max_rel_diff(tbptt, ours) < 1e-5
 
 
+@pytest.mark.slow  # the full tier (1.7 s)
 @needs_torch
 def test_cell_profile_times_each_part_on_both_sides(tmp_path, capsys):
     from loopgrad_jax.bench import cell_profile
@@ -1137,6 +1138,7 @@ def _check_profile_rows(records):
         assert (r["minor_faults"] is None) == (not part.startswith("gradient"))
 
 
+@pytest.mark.slow  # the full tier (2.4 s)
 @needs_torch
 def test_profile_flag_adds_the_profile_to_the_table_and_json(tmp_path, capsys):
     path = tmp_path / "run.json"
@@ -1349,6 +1351,7 @@ def test_the_retained_graph_grows_with_every_step():
 # --- the progress bar, the reproduction script -------------------------------------------
 
 
+@pytest.mark.slow  # the full tier: a new process (3 s)
 def test_no_progress_never_imports_tqdm():
     code = (
         "import sys; from loopgrad_jax.bench import cli; "

@@ -158,6 +158,7 @@ def test_forward_mode_matches_scan():
     assert_rel(jvp(deer, (params, init, xs), tangents), want)
 
 
+@pytest.mark.slow  # the full tier (2.6 s)
 def test_body_closing_over_weights_and_an_enclosing_scans_integer_index():
     w = jnp.array([[0.6, -0.2], [0.3, 0.5]])
     xs = jnp.linspace(-1.0, 1.0, 10).reshape(5, 2)

@@ -142,6 +142,7 @@ def test_builtin_cells_round_trip_keeps_the_forward_pass(kind):
     assert_close(lg.rnn(back, x, lengths=lengths), lg.rnn(p, x, lengths=lengths), F64, kind)
 
 
+@pytest.mark.slow  # the full tier (2.9 s)
 def test_headed_bidirectional_model_loss_and_gradient_equal_rnn_loss():
     p = _bi_params("gru")
     x = jax.random.normal(jax.random.key(2), (5, 3, 3), jnp.float64)

@@ -172,6 +172,7 @@ def test_loss_and_gradients_match_torch_autocast(kind, loop):
         assert g.dtype == jnp.float32
 
 
+@pytest.mark.slow  # the full tier (2 s)
 def test_bf16_state_error_grows_float32_state_does_not():
     """What a bfloat16 state would cost: a GRU whose update gate holds ~0.993 of ``h``
     each step (bias +5: a memory of ~150 steps), its final ``h`` against float64.

@@ -80,6 +80,7 @@ def test_forward_and_reverse_methods_agree(seed, t, b, i, h, o):
 
 
 @settings(max_examples=2, deadline=None)
+@pytest.mark.slow  # the full tier: many drawn examples (3.8 s)
 @given(
     seed=st.integers(0, 2**16),
     t=st.integers(1, 9),
@@ -118,6 +119,7 @@ def test_tbptt_bounded_while_bounds_each_window_not_their_number(loop):
     assert_close(_tbptt_over_four_windows(loop), expected, TOL["float64"])
 
 
+@pytest.mark.slow  # the full tier (3.5 s)
 def test_tbptt_bounded_while_run_differentiates_as_scan():
     # (A loop with checkpoints has no reverse mode of its reverse mode: Loop's docstring.)
     params, inputs = random_rnn_problem(jax.random.key(20), 7, 2, 2, 3, 1)[:2]
