@@ -149,6 +149,7 @@ def test_keeps_at_most_c_carries():
     assert temp_bytes("remat:checkpoints=4") < carries / 4
 
 
+@pytest.mark.slow  # the full tier (2.7 s)
 def test_vmap_of_the_gradient():
     weights, init, xs = problem(9)
     batch = jnp.stack([weights, 2 * weights])

@@ -68,8 +68,9 @@ def test_matches_scan_at_the_articles_size(kind, jacobian, reverse):
     assert_rel((carry, ys), want)
 
 
-@pytest.mark.parametrize("jacobian", ["full", pytest.param("diag", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("kind", ["rnn_tanh", pytest.param("lstm", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the full tier: 64 units' full Jacobians (2.7 s a case)
+@pytest.mark.parametrize("jacobian", ["full", "diag"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm"])
 def test_matches_scan_with_64_hidden_units(kind, jacobian):
     body, params, init, xs = cell(kind, hidden=64, length=12)
     step = functools.partial(body, params)
@@ -181,6 +182,7 @@ def test_body_closing_over_weights_and_an_enclosing_scans_integer_index():
     assert_rel(jax.jit(jax.grad(outer, (1, 2)), static_argnums=0)(deer, w, xs), want)
 
 
+@pytest.mark.slow  # the full tier (2 s a case)
 @pytest.mark.parametrize("jacobian", ["full", "diag"])
 def test_length_iterations_are_exact_even_with_tol_zero(jacobian):
     # Iteration k makes steps 1..k exact, so T iterations are exact for any Jacobian.
@@ -206,6 +208,7 @@ def test_not_converged_is_nan_with_nan_gradients():
     assert all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow  # the full tier (3 s)
 def test_the_articles_scalar_scenarios():
     n, xs = 3, jnp.arange(3, dtype=jnp.float64)
 
