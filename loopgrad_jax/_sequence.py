@@ -564,10 +564,10 @@ def rnn_loss(
     bound = bind(params, inputs, targets, hidden0, cell, loss_fn)
     hoist_input = check_hoist(hoist_input, bound.cell)
     loop = check_loop(loop)
+    params = _cells.set_precision(bound.params, policy)
     if loop.kind == cudnn.KIND:
-        checked = _cells.set_precision(bound.params, policy)
         cudnn.check(
-            checked,
+            params,
             bound.inputs,
             needed_by="lg.rnn_loss",
             mesh=mesh,
@@ -577,7 +577,7 @@ def rnn_loss(
     lengths = _checks.check_lengths(lengths, bound.dims.length, bound.dims.batch)
     shards = check_mesh(mesh, bound.dims.batch)
     return _rnn_loss(
-        _cells.set_precision(bound.params, policy),
+        params,
         bound.inputs,
         bound.targets,
         bound.hidden0,

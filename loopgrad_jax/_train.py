@@ -309,19 +309,13 @@ def train_rnn(
         )
     loop = require_reverse(loop, "train_rnn(mode='tbptt')") if mode == "tbptt" else check_loop(loop)
     if loop.kind == cudnn.KIND:
-        if mode == "as_written":
-            raise ValueError(
-                "loop='cudnn' runs a whole sequence in one fused kernel, but "
-                "train_rnn(mode='as_written') updates the weights after every step, one "
-                "cell at a time (forward or reverse mode through single steps): use "
-                "mode='tbptt' with loop='cudnn', or mode='as_written' with loop='scan'."
-            )
         cudnn.check(
             params,
             inputs,
             needed_by="lg.train_rnn",
             mesh=mesh,
             custom_cell=cell is not None,
+            as_written=mode == "as_written",
         )
     _check_bound(loop, mode, window, length)
     if optimizer is None:

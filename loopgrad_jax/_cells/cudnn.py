@@ -151,6 +151,7 @@ def check(
     dropout_key: jax.Array | None = None,
     mesh: object = None,
     custom_cell: bool = False,
+    as_written: bool = False,
 ) -> None:
     """Refuses what ``loop="cudnn"`` cannot run, naming the argument; ``None`` if it can.
 
@@ -159,6 +160,13 @@ def check(
     that every refusal reads the same on any machine.
     """
     where = f"loop='cudnn' in {needed_by}"
+    if as_written:  # train_rnn(mode="as_written")
+        raise ValueError(
+            "loop='cudnn' runs a whole sequence in one fused kernel, but "
+            "train_rnn(mode='as_written') updates the weights after every step, one "
+            "cell at a time (forward or reverse mode through single steps): use "
+            "mode='tbptt' with loop='cudnn', or mode='as_written' with loop='scan'."
+        )
     if custom_cell:
         raise ValueError(
             _use_instead(

@@ -220,11 +220,11 @@ def rnn(
     loop = require_reverse(loop, "lg.rnn")
     policy = bind_precision(precision, params)
     bound = bind_module(params, inputs, hidden0, lengths, batch_first, dropout_key)
+    params = set_precision(bound.params, policy)
     if loop.kind == cudnn.KIND:
-        checked = set_precision(bound.params, policy)
-        cudnn.check(checked, bound.inputs, needed_by="lg.rnn", dropout_key=dropout_key)
+        cudnn.check(params, bound.inputs, needed_by="lg.rnn", dropout_key=dropout_key)
     return _rnn(
-        set_precision(bound.params, policy),
+        params,
         bound.inputs,
         bound.hidden0,
         bound.lengths,

@@ -60,7 +60,7 @@ class Extra(NamedTuple):
     package: str  # the module it imports
     cells: tuple[str, ...]  # the cells it runs
     install: str  # how to get its package
-    options: str = ""  # what may follow "name:" ("" none; see OPTIONS)
+    options: str = ""  # what may follow the name, as --help shows it ("" none; _problem checks)
 
 
 #: The cells Flax has a built-in cell for.
@@ -71,9 +71,9 @@ _BENCH_EXTRA = "pip install 'loopgrad_jax[bench]'"
 EXTRAS: dict[str, Extra] = {
     "torch.compile": Extra("torch", "torch", ("article",), "pip install 'loopgrad_jax[torch]'"),
     "torch.scan": Extra("torch", "torch", ("article",), "pip install 'loopgrad_jax[torch]'"),
-    "nnx.RNN": Extra("flax", "flax", FLAX_CELLS, _BENCH_EXTRA, "unroll=K or again"),
-    "flax_loss": Extra("flax", "flax", FLAX_CELLS, _BENCH_EXTRA, "a loop kind"),
-    "equinox": Extra("equinox", "equinox", ("article",), _BENCH_EXTRA, "checkpoints=C"),
+    "nnx.RNN": Extra("flax", "flax", FLAX_CELLS, _BENCH_EXTRA, "[:unroll=K or again]"),
+    "flax_loss": Extra("flax", "flax", FLAX_CELLS, _BENCH_EXTRA, ":LOOP"),
+    "equinox": Extra("equinox", "equinox", ("article",), _BENCH_EXTRA, "[:checkpoints=C]"),
 }
 
 #: Scenarios the extra peers run.
@@ -84,8 +84,7 @@ def names() -> tuple[str, ...]:
     """Every name ``--peers`` accepts, with the options a name may take after ``:``."""
     torch_names = {p for s in torch_peers.PEERS for p in torch_peers.PEERS[s]}
     torch_names |= {torch_peers.fused_name(c) for c in ("rnn_tanh", "lstm", "gru")}
-    extras = [f"{n}[:{e.options}]" if e.options else n for n, e in EXTRAS.items()]
-    extras = [e.replace("[:a loop kind]", ":LOOP") for e in extras]
+    extras = [f"{n}{e.options}" for n, e in EXTRAS.items()]
     return (ALL, *sorted(torch_names | {"fused"}), *extras)
 
 
