@@ -117,8 +117,11 @@ def gates_linearized(kind: str, pre: jax.Array, state: Any) -> tuple[Any, tuple]
 
     The coefficients fold every activation's derivative into one factor per
     pre-activation column (``sigmoid' = a (1 - a)``, ``tanh' = 1 - a^2``), plus the
-    factors on the old state's tangent: an LSTM's ``4H + H + H``, a GRU's ``5H``, an
-    ``nn.RNN``'s ``H`` numbers per example.
+    factors on the old state's tangent, each a ``(B, H)`` array of its own: an LSTM's
+    four gates, ``f`` and ``d h' / d c'``; a GRU's five; an ``nn.RNN``'s one. Kept as
+    separate arrays, not joined: a loop that stores them reads each back from its own
+    buffer, and XLA's CPU backend ran an elementwise step several times slower when it
+    read several column blocks of one stored array (``docs/notes.md``).
     """
     acts = activate(kind, pre)
     if kind == "lstm":
@@ -126,19 +129,15 @@ def gates_linearized(kind: str, pre: jax.Array, state: Any) -> tuple[Any, tuple]
         i, f, g, o = jnp.split(acts, 4, axis=-1)
         c_new = f * c + i * g
         tanh_c = jnp.tanh(c_new)
-        coef = jnp.concatenate(
-            [g * i * (1 - i), c * f * (1 - f), i * (1 - g) * (1 + g), tanh_c * o * (1 - o)],
-            axis=-1,
-        )
-        return (o * tanh_c, c_new), (coef, f, o * (1 - tanh_c) * (1 + tanh_c))
+        gates = (g * i * (1 - i), c * f * (1 - f), i * (1 - g) * (1 + g), tanh_c * o * (1 - o))
+        return (o * tanh_c, c_new), (*gates, f, o * (1 - tanh_c) * (1 + tanh_c))
     if kind == "gru":
         h = state
         r, z, xn, hn = jnp.split(acts, 4, axis=-1)
         n = jnp.tanh(xn + r * hn)
-        # d h' = coef . [d r_pre, d z_pre, d x_n, d h_n, d h], with n_pre = x_n + r h_n.
+        # d h' = coefs . [d r_pre, d z_pre, d x_n, d h_n, d h], with n_pre = x_n + r h_n.
         dn = (1 - z) * (1 - n) * (1 + n)
-        coef = jnp.concatenate([dn * hn * r * (1 - r), (h - n) * z * (1 - z), dn, dn * r, z], -1)
-        return (1 - z) * n + z * h, (coef,)
+        return (1 - z) * n + z * h, (dn * hn * r * (1 - r), (h - n) * z * (1 - z), dn, dn * r, z)
     return acts, (output_slope(kind, acts),)
 
 
@@ -150,14 +149,13 @@ def output_slope(kind: str, h: jax.Array) -> jax.Array:
 def gates_tangent(kind: str, coefs: tuple, dpre: jax.Array, dstate: Any) -> Any:
     """The tangent of :func:`update`'s new state: linear in ``dpre`` and ``dstate``."""
     if kind == "lstm":
-        coef, f, dh_dc = coefs
-        di, df, dg, do = jnp.split(dpre * coef, 4, axis=-1)
+        *gates, f, dh_dc = coefs
+        di, df, dg, do = (c * d for c, d in zip(gates, jnp.split(dpre, 4, axis=-1), strict=True))
         dc_new = f * dstate[1] + di + df + dg
         return do + dh_dc * dc_new, dc_new
     if kind == "gru":
-        terms = jnp.concatenate([dpre, dstate], axis=-1) * coefs[0]
-        dr, dz, dxn, dhn, dh = jnp.split(terms, 5, axis=-1)
-        return dr + dz + dxn + dhn + dh
+        dr, dz, dxn, dhn = jnp.split(dpre, 4, axis=-1)
+        return coefs[0] * dr + coefs[1] * dz + coefs[2] * dxn + coefs[3] * dhn + coefs[4] * dstate
     return coefs[0] * dpre
 
 
@@ -368,7 +366,12 @@ def rows_product(xs: jax.Array, weight: jax.Array, policy: Precision | None) -> 
     if _checks.batch_split(xs):
         return einsum("tbk,nk->tbn", xs, weight, policy)
     t, b, k = xs.shape
-    return matmul(xs.reshape(t * b, k), weight.T, policy).reshape(t, b, -1)
+    # The barrier keeps weight.T a product operand of its own. Reverse mode then computes
+    # the weight's gradient as xs^T dY, (K, N), and transposes that small result; without
+    # it XLA folds the transpose into the product, dY^T xs, which its CPU backend ran 30%
+    # slower at T * B = 32000 rows (156 against 112 ms for a (1024, 256) weight).
+    weight_t = jax.lax.optimization_barrier(weight.T)
+    return matmul(xs.reshape(t * b, k), weight_t, policy).reshape(t, b, -1)
 
 
 def torch_step_projected(params: CellParams, carry: tuple, projected: jax.Array) -> tuple:

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax._cells.equations import _project, _row, layer_step
-from loopgrad_jax._cells.layer_rule import finish_step, layer_recurrence
+from loopgrad_jax._cells.kinds import GATES
+from loopgrad_jax._cells.layer_rule import finish_step, gate_blocks, join_blocks, layer_recurrence
 from loopgrad_jax._cells.params import CellParams
 from loopgrad_jax._loops import Loop, run_loop
 
@@ -120,11 +121,18 @@ def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
     def body(state, xs):
         g, keep = xs
         new, _ = layer_step(
-            params.kind, layer.weight_hh, b_hh, state, g, layer.weight_hr, params.precision
+            params.kind,
+            layer.weight_hh,
+            b_hh,
+            state,
+            join_blocks(g),
+            layer.weight_hr,
+            params.precision,
         )
         return finish_step(params.kind, None, new, state, keep)  # layer_step rounded it
 
-    return run_loop(body, state0, (gi, live), length=x.shape[0], loop=loop, reverse=reverse)
+    xs = (gate_blocks(gi, layer.weight_hh.shape[0] // GATES[params.kind]), live)
+    return run_loop(body, state0, xs, length=x.shape[0], loop=loop, reverse=reverse)
 
 
 def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
