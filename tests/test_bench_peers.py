@@ -231,6 +231,17 @@ def test_the_flax_gru_runs_with_b_hn_zero_and_its_check_leaves_b_hn_out(tmp_path
     assert peers.zero_b_hn("lstm", ("nnx.RNN",)) is False
 
 
+def test_b_hn_stays_where_flax_is_missing(monkeypatch):
+    # Without Flax its peers are skipped: no row computes with b_hn zero.
+    assert peers.zero_b_hn("gru", ("nnx.RNN",)) is True
+    assert peers.zero_b_hn("gru", ("all",)) is True
+    monkeypatch.setattr(peers, "installed", lambda package: package != "flax")
+    assert peers.zero_b_hn("gru", ("nnx.RNN",)) is False
+    assert peers.zero_b_hn("gru", ("all",)) is False
+    data = cases.make_data(Sizes(3, 2, 3, 4, 3, cell="gru"), 0)
+    assert peers.adapt(data, ("all",)) is data
+
+
 # The full tier: each row's gradient compiled twice, timed and counted (4 s).
 @pytest.mark.slow
 def test_the_checkpoints_preset_counts_evaluations_beside_equinox(tmp_path, capsys):

@@ -141,10 +141,12 @@ def framework(name: str) -> str | None:
 
 def zero_b_hn(cell: str, wanted: Sequence[str] | None) -> bool:
     """Whether a run of ``cell`` with ``--peers wanted`` computes with the GRU's ``b_hn``
-    zero: Flax's ``nnx.GRUCell``, which a Flax peer runs, has none."""
+    zero: Flax's ``nnx.GRUCell``, which a Flax peer runs, has none. Not where Flax is
+    missing: its peers are skipped, so every row keeps ``b_hn``."""
     if cell != "gru" or not wanted:
         return False
-    return ALL in wanted or any(framework(w) == "flax" for w in wanted)
+    flax_peer = ALL in wanted or any(framework(w) == "flax" for w in wanted)
+    return flax_peer and installed("flax")
 
 
 def adapt(data: cases.Data, wanted: Sequence[str] | None) -> cases.Data:
