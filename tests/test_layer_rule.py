@@ -137,3 +137,32 @@ def test_fori_runs_the_rule_as_a_scan(loop):
     assert str(jax.make_jaxpr(grad)(*args)) == str(jax.make_jaxpr(want)(*args))
     for g, w in zip(grad(*args), want(*args), strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+def _scan_xs_shapes(jaxpr) -> list[list[tuple[int, ...]]]:
+    """The per-step inputs (xs) of every ``lax.scan`` in ``jaxpr``, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            first = eqn.params["num_consts"] + eqn.params["num_carry"]
+            found.append([tuple(v.aval.shape) for v in eqn.invars[first:]])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _scan_xs_shapes(sub)
+    return found
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_gate_reaches_the_loop_as_its_own_array(kind):
+    # The step reads each gate's (B, H) input and, in reverse mode, each stored coefficient
+    # from a separate array, never as column blocks of one (docs/notes.md: XLA's CPU code
+    # ran the gate arithmetic several times slower that way).
+    w_hh, b_hh, gi, state0, weights = _case(kind)
+    fast, _ = _runs(kind, "scan", None, False)
+    loss = functools.partial(_loss, fast, kind, weights)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(w_hh, b_hh, gi, state0).jaxpr
+    per_step = [s for xs in _scan_xs_shapes(jaxpr) for s in xs if s[:1] == (T,)]
+    assert per_step, "no loop over the steps"
+    assert all(s[-1] == H for s in per_step), per_step
