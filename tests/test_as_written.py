@@ -132,6 +132,8 @@ MEMORY_GRID = [
 ]
 
 
+# The full tier (3 s): compiles every method at several sizes.
+@pytest.mark.slow
 def test_compiled_temp_memory_is_within_2x_of_the_estimate():
     for sizes, method, dtype in MEMORY_GRID:
         estimate = lg.as_written_cost(sizes, method, jnp.dtype(dtype).itemsize).memory_bytes

@@ -200,6 +200,9 @@ def test_an_unknown_peer_is_refused_naming_the_known_ones(capsys):
     assert "argument --peers" in err and "'keras' unknown" in err and "nnx.RNN" in err
 
 
+# The full tier (3.6 s): test_b_hn_stays_where_flax_is_missing and the peers' check of
+# every cell stay in the quick one.
+@pytest.mark.slow
 def test_the_flax_gru_runs_with_b_hn_zero_and_its_check_leaves_b_hn_out(tmp_path):
     pytest.importorskip("flax")
     status, records = _run(

@@ -456,11 +456,11 @@ def _random_hidden0(kind, layers, b, h, seed=3):
 
 @pytest.mark.parametrize(
     ("kind", "loop"),
-    [  # every kind and every loop kind once (python, eager, is the slow one: one kind)
+    [  # every kind and loop kind once; the full tier adds python and remat (3-4 s each)
         pytest.param("rnn_tanh", "python", marks=pytest.mark.slow),
         ("lstm", "scan"),
         ("gru", "scan"),
-        ("lstm", "remat:chunk=2"),
+        pytest.param("lstm", "remat:chunk=2", marks=pytest.mark.slow),
         ("gru", "while"),
     ],
 )

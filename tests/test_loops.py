@@ -400,9 +400,9 @@ def test_existing_loops_keep_their_value_and_text():
     assert lg.Loop.parse("parallel:jacobian=diag") == lg.Loop("parallel", jacobian="diag")
 
 
-@pytest.mark.parametrize(
-    "loop", [pytest.param("parallel", marks=pytest.mark.slow), "parallel:jacobian=diag:iters=200"]
-)
+# The full tier (4 s): test_deer.py's forward-mode check stays in the quick one.
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["parallel", "parallel:jacobian=diag:iters=200"])
 def test_parallel_forward_mode_matches_scan(loop):
     xs = {"a": jnp.linspace(-1, 1, 21).reshape(7, 3), "b": jnp.linspace(0, 2, 21).reshape(7, 3)}
 
