@@ -130,7 +130,7 @@ def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs
         carries = new if keep is not None or kind == "lstm" else None
         return new, (out, step_coefs, carries)
 
-    xs = (gate_blocks(gi, _size(kind, w_hh)), live)
+    xs = (gate_blocks(gi, gate_size(kind, w_hh)), live)
     final, ys = run_loop(body, state0, xs, length=gi.shape[0], loop=loop, reverse=reverse)
     if not coefs:
         return final, ys
@@ -171,7 +171,7 @@ def _recurrence_jvp(kind, loop, policy, reverse, primals, tangents):
     dfinal, dout = run_loop(
         body,
         dstate0,
-        (gate_blocks(dpre_in, _size(kind, w_hh)), coefs, live),
+        (gate_blocks(dpre_in, gate_size(kind, w_hh)), coefs, live),
         length=gi.shape[0],
         loop=loop,
         reverse=reverse,
@@ -191,8 +191,8 @@ def gate_blocks(xs: jax.Array, size: int) -> jax.Array | tuple[jax.Array, ...]:
     return xs if count == 1 else tuple(jnp.split(xs, count, axis=-1))
 
 
-def _size(kind: str, w_hh: jax.Array) -> int:
-    """The layer's hidden size ``H``: ``w_hh`` is ``(G*H, H_out)``."""
+def gate_size(kind: str, w_hh: jax.Array) -> int:
+    """The layer's hidden size ``H``, the width of one gate: ``w_hh`` is ``(G*H, H_out)``."""
     return w_hh.shape[0] // GATES[kind]
 
 

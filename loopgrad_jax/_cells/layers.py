@@ -6,8 +6,13 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax._cells.equations import _project, _row, layer_step
-from loopgrad_jax._cells.kinds import GATES
-from loopgrad_jax._cells.layer_rule import finish_step, gate_blocks, join_blocks, layer_recurrence
+from loopgrad_jax._cells.layer_rule import (
+    finish_step,
+    gate_blocks,
+    gate_size,
+    join_blocks,
+    layer_recurrence,
+)
 from loopgrad_jax._cells.params import CellParams
 from loopgrad_jax._loops import Loop, run_loop
 
@@ -131,7 +136,7 @@ def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
         )
         return finish_step(params.kind, None, new, state, keep)  # layer_step rounded it
 
-    xs = (gate_blocks(gi, layer.weight_hh.shape[0] // GATES[params.kind]), live)
+    xs = (gate_blocks(gi, gate_size(params.kind, layer.weight_hh)), live)
     return run_loop(body, state0, xs, length=x.shape[0], loop=loop, reverse=reverse)
 
 
