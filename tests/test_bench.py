@@ -1296,6 +1296,21 @@ def test_residual_bytes_counts_what_the_pullback_keeps():
     assert cases.residual_bytes(lambda x: x.sum(), x) == 0
 
 
+def test_residual_bytes_counts_an_array_kept_twice_once():
+    @jax.custom_vjp
+    def square(x):
+        return x * x
+
+    def forward(x):
+        y = x + 1
+        return x * x, (y, y, x * 2)  # y: one array, kept twice
+
+    square.defvjp(forward, lambda res, g: (res[0] * 0 + res[2] * g,))
+    x = np.ones((5,), np.float32)
+    # Counted by identity: y once and x * 2, 5 float32s each.
+    assert cases.residual_bytes(lambda x: square(x).sum(), x) == 40
+
+
 def test_chunked_remat_keeps_less_than_scan():
     sizes = Sizes(length=40, batch=2, input=3, hidden=8, window=1)
     data = make_data(sizes, 0)

@@ -166,3 +166,25 @@ def test_each_gate_reaches_the_loop_as_its_own_array(kind):
     per_step = [s for xs in _scan_xs_shapes(jaxpr) for s in xs if s[:1] == (T,)]
     assert per_step, "no loop over the steps"
     assert all(s[-1] == H for s in per_step), per_step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reverse_mode_keeps_the_coefficients_and_the_outputs_once(kind):
+    # Per step the backward pass needs each gates_linearized coefficient and h_prev,
+    # which is the outputs shifted by one step: kept as the outputs themselves (also what
+    # a caller's next product keeps), and an nn.RNN's one coefficient, 1 - h^2 or
+    # [h > 0], is recomputed from them. So the pullback holds len(coefficients) + 1
+    # distinct (T, B, H) arrays (nn.RNN: 1), none more.
+    w_hh, b_hh, gi, state0, weights = _case(kind)
+    fast, _ = _runs(kind, "scan", None, False)
+
+    def loss(w_hh, b_hh, gi, state0, head):  # the outputs also feed a product (a head)
+        out = fast(w_hh, b_hh, gi, state0)[1]
+        return jnp.sum(out * weights) + jnp.sum(jnp.einsum("tbh,ho->tbo", out, head))
+
+    head = jnp.ones((H, 2), jnp.float64)
+    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(loss, *a)[1])(w_hh, b_hh, gi, state0, head).jaxpr
+    given = set(map(id, jaxpr.constvars + jaxpr.invars))  # weights, and the primals
+    kept = {id(v) for v in jaxpr.outvars if v.aval.shape == (T, B, H) and id(v) not in given}
+    stored = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 6, "gru": 5}[kind]
+    assert len(kept) == stored + 1

@@ -365,6 +365,14 @@ def rows_product(xs: jax.Array, weight: jax.Array, policy: Precision | None) -> 
     """
     if _checks.batch_split(xs):
         return einsum("tbk,nk->tbn", xs, weight, policy)
+    return _rows_product(xs, weight, policy)
+
+
+# Checkpointed so that reverse mode keeps ``xs`` itself, not its reshape: where ``xs`` is
+# also kept for another reason (a layer's outputs, read by the next product and by the
+# layer's own rule) it is then kept once. The reshape it recomputes moves no data.
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _rows_product(xs: jax.Array, weight: jax.Array, policy: Precision | None) -> jax.Array:
     t, b, k = xs.shape
     # The barrier keeps weight.T a product operand of its own. Reverse mode then computes
     # the weight's gradient as xs^T dY, (K, N), and transposes that small result; without

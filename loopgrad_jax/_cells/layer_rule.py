@@ -108,14 +108,16 @@ def finish_step(kind: str, policy: Precision | None, new: Any, state: Any, keep)
     return new, jnp.where(keep[:, None], h, jnp.zeros_like(h))
 
 
-# nn.RNN's coefficient, d h' / d pre, is a function of h' alone: computed for every step
-# at once from the outputs after the loop rather than stored by it.
+# nn.RNN's coefficient, d h' / d pre, is a function of h' alone: the tangent loop
+# computes it from the outputs rather than the forward loop storing it.
 _RNN = ("rnn_tanh", "rnn_relu")
 
 
 def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs=False):
     """The plain loop: ``(final, outputs)``, and with ``coefs`` also what the rule
-    reads, ``(each step's gates_linearized coefficients, the carries)``."""
+    reads, ``(each step's gates_linearized coefficients, the carries)``: ``None`` for
+    what the outputs already hold (an nn.RNN's coefficients; without a mask, an nn.RNN's
+    or GRU's carries and an LSTM's ``h``), so that it is stored once."""
     bias = _row(b_hh)
 
     def body(state, xs):
@@ -126,18 +128,13 @@ def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs
             return new, (out if not coefs else (out, None, None if keep is None else new))
         new, step_coefs = gates_linearized(kind, pre, state)
         new, out = finish_step(kind, policy, new, state, keep)
-        # Without a mask an nn.RNN's or GRU's carries are the outputs: stored once.
-        carries = new if keep is not None or kind == "lstm" else None
-        return new, (out, step_coefs, carries)
+        if keep is not None:
+            return new, (out, step_coefs, new)
+        return new, (out, step_coefs, new[1] if kind == "lstm" else None)
 
     xs = (gate_blocks(gi, gate_size(kind, w_hh)), live)
     final, ys = run_loop(body, state0, xs, length=gi.shape[0], loop=loop, reverse=reverse)
-    if not coefs:
-        return final, ys
-    out, step_coefs, carries = ys
-    if kind in _RNN:  # its one coefficient, computed from the outputs after the loop
-        step_coefs = (output_slope(kind, out),)
-    return final, out, step_coefs, out if carries is None else carries
+    return (final, ys) if not coefs else (final, *ys)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
@@ -158,6 +155,22 @@ def _recurrence_jvp(kind, loop, policy, reverse, primals, tangents):
     w_hh, b_hh, gi, state0, live = primals
     dw_hh, db_hh, dgi, dstate0, _ = tangents
     final, out, coefs, carries = _forward(kind, loop, policy, reverse, *primals, coefs=True)
+    # Checkpointed: reverse mode keeps the tangent loop's inputs (the outputs, the stored
+    # coefficients) and recomputes what it derives from them, h_prev and an nn.RNN's
+    # coefficients, in the backward pass; stored, each was one more (T, B, H) array.
+    tangent = jax.checkpoint(functools.partial(_tangent, kind, loop, policy, reverse))
+    dfinal, dout = tangent(w_hh, state0, out, coefs, carries, live, dw_hh, db_hh, dgi, dstate0)
+    return (final, out), (dfinal, dout)
+
+
+def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, carries, live, *tangents):
+    """The tangent loop: ``(dfinal, dout)``, linear in ``tangents``; see
+    :func:`_forward` for ``coefs`` and ``carries``."""
+    dw_hh, db_hh, dgi, dstate0 = tangents
+    if kind in _RNN:
+        coefs = (output_slope(kind, out),)
+    if carries is None or kind == "lstm" and live is None:
+        carries = out if carries is None else (out, carries)
     h_prev = _shift(_h(kind, state0), _h(kind, carries), reverse=reverse)
     extra = _plus(rows_product(h_prev, dw_hh, policy), _row(db_hh, 2))
     dpre_in = combine(kind, dgi, extra, None)
@@ -168,15 +181,14 @@ def _recurrence_jvp(kind, loop, policy, reverse, primals, tangents):
         dpre = join_blocks(dpre_t) + combine(kind, jnp.zeros_like(dhw), dhw, None)
         return finish_step(kind, policy, gates_tangent(kind, coefs_t, dpre, dstate), dstate, keep)
 
-    dfinal, dout = run_loop(
+    return run_loop(
         body,
         dstate0,
         (gate_blocks(dpre_in, gate_size(kind, w_hh)), coefs, live),
-        length=gi.shape[0],
+        length=out.shape[0],
         loop=loop,
         reverse=reverse,
     )
-    return (final, out), (dfinal, dout)
 
 
 def gate_blocks(xs: jax.Array, size: int) -> jax.Array | tuple[jax.Array, ...]:

@@ -262,8 +262,8 @@ def residual_bytes(f: Callable[..., jax.Array], *primals: Any) -> int:
 
     The pullback is a ``jax.tree_util.Partial`` whose leaves are the residuals: every
     array reverse mode will read, including inputs it keeps whole (``remat`` keeps the
-    inputs to recompute from). Counted by shape under ``jax.eval_shape``: nothing runs,
-    and arrays are not deduplicated.
+    inputs to recompute from), each array once however many uses keep it (``jax.vjp``
+    holds it once). Counted by shape under ``jax.eval_shape``: nothing runs.
     """
     pullback = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *primals)
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(pullback))
