@@ -311,10 +311,10 @@ def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
         ("not json", r"--show: expected a JSON file written by --json, got '.*bad.json'"),
         ('{"meta": {}}', r"an object with 'meta' and 'records'\), got '.*bad.json'"),
         (
-            '{"meta": {"command": "python -m loopgrad_jax.bench.as_written_grid"}, '
-            '"records": [{"setting": "scan", "framework": "jax", "length": 3}]}',
+            '{"meta": {"command": "python -m loopgrad_jax.bench.cell_profile"}, '
+            '"records": [{"part": "forward", "framework": "jax", "length": 3}]}',
             r"records of loopgrad-bench --json, got '.*bad.json', written by "
-            r"'python -m loopgrad_jax.bench.as_written_grid', whose records lack scenario, loop, "
+            r"'python -m loopgrad_jax.bench.cell_profile', whose records lack scenario, loop, "
             r"peer, run_s_median",
         ),
     ],
@@ -650,6 +650,8 @@ def test_help_states_the_flop_count(capsys):
     assert "3 * T * (cell + head)" in out
     assert "T*(cell + 3*head) + T*(T+1)*cell" in out
     for name in (*SCENARIOS, *lg.LOOPS, "--max-unroll", "--backend", "--quick", "--json", "--wide"):
+        assert name in out
+    for name in ("loopgrad-bench report DIR", "loopgrad-bench as-written-grid"):  # subcommands
         assert name in out
 
 
