@@ -17,7 +17,7 @@ from helpers import TOL, assert_close, random_rnn_problem
 import loopgrad_jax as lg
 from loopgrad_jax import _as_written
 from loopgrad_jax._rnn import ARTICLE_CELL
-from loopgrad_jax.bench import as_written_grid, cli, report, run, timing
+from loopgrad_jax.bench import as_written_grid, cli, report, results_doc, run, timing
 
 
 def _train(problem, method, *, lr=0.1, loop="scan", step=lg.rnn_cell):
@@ -277,6 +277,19 @@ def test_grid_writes_both_methods_as_loopgrad_bench_records(grid_file):
     assert head.split() == [*"IHBT", "forward", "reverse", "faster", "auto", "auto/faster", "busy"]
     assert line.split()[:4] == ["2", "3", "1", "3"] and max(map(len, (head, line))) <= 120
     assert line.split()[8:11] == [faster, auto, f"{forward['auto_over_faster']:.2f}x"]
+
+
+def test_grid_file_renders_in_the_results_document(grid_file):
+    _, doc, _ = grid_file
+    assert results_doc._kind(doc) == ("bench", "")
+    forward, reverse = doc["records"]
+    lines = results_doc.render_file("grid.json", doc)
+    row = next(line for line in lines if line.startswith("| 2 | 3 | 1 | 3 |"))
+    for r in (forward, reverse):
+        assert results_doc._escape(results_doc._time(r["run_s_median"], r["run_s_ci"])) in row
+    faster = next(r["method"] for r in (forward, reverse) if r["faster"])
+    auto = next(r["method"] for r in (forward, reverse) if r["auto"])
+    assert f"| `{faster}` | `{auto}` | {forward['auto_over_faster']:.2f}x |" in row
 
 
 @pytest.mark.slow  # the full tier (1.5 s)
