@@ -138,14 +138,14 @@ bench cpu_bidirectional_article "${bidirectional[@]}" --lengths-spread 0 --lengt
 # is fit to. AS_WRITTEN_GRID=1 re-makes it.
 if ((${#SMOKE[@]} == 0)) && [[ "${AS_WRITTEN_GRID:-0}" == 1 ]] && wanted cpu_as_written_grid; then
   wait_idle
-  "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid \
+  "${NICE_CMD[@]}" python -m loopgrad_jax.bench as-written-grid \
     --json "$OUT/cpu_as_written_grid_calibration.json"
   wait_idle
-  "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid --max-call-s 20 \
+  "${NICE_CMD[@]}" python -m loopgrad_jax.bench as-written-grid --max-call-s 20 \
     --json "$OUT/cpu_as_written_grid.json"
   # Points whose timing window saw other processes on the CPU are timed again.
   wait_idle
-  "${NICE_CMD[@]}" python -m loopgrad_jax.bench.as_written_grid --max-call-s 20 \
+  "${NICE_CMD[@]}" python -m loopgrad_jax.bench as-written-grid --max-call-s 20 \
     --recheck "$OUT/cpu_as_written_grid.json" --json "$OUT/cpu_as_written_grid.json"
 fi
 

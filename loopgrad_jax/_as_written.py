@@ -111,7 +111,7 @@ class Cost(NamedTuple):
 
 #: Seconds per unit of each of :func:`work_counts`, per method: ``auto``'s time model,
 #: ``seconds = sum(TIME_MODEL[method][k] * work_counts(sizes, method)[k])``. Fitted by
-#: ``python -m loopgrad_jax.bench.as_written_grid --fit`` to the float32 medians of
+#: ``loopgrad-bench as-written-grid --fit`` to the float32 medians of
 #: ``bench/results/cpu_as_written_grid_calibration.json`` (a 2-core x86 CPU, 65 timed
 #: points); checked on another run, ``cpu_as_written_grid.json``. A price of 0 means the
 #: fit found that count's cost already in the others (reverse's per-VJP overhead is in

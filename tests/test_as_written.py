@@ -3,6 +3,8 @@
 Parity with PyTorch lives in ``test_train.py``; nothing here times anything.
 """
 
+import contextlib
+import io
 import json
 
 import jax
@@ -15,7 +17,7 @@ from helpers import TOL, assert_close, random_rnn_problem
 import loopgrad_jax as lg
 from loopgrad_jax import _as_written
 from loopgrad_jax._rnn import ARTICLE_CELL
-from loopgrad_jax.bench import as_written_grid
+from loopgrad_jax.bench import as_written_grid, cli, report, results_doc, run, timing
 
 
 def _train(problem, method, *, lr=0.1, loop="scan", step=lg.rnn_cell):
@@ -160,8 +162,9 @@ def test_cost_of_an_unknown_method_names_it():
         lg.as_written_cost(sizes, "auto")
 
 
-def test_fit_recovers_the_prices_that_made_the_times():
-    # Times made by a known model are fitted back to it exactly (prices of 2 digits).
+def test_fit_recovers_the_prices_that_made_the_times(tmp_path, capsys):
+    # Times made by a known model are fitted back to it exactly (prices of 2 digits), from
+    # the records of a grid's JSON file: one a method a point, paired by their sizes.
     model = {
         "forward": {
             "call": 2.1e-4,
@@ -184,48 +187,145 @@ def test_fit_recovers_the_prices_that_made_the_times():
     for sizes in as_written_grid.points(
         {"input": (3, 40), "hidden": (2, 9, 30), "batch": (1, 7), "length": (5, 60, 700)}
     ):
-        record = {"skipped": None, **sizes._asdict()}
-        for method in ("forward", "reverse"):
-            seconds = _as_written.estimated_seconds(sizes, method, 4, model)
-            record[method] = {"median_s": seconds}
+        for method in ("reverse", "forward"):  # either order: paired by sizes
+            record = as_written_grid.new_record(sizes, method)
+            record["run_s_median"] = _as_written.estimated_seconds(sizes, method, 4, model)
+            records.append(record)
+    # A point skipped as too slow has no timing: the fit leaves it out.
+    for record in as_written_grid.measure(
+        _BASE, "float32", repeats=3, max_call_s=0.0, point_budget_s=0.0
+    ).values():
+        assert record["skipped"].startswith("a call is estimated at")
         records.append(record)
     assert as_written_grid.fit(records) == model
-
-
-def test_grid_cli_writes_both_methods_and_auto_side_by_side(tmp_path):
     path = tmp_path / "grid.json"
-    argv = ["--input", "2", "--hidden", "3", "--batch", "1", "--length", "3"]
-    assert as_written_grid.main([*argv, "--repeats", "3", "--json", str(path)]) == 0
-    record = json.loads(path.read_text())
-    assert record["meta"]["status"] == "complete"
-    assert {"cpu", "usable_cores", "jax", "jaxlib", "command"} <= set(record["meta"])
-    [r] = record["records"]
-    assert (r["input"], r["hidden"], r["batch"], r["length"], r["skipped"]) == (2, 3, 1, 3, None)
-    median = {m: r[m]["median_s"] for m in ("forward", "reverse")}
-    assert len(r["forward"]["times_s"]) == len(r["reverse"]["times_s"]) == r["repeats"] >= 3
-    assert r["auto_over_faster"] == median[r["auto"]] / min(median.values())
-    assert r["forward"]["temp_bytes"] > 0
+    path.write_text(json.dumps({"meta": {}, "records": records}))
+    assert as_written_grid.main(["--fit", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert json.loads(out[0]) == model
+    assert out[1].split() == [*"IHBT", "forward", "reverse", "faster", "fit", "forward", "fit"] + [
+        "reverse",
+        "fit",
+        "pick",
+        "pick/faster",
+    ]
+    assert len(out) == 3 + 36 and max(map(len, out[1:])) <= 120
+    # Under the fitted model (the one that made the times) a pick is the faster method or,
+    # within auto's margin, reverse.
+    ratios = [float(line.split()[-1].rstrip("x")) for line in out[3:]]
+    assert min(ratios) == 1.0 and max(ratios) < 1 / _as_written.FORWARD_MARGIN
+    # A point missing one method's record is named.
+    with pytest.raises(ValueError, match=r"at I=3 H=2 B=1 T=5, got reverse alone"):
+        as_written_grid.pairs(records[:1] + records[2:])
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory):
+    """A one-point grid written by ``loopgrad-bench as-written-grid``, and what it printed."""
+    path = tmp_path_factory.mktemp("grid") / "grid.json"
+    argv = ["as-written-grid", "--input", "2", "--hidden", "3", "--batch", "1", "--length", "3"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main([*argv, "--repeats", "3", "--json", str(path)]) == 0
+    return path, json.loads(path.read_text()), out.getvalue()
+
+
+def test_grid_writes_both_methods_as_loopgrad_bench_records(grid_file):
+    path, doc, printed = grid_file
+    meta = doc["meta"]
+    assert meta["format_version"] == report.FORMAT_VERSION and meta["status"] == "complete"
+    assert {"cpu", "usable_cores", "jax", "jaxlib", "git", "date"} <= set(meta)
+    assert meta["command"] == (
+        f"loopgrad-bench as-written-grid --input 2 --hidden 3 --batch 1 --length 3 --repeats 3 "
+        f"--json {path}"
+    )
+    assert meta["grid"] == {"input": [2], "hidden": [3], "batch": [1], "length": [3]}
+    assert meta["time_model"] == _as_written.TIME_MODEL and meta["dtype"] == "float32"
+    forward, reverse = doc["records"]
+    sizes = lg.RNNSizes(length=3, batch=1, input=2, hidden=3, output=1)
+    median = {r["method"]: r["run_s_median"] for r in (forward, reverse)}
+    faster = min(median, key=median.get)
+    auto = _as_written.choose_method(sizes, "float32")
+    for r in (forward, reverse):
+        assert set(run.RECORD_KEYS) | set(as_written_grid.GRID_KEYS) == set(r)
+        assert (r["scenario"], r["loop"], r["framework"], r["peer"]) == (
+            "train_as_written", "scan", "jax", None
+        )  # fmt: skip
+        assert (r["input"], r["hidden"], r["batch"], r["length"], r["skipped"]) == (
+            2,
+            3,
+            1,
+            3,
+            None,
+        )
+        assert (r["cell"], r["layers"], r["devices"]) == ("article", 1, 1)
+        cost = lg.as_written_cost(sizes, r["method"])
+        assert r["flops"] == round(cost.flops) and r["estimated_temp_bytes"] == cost.memory_bytes
+        low, high = r["run_s_ci"]
+        assert low <= r["run_s_median"] <= high
+        assert r["run_s_min"] <= r["run_s_q1"] <= r["run_s_median"] <= r["run_s_q3"]
+        assert r["run_samples"] == len(r["run_s_samples"]) >= 3 and r["run_number"] == 1
+        assert r["run_s_samples"] == timing.round_samples(r["run_s_samples"])
+        assert r["auto"] == (r["method"] == auto) and r["faster"] == (r["method"] == faster)
+        assert r["auto_over_faster"] == median[auto] / median[faster]
+        assert r["temp_bytes"] > 0 and r["gflops"] == r["flops"] / r["run_s_median"] / 1e9
+    assert (forward["method"], reverse["method"]) == ("forward", "reverse")
+    assert forward["other_cores"] == reverse["other_cores"]
+    assert meta["worst_auto_over_faster"] == forward["auto_over_faster"]
+    # The table printed while it ran: a head, then a line a point, within 120 columns.
+    head, rule, line = printed.splitlines()
+    assert head.split() == [*"IHBT", "forward", "reverse", "faster", "auto", "auto/faster", "busy"]
+    assert line.split()[:4] == ["2", "3", "1", "3"] and max(map(len, (head, line))) <= 120
+    assert line.split()[8:11] == [faster, auto, f"{forward['auto_over_faster']:.2f}x"]
+
+
+def test_grid_file_renders_in_the_results_document(grid_file):
+    _, doc, _ = grid_file
+    assert results_doc._kind(doc) == ("bench", "")
+    forward, reverse = doc["records"]
+    lines = results_doc.render_file("grid.json", doc)
+    row = next(line for line in lines if line.startswith("| 2 | 3 | 1 | 3 |"))
+    for r in (forward, reverse):
+        assert results_doc._escape(results_doc._time(r["run_s_median"], r["run_s_ci"])) in row
+    faster = next(r["method"] for r in (forward, reverse) if r["faster"])
+    auto = next(r["method"] for r in (forward, reverse) if r["auto"])
+    assert f"| `{faster}` | `{auto}` | {forward['auto_over_faster']:.2f}x |" in row
 
 
 @pytest.mark.slow  # the full tier (1.5 s)
 def test_grid_recheck_retimes_only_the_busy_points(tmp_path):
     first, rechecked = tmp_path / "first.json", tmp_path / "rechecked.json"
     argv = ["--input", "2", "--hidden", "3", "--batch", "1", "--length", "3,4", "--repeats", "3"]
-    assert as_written_grid.main([*argv, "--json", str(first)]) == 0
+    assert cli.main(["as-written-grid", *argv, "--json", str(first)]) == 0
     doc = json.loads(first.read_text())
-    quiet, busy = doc["records"]
-    quiet["other_cores"], busy["other_cores"] = 0.1, 0.9
+    quiet, busy = doc["records"][:2], doc["records"][2:]
+    for r in quiet:
+        r["other_cores"] = 0.1
+    for r in busy:
+        r["other_cores"] = 0.9
     # A point skipped as too slow has no timing: it is kept as it is.
-    skipped = {"input": 2, "hidden": 3, "batch": 1, "length": 5, "params": 0}
-    skipped["skipped"] = "a call is estimated at 21 s > --max-call-s 20.0"
-    doc["records"].append(skipped)
+    sizes = lg.RNNSizes(length=5, batch=1, input=2, hidden=3, output=1)
+    skipped = list(
+        as_written_grid.measure(
+            sizes, "float32", repeats=3, max_call_s=0.0, point_budget_s=0.0
+        ).values()
+    )
+    doc["records"] += skipped
     first.write_text(json.dumps(doc))
     assert as_written_grid.main(["--recheck", str(first), "--json", str(rechecked)]) == 0
     again = json.loads(rechecked.read_text())
     assert again["meta"]["recheck"] == {"of": str(first), "busy_above": 0.3}
-    kept, retimed, still_skipped = again["records"]
-    assert kept == quiet and still_skipped == skipped
-    assert retimed["first_run"]["other_cores"] == 0.9
-    assert retimed["first_run"]["forward"] == busy["forward"]["median_s"]
-    assert retimed["forward"]["times_s"] != busy["forward"]["times_s"]
-    assert (retimed["length"], retimed["hidden"]) == (4, 3)
+    assert again["meta"]["grid"] == {"input": [2], "hidden": [3], "batch": [1], "length": [3, 4, 5]}
+    records = again["records"]
+    assert records[:2] == quiet and records[4:] == skipped
+    retimed = records[2:4]
+    for old, new in zip(busy, retimed, strict=True):
+        assert (new["method"], new["length"], new["hidden"]) == (old["method"], 4, 3)
+        assert new["first_run"] == {
+            "run_s_median": old["run_s_median"],
+            "other_cores": 0.9,
+            "faster": old["faster"],
+            "auto_over_faster": old["auto_over_faster"],
+        }
+        assert new["run_s_samples"] != old["run_s_samples"]
+    assert retimed[0]["auto_over_faster"] == retimed[1]["auto_over_faster"]

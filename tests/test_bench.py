@@ -311,10 +311,10 @@ def test_default_table_fits_120_columns_and_wide_keeps_every_column(quick):
         ("not json", r"--show: expected a JSON file written by --json, got '.*bad.json'"),
         ('{"meta": {}}', r"an object with 'meta' and 'records'\), got '.*bad.json'"),
         (
-            '{"meta": {"command": "python -m loopgrad_jax.bench.as_written_grid"}, '
-            '"records": [{"setting": "scan", "framework": "jax", "length": 3}]}',
+            '{"meta": {"command": "python -m loopgrad_jax.bench.cell_profile"}, '
+            '"records": [{"part": "forward", "framework": "jax", "length": 3}]}',
             r"records of loopgrad-bench --json, got '.*bad.json', written by "
-            r"'python -m loopgrad_jax.bench.as_written_grid', whose records lack scenario, loop, "
+            r"'python -m loopgrad_jax.bench.cell_profile', whose records lack scenario, loop, "
             r"peer, run_s_median",
         ),
     ],
@@ -328,6 +328,39 @@ def test_show_refuses_what_is_not_a_results_file(text, match, tmp_path, capsys):
         cli.main(["--show", str(path)])
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_show_prints_a_grid_file_a_line_a_point(capsys):
+    # A file of `loopgrad-bench as-written-grid`: the table it printed while it ran, each
+    # point's two records (forward, reverse) on one line; --wide, a line a record.
+    path = Path(__file__).parent.parent / "bench" / "results" / "cpu_as_written_grid.json"
+    doc = json.loads(path.read_text())
+    assert cli.main(["--show", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-6:] == ["forward", "reverse", "faster", "auto", "auto/faster", "busy"]
+    points = {}
+    for r in doc["records"]:
+        points.setdefault((r["input"], r["hidden"], r["batch"], r["length"]), {})[r["method"]] = r
+    body, footer = lines[2 : 2 + len(points)], " ".join(lines[2 + len(points) :])
+    assert len(points) == len(doc["records"]) // 2 and footer.startswith("auto's pick")
+    assert max(map(len, lines)) <= report.TABLE_WIDTH
+    for line, (sizes, point) in zip(body, points.items(), strict=True):
+        assert tuple(map(int, line.split()[:4])) == sizes
+        forward, reverse = point["forward"], point["reverse"]
+        if forward["skipped"]:
+            assert f"skipped: {forward['skipped']}" in line
+            continue
+        auto = "forward" if forward["auto"] else "reverse"
+        faster = "forward" if forward["faster"] else "reverse"
+        assert line.split()[4:11] == [
+            f"{forward['run_s_median'] * 1e3:.2f}", "ms",
+            f"{reverse['run_s_median'] * 1e3:.2f}", "ms",
+            faster, auto, f"{forward['auto_over_faster']:.2f}x",
+        ]  # fmt: skip
+    assert f"at most {doc['meta']['worst_auto_over_faster']:.2f}x" in footer
+    assert cli.main(["--show", str(path), "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("train_as_written ") for line in wide) == len(doc["records"])
 
 
 # --- FLOP count --------------------------------------------------------------------------
@@ -650,6 +683,8 @@ def test_help_states_the_flop_count(capsys):
     assert "3 * T * (cell + head)" in out
     assert "T*(cell + 3*head) + T*(T+1)*cell" in out
     for name in (*SCENARIOS, *lg.LOOPS, "--max-unroll", "--backend", "--quick", "--json", "--wide"):
+        assert name in out
+    for name in ("loopgrad-bench report DIR", "loopgrad-bench as-written-grid"):  # subcommands
         assert name in out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loopgrad_jax.bench import report, results_doc
+from loopgrad_jax.bench import as_written_grid, report, results_doc
 from loopgrad_jax.bench.results_doc import Case
 
 ROOT = Path(__file__).parent.parent
@@ -28,6 +28,13 @@ def _bench_files(files):
 
 def _timed_jax(record):
     return record["framework"] == "jax" and record["run_s_median"] and not record["skipped"]
+
+
+def _rows(data):
+    """What a file's table has a row for: a record, or a grid's point (its forward record)."""
+    if as_written_grid.is_grid(data["records"]):
+        return [point["forward"] for point in as_written_grid.pairs(data["records"])]
+    return data["records"]
 
 
 def _section(document, name):
@@ -53,8 +60,8 @@ def test_every_file_is_rendered_or_listed_with_a_reason(files):
             assert f"- `{name}`" in listed and why.split(":")[0] in listed.replace("\\", "")
         else:
             section = _section(document, name)
-            rows = [line for line in section if line.startswith("| `")]
-            assert len(rows) == len(data["records"]), name
+            rows = [line for line in section if re.match(r"\| (`|\d)", line)]
+            assert len(rows) == len(_rows(data)), name
             assert f"- command: `{data['meta']['command']}`" in section
 
 
@@ -64,7 +71,7 @@ def test_headers_name_machine_versions_and_commit(files):
         meta = data["meta"]
         head = "\n".join(_section(document, name)[:6])
         assert meta["device"] in head and f"jax {meta['jax']}" in head
-        assert (f"torch {meta['torch']}" if meta["torch"] else "torch not used") in head
+        assert (f"torch {meta['torch']}" if meta.get("torch") else "torch not used") in head
         assert meta["git"]["commit"][:12] in head and meta["date"] in head
         assert ("uncommitted changes" in head) == meta["git"]["modified"]
 
@@ -97,7 +104,7 @@ def test_rows_quote_the_recorded_time_saved_bytes_and_speedups(files):
 
 def test_busy_rows_are_flagged(files):
     def check(name, data):
-        busy = [r for r in data["records"] if (r["other_cores"] or 0) >= report.BUSY_CORES]
+        busy = [r for r in _rows(data) if (r["other_cores"] or 0) >= report.BUSY_CORES]
         document = results_doc.render_results({name: data})
         flagged = [line for line in _section(document, name) if "BUSY (" in line]
         assert len(flagged) == len(busy), name
@@ -233,6 +240,40 @@ def test_a_stand_in_is_labelled(files):
         "why",
     )
     assert row(files).text.startswith("stand-in: why. ")
+
+
+def test_a_grid_file_is_a_row_per_point(files):
+    # `loopgrad-bench as-written-grid`'s files: both methods of a point on one row.
+    grids = {n: d for n, d in files.items() if as_written_grid.is_grid(d["records"])}
+    assert grids  # the committed calibration data and its check
+    for name, data in grids.items():
+        section = _section(results_doc.render_results({name: data}), name)
+        points = as_written_grid.pairs(data["records"])
+        timed = [p for p in points if not p["forward"]["skipped"]]
+        worst = max(p["forward"]["auto_over_faster"] for p in timed)
+        assert f"- {len(points)} points, {len(timed)} timed" in "\n".join(section)
+        assert f"at most {worst:.2f}x" in "\n".join(section)
+        rows = {}
+        for line in section:
+            if re.match(r"\| \d", line):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                rows[tuple(map(int, cells[:4]))] = cells[4:]
+        assert list(rows) == sorted(rows) and len(rows) == len(points)
+        for point in points:
+            forward, reverse = point["forward"], point["reverse"]
+            cells = rows[tuple(forward[k] for k in ("input", "hidden", "batch", "length"))]
+            auto = f"`{'forward' if forward['auto'] else 'reverse'}`"
+            if forward["skipped"]:
+                reason = f"skipped: {results_doc._escape(forward['skipped'])}"
+                assert cells == [reason, "", "", auto, "", ""]
+                continue
+            faster = f"`{'forward' if forward['faster'] else 'reverse'}`"
+            times = [
+                results_doc._escape(results_doc._time(r["run_s_median"], r["run_s_ci"]))
+                for r in (forward, reverse)
+            ]
+            assert cells[:5] == [*times, faster, auto, f"{forward['auto_over_faster']:.2f}x"]
+            assert ("re-timed (first run: " in cells[5]) == ("first_run" in forward)
 
 
 def test_files_of_other_shapes_are_listed_not_rendered(files):

@@ -16,7 +16,16 @@ import jax
 
 import loopgrad_jax as lg
 from loopgrad_jax._progress import NoBar
-from loopgrad_jax.bench import cases, peers, report, results_doc, run, timing, torch_peers
+from loopgrad_jax.bench import (
+    as_written_grid,
+    cases,
+    peers,
+    report,
+    results_doc,
+    run,
+    timing,
+    torch_peers,
+)
 
 #: The backends ``--backend`` accepts (JAX's platform names).
 BACKENDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -144,6 +153,15 @@ output:
   recommendation quotes a row timed on a busy machine with its BUSY flag; one whose
   longest loop is under {report.SMOKE_LENGTH} steps starts with "smoke-size run": its figures
   are mostly a call's fixed costs and say nothing about longer loops.
+
+subcommands (each with its own --help):
+  loopgrad-bench report DIR [--out FILE] [--readme FILE] [--check]
+                markdown from the JSON results in DIR: bench/RESULTS.md and the README's
+                decision table
+  loopgrad-bench as-written-grid [--json PATH] [--fit PATH] [--recheck PATH]
+                train_as_written's two exact methods (forward, reverse) timed over a grid
+                of sizes (I, H, B, T), and how far as_written_method="auto"'s pick is from
+                the faster: the data auto's time model is fit to; --show prints its file
 
 examples:
   loopgrad-bench
@@ -344,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--show",
         metavar="PATH",
         help="measure nothing: print the table and recommendation of a JSON file written "
-        "by --json (a committed result, read with this version's report; --wide applies)",
+        "by --json (a committed result, read with this version's report; --wide applies); "
+        "a file of as-written-grid's: its table, a line a point (--wide: a line a record)",
     )
     parser.add_argument(
         "--wide",
@@ -361,11 +380,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:  # loopgrad-bench report DIR: markdown from the JSON results
         return results_doc.main(argv[1:])
+    if argv[:1] == ["as-written-grid"]:  # both as-written methods over a grid of sizes
+        return as_written_grid.main(argv[1:])
     parser = build_parser()
     argv = _expand_preset(parser, argv)
     args = parser.parse_args(argv)
     if args.show:
-        _print_report(_read_records(parser, args.show), wide=args.wide)
+        records = _read_records(parser, args.show)
+        if not as_written_grid.is_grid(records):
+            _print_report(records, wide=args.wide)
+        elif args.wide:  # every column, a line a record; a recommendation has no case here
+            print(report.format_table(records, wide=True))
+        else:
+            try:  # a line a point: both methods, the faster, auto's pick
+                print(as_written_grid.format_table(records))
+            except ValueError as error:
+                parser.error(f"argument --show: {args.show!r}: {error}")
         return 0
     preset = QUICK if args.quick else DEFAULTS
     settings = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}

@@ -68,12 +68,15 @@ CPU_FEATURES: tuple[str, ...] = (
 BUSY_CORES = 0.25
 
 
-def tool_parser(module: str, doc: str, *, epilog: bool = True) -> argparse.ArgumentParser:
-    """The parser of a ``python -m loopgrad_jax.bench.<module>`` tool, described by its
-    module docstring: the first paragraph as description, the rest as epilog."""
+def tool_parser(
+    module: str, doc: str, *, epilog: bool = True, prog: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of a ``python -m loopgrad_jax.bench.<module>`` tool (or of ``prog``, a
+    ``loopgrad-bench`` subcommand), described by its module docstring: the first paragraph
+    as description, the rest as epilog."""
     head, _, rest = doc.partition("\n\n")
     return argparse.ArgumentParser(
-        prog=f"python -m loopgrad_jax.bench.{module}",
+        prog=prog or f"python -m loopgrad_jax.bench.{module}",
         description=head,
         epilog=rest if epilog else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -8,8 +8,9 @@
     one table row per record, sorted by (scenario, T, sizes, JAX before its peers, name)
 
 Files written by ``loopgrad-bench`` (``{"meta", "records"}``, records with
-:data:`BENCH_KEYS`) are rendered whole. Any other file (the ``as_written_grid`` tool's
-calibration data) is listed under "Not rendered" with what its records lack.
+:data:`BENCH_KEYS`) are rendered whole; those of ``loopgrad-bench as-written-grid`` (the
+as-written methods over a grid of sizes) one row per point rather than per record. Any
+other file is listed under "Not rendered" with what its records lack.
 
 The decision table is :data:`DECISIONS`, one :class:`Situation` per row, each naming
 the file, scenario and length its figure comes from and which loop kinds to compare
@@ -32,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from loopgrad_jax.bench import report
+from loopgrad_jax.bench import as_written_grid, report
 
 #: The lines around the README's decision table; ``--readme`` rewrites what lies between.
 START = "<!-- decision-table:start -->"
@@ -97,7 +98,7 @@ def _nested(records: Sequence[Mapping]) -> str:
 
 
 def _tool(meta: Mapping) -> str:
-    """The tool that wrote a file: ``as_written_grid`` from ``python -m ....as_written_grid``."""
+    """The tool that wrote a file: ``cell_profile`` from ``python -m ....cell_profile``."""
     words = str(meta.get("command") or "").split()
     for word in words:
         if word.startswith("loopgrad_jax.bench."):
@@ -282,6 +283,8 @@ def render_file(name: str, data: Mapping) -> list[str]:
     if kind == "other":
         raise ValueError(f"{name} cannot be rendered: {why}.")
     meta, records = data["meta"], data["records"]
+    if as_written_grid.is_grid(records):
+        return _grid_file(name, meta, records)
     rows, memory = _bench_rows(records), "saved for backward"
     varying = _varying(rows)
     head = [
@@ -319,6 +322,53 @@ def render_file(name: str, data: Mapping) -> list[str]:
     return lines + [line for _, line in sorted(body)] + [""]
 
 
+def _grid_file(name: str, meta: Mapping, records: Sequence[Mapping]) -> list[str]:
+    """A grid's section (``loopgrad-bench as-written-grid``): a row per point, sorted by
+    its sizes: both methods' times, the faster, auto's pick and its time over the faster's."""
+    points = sorted(
+        as_written_grid.pairs(records), key=lambda p: as_written_grid.sizes_key(p["forward"])
+    )
+    timed = [p for p in points if not as_written_grid.skip_reason(p)]
+    rechecked = sum("first_run" in p["forward"] for p in points)
+    lines = [f"## {name}", "", *_header(meta)]
+    if timed:
+        worst = max(p["forward"]["auto_over_faster"] for p in timed)
+        lines.append(
+            f"- {len(points)} points, {len(timed)} timed, {meta.get('dtype', 'float32')}: "
+            f"auto's pick (by the run's `time_model`) at most {worst:.2f}x the faster "
+            "method's time" + (f"; {rechecked} re-timed by `--recheck`" if rechecked else "")
+        )
+    head = ["I", "H", "B", "T", "forward [95% CI]", "reverse [95% CI]", "faster", "auto"]
+    head += ["auto/faster", "busy"]
+    lines += ["", "| " + " | ".join(head) + " |", "|---:|---:|---:|---:|---|---|---|---|---:|---|"]
+    for point in points:
+        forward = point["forward"]
+        auto = as_written_grid.auto_method(point)
+        sizes = [str(v) for v in as_written_grid.sizes_key(forward)]
+        skipped = as_written_grid.skip_reason(point)
+        if skipped:
+            cells = [f"skipped: {_escape(skipped)}", "", "", _code(auto), "", ""]
+        else:
+            busy = _busy(forward["other_cores"])
+            first = forward.get("first_run")
+            if first:
+                cores = f"{first['other_cores']:.2g}"
+                busy += f"{'; ' * bool(busy)}re-timed (first run: {cores} other "
+                busy += f"core{'s' * (cores != '1')} busy)"
+            cells = [
+                *(
+                    _escape(_time(point[m]["run_s_median"], point[m]["run_s_ci"]))
+                    for m in as_written_grid.METHODS
+                ),
+                _code(as_written_grid.faster_method(point)),
+                _code(auto),
+                f"{forward['auto_over_faster']:.2f}x",
+                busy,
+            ]
+        lines.append("| " + " | ".join([*sizes, *cells]) + " |")
+    return [*lines, ""]
+
+
 def render_results(files: Mapping[str, Any]) -> str:
     """The results document (``bench/RESULTS.md``) of every file in ``files``."""
     lines = [
@@ -339,6 +389,9 @@ def render_results(files: Mapping[str, Any]) -> str:
         "  with its 95% bootstrap interval, as the run recorded it.",
         f"- busy: BUSY when other processes kept at least {report.BUSY_CORES:g} cores busy",
         "  while the row's case was timed: its times are suspect.",
+        "- a grid of `loopgrad-bench as-written-grid`: a row per point (I, H, B, T), sorted by",
+        "  them: each as-written method's run time, the faster, the method",
+        '  `as_written_method="auto"` picks there and its time over the faster\'s.',
         "",
     ]
     other = []

@@ -318,24 +318,16 @@ def _fill(records, measured: timing.Interleaved, counters, reference) -> None:
     """Writes the timings and the last outputs of ``measured`` into their records."""
     for task, samples in measured.samples.items():
         record = records[task]
-        stats = timing.spread(samples, measured.number[task])
         record.update(
-            run_s_median=stats.median_s,
-            run_s_min=stats.min_s,
-            run_s_q1=stats.q1_s,
-            run_s_q3=stats.q3_s,
-            run_s_ci=list(stats.ci_s),
-            run_samples=stats.samples,
-            run_number=stats.number,
-            run_s_samples=timing.round_samples(samples),
-            other_cores=measured.other_cores,
+            **timing_fields(samples, measured.number[task]), other_cores=measured.other_cores
         )
+        median = record["run_s_median"]
         if task in counters:
             record["saved_bytes"] = counters[task].peak
         if record["flops"] is not None:
-            record["gflops"] = record["flops"] / stats.median_s / 1e9
+            record["gflops"] = record["flops"] / median / 1e9
         if cases.SCENARIOS[task.scenario].rnn:
-            record["seqs_per_s"] = task.sizes.batch / stats.median_s
+            record["seqs_per_s"] = task.sizes.batch / median
         output = measured.outputs[task]
         if task.framework != "torch":
             output = tuple(np.asarray(leaf) for leaf in jax.tree.leaves(output))
@@ -344,6 +336,22 @@ def _fill(records, measured: timing.Interleaved, counters, reference) -> None:
         else:
             output = torch_peers.to_numpy(output)
         record["_samples"], record["_output"] = samples, output
+
+
+def timing_fields(samples: Sequence[float], number: int) -> dict[str, Any]:
+    """A record's ``run_s_*`` fields from its ``samples`` (seconds per call, each the mean
+    of ``number`` calls): :func:`timing.spread`'s figures and the samples as written."""
+    stats = timing.spread(samples, number)
+    return {
+        "run_s_median": stats.median_s,
+        "run_s_min": stats.min_s,
+        "run_s_q1": stats.q1_s,
+        "run_s_q3": stats.q3_s,
+        "run_s_ci": list(stats.ci_s),
+        "run_samples": stats.samples,
+        "run_number": stats.number,
+        "run_s_samples": timing.round_samples(samples),
+    }
 
 
 def _compare(records, reference, comparable, *, paired: bool) -> None:
