@@ -307,7 +307,10 @@ def test_bias_false_modules_come_and_go_without_bias_keys(kind):
             np.testing.assert_array_equal(back[k], state[k])
 
 
-@pytest.mark.parametrize("kind", TORCH_KINDS)
+# The quick tier: the gated cells, whose biases sit on more than one gate.
+@pytest.mark.parametrize(
+    "kind", [k if GATES[k] > 1 else pytest.param(k, marks=pytest.mark.slow) for k in TORCH_KINDS]
+)
 def test_bias_false_params_train_and_differentiate_without_biases(kind):
     p = lg.init_cell(jax.random.key(0), kind, 3, 4, 2, num_layers=2, bias=False, dtype=jnp.float64)
     assert _has_no_layer_bias(p)

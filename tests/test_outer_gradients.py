@@ -20,9 +20,10 @@ from loopgrad_jax import _as_written
 
 #: Every kind and option reverse mode runs through, each a different code path.
 #: The quick tier runs the kinds whose custom rules close over the body (fori, the
-#: checkpointed scans); remat, its chunks and the bounded while (JAX's rules for remat
-#: and scan), and the python and nnx kinds, which differentiate as scan does and cost
-#: the most to trace, run in the full tier.
+#: checkpointed scan); remat, its chunks, the bounded while with and without checkpoints
+#: (JAX's rules for remat and scan; the checkpointed scan's rule), and the python and
+#: nnx kinds, which differentiate as scan does and cost the most to trace, run in the
+#: full tier.
 OUTER_LOOPS = (
     "fori",
     pytest.param("python", marks=pytest.mark.slow),
@@ -30,7 +31,7 @@ OUTER_LOOPS = (
     pytest.param("remat:chunk=2", marks=pytest.mark.slow),
     "remat:checkpoints=2",
     pytest.param("while:max_steps=5", marks=pytest.mark.slow),
-    "while:max_steps=5:checkpoints=2",
+    pytest.param("while:max_steps=5:checkpoints=2", marks=pytest.mark.slow),
     pytest.param("nnx_scan", marks=pytest.mark.slow),
     pytest.param("nnx_fori", marks=pytest.mark.slow),
     pytest.param("nnx_remat", marks=pytest.mark.slow),
