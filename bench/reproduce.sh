@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every file in bench/results/, each command in a fresh process.
 #
-#   bench/reproduce.sh                # the full runs, into bench/results/ (60 min on a
+#   bench/reproduce.sh                # the full runs, into bench/results/ (52 min on a
 #                                     # 2-core CPU, the as-written grid left out)
 #   bench/reproduce.sh --smoke DIR    # every command once at tiny sizes, into DIR: checks
 #                                     # that each runs, measures nothing worth keeping
@@ -73,6 +73,10 @@ bench cpu_article --lengths 10,100,1000 --compile-repeats 3 --peers all \
 # DEER (parallel) is left out here too: its full Jacobians at H=256 take gigabytes.
 bench cpu_large --scenarios rnn_loss --lengths 10,100,1000 --input 64 --hidden 256 --batch 32 \
   --loops python,scan,fori,remat,while:max_steps=1000 --peers eager,fused,nnx.RNN,equinox
+# The article's model layer by layer (the layer rule), the batch also split over 2 devices,
+# beside nn.RNN: the same runs as cpu_rnn_tanh's rnn_loss_hoisted, on the article's cell.
+bench cpu_large_hoisted --scenarios rnn_loss_hoisted --lengths 1000 --input 64 --hidden 256 \
+  --batch 32 --loops scan,fori --devices 2 --peers fused             # cpu_large_hoisted.json .png
 # The article's per-step training loop: both exact methods beside PyTorch running each; the
 # O(T^2) retained-graph algorithms up to T=300 (PyTorch's takes 82 s a call at T=1000).
 bench cpu_as_written --scenarios train_as_written --loops scan,fori --lengths 10,100,1000 \
