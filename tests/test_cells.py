@@ -462,7 +462,7 @@ def _random_hidden0(kind, layers, b, h, seed=3):
     [  # every kind and loop kind once; the full tier adds python and remat (3-4 s each)
         pytest.param("rnn_tanh", "python", marks=pytest.mark.slow),
         ("lstm", "scan"),
-        ("gru", "scan"),
+        pytest.param("gru", "scan", marks=pytest.mark.slow),  # quick: gru under while
         pytest.param("lstm", "remat:chunk=2", marks=pytest.mark.slow),
         ("gru", "while"),
     ],
@@ -490,7 +490,7 @@ def test_hoisted_layer_by_layer_equals_stepping_every_layer(kind, loop):
         assert_close(got, jax.grad(loss(False), argnums=(0, 1, 2))(*args), TOL["float64"])
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", pytest.param("gru", marks=pytest.mark.slow)])
 def test_hoisted_second_derivatives_equal_stepping_every_layer(kind):
     # The rule is built from differentiable JAX code: a Hessian-vector product
     # (forward over reverse) goes through it.
