@@ -115,9 +115,9 @@ _RNN = ("rnn_tanh", "rnn_relu")
 
 def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs=False):
     """The plain loop: ``(final, outputs)``, and with ``coefs`` also what the rule
-    reads, ``(each step's gates_linearized coefficients, the carries)``: ``None`` for
-    what the outputs already hold (an nn.RNN's coefficients; without a mask, an nn.RNN's
-    or GRU's carries and an LSTM's ``h``), so that it is stored once."""
+    reads, ``(each step's gates_linearized coefficients, each carry's h)``: ``None``
+    for what the outputs already hold (an nn.RNN's coefficients; without a mask, the
+    carries' h), so that it is stored once. The rule never reads an LSTM's ``c``."""
     bias = _row(b_hh)
 
     def body(state, xs):
@@ -125,12 +125,13 @@ def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs
         pre = combine(kind, join_blocks(g), matmul(_h(kind, state), w_hh.T, policy), bias)
         if not coefs or kind in _RNN:
             new, out = finish_step(kind, policy, update(kind, pre, state), state, keep)
-            return new, (out if not coefs else (out, None, None if keep is None else new))
-        new, step_coefs = gates_linearized(kind, pre, state)
-        new, out = finish_step(kind, policy, new, state, keep)
-        if keep is not None:
-            return new, (out, step_coefs, new)
-        return new, (out, step_coefs, new[1] if kind == "lstm" else None)
+            step_coefs = None
+        else:
+            new, step_coefs = gates_linearized(kind, pre, state)
+            new, out = finish_step(kind, policy, new, state, keep)
+        if not coefs:
+            return new, out
+        return new, (out, step_coefs, None if keep is None else _h(kind, new))
 
     xs = (gate_blocks(gi, gate_size(kind, w_hh)), live)
     final, ys = run_loop(body, state0, xs, length=gi.shape[0], loop=loop, reverse=reverse)
@@ -154,24 +155,22 @@ def _recurrence_jvp(kind, loop, policy, reverse, primals, tangents):
     # T * B rows, after it.
     w_hh, b_hh, gi, state0, live = primals
     dw_hh, db_hh, dgi, dstate0, _ = tangents
-    final, out, coefs, carries = _forward(kind, loop, policy, reverse, *primals, coefs=True)
+    final, out, coefs, hs = _forward(kind, loop, policy, reverse, *primals, coefs=True)
     # Checkpointed: reverse mode keeps the tangent loop's inputs (the outputs, the stored
     # coefficients) and recomputes what it derives from them, h_prev and an nn.RNN's
     # coefficients, in the backward pass; stored, each was one more (T, B, H) array.
     tangent = jax.checkpoint(functools.partial(_tangent, kind, loop, policy, reverse))
-    dfinal, dout = tangent(w_hh, state0, out, coefs, carries, live, dw_hh, db_hh, dgi, dstate0)
+    dfinal, dout = tangent(w_hh, state0, out, coefs, hs, live, dw_hh, db_hh, dgi, dstate0)
     return (final, out), (dfinal, dout)
 
 
-def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, carries, live, *tangents):
+def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, hs, live, *tangents):
     """The tangent loop: ``(dfinal, dout)``, linear in ``tangents``; see
-    :func:`_forward` for ``coefs`` and ``carries``."""
+    :func:`_forward` for ``coefs`` and ``hs``."""
     dw_hh, db_hh, dgi, dstate0 = tangents
     if kind in _RNN:
         coefs = (output_slope(kind, out),)
-    if carries is None or kind == "lstm" and live is None:
-        carries = out if carries is None else (out, carries)
-    h_prev = _shift(_h(kind, state0), _h(kind, carries), reverse=reverse)
+    h_prev = _shift(_h(kind, state0), out if hs is None else hs, reverse=reverse)
     extra = _plus(rows_product(h_prev, dw_hh, policy), _row(db_hh, 2))
     dpre_in = combine(kind, dgi, extra, None)
 
@@ -213,8 +212,8 @@ def join_blocks(xs: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
     return jnp.concatenate(xs, axis=-1) if isinstance(xs, tuple) else xs
 
 
-def _shift(first: jax.Array, carries: jax.Array, *, reverse: bool) -> jax.Array:
-    """``first`` then ``carries`` without their last (in the loop's order), indexed by step."""
+def _shift(first: jax.Array, hs: jax.Array, *, reverse: bool) -> jax.Array:
+    """``first`` then ``hs`` without their last (in the loop's order), indexed by step."""
     if reverse:
-        return jnp.concatenate([carries[1:], first[None]], axis=0)
-    return jnp.concatenate([first[None], carries[:-1]], axis=0)
+        return jnp.concatenate([hs[1:], first[None]], axis=0)
+    return jnp.concatenate([first[None], hs[:-1]], axis=0)
