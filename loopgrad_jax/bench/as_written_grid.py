@@ -109,23 +109,12 @@ def new_record(sizes: lg.RNNSizes, method: str, dtype: str = "float32") -> dict[
     (:func:`loopgrad_jax.bench.run.new_record`'s, for the as-written loop's ``scan``) and
     the cost model's estimates."""
     itemsize = jnp.dtype(dtype).itemsize
-    cost = _as_written.as_written_cost(sizes, method, itemsize)
-    record = dict.fromkeys(run.RECORD_KEYS)
+    bench_sizes = cases.Sizes(*sizes[:4], window=1, output=sizes.output)
+    # train_rnn's default loop, scan
+    record = run.new_record(run.Task(SCENARIO, bench_sizes, "jax", "scan", method))
     record.update(
-        scenario=SCENARIO,
-        loop="scan",  # train_rnn's default loop
-        framework="jax",
-        method=method,
-        length=sizes.length,
-        batch=sizes.batch,
-        input=sizes.input,
-        hidden=sizes.hidden,
-        cell="article",
-        layers=1,
-        devices=1,
-        flops=int(round(cost.flops)),
         estimated_s=_as_written.estimated_seconds(sizes, method, itemsize),
-        estimated_temp_bytes=cost.memory_bytes,
+        estimated_temp_bytes=_as_written.as_written_cost(sizes, method, itemsize).memory_bytes,
         auto=_as_written.choose_method(sizes, dtype) == method,
         faster=None,
         auto_over_faster=None,
