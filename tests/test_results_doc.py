@@ -232,6 +232,43 @@ def test_a_busy_figure_is_flagged(files):
     assert "BUSY" in results_doc.render_table({**files, case.file: data}, decisions=[row])
 
 
+def _made_at(data, commit, date):
+    data = copy.deepcopy(data)
+    data["meta"]["git"] = {**(data["meta"].get("git") or {}), "commit": commit}
+    data["meta"]["date"] = date
+    return data
+
+
+def test_the_newest_commit_is_the_latest_files(files):
+    names = sorted(_bench_files(files))[:2]
+    old, new = "a" * 40, "b" * 40
+    both = {
+        names[0]: _made_at(files[names[0]], new, "2100-01-02T00:00:00+00:00"),
+        names[1]: _made_at(files[names[1]], old, "2100-01-01T00:00:00+00:00"),
+    }
+    assert results_doc.newest_commit(both) == new
+    assert results_doc.newest_commit({}) is None
+
+
+def test_a_figure_made_at_earlier_code_is_flagged(files):
+    case, _ = _a_case(files)
+    row = results_doc.Situation("test", "`{loop}`", results_doc.FastestVsLoop(case, ("scan",)))
+    newest = results_doc.newest_commit(files)
+    if files[case.file]["meta"]["git"]["commit"] == newest:
+        assert "(EARLIER CODE" not in results_doc.render_table(files, decisions=[row])
+    earlier = {**files, case.file: _made_at(files[case.file], "0" * 40, "1970-01-01")}
+    table = results_doc.render_table(earlier, decisions=[row])
+    assert f"(EARLIER CODE: made at `{'0' * 12}`, the newest file at `{newest[:12]}`)" in table
+    section = _section(results_doc.render_results(earlier), case.file)
+    assert any(line.startswith("- EARLIER CODE: made at `000000000000`") for line in section)
+    # Made at the newest commit, it carries no flag.
+    same = {**files, case.file: _made_at(files[case.file], newest, "1970-01-01")}
+    assert "(EARLIER CODE" not in results_doc.render_table(same, decisions=[row])
+    assert not any(
+        "EARLIER CODE" in line for line in _section(results_doc.render_results(same), case.file)
+    )
+
+
 def test_a_stand_in_is_labelled(files):
     case, timed = _a_case(files)
     row = results_doc.StandIn(

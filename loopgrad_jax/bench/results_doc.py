@@ -251,8 +251,37 @@ def _busy(other_cores: float | None) -> str:
     return ""
 
 
-def _header(meta: Mapping) -> list[str]:
-    """What ran, where, when: the lines above a file's table."""
+def _commit(meta: Mapping) -> str | None:
+    """The commit a file's run recorded, or ``None``."""
+    git = meta.get("git")
+    return git["commit"] if isinstance(git, dict) and git.get("commit") else None
+
+
+def newest_commit(files: Mapping[str, Any]) -> str | None:
+    """The commit of the most recently made file (the latest ``meta.date``): the code
+    every other file is compared against. ``None`` when no file records one."""
+    dated = [
+        (str(data["meta"].get("date") or ""), commit)
+        for data in files.values()
+        if isinstance(data, dict)
+        and isinstance(data.get("meta"), dict)
+        and (commit := _commit(data["meta"]))
+    ]
+    return max(dated)[1] if dated else None
+
+
+def _earlier(meta: Mapping, newest: str | None) -> str:
+    """The flag of a file made at other code than the newest file (``""`` if none): its
+    figures may not hold at the newest code, as a BUSY row's may not on a quiet machine."""
+    commit = _commit(meta)
+    if newest is None or commit is None or commit == newest:
+        return ""
+    return f"EARLIER CODE: made at {_code(commit[:12])}, the newest file at {_code(newest[:12])}"
+
+
+def _header(meta: Mapping, newest: str | None = None) -> list[str]:
+    """What ran, where, when: the lines above a file's table, and :func:`_earlier`'s flag
+    against ``newest`` (:func:`newest_commit` of the files rendered beside it)."""
     versions = [f"jax {meta.get('jax') or 'not recorded'}"]
     if meta.get("jaxlib"):
         versions[0] += f" (jaxlib {meta['jaxlib']})"
@@ -274,17 +303,20 @@ def _header(meta: Mapping) -> list[str]:
     ]
     if meta.get("status") not in (None, "complete"):
         lines.append(f"- status: {_escape(str(meta['status']))} (the run did not finish)")
+    if earlier := _earlier(meta, newest):
+        lines.append(f"- {earlier}: re-run it before comparing its figures with the others")
     return lines
 
 
-def render_file(name: str, data: Mapping) -> list[str]:
-    """One file's section of the results document: heading, header and table."""
+def render_file(name: str, data: Mapping, newest: str | None = None) -> list[str]:
+    """One file's section of the results document: heading, header and table; ``newest``
+    as for :func:`_header`."""
     kind, why = _kind(data)
     if kind == "other":
         raise ValueError(f"{name} cannot be rendered: {why}.")
     meta, records = data["meta"], data["records"]
     if as_written_grid.is_grid(records):
-        return _grid_file(name, meta, records)
+        return _grid_file(name, meta, records, newest)
     rows, memory = _bench_rows(records), "saved for backward"
     varying = _varying(rows)
     head = [
@@ -297,7 +329,7 @@ def render_file(name: str, data: Mapping) -> list[str]:
         "speedup vs peers [95% CI]",
         "busy",
     ]
-    lines = [f"## {name}", "", *_header(meta), ""]
+    lines = [f"## {name}", "", *_header(meta, newest), ""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---:" if h in ("T", "B", "I", "H") else "---" for h in head) + "|")
     body = []
@@ -322,7 +354,9 @@ def render_file(name: str, data: Mapping) -> list[str]:
     return lines + [line for _, line in sorted(body)] + [""]
 
 
-def _grid_file(name: str, meta: Mapping, records: Sequence[Mapping]) -> list[str]:
+def _grid_file(
+    name: str, meta: Mapping, records: Sequence[Mapping], newest: str | None = None
+) -> list[str]:
     """A grid's section (``loopgrad-bench as-written-grid``): a row per point, sorted by
     its sizes: both methods' times, the faster, auto's pick and its time over the faster's."""
     points = sorted(
@@ -330,7 +364,7 @@ def _grid_file(name: str, meta: Mapping, records: Sequence[Mapping]) -> list[str
     )
     timed = [p for p in points if not as_written_grid.skip_reason(p)]
     rechecked = sum("first_run" in p["forward"] for p in points)
-    lines = [f"## {name}", "", *_header(meta)]
+    lines = [f"## {name}", "", *_header(meta, newest)]
     if timed:
         worst = max(p["forward"]["auto_over_faster"] for p in timed)
         lines.append(
@@ -389,12 +423,15 @@ def render_results(files: Mapping[str, Any]) -> str:
         "  with its 95% bootstrap interval, as the run recorded it.",
         f"- busy: BUSY when other processes kept at least {report.BUSY_CORES:g} cores busy",
         "  while the row's case was timed: its times are suspect.",
+        "- EARLIER CODE, under a file's heading: the file was made at another commit than the",
+        "  most recent file; the library may have changed since, so re-run it before",
+        "  comparing its figures with the others'.",
         "- a grid of `loopgrad-bench as-written-grid`: a row per point (I, H, B, T), sorted by",
         "  them: each as-written method's run time, the faster, the method",
         '  `as_written_method="auto"` picks there and its time over the faster\'s.',
         "",
     ]
-    other = []
+    other, newest = [], newest_commit(files)
     for name in sorted(files):
         kind, why = _kind(files[name])
         if kind == "other":
@@ -402,7 +439,7 @@ def render_results(files: Mapping[str, Any]) -> str:
             tool = f" (written by {_code(_tool(meta))})" if isinstance(meta, dict) else ""
             other.append(f"- {_code(name)}{tool}: {_escape(why)}.")
         else:
-            lines += render_file(name, files[name])
+            lines += render_file(name, files[name], newest)
     if other:
         lines += ["## Not rendered", "", *other, ""]
     return "\n".join(lines)
@@ -818,9 +855,14 @@ def render_table(
         "| situation | pick | current figure | source |",
         "|---|---|---|---|",
     ]
+    newest = newest_commit(files)
     for row in decisions:
         figure = row.figure(files)
         text = figure.text + (" (BUSY: timed on a busy machine)" if figure.busy else "")
+        earlier = dict.fromkeys(
+            e for n in figure.files if (e := _earlier(files[n]["meta"], newest))
+        )
+        text += "".join(f" ({e})" for e in earlier)
         sources = "; ".join(_source(n, files[n]["meta"], link) for n in figure.files)
         pick = row.pick.replace("{loop}", figure.loop)
         lines.append(f"| {_escape(row.situation)} | {pick} | {text} | {sources} |")
@@ -829,7 +871,9 @@ def render_table(
         "Times: medians, with their 95% intervals in brackets. `Nx vs peer`: the peer's time",
         "over the JAX loop's (above 1: JAX is faster), with the 95% interval the run recorded.",
         '`Nx scan\'s time`: a ratio of medians ("intervals overlap": neither is clearly',
-        f"faster). Every file's full table: [{results}]({results}).",
+        "faster). EARLIER CODE: the figure's file was made at another commit than the most",
+        "recent file, so the library may have changed since it was measured. Every file's",
+        f"full table: [{results}]({results}).",
     ]
     return "\n".join(lines)
 
