@@ -254,7 +254,7 @@ def test_a_figure_made_at_earlier_code_is_flagged(files):
     case, _ = _a_case(files)
     row = results_doc.Situation("test", "`{loop}`", results_doc.FastestVsLoop(case, ("scan",)))
     newest = results_doc.newest_commit(files)
-    if files[case.file]["meta"]["git"]["commit"] == newest:
+    if results_doc._commit(files[case.file]["meta"]) == newest:
         assert "(EARLIER CODE" not in results_doc.render_table(files, decisions=[row])
     earlier = {**files, case.file: _made_at(files[case.file], "0" * 40, "1970-01-01")}
     table = results_doc.render_table(earlier, decisions=[row])

@@ -287,13 +287,11 @@ def _header(meta: Mapping, newest: str | None = None) -> list[str]:
         versions[0] += f" (jaxlib {meta['jaxlib']})"
     versions.append(f"torch {meta['torch']}" if meta.get("torch") else "torch not used")
     versions += [f"{name} {meta[name]}" for name in ("flax", "equinox") if meta.get(name)]
-    git = meta.get("git")
-    if isinstance(git, dict) and git.get("commit"):
-        commit = _code(git["commit"][:12]) + (
-            " with uncommitted changes" if git.get("modified") else ""
+    commit = "not recorded"
+    if recorded := _commit(meta):
+        commit = _code(recorded[:12]) + (
+            " with uncommitted changes" if meta["git"].get("modified") else ""
         )
-    else:
-        commit = "not recorded"
     lines = [
         f"- machine: {_escape(str(meta.get('device') or 'not recorded'))}"
         + (f"; CPU {_escape(meta['cpu_model'])}" if meta.get("cpu_model") else ""),
@@ -829,10 +827,9 @@ DECISIONS: tuple[Situation, ...] = (
 def _source(name: str, meta: Mapping, link: str) -> str:
     """E.g. ``[cpu_article.json](bench/results/cpu_article.json), cpu: ..., `c18e32eab01e`,
     2026-11-27``."""
-    git = meta.get("git")
     commit = "commit not recorded"
-    if isinstance(git, dict) and git.get("commit"):
-        commit = _code(git["commit"][:12]) + ("+changes" if git.get("modified") else "")
+    if recorded := _commit(meta):
+        commit = _code(recorded[:12]) + ("+changes" if meta["git"].get("modified") else "")
     date = str(meta.get("date") or "date not recorded")[:10]
     device = _escape(str(meta.get("device") or "machine not recorded"))
     return f"[{name}]({link}/{name}), {device}, {commit}, {date}"
