@@ -41,7 +41,9 @@ QUICK_SAMPLE = (
     "test_every_mode_on_1_2_and_4_devices_equals_one_device and float64"
     " or test_every_cell_kind and lstm"
     " or test_meshes_of_either_axis_type"
-    " or test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument and lstm"
+    " or (test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument and lstm"
+    " and (scan or fori or auto))"
+    " or test_an_explicit_mesh_without_the_mesh_argument_refuses_the_forward_method"
     " or test_bad_meshes_are_refused"
     " or test_the_gradient_is_summed_once"
     " or test_the_mean_over_lengths_counts_every_devices_steps"
@@ -60,7 +62,9 @@ def test_in_a_process_with_4_devices(tier, least):
     # pytest-benchmark, where installed beside xdist, warns at start-up, and the suite
     # turns warnings into errors: the child needs neither.
     flags = ["-q", "-p", "no:cacheprovider", "-p", "no:benchmark"]
-    flags += ["--full"] if tier == "full" else ["-k", QUICK_SAMPLE]
+    # The sample is chosen by name, from every case (--full): the stride sampling of
+    # tests/conftest.py would skip some of the cases it names.
+    flags += ["--full"] if tier == "full" else ["--full", "-k", QUICK_SAMPLE]
     command = [sys.executable, "-m", "pytest", __file__, *flags]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     tail = done.stdout[-6000:] + done.stderr[-2000:]
@@ -253,34 +257,47 @@ def test_meshes_of_either_axis_type_with_inputs_already_sharded(axis_type):
         assert_close(lg.rnn_loss(params, x, y, mesh=mesh), lg.rnn_loss(params, x0, y0), 1e-11)
 
 
-# The quick tier runs the LSTM (a pair of states); every other kind runs in the full tier.
-@pytest.mark.parametrize(
-    "kind", [k if k == "lstm" else pytest.param(k, marks=pytest.mark.slow) for k in lg.CELLS]
-)
-def test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument(kind):
-    """Under ``jax.set_mesh`` of an Explicit mesh, the sharding is part of each array's
-    type: the default zero ``hidden0`` must be split like the inputs' batch, or the
-    step's concatenation and the loop's carry refuse the mix (issue 23)."""
+#: Every way to differentiate or train, as ``test_inputs_split_by_an_explicit_mesh_...``
+#: runs each: ``(params, x, y) -> result``.
+_SPLIT_RUNS = {
+    "scan": lambda p, x, y: jax.value_and_grad(lg.rnn_loss)(p, x, y),
+    "hoisted": lambda p, x, y: jax.value_and_grad(lg.rnn_loss)(p, x, y, hoist_input=True),
+    "python": lambda p, x, y: jax.value_and_grad(lg.rnn_loss)(p, x, y, loop="python"),
+    "fori": lambda p, x, y: jax.value_and_grad(lg.rnn_loss)(p, x, y, loop="fori"),
+    "tbptt": lambda p, x, y: lg.train_rnn(p, x, y, mode="tbptt", window=2),
+    "reverse": lambda p, x, y: lg.train_rnn(
+        p, x, y, mode="as_written", as_written_method="reverse"
+    ),
+    "auto": lambda p, x, y: lg.train_rnn(p, x, y, mode="as_written"),  # picks reverse
+}
+
+
+def _split_problem(kind):
     params, x0, y0 = _problem(kind, layers=1 if kind == "article" else 2)
     mesh = _mesh(2)
     split = NamedSharding(mesh, P(None, "batch", None))
-    x, y = jax.device_put(x0, split), jax.device_put(y0, split)
-    runs = {
-        "scan": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y),
-        "hoisted": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, hoist_input=True),
-        "python": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, loop="python"),
-        "fori": lambda x, y: jax.value_and_grad(lg.rnn_loss)(params, x, y, loop="fori"),
-        "tbptt": lambda x, y: lg.train_rnn(params, x, y, mode="tbptt", window=2),
-        "reverse": lambda x, y: lg.train_rnn(
-            params, x, y, mode="as_written", as_written_method="reverse"
-        ),
-        "auto": lambda x, y: lg.train_rnn(params, x, y, mode="as_written"),  # picks reverse
-    }
-    for name, run in runs.items():
-        expected = run(x0, y0)
-        with jax.set_mesh(mesh):
-            actual = run(x, y)
-        assert_close(actual, expected, TOL[jnp.float64], name)
+    return params, x0, y0, mesh, jax.device_put(x0, split), jax.device_put(y0, split)
+
+
+# The quick tier runs the LSTM (a pair of states), a sample of the runs; every other kind
+# runs in the full tier.
+@pytest.mark.parametrize("run", list(_SPLIT_RUNS))
+@pytest.mark.parametrize(
+    "kind", [k if k == "lstm" else pytest.param(k, marks=pytest.mark.slow) for k in lg.CELLS]
+)
+def test_inputs_split_by_an_explicit_mesh_without_the_mesh_argument(kind, run):
+    """Under ``jax.set_mesh`` of an Explicit mesh, the sharding is part of each array's
+    type: the default zero ``hidden0`` must be split like the inputs' batch, or the
+    step's concatenation and the loop's carry refuse the mix (issue 23)."""
+    params, x0, y0, mesh, x, y = _split_problem(kind)
+    expected = _SPLIT_RUNS[run](params, x0, y0)
+    with jax.set_mesh(mesh):
+        actual = _SPLIT_RUNS[run](params, x, y)
+    assert_close(actual, expected, TOL[jnp.float64], run)
+
+
+def test_an_explicit_mesh_without_the_mesh_argument_refuses_the_forward_method():
+    params, _, _, mesh, x, y = _split_problem("lstm")
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"each example on its own.*mesh="):
         lg.train_rnn(params, x, y, mode="as_written", as_written_method="forward")
 
