@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from loopgrad_jax import _checks
 from loopgrad_jax._checkpointed import checkpointed_scan, closure_convert
@@ -547,13 +548,32 @@ def _fori(body, length: int, reverse: bool, unroll: int, consts, init, xs):
     return lax.fori_loop(0, length, step, state, unroll=unroll)
 
 
-@_fori.defjvp
 def _fori_jvp(body, length, reverse, unroll, primals, tangents):
-    def as_scan(consts, init, xs):
+    # Differentiated with respect to the inputs that have a tangent only, the others
+    # closed over as constants. Given as arrays of zeros (custom_jvp's default), the scan
+    # computed a zero tangent's contribution at every step and reverse mode stored it:
+    # for PyTorch's cells, the projection of the inputs' zero tangent, one more
+    # (T, B, G*H) array than scan keeps.
+    leaves, tree = jax.tree.flatten(primals)
+    tangent_leaves = tree.flatten_up_to(tangents)
+    live = [not isinstance(t, SymbolicZero) for t in tangent_leaves]
+
+    def as_scan(*live_leaves):
+        given = iter(live_leaves)
+        consts, init, xs = tree.unflatten(
+            [next(given) if d else p for p, d in zip(leaves, live, strict=True)]
+        )
         step = _with_consts(body, consts)
         return lax.scan(step, init, xs, length=length, reverse=reverse, unroll=unroll)
 
-    return jax.jvp(as_scan, primals, tangents)
+    return jax.jvp(
+        as_scan,
+        tuple(p for p, d in zip(leaves, live, strict=True) if d),
+        tuple(t for t, d in zip(tangent_leaves, live, strict=True) if d),
+    )
+
+
+_fori.defjvp(_fori_jvp, symbolic_zeros=True)
 
 
 def _with_consts(body, consts):
