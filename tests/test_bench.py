@@ -1655,3 +1655,30 @@ def test_deer_is_not_timed_on_long_training_runs():
         assert cases.skip_reason(scenario, "parallel", short, limits, method="forward") is None
         assert cases.skip_reason(scenario, "scan", long, limits, method="forward") is None
     assert cases.skip_reason("rnn_loss", "parallel", long, limits) is None
+
+
+def test_plot_title_names_the_window_only_where_train_tbptt_ran():
+    meta = {"device": "cpu: a CPU", "jax": "0.0"}
+    plan = run.Plan(
+        scenarios=["rnn_loss"],
+        loops=["scan"],
+        lengths=[10, 100],
+        batch=2,
+        input=3,
+        hidden=4,
+        window=5,
+        limits=cases.Limits(max_unroll=10, max_quadratic=10),
+        warmup=1,
+        repeats=5,
+        compile_repeats=1,
+        compile_warmup=True,
+        seed=0,
+        torch=None,
+        cell="gru",
+        layers=2,
+    )
+    assert cli.plot_title(meta, plan) == "cpu: a CPU, jax 0.0, gru x2 layers, I=3, H=4, B=2"
+    tbptt = plan._replace(scenarios=["rnn_loss", "train_tbptt"], cell="article", layers=1)
+    assert cli.plot_title(meta, tbptt) == "cpu: a CPU, jax 0.0, I=3, H=4, B=2, window=5"
+    swept = plan._replace(sweep=("batch", (1, 8)))
+    assert cli.plot_title(meta, swept).endswith("I=3, H=4, B=1,8")

@@ -9,8 +9,9 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -375,6 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plot_title(meta: Mapping[str, Any], plan: run.Plan) -> str:
+    """The figure's title: the machine, JAX's version, the cell and the sizes of ``plan``
+    (``window``, which sizes train_tbptt's updates only, where that scenario ran)."""
+    swept = {"input": plan.input, "hidden": plan.hidden, "batch": plan.batch}
+    if plan.sweep:
+        swept[plan.sweep[0]] = _join(plan.sweep[1])
+    sizes = ", ".join(f"{k[0].upper()}={v}" for k, v in swept.items())
+    cell = "" if plan.cell == "article" else f"{plan.cell} x{plan.layers} layers, "
+    window = f", window={plan.window}" if "train_tbptt" in plan.scenarios else ""
+    return f"{meta['device']}, jax {meta['jax']}, {cell}{sizes}{window}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the exit status (0, 2 for bad arguments, 130 if interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -530,16 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot and records:
         from loopgrad_jax.bench.plot import plot_records
 
-        swept = {"input": plan.input, "hidden": plan.hidden, "batch": plan.batch}
-        if plan.sweep:
-            swept[plan.sweep[0]] = _join(plan.sweep[1])
-        sizes = ", ".join(f"{k[0].upper()}={v}" for k, v in swept.items())
-        cell = "" if plan.cell == "article" else f"{plan.cell} x{plan.layers} layers, "
         plot_records(
-            records,
-            args.plot,
-            f"{meta['device']}, jax {meta['jax']}, {cell}{sizes}, window={plan.window}",
-            x=plan.sweep[0] if plan.sweep else "length",
+            records, args.plot, plot_title(meta, plan), x=plan.sweep[0] if plan.sweep else "length"
         )
     if meta["status"] == "interrupted":
         kept = f"; kept in {args.json}" if args.json else ""
