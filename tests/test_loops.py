@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loopgrad_jax as lg
+from loopgrad_jax.bench.cases import residual_bytes
 
 
 def body(carry, x):
@@ -167,10 +168,7 @@ def test_fori_keeps_for_reverse_mode_what_scan_keeps(kind):
     y = jax.random.normal(keys[2], (t, b, 1), jnp.float32)
 
     def kept(loop):  # bytes of the residuals, counted by shape: nothing runs
-        pullback = jax.eval_shape(
-            lambda p: jax.vjp(lambda p: lg.rnn_loss(p, x, y, loop=loop), p)[1], params
-        )
-        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pullback))
+        return residual_bytes(lambda p: lg.rnn_loss(p, x, y, loop=loop), params)
 
     # Beside scan's, at most the initial state (h, and an LSTM's c), kept whole.
     state = (2 if kind == "lstm" else 1) * b * h * x.dtype.itemsize
