@@ -148,11 +148,8 @@ def test_regenerated_fixtures_agree_with_committed(tmp_path):
         for n, o in zip(new.cases, kept, strict=True):
             assert n.keys() == o.keys()
             for key in n:
-                if isinstance(o[key], np.ndarray | dict | list):
-                    what = f"{path.name}:{n['name']}:{key}"
-                    _assert_same(n[key], o[key], TOL[new.header["dtype"]] / 2, what)
-                else:
-                    assert n[key] == o[key], (path.name, n["name"], key)
+                what = f"{path.name}:{n['name']}:{key}"
+                _assert_same(n[key], o[key], TOL[new.header["dtype"]] / 2, what)
 
 
 def _assert_same(new, old, tol, what):
@@ -161,7 +158,10 @@ def _assert_same(new, old, tol, what):
     # bits (measured: up to 1.8e-6 in float32 and 3.2e-15 in float64, as the parity suite
     # measures error, |new - old| / (1 + |old|)). What the fixtures promise is that this
     # movement cannot decide a parity check: it stays under half the tolerance the parity
-    # suite grants, ``tol``. Integers, shapes and dtypes must match exactly.
+    # suite grants, ``tol``. So do a case's float scalars (its loss: 5.196169377 against
+    # 5.196169853 for cell_loss_float32's rnn_relu_l1_nobias, regenerated on an Intel Xeon
+    # against the AMD EPYC that wrote it). Integers, names, shapes and dtypes must match
+    # exactly.
     if isinstance(old, dict):
         assert new.keys() == old.keys(), what
         for k in old:
@@ -171,6 +171,10 @@ def _assert_same(new, old, tol, what):
         assert isinstance(new, list) and len(new) == len(old), what
         for i, (n, o) in enumerate(zip(new, old, strict=True)):
             _assert_same(n, o, tol, f"{what}[{i}]")
+        return
+    if isinstance(old, float):
+        assert isinstance(new, float), what
+        np.testing.assert_allclose(new, old, rtol=tol, atol=tol, err_msg=what)
         return
     if not isinstance(old, np.ndarray):
         assert new == old, what
