@@ -535,10 +535,11 @@ def _dots_inside_loops(jaxpr, inside=False):
 
 
 @pytest.mark.parametrize("kind", TORCH_KINDS)
-def test_hoisted_gradient_of_the_recurrent_weights_is_one_product_after_the_loop(kind):
+def test_hoisted_gradient_of_the_recurrent_weights_is_products_after_the_loop(kind):
     # Without the hoist, reverse mode adds a (G*H, H) product into dW_hh at every step
     # inside the loop (for nn.RNN, a product into the joined (I + H, H) kernel); hoisted,
-    # every product inside the loop is (B, .)-shaped and dW_hh is one product outside.
+    # every product inside the loop is (B, .)-shaped and dW_hh is one (H, H) product per
+    # gate block outside.
     p, x, y = _problem(kind, layers=1, t=5)
     g = GATES[kind] * 4
     weight_shaped = {(g, 4), (4, g)}
@@ -550,8 +551,40 @@ def test_hoisted_gradient_of_the_recurrent_weights_is_one_product_after_the_loop
 
     assert any(shape in weight_shaped | joined and inside for shape, inside in dots(False))
     hoisted = dots(True)
-    assert not any(shape in weight_shaped and inside for shape, inside in hoisted)
-    assert any(shape in weight_shaped and not inside for shape, inside in hoisted)
+    assert not any(shape in weight_shaped | {(4, 4)} and inside for shape, inside in hoisted)
+    outside = [shape for shape, inside in hoisted if shape == (4, 4) and not inside]
+    assert len(outside) == GATES[kind]
+
+
+def _shapes(jaxpr) -> set[tuple[int, ...]]:
+    """The shape of every value a (closed) jaxpr computes, nested jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        found |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found |= _shapes(sub)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_hoisted_gradient_never_joins_the_gate_blocks_of_every_step(kind, bidirectional):
+    # Hoisted, the input side is one product per gate block, each block reaches the loop
+    # as its own (T, B, H) array, and reverse mode's products read the loop's cotangents
+    # block by block: no (T, B, G*H) array, nor its (T * B, G*H) reshape, is written
+    # (each was one more large array written and read; docs/notes.md).
+    p = lg.init_cell(
+        jax.random.key(0), kind, 3, 4, 1, 2, bidirectional=bidirectional, dtype=jnp.float64
+    )
+    t, b, g = 5, 2, GATES[kind] * 4
+    x = jax.random.normal(jax.random.key(1), (t, b, 3), jnp.float64)
+    grad = jax.grad(lambda p: jnp.sum(lg.rnn(p, x, loop="scan")[0] ** 2))
+    shapes = _shapes(jax.make_jaxpr(grad)(p).jaxpr)
+    assert (t, b, 4) in shapes  # the blocks themselves
+    assert not shapes & {(t, b, g), (t * b, g)}, sorted(shapes)
 
 
 # ------------------------------------------------------------------- cost

@@ -20,7 +20,7 @@ def _case(kind: str, seed: int = 0, bias: bool = True):
     g = GATES[kind] * H
     w_hh = jax.random.normal(keys[0], (g, H), jnp.float64) * 0.5
     b_hh = jax.random.normal(keys[1], (g,), jnp.float64) * 0.5 if bias else None
-    gi = jax.random.normal(keys[2], (T, B, g), jnp.float64)
+    gi = tuple(jax.random.normal(keys[2], (GATES[kind], T, B, H), jnp.float64))
     h0 = jax.random.normal(keys[3], (B, H), jnp.float64) * 0.5
     state0 = (h0, jax.random.normal(keys[4], (B, H), jnp.float64) * 0.5) if kind == "lstm" else h0
     weights = jax.random.normal(keys[5], (T, B, H), jnp.float64)
@@ -116,10 +116,12 @@ def test_vmap_over_a_batch_of_sequences_equals_one_at_a_time():
     w_hh, b_hh, gi, state0, weights = _case("lstm", seed=2)
     fast, _ = _runs("lstm", "scan", None, reverse=False)
     grad = jax.grad(functools.partial(_loss, fast, "lstm", weights), argnums=2)
-    gis = jnp.stack([gi, 2 * gi])
+    gis = jax.tree.map(lambda g: jnp.stack([g, 2 * g]), gi)
     batched = jax.vmap(lambda g: grad(w_hh, b_hh, g, state0))(gis)
     for k in range(2):
-        np.testing.assert_allclose(batched[k], grad(w_hh, b_hh, gis[k], state0), rtol=1e-13)
+        one = grad(w_hh, b_hh, tuple(g[k] for g in gis), state0)
+        for got, want in zip(batched, one, strict=True):
+            np.testing.assert_allclose(got[k], want, rtol=1e-13)
 
 
 @pytest.mark.parametrize("loop", ["fori", "fori:unroll=2"])

@@ -79,6 +79,16 @@ def combine(kind: str, gi: jax.Array, hw: jax.Array, b_hh: jax.Array | None) -> 
     return jnp.concatenate([rz, gi[..., 2 * size :], gh[..., 2 * size :]], axis=-1)
 
 
+def combine_blocks(kind: str, gi: tuple, hw: tuple) -> tuple:
+    """:func:`combine` (without ``b_hh``) on gate blocks: ``gi`` and ``hw`` each hold one
+    ``(..., H)`` array per gate, and so does the result, one per block of ``pre``'s
+    columns: ``gi_k + hw_k``; for ``nn.GRU`` ``(x_r + h_r, x_z + h_z, x_n, h_n)``.
+    Taken over every step at once, it reads and writes no array of joined columns."""
+    if kind != "gru":
+        return tuple(a + b for a, b in zip(gi, hw, strict=True))
+    return (gi[0] + hw[0], gi[1] + hw[1], gi[2], hw[2])
+
+
 def combine_transpose(kind: str, dpre: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The cotangents of :func:`combine`'s ``gi`` and ``hw`` (``b_hh``'s sums ``hw``'s)."""
     if kind != "gru":
@@ -353,6 +363,26 @@ def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:
 def _project(layer: LayerParams, xs: jax.Array, policy: Precision | None) -> jax.Array:
     """``layer``'s input side for every step at once: ``(T, B, I_k) -> (T, B, G*H)``."""
     return _plus(rows_product(xs, layer.weight_ih, policy), _row(layer.bias_ih, 2))
+
+
+def project_blocks(
+    layer: LayerParams, xs: jax.Array, policy: Precision | None, gates: int
+) -> tuple:
+    """:func:`_project` as one ``(T, B, H)`` array per gate: one product per block of
+    ``gates`` blocks of ``W_ih``'s rows (and of ``b_ih``).
+
+    The same numbers as splitting ``_project``'s columns, without writing and reading
+    the joined ``(T, B, G*H)`` array; reverse mode's products (each block's ``dW_ih``
+    and its part of ``dx``) read the blocks' cotangents as they come, unjoined. At
+    I=64, H=256, T*B=32000 rows XLA's CPU backend took 27 ms for a GRU's three
+    products against 57 ms for one product and its split, and 29 against 51 ms for
+    ``dW_ih`` from the three cotangents against from their concatenation.
+    """
+    weights = jnp.split(layer.weight_ih, gates)
+    biases = (None,) * gates if layer.bias_ih is None else jnp.split(layer.bias_ih, gates)
+    return tuple(
+        _plus(rows_product(xs, w, policy), _row(b, 2)) for w, b in zip(weights, biases, strict=True)
+    )
 
 
 def rows_product(xs: jax.Array, weight: jax.Array, policy: Precision | None) -> jax.Array:

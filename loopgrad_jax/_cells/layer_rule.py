@@ -5,12 +5,13 @@ The forward loop stores, per step, the coefficients of the gates' linearization
 multiplies by them; the recurrent weights' tangent enters as one product over every
 step before it. Reverse mode transposes that: a backward loop carrying the state's
 cotangent and emitting each step's pre-activation cotangent ``dpre``, then
-``dW_hh = dpre^T h_prev``, one 2-D product over all ``T * B`` rows, and ``b_hh``'s
-one sum. The input side's gradients (``W_ih``, ``b_ih``, the inputs) come from the
-caller's single product ``gi = x W_ih^T + b_ih`` over every step, as ``dgi`` comes
-back for all steps at once. Nothing here restates a cell: the rule reads the cell's
-own :func:`combine`, :func:`gates_linearized` and :func:`gates_tangent`, the pieces
-:func:`update`'s derivative is made of.
+``dW_hh = dpre^T h_prev``, a 2-D product over all ``T * B`` rows per gate block, and
+``b_hh``'s one sum. The input side's gradients (``W_ih``, ``b_ih``, the inputs) come
+from the caller's products ``gi = x W_ih^T + b_ih`` over every step, one per gate
+block (:func:`project_blocks`), as ``dgi`` comes back for all steps at once, block by
+block. Nothing here restates a cell: the rule reads the cell's own :func:`combine`,
+:func:`combine_blocks`, :func:`gates_linearized` and :func:`gates_tangent`, the
+pieces :func:`update`'s derivative is made of.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from loopgrad_jax._cells.equations import (
     _plus,
     _row,
     combine,
+    combine_blocks,
     gates_linearized,
     gates_tangent,
     output_slope,
     rows_product,
     update,
 )
-from loopgrad_jax._cells.kinds import GATES
 from loopgrad_jax._loops import Loop, run_loop
 from loopgrad_jax._precision import Precision, matmul
 
@@ -60,7 +61,7 @@ def layer_recurrence(
     policy: Precision | None,
     w_hh: jax.Array,
     b_hh: jax.Array | None,
-    gi: jax.Array,
+    gi: tuple[jax.Array, ...],
     state0: Any,
     live: jax.Array | None = None,
     *,
@@ -68,12 +69,13 @@ def layer_recurrence(
 ) -> tuple[Any, jax.Array]:
     """``(final state, outputs (T, B, H))`` of one layer in one direction, given its ``gi``.
 
-    Plain-Python semantics (``live[t, b]``: whether step ``t`` of example ``b`` is
-    real; ``None``: every step)::
+    ``gi`` is the input side ``x W_ih^T + b_ih`` of every step as one ``(T, B, H)``
+    array per gate (:func:`project_blocks`). Plain-Python semantics (``live[t, b]``:
+    whether step ``t`` of example ``b`` is real; ``None``: every step)::
 
       state, out = state0, zeros(T, B, H)
       for t in (reversed(range(T)) if reverse else range(T)):
-        pre = combine(kind, gi[t], h(state) @ w_hh.T, b_hh)
+        pre = combine(kind, concatenate([g[t] for g in gi], -1), h(state) @ w_hh.T, b_hh)
         new = update(kind, pre, state)                 # rounded under ``policy``
         state = where(live[t], new, state)
         out[t] = where(live[t], h(new), 0)
@@ -133,8 +135,9 @@ def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs
             return new, out
         return new, (out, step_coefs, None if keep is None else _h(kind, new))
 
-    xs = (gate_blocks(gi, gate_size(kind, w_hh)), live)
-    final, ys = run_loop(body, state0, xs, length=gi.shape[0], loop=loop, reverse=reverse)
+    final, ys = run_loop(
+        body, state0, (gi, live), length=gi[0].shape[0], loop=loop, reverse=reverse
+    )
     return (final, ys) if not coefs else (final, *ys)
 
 
@@ -171,8 +174,15 @@ def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, hs, live, *t
     if kind in _RNN:
         coefs = (output_slope(kind, out),)
     h_prev = _shift(_h(kind, state0), out if hs is None else hs, reverse=reverse)
-    extra = _plus(rows_product(h_prev, dw_hh, policy), _row(db_hh, 2))
-    dpre_in = combine(kind, dgi, extra, None)
+    # h_prev dW_hh^T + db_hh one gate block at a time, each block's own product, so that
+    # reverse mode computes dW_hh block by block from the loop's cotangents as they
+    # come: joined, they were one more (T, B, G*H) array written and read.
+    gates = len(dgi)
+    dbs = (None,) * gates if db_hh is None else jnp.split(db_hh, gates)
+    extra = tuple(
+        _plus(rows_product(h_prev, w, policy), _row(b, 2))
+        for w, b in zip(jnp.split(dw_hh, gates), dbs, strict=True)
+    )
 
     def body(dstate, xs):
         dpre_t, coefs_t, keep = xs
@@ -180,36 +190,19 @@ def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, hs, live, *t
         dpre = join_blocks(dpre_t) + combine(kind, jnp.zeros_like(dhw), dhw, None)
         return finish_step(kind, policy, gates_tangent(kind, coefs_t, dpre, dstate), dstate, keep)
 
-    return run_loop(
-        body,
-        dstate0,
-        (gate_blocks(dpre_in, gate_size(kind, w_hh)), coefs, live),
-        length=out.shape[0],
-        loop=loop,
-        reverse=reverse,
-    )
+    xs = (combine_blocks(kind, dgi, extra), coefs, live)
+    return run_loop(body, dstate0, xs, length=out.shape[0], loop=loop, reverse=reverse)
 
 
-def gate_blocks(xs: jax.Array, size: int) -> jax.Array | tuple[jax.Array, ...]:
-    """A loop's per-step input ``(T, B, G*H)`` as one ``(T, B, H)`` array per gate (``size = H``).
+def join_blocks(xs: tuple[jax.Array, ...]) -> jax.Array:
+    """One step's gate blocks (:func:`project_blocks`) joined: ``(B, G*H)``.
 
-    The loop's body joins them again (:func:`join_blocks`): the same numbers. Read as
-    column blocks of one stored array, XLA's CPU backend ran the step's elementwise
-    gate arithmetic several times slower than from separate arrays (a GRU's forward
-    loop at B=32, H=256, T=1000: 388 against 187 ms; ``docs/notes.md``).
+    The blocks reach the loop as separate arrays and are joined inside the step: read
+    as column blocks of one stored array, XLA's CPU backend ran the step's elementwise
+    gate arithmetic several times slower (a GRU's forward loop at B=32, H=256, T=1000:
+    388 against 187 ms; ``docs/notes.md``).
     """
-    count = xs.shape[-1] // size
-    return xs if count == 1 else tuple(jnp.split(xs, count, axis=-1))
-
-
-def gate_size(kind: str, w_hh: jax.Array) -> int:
-    """The layer's hidden size ``H``, the width of one gate: ``w_hh`` is ``(G*H, H_out)``."""
-    return w_hh.shape[0] // GATES[kind]
-
-
-def join_blocks(xs: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
-    """:func:`gate_blocks`'s blocks of one step joined: ``(B, G*H)``."""
-    return jnp.concatenate(xs, axis=-1) if isinstance(xs, tuple) else xs
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
 
 
 def _shift(first: jax.Array, hs: jax.Array, *, reverse: bool) -> jax.Array:

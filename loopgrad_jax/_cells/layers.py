@@ -5,14 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from loopgrad_jax._cells.equations import _project, _row, layer_step
-from loopgrad_jax._cells.layer_rule import (
-    finish_step,
-    gate_blocks,
-    gate_size,
-    join_blocks,
-    layer_recurrence,
-)
+from loopgrad_jax._cells.equations import _row, layer_step, project_blocks
+from loopgrad_jax._cells.kinds import GATES
+from loopgrad_jax._cells.layer_rule import finish_step, join_blocks, layer_recurrence
 from loopgrad_jax._cells.params import CellParams
 from loopgrad_jax._loops import Loop, run_loop
 
@@ -30,7 +25,7 @@ def hoisted_forward(
 
       x = inputs                                     # (T, B, I)
       for k, layer in enumerate(layers):
-        gi = x @ W_ih^T + b_ih                       # all T steps: one product
+        gi = x @ W_ih^T + b_ih                       # all T steps: one product per gate
         state, hs = carry0[k], []
         for t in range(T):
           state = step(layer, state, gi[t]); hs.append(h of state)
@@ -39,12 +34,12 @@ def hoisted_forward(
 
     Each layer's recurrence is :func:`layer_recurrence`: under the loop kinds that
     store every step for reverse mode, its reverse rule turns the gradients of
-    ``W_hh`` and ``b_hh`` into one product after the backward loop, and the input
-    side's (``W_ih``, ``b_ih``, ``x``) is one product already.
+    ``W_hh`` and ``b_hh`` into products after the backward loop (one per gate block),
+    and the input side's (``W_ih``, ``b_ih``, ``x``) are the products already.
     """
     finals, x, policy = [], inputs, params.precision
     for layer, state0 in zip(params.layers, carry0, strict=True):
-        gi = _project(layer, x, policy)
+        gi = project_blocks(layer, x, policy, GATES[params.kind])
         state, x = layer_recurrence(
             params.kind, loop, policy, layer.weight_hh, layer.bias_hh, gi, state0
         )
@@ -87,7 +82,7 @@ def module_forward(
     The reverse direction of example ``b`` starts at its last real step,
     ``lengths[b] - 1``, from ``carry0``, as PyTorch's packed sequences run it; the
     forward direction's final state is the one after step ``lengths[b] - 1``. Each
-    layer's input side is one product over every step before its loop.
+    layer's input side is one product per gate block over every step before its loop.
     """
     d = params.directions
     finals, x = [], inputs
@@ -107,7 +102,7 @@ def module_forward(
 
 def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
     """One layer in one direction over the sequence: ``(final state, h of every step)``."""
-    gi = _project(layer, x, params.precision)
+    gi = project_blocks(layer, x, params.precision, GATES[params.kind])
     reverse = direction == 1
     if layer.weight_hr is None:
         return layer_recurrence(
@@ -136,8 +131,7 @@ def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
         )
         return finish_step(params.kind, None, new, state, keep)  # layer_step rounded it
 
-    xs = (gate_blocks(gi, gate_size(params.kind, layer.weight_hh)), live)
-    return run_loop(body, state0, xs, length=x.shape[0], loop=loop, reverse=reverse)
+    return run_loop(body, state0, (gi, live), length=x.shape[0], loop=loop, reverse=reverse)
 
 
 def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
