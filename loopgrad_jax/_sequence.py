@@ -514,11 +514,11 @@ def rnn_loss(
         product before the loop; only the recurrent product stays inside. For a
         :class:`CellParams` the layers then run one after another over the whole
         sequence, as fused RNN kernels do, and the gradient of each layer's
-        recurrent weights is one product after its loop (same values; it keeps
-        less for backward but needs more scratch memory: for an LSTM at I=64,
-        H=256, B=32, T=1000 the compiled gradient's temp bytes were 2.1x the
-        per-step body's, 594 against 283 MiB, ``memory_analysis()`` on CPU with
-        jax 0.10.2, ``bench/results/cpu_lstm.json``).
+        recurrent weights is one product per gate block after its loop (same
+        values; it keeps less for backward but needs more scratch memory: for an
+        LSTM at I=64, H=256, B=32, T=1000 the compiled gradient's temp bytes were
+        1.8x the per-step body's, 500 against 283 MiB, ``memory_analysis()`` on
+        CPU with jax 0.10.2, ``bench/results/cpu_lstm.json``).
       cell: your own :class:`Cell`; ``None`` for the built-in kinds, read off ``params``.
       mesh: a ``jax.sharding.Mesh`` to split the batch over, data-parallel: its axis
         named ``"batch"``, or its only axis, of ``n`` devices; ``B`` must be a
