@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from loopgrad_jax._cells import GATES
+from loopgrad_jax._cells.equations import combine, combine_blocks
 from loopgrad_jax._cells.layer_rule import RULE_LOOPS, _forward, layer_recurrence
 from loopgrad_jax._loops import check_loop
 
@@ -190,3 +191,17 @@ def test_reverse_mode_keeps_the_coefficients_and_the_outputs_once(kind):
     kept = {id(v) for v in jaxpr.outvars if v.aval.shape == (T, B, H) and id(v) not in given}
     stored = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 6, "gru": 5}[kind]
     assert len(kept) == stored + 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_combine_blocks_is_combine_on_gate_blocks(kind):
+    # The tangent loop's per-step input is combine_blocks of the input side's blocks and
+    # the recurrent side's: block for block, the columns combine writes joined.
+    keys = jax.random.split(jax.random.key(4))
+    gi, hw = (jax.random.normal(k, (T, B, GATES[kind] * H), jnp.float64) for k in keys)
+
+    def blocks(a):
+        return tuple(jnp.split(a, GATES[kind], axis=-1))
+
+    got = jnp.concatenate(combine_blocks(kind, blocks(gi), blocks(hw)), axis=-1)
+    np.testing.assert_array_equal(got, combine(kind, gi, hw, None))
