@@ -366,22 +366,29 @@ def _project(layer: LayerParams, xs: jax.Array, policy: Precision | None) -> jax
 
 
 def project_blocks(
-    layer: LayerParams, xs: jax.Array, policy: Precision | None, gates: int
+    xs: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    policy: Precision | None,
+    gates: int,
 ) -> tuple:
-    """:func:`_project` as one ``(T, B, H)`` array per gate: one product per block of
-    ``gates`` blocks of ``W_ih``'s rows (and of ``b_ih``).
+    """``xs @ weight.T + bias`` over every step, ``(T, B, K)``, as one ``(T, B, H)``
+    array per gate: one :func:`rows_product` per block of ``gates`` blocks of
+    ``weight``'s rows (and of ``bias``; ``None``: no bias).
 
-    The same numbers as splitting ``_project``'s columns, without writing and reading
-    the joined ``(T, B, G*H)`` array; reverse mode's products (each block's ``dW_ih``
-    and its part of ``dx``) read the blocks' cotangents as they come, unjoined. At
-    I=64, H=256, T*B=32000 rows XLA's CPU backend took 27 ms for a GRU's three
-    products against 57 ms for one product and its split, and 29 against 51 ms for
-    ``dW_ih`` from the three cotangents against from their concatenation.
+    A layer's input side (``W_ih``, ``b_ih``) and the layer rule's recurrent tangent
+    (``dW_hh``, ``db_hh``) are made so: the same numbers as splitting one product's
+    columns, without writing and reading the joined ``(T, B, G*H)`` array, and reverse
+    mode's products (each block's weight gradient and its part of ``dx``) read the
+    blocks' cotangents as they come, unjoined. At I=64, H=256, T*B=32000 rows XLA's
+    CPU backend took 27 ms for a GRU's three products against 57 ms for one product and
+    its split, and 29 against 51 ms for ``dW_ih`` from the three cotangents against
+    from their concatenation.
     """
-    weights = jnp.split(layer.weight_ih, gates)
-    biases = (None,) * gates if layer.bias_ih is None else jnp.split(layer.bias_ih, gates)
+    biases = (None,) * gates if bias is None else jnp.split(bias, gates)
     return tuple(
-        _plus(rows_product(xs, w, policy), _row(b, 2)) for w, b in zip(weights, biases, strict=True)
+        _plus(rows_product(xs, w, policy), _row(b, 2))
+        for w, b in zip(jnp.split(weight, gates), biases, strict=True)
     )
 
 

@@ -23,14 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from loopgrad_jax._cells.equations import (
-    _plus,
     _row,
     combine,
     combine_blocks,
     gates_linearized,
     gates_tangent,
     output_slope,
-    rows_product,
+    project_blocks,
     update,
 )
 from loopgrad_jax._loops import Loop, run_loop
@@ -174,15 +173,10 @@ def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, hs, live, *t
     if kind in _RNN:
         coefs = (output_slope(kind, out),)
     h_prev = _shift(_h(kind, state0), out if hs is None else hs, reverse=reverse)
-    # h_prev dW_hh^T + db_hh one gate block at a time, each block's own product, so that
-    # reverse mode computes dW_hh block by block from the loop's cotangents as they
-    # come: joined, they were one more (T, B, G*H) array written and read.
-    gates = len(dgi)
-    dbs = (None,) * gates if db_hh is None else jnp.split(db_hh, gates)
-    extra = tuple(
-        _plus(rows_product(h_prev, w, policy), _row(b, 2))
-        for w, b in zip(jnp.split(dw_hh, gates), dbs, strict=True)
-    )
+    # h_prev dW_hh^T + db_hh one gate block at a time, so that reverse mode computes
+    # dW_hh block by block from the loop's cotangents as they come: joined, they were
+    # one more (T, B, G*H) array written and read.
+    extra = project_blocks(h_prev, dw_hh, db_hh, policy, len(dgi))
 
     def body(dstate, xs):
         dpre_t, coefs_t, keep = xs

@@ -39,7 +39,7 @@ def hoisted_forward(
     """
     finals, x, policy = [], inputs, params.precision
     for layer, state0 in zip(params.layers, carry0, strict=True):
-        gi = project_blocks(layer, x, policy, GATES[params.kind])
+        gi = project_blocks(x, layer.weight_ih, layer.bias_ih, policy, GATES[params.kind])
         state, x = layer_recurrence(
             params.kind, loop, policy, layer.weight_hh, layer.bias_hh, gi, state0
         )
@@ -102,7 +102,7 @@ def module_forward(
 
 def _direction(params, layer, x, state0, live, direction: int, loop: Loop):
     """One layer in one direction over the sequence: ``(final state, h of every step)``."""
-    gi = project_blocks(layer, x, params.precision, GATES[params.kind])
+    gi = project_blocks(x, layer.weight_ih, layer.bias_ih, params.precision, GATES[params.kind])
     reverse = direction == 1
     if layer.weight_hr is None:
         return layer_recurrence(
