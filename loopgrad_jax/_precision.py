@@ -12,9 +12,11 @@ from the one body.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,45 @@ def matmul(a: jax.Array, b: jax.Array, policy: Precision | None) -> jax.Array:
         return a @ b
     c = policy.compute_dtype
     return jnp.matmul(a.astype(c), b.astype(c), preferred_element_type=policy.param_dtype)
+
+
+def product_t(a: jax.Array, weight: jax.Array, policy: Precision | None) -> jax.Array:
+    """``a @ weight.T`` for a weight stored ``(N, K)``, as one contraction of ``a``'s last
+    axis with ``weight``'s second, with no transpose of ``weight`` in between.
+
+    Reverse mode multiplies the cotangent by ``weight`` as stored, ``(N, K)`` row-major:
+    inside a loop whose backward pass makes that product every step, XLA's CPU backend
+    then runs it as a plain row-major product. Written ``a @ weight.T``, the backward
+    pass multiplied by the transposed copy along its rows: the hoisted GRU gradient at
+    I=64, H=256, B=32, T=1000 on 2 devices took 455 against 378 ms.
+    """
+    return einsum("...k,nk->...n", a, weight, policy)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def matmul_t(a: jax.Array, weight: jax.Array, policy: Precision | None) -> jax.Array:
+    """``a @ weight.T`` (:func:`matmul`), whose derivative is :func:`product_t`'s.
+
+    The value is ``matmul(a, weight.T)``: XLA copies the transpose once, outside a loop,
+    and every step runs a row-major product. The tangent, ``da @ weight.T + a @ dweight.T``,
+    is made of :func:`product_t`, so that reverse mode's product with the cotangent reads
+    ``weight`` as stored (see there).
+    """
+    return matmul(a, weight.T, policy)
+
+
+@functools.partial(matmul_t.defjvp, symbolic_zeros=True)
+def _matmul_t_jvp(policy, primals, tangents):
+    # Symbolic zeros: an operand that is not differentiated (a loop's inputs) adds no
+    # product, not one of zeros.
+    (a, weight), (da, dweight) = primals, tangents
+    out = matmul(a, weight.T, policy)
+    terms = []
+    if not isinstance(da, SymbolicZero):
+        terms.append(product_t(da, weight, policy))
+    if not isinstance(dweight, SymbolicZero):
+        terms.append(product_t(a, dweight, policy))
+    return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, policy: Precision | None) -> jax.Array:

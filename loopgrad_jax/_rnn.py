@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from loopgrad_jax import _checks
 from loopgrad_jax._cell import Cell
+from loopgrad_jax._precision import matmul_t
 
 
 class RNNParams(NamedTuple):
@@ -84,7 +85,7 @@ def rnn_cell(params: RNNParams, hidden: jax.Array, x: jax.Array) -> jax.Array:
     # without building the concatenation, which at the article's size (B=1, I=10, H=5)
     # cost most of a scan step's time (its gradient at T=1000: 1.75 ms against 0.66 ms).
     w_x, w_h = params.i2h_weight[:, : x.shape[1]], params.i2h_weight[:, x.shape[1] :]
-    return jnp.tanh(x @ w_x.T + hidden @ w_h.T + params.i2h_bias[None, :])
+    return jnp.tanh(matmul_t(x, w_x, None) + matmul_t(hidden, w_h, None) + params.i2h_bias[None, :])
 
 
 def step_loss(params: RNNParams, hidden: jax.Array, target: jax.Array) -> jax.Array:
@@ -105,12 +106,12 @@ def input_projection(params: RNNParams, inputs: jax.Array) -> jax.Array:
 def hoisted_cell(params: RNNParams, hidden: jax.Array, projected: jax.Array) -> jax.Array:
     """:func:`rnn_cell` given the step's :func:`input_projection`: ``tanh(u + h W_h^T)``."""
     w_h = params.i2h_weight[:, params.i2h_weight.shape[1] - hidden.shape[1] :]
-    return jnp.tanh(projected + hidden @ w_h.T)
+    return jnp.tanh(projected + matmul_t(hidden, w_h, None))
 
 
 def article_readout(params: RNNParams, hidden: jax.Array) -> jax.Array:
     """``h2o(hidden)``: the article's output, ``(B, O)``."""
-    return hidden @ params.h2o_weight.T + params.h2o_bias[None, :]
+    return matmul_t(hidden, params.h2o_weight, None) + params.h2o_bias[None, :]
 
 
 #: The article's ``SimpleRNN`` as a :class:`~loopgrad_jax.Cell`.

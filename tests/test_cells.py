@@ -517,21 +517,24 @@ def test_hoisted_remat_keeps_the_inputs_it_recomputes_from(kind):
         assert any(np.allclose(leaf, block, rtol=1e-6, atol=1e-6) for leaf in kept)
 
 
-def _dots_inside_loops(jaxpr, inside=False):
-    """Output shapes of every ``dot_general`` in a (closed) jaxpr, and whether in a loop."""
+def _products(jaxpr, inside=False):
+    """``(dot_general equation, whether inside a loop)`` for every product of a (closed)
+    jaxpr, nested jaxprs included."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            found.append((eqn.outvars[0].aval.shape, inside))
+            found.append((eqn, inside))
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if hasattr(sub, "eqns"):
-                    loop = inside or eqn.primitive.name in ("scan", "while")
-                    found += _dots_inside_loops(sub, loop)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    loop = inside or eqn.primitive.name in ("scan", "while")
-                    found += _dots_inside_loops(sub.jaxpr, loop)
+                sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if sub is not None and hasattr(sub, "eqns"):
+                    found += _products(sub, inside or eqn.primitive.name in ("scan", "while"))
     return found
+
+
+def _dots_inside_loops(jaxpr):
+    """Output shapes of every ``dot_general`` in a (closed) jaxpr, and whether in a loop."""
+    return [(eqn.outvars[0].aval.shape, inside) for eqn, inside in _products(jaxpr)]
 
 
 @pytest.mark.parametrize("kind", TORCH_KINDS)
@@ -585,6 +588,29 @@ def test_hoisted_gradient_never_joins_the_gate_blocks_of_every_step(kind, bidire
     shapes = _shapes(jax.make_jaxpr(grad)(p).jaxpr)
     assert (t, b, 4) in shapes  # the blocks themselves
     assert not shapes & {(t, b, g), (t * b, g)}, sorted(shapes)
+
+
+@pytest.mark.parametrize("kind", lg.CELLS)
+@pytest.mark.parametrize("hoist", [False, True])
+@pytest.mark.parametrize("loop", ["scan", "fori", "remat"])
+def test_products_inside_the_loops_read_each_weight_along_its_rows(kind, hoist, loop):
+    # Every product a step makes, forward or backward, contracts its second operand along
+    # its first axis: a (K, N) row-major matrix, as XLA's CPU backend multiplies fastest.
+    # The forward multiplies by the weight's transpose (copied once, outside the loop),
+    # the backward by the weight as stored. Written h @ W.T throughout, the backward
+    # multiplied by the transposed copy along its rows (contracted axis 1): the hoisted
+    # GRU gradient at I=64, H=256, B=32, T=1000 on 2 devices took 455 against 378 ms.
+    if kind == "article":
+        p = lg.init_rnn(jax.random.key(0), 3, 4, 2, dtype=jnp.float64)
+    else:
+        p = lg.init_cell(jax.random.key(0), kind, 3, 4, 2, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (5, 2, 2), jnp.float64)
+    grad = jax.grad(lambda p: lg.rnn_loss(p, x, y, loop=loop, hoist_input=hoist))
+    products = [eqn for eqn, inside in _products(jax.make_jaxpr(grad)(p).jaxpr) if inside]
+    assert products  # the check below is not vacuous
+    contracted = [eqn.params["dimension_numbers"][0][1] for eqn in products]
+    assert all(tuple(axes) == (0,) for axes in contracted), contracted
 
 
 # ------------------------------------------------------------------- cost
@@ -790,8 +816,8 @@ def test_loop_form_keeps_every_step_and_leaves_the_gru_alone(kind):
         return
     if kind == "lstm":
         assert all(layer.bias_hh is None for layer in built.layers)
-    else:  # one (I_k + H, H) kernel and one bias per layer
-        assert [layer.kernel.shape for layer in built.layers] == [(3 + 4, 4), (4 + 4, 4)]
+    else:  # one (H, I_k + H) weight and one bias per layer
+        assert [layer.weight.shape for layer in built.layers] == [(4, 3 + 4), (4, 4 + 4)]
         assert all(layer.bias.shape == (4,) for layer in built.layers)
     x = jax.random.normal(jax.random.key(4), (2, 3), jnp.float64)
     h = jax.random.normal(jax.random.key(5), (2, 2, 4), jnp.float64)

@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.test_util import check_grads
 
 import loopgrad_jax as lg
+from loopgrad_jax._precision import matmul, matmul_t
 
 U = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits
 KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -302,3 +304,24 @@ def test_flax_train_refuses_a_policy_for_flaxs_own_cells():
     opt = nnx.Optimizer(half, optax.sgd(0.1), wrt=nnx.Param)
     with pytest.raises(TypeError, match=r"must be float32 under precision"):
         lg.flax_train(half, opt, x, y, precision="bf16")
+
+
+@pytest.mark.parametrize("policy", [None, lg.Precision()])
+def test_matmul_t_is_a_times_weight_transposed_and_so_are_its_derivatives(policy):
+    dtype = jnp.float64 if policy is None else jnp.float32
+    keys = jax.random.split(jax.random.key(0), 4)
+    a, da = (jax.random.normal(k, (3, 5), dtype) for k in keys[:2])
+    w, dw = (jax.random.normal(k, (4, 5), dtype) for k in keys[2:])
+    out, tangent = jax.jvp(lambda a, w: matmul_t(a, w, policy), (a, w), (da, dw))
+    # JAX's own rule for the same product
+    want, want_tangent = jax.jvp(lambda a, w: matmul(a, w.T, policy), (a, w), (da, dw))
+    np.testing.assert_array_equal(out, want)
+    tol = 1e-14 if policy is None else 4 * U  # one bfloat16 rounding of each operand
+    np.testing.assert_allclose(tangent, want_tangent, rtol=tol, atol=tol * 10)
+    if policy is None:  # second order, both modes, against finite differences
+        check_grads(lambda a, w: matmul_t(a, w, None), (a, w), order=2, modes=("fwd", "rev"))
+    # An operand that is not differentiated adds no product of zeros: one product for
+    # the value and one for the tangent.
+    jaxpr = jax.make_jaxpr(lambda a, da: jax.jvp(lambda a: matmul_t(a, w, policy), (a,), (da,)))
+    dots = [e for e in jaxpr(a, da).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2

@@ -27,7 +27,7 @@ import numpy as np
 from loopgrad_jax import _checks
 from loopgrad_jax._cell import Cell
 from loopgrad_jax._cells.params import CellParams, LayerParams
-from loopgrad_jax._precision import Precision, einsum, matmul
+from loopgrad_jax._precision import Precision, einsum, matmul, matmul_t
 from loopgrad_jax._rnn import RNNParams
 
 # ------------------------------------------------------------------- the cells
@@ -55,9 +55,9 @@ def layer_step(
     recurrent path), then :func:`update`, the gates, elementwise.
     """
     h = state[0] if kind == "lstm" else state
-    new = update(kind, combine(kind, gi, matmul(h, w_hh.T, policy), b_hh), state)
+    new = update(kind, combine(kind, gi, matmul_t(h, w_hh, policy), b_hh), state)
     if w_hr is not None:
-        new = (matmul(new[0], w_hr.T, policy), new[1])
+        new = (matmul_t(new[0], w_hr, policy), new[1])
     if policy is not None:
         new = policy.round_state(new)
     return new, (new[0] if kind == "lstm" else new)
@@ -235,22 +235,24 @@ _SLOPES = {
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class JoinedLayer:
-    """An ``nn.RNN`` layer as its loop runs it: ``h' = act([x, h] @ kernel + bias)``.
+    """An ``nn.RNN`` layer as its loop runs it: ``h' = act([x, h] @ weight.T + bias)``.
 
-    ``kernel`` is ``[W_ih, W_hh]^T``, ``(I + H, H)``, and ``bias`` is ``b_ih + b_hh``:
+    ``weight`` is ``[W_ih, W_hh]``, ``(H, I + H)``, and ``bias`` is ``b_ih + b_hh``:
     both built once before the loop by :func:`loop_form` (the same pre-activation
-    as PyTorch's, its terms summed in another order).
+    as PyTorch's, its terms summed in another order). The step multiplies by it with
+    :func:`loopgrad_jax._precision.matmul_t`, so that reverse mode's per-step product
+    reads it as stored.
     """
 
-    kernel: jax.Array
+    weight: jax.Array
     bias: jax.Array
 
 
-jax.tree_util.register_dataclass(JoinedLayer, data_fields=["kernel", "bias"], meta_fields=[])
+jax.tree_util.register_dataclass(JoinedLayer, data_fields=["weight", "bias"], meta_fields=[])
 
 
 def _joined_step(kind: str, layer: JoinedLayer, h: jax.Array, x: jax.Array, policy) -> jax.Array:
-    pre = matmul(jnp.concatenate([x, h], axis=-1), layer.kernel, policy)
+    pre = matmul_t(jnp.concatenate([x, h], axis=-1), layer.weight, policy)
     h = activate(kind, _plus(pre, _row(layer.bias)))
     return h if policy is None else policy.round_state(h)
 
@@ -274,7 +276,7 @@ def loop_form(params: CellParams, *, join: bool = True) -> CellParams:
     """``params`` as a loop over them runs fastest: built once, before the loop.
 
     With ``join``, an ``nn.RNN`` layer becomes a :class:`JoinedLayer`: one product
-    per step over ``[x, h]``, its weight in the ``(in, out)`` layout, and one bias;
+    per step over ``[x, h]``, its two weights side by side, and one bias;
     without, it keeps its two weights, with ``bias_hh`` added into ``bias_ih`` (and
     ``None``), as an LSTM layer does either way. A GRU comes back unchanged: its
     ``b_hn`` sits inside ``r * (h W_hn^T + b_hn)``.
@@ -294,9 +296,7 @@ def loop_form(params: CellParams, *, join: bool = True) -> CellParams:
         )
     else:
         layers = tuple(
-            JoinedLayer(
-                jnp.concatenate([layer.weight_ih, layer.weight_hh], axis=1).T, _biases(layer)
-            )
+            JoinedLayer(jnp.concatenate([layer.weight_ih, layer.weight_hh], axis=1), _biases(layer))
             for layer in params.layers
         )
     return dataclasses.replace(params, layers=layers)
@@ -306,9 +306,9 @@ def article_loop_form(params: RNNParams) -> CellParams:
     """The article's ``SimpleRNN`` as :func:`loop_form` builds an ``rnn_tanh`` layer.
 
     ``i2h(concat([x, h]))`` is ``[x, h] @ W^T + b``: ``i2h_weight`` is already
-    ``[W_x, W_h]``, so the layer's kernel is its transpose, made once before the loop.
+    ``[W_x, W_h]``, already the joined layer's weight.
     """
-    layer = JoinedLayer(params.i2h_weight.T, params.i2h_bias)
+    layer = JoinedLayer(params.i2h_weight, params.i2h_bias)
     return CellParams((layer,), params.h2o_weight, params.h2o_bias, "rnn_tanh")
 
 
@@ -336,7 +336,7 @@ def _step(params: CellParams, carry: tuple, x: jax.Array, projected: bool = Fals
             continue
         gi = x
         if not (k == 0 and projected):
-            gi = _plus(matmul(x, layer.weight_ih.T, policy), _row(layer.bias_ih))
+            gi = _plus(matmul_t(x, layer.weight_ih, policy), _row(layer.bias_ih))
         state, x = layer_step(
             params.kind, layer.weight_hh, _row(layer.bias_hh), carry[k], gi, layer.weight_hr, policy
         )
@@ -352,7 +352,7 @@ def torch_step(params: CellParams, carry: tuple, x: jax.Array) -> tuple:
 def torch_readout(params: CellParams, carry: tuple) -> jax.Array:
     """The head applied to the last layer's ``h``: ``(B, O)``."""
     last = carry[-1][0] if params.kind == "lstm" else carry[-1]
-    return matmul(last, params.head_weight.T, params.precision) + params.head_bias[None, :]
+    return matmul_t(last, params.head_weight, params.precision) + params.head_bias[None, :]
 
 
 def torch_project(params: CellParams, inputs: jax.Array) -> jax.Array:

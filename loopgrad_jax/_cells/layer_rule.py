@@ -33,7 +33,7 @@ from loopgrad_jax._cells.equations import (
     update,
 )
 from loopgrad_jax._loops import Loop, run_loop
-from loopgrad_jax._precision import Precision, matmul
+from loopgrad_jax._precision import Precision, matmul_t, product_t
 
 #: The loop kinds the rule runs under: those whose reverse mode stores every step. The
 #: remat kinds and checkpoints recompute instead (the rule would store what they do
@@ -123,7 +123,7 @@ def _forward(kind, loop, policy, reverse, w_hh, b_hh, gi, state0, live, *, coefs
 
     def body(state, xs):
         g, keep = xs
-        pre = combine(kind, join_blocks(g), matmul(_h(kind, state), w_hh.T, policy), bias)
+        pre = combine(kind, join_blocks(g), matmul_t(_h(kind, state), w_hh, policy), bias)
         if not coefs or kind in _RNN:
             new, out = finish_step(kind, policy, update(kind, pre, state), state, keep)
             step_coefs = None
@@ -180,7 +180,7 @@ def _tangent(kind, loop, policy, reverse, w_hh, state0, out, coefs, hs, live, *t
 
     def body(dstate, xs):
         dpre_t, coefs_t, keep = xs
-        dhw = matmul(_h(kind, dstate), w_hh.T, policy)
+        dhw = product_t(_h(kind, dstate), w_hh, policy)
         dpre = join_blocks(dpre_t) + combine(kind, jnp.zeros_like(dhw), dhw, None)
         return finish_step(kind, policy, gates_tangent(kind, coefs_t, dpre, dstate), dstate, keep)
 
