@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +111,15 @@ def product_t(a: jax.Array, weight: jax.Array, policy: Precision | None) -> jax.
     then runs it as a plain row-major product. Written ``a @ weight.T``, the backward
     pass multiplied by the transposed copy along its rows: the hoisted GRU gradient at
     I=64, H=256, B=32, T=1000 on 2 devices took 455 against 378 ms.
+
+    One row (``a`` of a single example) is a vector-matrix product, which XLA fuses
+    into the step's elementwise code when it reads the transposed copy and runs as a
+    product of its own when it reads ``weight``: that one is ``a @ weight.T``, the
+    same numbers (the article's model, B=1, a Python loop of 100 steps: 0.16 against
+    0.24 ms).
     """
+    if math.prod(a.shape[:-1]) == 1:
+        return matmul(a, weight.T, policy)
     return einsum("...k,nk->...n", a, weight, policy)
 
 

@@ -307,10 +307,11 @@ def test_flax_train_refuses_a_policy_for_flaxs_own_cells():
 
 
 @pytest.mark.parametrize("policy", [None, lg.Precision()])
-def test_matmul_t_is_a_times_weight_transposed_and_so_are_its_derivatives(policy):
+@pytest.mark.parametrize("rows", [1, 3])  # one row: the vector-matrix form
+def test_matmul_t_is_a_times_weight_transposed_and_so_are_its_derivatives(policy, rows):
     dtype = jnp.float64 if policy is None else jnp.float32
     keys = jax.random.split(jax.random.key(0), 4)
-    a, da = (jax.random.normal(k, (3, 5), dtype) for k in keys[:2])
+    a, da = (jax.random.normal(k, (rows, 5), dtype) for k in keys[:2])
     w, dw = (jax.random.normal(k, (4, 5), dtype) for k in keys[2:])
     out, tangent = jax.jvp(lambda a, w: matmul_t(a, w, policy), (a, w), (da, dw))
     # JAX's own rule for the same product
