@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every file in bench/results/, each command in a fresh process.
 #
-#   bench/reproduce.sh                # the full runs, into bench/results/ (37-55 min on a
+#   bench/reproduce.sh                # the full runs, into bench/results/ (36-55 min on a
 #                                     # 2-core CPU, the as-written grid left out)
 #   bench/reproduce.sh --smoke DIR    # every command once at tiny sizes, into DIR: checks
 #                                     # that each runs, measures nothing worth keeping

@@ -517,7 +517,7 @@ def rnn_loss(
         recurrent weights is one product per gate block after its loop (same
         values; it keeps less for backward but needs more scratch memory: for an
         LSTM at I=64, H=256, B=32, T=1000 the compiled gradient's temp bytes were
-        1.8x the per-step body's, 500 against 283 MiB, ``memory_analysis()`` on
+        1.8x the per-step body's, 500 against 282 MiB, ``memory_analysis()`` on
         CPU with jax 0.10.2, ``bench/results/cpu_lstm.json``).
       cell: your own :class:`Cell`; ``None`` for the built-in kinds, read off ``params``.
       mesh: a ``jax.sharding.Mesh`` to split the batch over, data-parallel: its axis
