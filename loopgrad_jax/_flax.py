@@ -39,7 +39,13 @@ from loopgrad_jax import _cells, _checks
 from loopgrad_jax._cell import REDUCTIONS, Cell, LossFn, reduce_losses
 from loopgrad_jax._cells import TORCH_CELLS, CellParams, LayerParams
 from loopgrad_jax._loops import Loop, check_loop, compiled, run_loop
-from loopgrad_jax._precision import Precision, check_param_dtypes, check_precision, matmul
+from loopgrad_jax._precision import (
+    Precision,
+    check_param_dtypes,
+    check_precision,
+    matmul,
+    matmul_t,
+)
 from loopgrad_jax._result import TrainResult
 from loopgrad_jax._rnn import RNNParams
 from loopgrad_jax._sequence import check_loss_fn, every_step_loss, step_weights
@@ -84,9 +90,9 @@ class TorchCell(nnx.RNNCellBase):
         self, carry: Any, inputs: jax.Array, policy: Precision | None = None
     ) -> tuple[Any, jax.Array]:
         """``__call__``; under ``policy`` (``flax_train(precision=)``) each product is
-        :func:`loopgrad_jax._precision.matmul`'s, as the library's own cells compute it."""
+        :func:`loopgrad_jax._precision.matmul_t`'s, as the library's own cells compute it."""
         lead = tuple(range(inputs.ndim - 1))  # the batch axes
-        gi = matmul(inputs, self.weight_ih[...].T, policy)
+        gi = matmul_t(inputs, self.weight_ih[...], policy)
         b_hh = None
         if self.bias_ih is not None:
             gi = gi + jnp.expand_dims(self.bias_ih[...], lead)

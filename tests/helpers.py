@@ -119,3 +119,25 @@ def count_compilations() -> Iterator[list[str]]:
         yield lowered
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def products(jaxpr, inside: bool = False) -> list[tuple[Any, bool]]:
+    """``(dot_general equation, whether inside a loop)`` for every product of a (closed)
+    jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((eqn, inside))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if sub is not None and hasattr(sub, "eqns"):
+                    found += products(sub, inside or eqn.primitive.name in ("scan", "while"))
+    return found
+
+
+def contracted_axes_in_loops(jaxpr) -> list[tuple[int, ...]]:
+    """The second operand's contracted axes of every product inside a loop of a jaxpr."""
+    return [
+        tuple(eqn.params["dimension_numbers"][0][1]) for eqn, inside in products(jaxpr) if inside
+    ]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TOL, assert_close, fixture, has_reverse_mode
+from helpers import TOL, assert_close, contracted_axes_in_loops, fixture, has_reverse_mode, products
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
@@ -517,24 +517,9 @@ def test_hoisted_remat_keeps_the_inputs_it_recomputes_from(kind):
         assert any(np.allclose(leaf, block, rtol=1e-6, atol=1e-6) for leaf in kept)
 
 
-def _products(jaxpr, inside=False):
-    """``(dot_general equation, whether inside a loop)`` for every product of a (closed)
-    jaxpr, nested jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append((eqn, inside))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
-                if sub is not None and hasattr(sub, "eqns"):
-                    found += _products(sub, inside or eqn.primitive.name in ("scan", "while"))
-    return found
-
-
 def _dots_inside_loops(jaxpr):
     """Output shapes of every ``dot_general`` in a (closed) jaxpr, and whether in a loop."""
-    return [(eqn.outvars[0].aval.shape, inside) for eqn, inside in _products(jaxpr)]
+    return [(eqn.outvars[0].aval.shape, inside) for eqn, inside in products(jaxpr)]
 
 
 @pytest.mark.parametrize("kind", TORCH_KINDS)
@@ -607,10 +592,9 @@ def test_products_inside_the_loops_read_each_weight_along_its_rows(kind, hoist, 
     x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (5, 2, 2), jnp.float64)
     grad = jax.grad(lambda p: lg.rnn_loss(p, x, y, loop=loop, hoist_input=hoist))
-    products = [eqn for eqn, inside in _products(jax.make_jaxpr(grad)(p).jaxpr) if inside]
-    assert products  # the check below is not vacuous
-    contracted = [eqn.params["dimension_numbers"][0][1] for eqn in products]
-    assert all(tuple(axes) == (0,) for axes in contracted), contracted
+    contracted = contracted_axes_in_loops(jax.make_jaxpr(grad)(p).jaxpr)
+    assert contracted  # the check below is not vacuous
+    assert all(axes == (0,) for axes in contracted), contracted
 
 
 # ------------------------------------------------------------------- cost

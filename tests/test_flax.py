@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TOL, assert_close, count_compilations, fixture
+from helpers import TOL, assert_close, contracted_axes_in_loops, count_compilations, fixture
 
 import loopgrad_jax as lg
 
@@ -475,3 +475,18 @@ def test_bad_input_is_refused_with_its_name():
     model.layers[0].cell = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"model.layers\[0\].cell is a Linear"):
         lg.from_flax(model)
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+@pytest.mark.parametrize("loop", ["scan", "fori", "remat"])
+def test_torch_cells_products_inside_the_loops_read_each_weight_along_its_rows(kind, loop):
+    # TorchCell steps with the library's cell products (tests/test_cells.py says why):
+    # two layers, so the second layer's input side is differentiated too.
+    p = lg.init_cell(jax.random.key(0), kind, 3, 4, 2, num_layers=2, dtype=jnp.float64)
+    graphdef, state = nnx.split(lg.to_flax(p))
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (5, 2, 2), jnp.float64)
+    grad = jax.grad(lambda s: lg.flax_loss(nnx.merge(graphdef, s), x, y, loop=loop))
+    contracted = contracted_axes_in_loops(jax.make_jaxpr(grad)(state).jaxpr)
+    assert contracted  # the check below is not vacuous
+    assert all(axes == (0,) for axes in contracted), contracted
