@@ -149,6 +149,35 @@ def _matmul_t_jvp(policy, primals, tangents):
     return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def matmul_pair(
+    a: jax.Array, weight: jax.Array, kernel: jax.Array, policy: Precision | None
+) -> jax.Array:
+    """``a @ kernel`` (:func:`matmul`), for ``kernel`` equal to ``weight.T``, both given.
+
+    The value and its tangent's ``a @ dkernel`` read ``kernel``, ``(K, N)``, so that
+    reverse mode accumulates the weight's cotangent inside a loop in that layout; the
+    tangent's ``da @ kernel`` is ``product_t(da, weight)``, so that the product with
+    the cotangent reads ``weight`` as stored (see :func:`product_t`). ``weight``
+    itself is a constant of the rule: its gradient reaches it through ``kernel``, so
+    the caller must build ``kernel`` as ``weight.T`` (the joined ``nn.RNN`` step at
+    I=64, H=256, B=32, T=1000 on one device: 183 against 219 ms with ``matmul_t``).
+    """
+    return matmul(a, kernel, policy)
+
+
+@functools.partial(matmul_pair.defjvp, symbolic_zeros=True)
+def _matmul_pair_jvp(policy, primals, tangents):
+    (a, weight, kernel), (da, _, dkernel) = primals, tangents
+    out = matmul(a, kernel, policy)
+    terms = []
+    if not isinstance(da, SymbolicZero):
+        terms.append(product_t(da, weight, policy))
+    if not isinstance(dkernel, SymbolicZero):
+        terms.append(matmul(a, dkernel, policy))
+    return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array, policy: Precision | None) -> jax.Array:
     """``jnp.einsum(spec, a, b)`` as :func:`matmul` computes a product under ``policy``."""
     if policy is None:

@@ -121,19 +121,33 @@ def count_compilations() -> Iterator[list[str]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def products(jaxpr, inside: bool = False) -> list[tuple[Any, bool]]:
-    """``(dot_general equation, whether inside a loop)`` for every product of a (closed)
-    jaxpr, nested jaxprs included."""
+def equations(jaxpr, names: tuple[str, ...], inside: bool = False) -> list[tuple[Any, bool]]:
+    """``(equation, whether inside a loop)`` for every equation of a (closed) jaxpr whose
+    primitive is named in ``names``, nested jaxprs included."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name in names:
             found.append((eqn, inside))
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
                 if sub is not None and hasattr(sub, "eqns"):
-                    found += products(sub, inside or eqn.primitive.name in ("scan", "while"))
+                    found += equations(sub, names, inside or eqn.primitive.name in LOOPS)
     return found
+
+
+LOOPS = ("scan", "while")
+
+
+def products(jaxpr) -> list[tuple[Any, bool]]:
+    """``(dot_general equation, whether inside a loop)`` for every product of a (closed)
+    jaxpr, nested jaxprs included."""
+    return equations(jaxpr, ("dot_general",))
+
+
+def loop_outputs(jaxpr) -> set[tuple[int, ...]]:
+    """The shapes of every loop's outputs (its final carries, and a scan's stacked ones)."""
+    return {v.aval.shape for eqn, _ in equations(jaxpr, LOOPS) for v in eqn.outvars}
 
 
 def contracted_axes_in_loops(jaxpr) -> list[tuple[int, ...]]:

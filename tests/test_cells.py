@@ -13,7 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TOL, assert_close, contracted_axes_in_loops, fixture, has_reverse_mode, products
+from helpers import (
+    TOL,
+    assert_close,
+    contracted_axes_in_loops,
+    fixture,
+    has_reverse_mode,
+    loop_outputs,
+    products,
+)
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
@@ -597,6 +605,28 @@ def test_products_inside_the_loops_read_each_weight_along_its_rows(kind, hoist, 
     assert all(axes == (0,) for axes in contracted), contracted
 
 
+@pytest.mark.parametrize("loop", ["scan", "fori"])  # the loops that join (not remat)
+@pytest.mark.parametrize("kind", ["article", "rnn_tanh", "rnn_relu"])
+def test_joined_step_accumulates_its_weight_gradient_as_the_kernel(kind, loop):
+    # The joined nn.RNN step (not hoisted) adds [x, h]^T @ dpre into its weight's
+    # gradient at every step: the backward loop carries that sum in the kernel's
+    # (I + H, H) layout, as the forward reads it, not the weight's (H, I + H). Carried as
+    # (H, I + H), the article's model at I=64, H=256, B=32, T=1000 with scan on one
+    # device took 219 against 183 ms.
+    if kind == "article":
+        p = lg.init_rnn(jax.random.key(0), 3, 4, 2, dtype=jnp.float64)
+        kernels = {(3 + 4, 4)}
+    else:
+        p = lg.init_cell(jax.random.key(0), kind, 3, 4, 2, num_layers=2, dtype=jnp.float64)
+        kernels = {(3 + 4, 4), (4 + 4, 4)}
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (5, 2, 2), jnp.float64)
+    grad = jax.grad(lambda p: lg.rnn_loss(p, x, y, loop=loop, hoist_input=False))
+    carried = loop_outputs(jax.make_jaxpr(grad)(p).jaxpr)
+    assert kernels <= carried
+    assert not {(n, k) for k, n in kernels} & carried
+
+
 # ------------------------------------------------------------------- cost
 
 
@@ -802,6 +832,7 @@ def test_loop_form_keeps_every_step_and_leaves_the_gru_alone(kind):
         assert all(layer.bias_hh is None for layer in built.layers)
     else:  # one (H, I_k + H) weight and one bias per layer
         assert [layer.weight.shape for layer in built.layers] == [(4, 3 + 4), (4, 4 + 4)]
+        assert all(np.array_equal(layer.kernel, layer.weight.T) for layer in built.layers)
         assert all(layer.bias.shape == (4,) for layer in built.layers)
     x = jax.random.normal(jax.random.key(4), (2, 3), jnp.float64)
     h = jax.random.normal(jax.random.key(5), (2, 2, 4), jnp.float64)

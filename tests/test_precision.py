@@ -33,7 +33,7 @@ import pytest
 from jax.test_util import check_grads
 
 import loopgrad_jax as lg
-from loopgrad_jax._precision import matmul, matmul_t
+from loopgrad_jax._precision import matmul, matmul_pair, matmul_t
 
 U = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits
 KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -306,14 +306,24 @@ def test_flax_train_refuses_a_policy_for_flaxs_own_cells():
         lg.flax_train(half, opt, x, y, precision="bf16")
 
 
+# a @ w.T, as the cells' steps write it: with w alone, and with w and its transpose
+# made before the loop (the joined nn.RNN step), whose gradient reaches w through it.
+PRODUCTS_T = {
+    "matmul_t": lambda a, w, policy: matmul_t(a, w, policy),
+    "matmul_pair": lambda a, w, policy: matmul_pair(a, w, w.T, policy),
+}
+
+
+@pytest.mark.parametrize("form", PRODUCTS_T)
 @pytest.mark.parametrize("policy", [None, lg.Precision()])
 @pytest.mark.parametrize("rows", [1, 3])  # one row: the vector-matrix form
-def test_matmul_t_is_a_times_weight_transposed_and_so_are_its_derivatives(policy, rows):
+def test_products_t_are_a_times_weight_transposed_and_so_are_their_derivatives(form, policy, rows):
+    product = PRODUCTS_T[form]
     dtype = jnp.float64 if policy is None else jnp.float32
     keys = jax.random.split(jax.random.key(0), 4)
     a, da = (jax.random.normal(k, (rows, 5), dtype) for k in keys[:2])
     w, dw = (jax.random.normal(k, (4, 5), dtype) for k in keys[2:])
-    out, tangent = jax.jvp(lambda a, w: matmul_t(a, w, policy), (a, w), (da, dw))
+    out, tangent = jax.jvp(lambda a, w: product(a, w, policy), (a, w), (da, dw))
     # JAX's own rule for the same product
     want, want_tangent = jax.jvp(lambda a, w: matmul(a, w.T, policy), (a, w), (da, dw))
     np.testing.assert_array_equal(out, want)
@@ -322,9 +332,9 @@ def test_matmul_t_is_a_times_weight_transposed_and_so_are_its_derivatives(policy
     tol = 1e-14 if policy is None else 1e-6
     np.testing.assert_allclose(tangent, want_tangent, rtol=tol, atol=tol)
     if policy is None:  # second order, both modes, against finite differences
-        check_grads(lambda a, w: matmul_t(a, w, None), (a, w), order=2, modes=("fwd", "rev"))
+        check_grads(lambda a, w: product(a, w, None), (a, w), order=2, modes=("fwd", "rev"))
     # An operand that is not differentiated adds no product of zeros: one product for
     # the value and one for the tangent.
-    jaxpr = jax.make_jaxpr(lambda a, da: jax.jvp(lambda a: matmul_t(a, w, policy), (a,), (da,)))
+    jaxpr = jax.make_jaxpr(lambda a, da: jax.jvp(lambda a: product(a, w, policy), (a,), (da,)))
     dots = [e for e in jaxpr(a, da).jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 2

@@ -27,7 +27,7 @@ import numpy as np
 from loopgrad_jax import _checks
 from loopgrad_jax._cell import Cell
 from loopgrad_jax._cells.params import CellParams, LayerParams
-from loopgrad_jax._precision import Precision, einsum, matmul, matmul_t
+from loopgrad_jax._precision import Precision, einsum, matmul, matmul_pair, matmul_t
 from loopgrad_jax._rnn import RNNParams
 
 # ------------------------------------------------------------------- the cells
@@ -237,22 +237,32 @@ _SLOPES = {
 class JoinedLayer:
     """An ``nn.RNN`` layer as its loop runs it: ``h' = act([x, h] @ weight.T + bias)``.
 
-    ``weight`` is ``[W_ih, W_hh]``, ``(H, I + H)``, and ``bias`` is ``b_ih + b_hh``:
-    both built once before the loop by :func:`loop_form` (the same pre-activation
-    as PyTorch's, its terms summed in another order). The step multiplies by it with
-    :func:`loopgrad_jax._precision.matmul_t`, so that reverse mode's per-step product
-    reads it as stored.
+    ``weight`` is ``[W_ih, W_hh]``, ``(H, I + H)``, ``kernel`` its transpose and
+    ``bias`` is ``b_ih + b_hh``: all built once before the loop by :func:`joined`
+    (the same pre-activation as PyTorch's, its terms summed in another order). The
+    step multiplies by them with :func:`loopgrad_jax._precision.matmul_pair`: the
+    forward product and the weight's gradient, accumulated every step, in ``kernel``'s
+    layout, and reverse mode's per-step product with ``weight`` as stored.
     """
 
     weight: jax.Array
-    bias: jax.Array
+    kernel: jax.Array
+    bias: jax.Array | None
 
 
-jax.tree_util.register_dataclass(JoinedLayer, data_fields=["weight", "bias"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    JoinedLayer, data_fields=["weight", "kernel", "bias"], meta_fields=[]
+)
+
+
+def joined(weight: jax.Array, bias: jax.Array | None) -> JoinedLayer:
+    """The :class:`JoinedLayer` of ``[W_ih, W_hh]`` and its one bias (``kernel = weight.T``)."""
+    return JoinedLayer(weight, weight.T, bias)
 
 
 def _joined_step(kind: str, layer: JoinedLayer, h: jax.Array, x: jax.Array, policy) -> jax.Array:
-    pre = matmul_t(jnp.concatenate([x, h], axis=-1), layer.weight, policy)
+    xh = jnp.concatenate([x, h], axis=-1)
+    pre = matmul_pair(xh, layer.weight, layer.kernel, policy)
     h = activate(kind, _plus(pre, _row(layer.bias)))
     return h if policy is None else policy.round_state(h)
 
@@ -296,7 +306,7 @@ def loop_form(params: CellParams, *, join: bool = True) -> CellParams:
         )
     else:
         layers = tuple(
-            JoinedLayer(jnp.concatenate([layer.weight_ih, layer.weight_hh], axis=1), _biases(layer))
+            joined(jnp.concatenate([layer.weight_ih, layer.weight_hh], axis=1), _biases(layer))
             for layer in params.layers
         )
     return dataclasses.replace(params, layers=layers)
@@ -308,7 +318,7 @@ def article_loop_form(params: RNNParams) -> CellParams:
     ``i2h(concat([x, h]))`` is ``[x, h] @ W^T + b``: ``i2h_weight`` is already
     ``[W_x, W_h]``, already the joined layer's weight.
     """
-    layer = JoinedLayer(params.i2h_weight, params.i2h_bias)
+    layer = joined(params.i2h_weight, params.i2h_bias)
     return CellParams((layer,), params.h2o_weight, params.h2o_bias, "rnn_tanh")
 
 
