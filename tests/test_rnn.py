@@ -136,6 +136,35 @@ def test_bad_params_shapes():
         lg.init_rnn(jax.random.key(0), 2, 3, dtype=jnp.int32)
 
 
+@pytest.mark.parametrize(
+    ("x", "hidden", "match"),
+    [
+        (
+            jnp.ones(3),
+            jnp.ones((2, 5)),
+            r"x must have shape \(\?, 3\) = \(B, I\) .* got shape \(3,\)",
+        ),
+        (jnp.ones((2, 4)), jnp.ones((2, 5)), r"x must have shape \(\?, 3\) .* got shape \(2, 4\)"),
+        (
+            jnp.ones((2, 3)),
+            jnp.ones(5),
+            r"hidden must have shape \(2, 5\) = \(B, H\) .* got shape \(5,\)",
+        ),
+        (
+            jnp.ones((2, 3)),
+            jnp.ones((1, 5)),
+            r"hidden must have shape \(2, 5\) .* got shape \(1, 5\)",
+        ),
+    ],
+)
+def test_rnn_cell_names_a_bad_shape(x, hidden, match):
+    # One example without its batch axis is the likely slip: x of shape (I,).
+    params = _good()[0]
+    assert lg.rnn_cell(params, jnp.ones((2, 5)), jnp.ones((2, 3))).shape == (2, 5)
+    with pytest.raises(ValueError, match=match):
+        lg.rnn_cell(params, hidden, x)
+
+
 @pytest.mark.parametrize("loop", ["scan", "python"])
 def test_repeated_eager_gradients_compile_once(loop):
     # Eager jax.grad(lg.rnn_loss) used to compile on every call (290-315 ms at T=100).
