@@ -121,6 +121,9 @@ def count_compilations() -> Iterator[list[str]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+LOOPS = ("scan", "while")  # the primitives whose bodies run once per step
+
+
 def equations(jaxpr, names: tuple[str, ...], inside: bool = False) -> list[tuple[Any, bool]]:
     """``(equation, whether inside a loop)`` for every equation of a (closed) jaxpr whose
     primitive is named in ``names``, nested jaxprs included."""
@@ -134,9 +137,6 @@ def equations(jaxpr, names: tuple[str, ...], inside: bool = False) -> list[tuple
                 if sub is not None and hasattr(sub, "eqns"):
                     found += equations(sub, names, inside or eqn.primitive.name in LOOPS)
     return found
-
-
-LOOPS = ("scan", "while")
 
 
 def products(jaxpr) -> list[tuple[Any, bool]]:

@@ -612,7 +612,7 @@ def test_joined_step_accumulates_its_weight_gradient_as_the_kernel(kind, loop):
     # gradient at every step: the backward loop carries that sum in the kernel's
     # (I + H, H) layout, as the forward reads it, not the weight's (H, I + H). Carried as
     # (H, I + H), the article's model at I=64, H=256, B=32, T=1000 with scan on one
-    # device took 219 against 183 ms.
+    # device took 227-231 against 199-210 ms (alternating processes, docs/notes.md).
     if kind == "article":
         p = lg.init_rnn(jax.random.key(0), 3, 4, 2, dtype=jnp.float64)
         kernels = {(3 + 4, 4)}
